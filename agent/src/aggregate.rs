@@ -1,0 +1,474 @@
+//! The aggregator: samples in, closed window rows out.
+//!
+//! Tumbling windows aligned to multiples of the window length since the Unix epoch, in
+//! UTC. Per series and window: count, min, max, mean, sample standard deviation (n-1,
+//! as pandas; none for a single sample), median (the mean of the middle two for an even
+//! count), first and last (by sample time). Non-finite values are counted and dropped.
+//!
+//! [`Aggregator`] is pure: it takes `now` as an argument and does no I/O, so it is tested
+//! without a runtime. [`AggregateTask`] drives it and hands closed windows to the spool,
+//! one transaction per window length.
+//!
+//! A window closes [`SETTLE_MS`] after its end. A sample whose window was already flushed
+//! still counts: it opens the window again and is flushed at the next flush as a late
+//! row, never dropped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info};
+
+use crate::clock;
+use crate::source::{Sample, Series, SourceStats};
+use crate::spool::{Flush, SpoolHandle};
+
+/// How long after its end a window waits for samples still in flight.
+pub const SETTLE_MS: i64 = 1_000;
+
+/// Windows open at once, beyond which new series' samples are dropped (and counted).
+pub const MAX_OPEN_WINDOWS: usize = 100_000;
+
+/// Values kept per window for the median; beyond it the median is of the first ones.
+pub const MAX_VALUES_PER_WINDOW: usize = 100_000;
+
+/// The aggregates of one series over one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Number of finite samples.
+    pub count: u64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Sample standard deviation (n-1); `None` for a single sample.
+    pub stdev: Option<f64>,
+    /// Median; the mean of the middle two for an even count.
+    pub median: f64,
+    /// The value with the earliest timestamp.
+    pub first: f64,
+    /// The value with the latest timestamp.
+    pub last: f64,
+}
+
+/// One closed window of one series: a row of the spool and of every output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowRow {
+    /// The series.
+    pub series: Arc<Series>,
+    /// Window start, Unix seconds (a multiple of `seconds`).
+    pub start: i64,
+    /// Window length in seconds.
+    pub seconds: u32,
+    /// The aggregates.
+    pub stats: Stats,
+}
+
+impl WindowRow {
+    /// Window end, Unix seconds (exclusive).
+    pub fn end(&self) -> i64 {
+        self.start + i64::from(self.seconds)
+    }
+}
+
+/// Running aggregates of one open window (Welford's method for mean and variance).
+#[derive(Debug, Clone)]
+struct Accumulator {
+    count: u64,
+    mean: f64,
+    m2: f64,
+    min: f64,
+    max: f64,
+    first: (i64, f64),
+    last: (i64, f64),
+    values: Vec<f64>,
+}
+
+impl Accumulator {
+    fn new(timestamp_ms: i64, value: f64) -> Accumulator {
+        Accumulator {
+            count: 1,
+            mean: value,
+            m2: 0.0,
+            min: value,
+            max: value,
+            first: (timestamp_ms, value),
+            last: (timestamp_ms, value),
+            values: vec![value],
+        }
+    }
+
+    fn add(&mut self, timestamp_ms: i64, value: f64) {
+        self.count += 1;
+        let delta = value - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (value - self.mean);
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+        if timestamp_ms < self.first.0 {
+            self.first = (timestamp_ms, value);
+        }
+        if timestamp_ms >= self.last.0 {
+            self.last = (timestamp_ms, value);
+        }
+        if self.values.len() < MAX_VALUES_PER_WINDOW {
+            self.values.push(value);
+        }
+    }
+
+    fn finish(mut self) -> Stats {
+        let stdev = (self.count > 1).then(|| (self.m2 / (self.count - 1) as f64).sqrt());
+        Stats {
+            count: self.count,
+            min: self.min,
+            max: self.max,
+            mean: self.mean,
+            stdev,
+            median: median(&mut self.values),
+            first: self.first.1,
+            last: self.last.1,
+        }
+    }
+}
+
+/// The median of finite values (the mean of the middle two for an even count).
+fn median(values: &mut [f64]) -> f64 {
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    let mid = n / 2;
+    let (_, upper, _) = values.select_nth_unstable_by(mid, f64::total_cmp);
+    let upper = *upper;
+    if n % 2 == 1 {
+        upper
+    } else {
+        let lower = values[..mid]
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        (lower + upper) / 2.0
+    }
+}
+
+/// Counters the aggregator keeps, taken at every flush.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AggregateCounts {
+    /// Samples taken in.
+    pub samples: u64,
+    /// NaN or infinite values, dropped.
+    pub non_finite: u64,
+    /// Samples for windows already flushed (flushed again, as late rows).
+    pub late: u64,
+    /// Samples dropped because too many windows were open.
+    pub overflow: u64,
+}
+
+/// The open windows of every series.
+#[derive(Debug)]
+pub struct Aggregator {
+    window_ms: i64,
+    open: HashMap<(Arc<Series>, i64), Accumulator>,
+    /// Every window ending at or before this (plus settle) has been flushed once.
+    flushed_until_ms: i64,
+    counts: AggregateCounts,
+}
+
+impl Aggregator {
+    /// An aggregator of `window_seconds`-long windows.
+    pub fn new(window_seconds: u32) -> Aggregator {
+        Aggregator {
+            window_ms: i64::from(window_seconds) * 1000,
+            open: HashMap::new(),
+            flushed_until_ms: i64::MIN,
+            counts: AggregateCounts::default(),
+        }
+    }
+
+    /// Adds one sample to its window.
+    pub fn push(&mut self, sample: Sample) {
+        self.counts.samples += 1;
+        if !sample.value.is_finite() {
+            self.counts.non_finite += 1;
+            return;
+        }
+        let start_ms = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms;
+        if start_ms + self.window_ms + SETTLE_MS <= self.flushed_until_ms {
+            self.counts.late += 1;
+        }
+        let key = (sample.series, start_ms / 1000);
+        if let Some(acc) = self.open.get_mut(&key) {
+            acc.add(sample.timestamp_ms, sample.value);
+        } else if self.open.len() >= MAX_OPEN_WINDOWS {
+            self.counts.overflow += 1;
+        } else {
+            self.open
+                .insert(key, Accumulator::new(sample.timestamp_ms, sample.value));
+        }
+    }
+
+    /// Removes and returns every window that has closed by `now_ms`, ordered by start
+    /// and series.
+    pub fn take_closed(&mut self, now_ms: i64) -> Vec<WindowRow> {
+        let window_ms = self.window_ms;
+        let closed = |start: i64| start * 1000 + window_ms + SETTLE_MS <= now_ms;
+        let keys: Vec<_> = self
+            .open
+            .keys()
+            .filter(|(_, start)| closed(*start))
+            .cloned()
+            .collect();
+        self.flushed_until_ms = self.flushed_until_ms.max(now_ms);
+        self.finish(keys)
+    }
+
+    /// Removes and returns every open window, closed or not (at shutdown).
+    pub fn take_all(&mut self) -> Vec<WindowRow> {
+        let keys: Vec<_> = self.open.keys().cloned().collect();
+        self.finish(keys)
+    }
+
+    /// The counters since the last call, resetting them.
+    pub fn take_counts(&mut self) -> AggregateCounts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// How many windows are open.
+    pub fn open_windows(&self) -> usize {
+        self.open.len()
+    }
+
+    fn finish(&mut self, keys: Vec<(Arc<Series>, i64)>) -> Vec<WindowRow> {
+        let seconds = (self.window_ms / 1000) as u32;
+        let mut rows: Vec<WindowRow> = keys
+            .into_iter()
+            .filter_map(|key| {
+                let acc = self.open.remove(&key)?;
+                Some(WindowRow {
+                    series: key.0,
+                    start: key.1,
+                    seconds,
+                    stats: acc.finish(),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| (a.start, &a.series).cmp(&(b.start, &b.series)));
+        rows
+    }
+}
+
+/// The stage that owns the aggregator: receives samples, flushes closed windows to the
+/// spool once per window length, and everything on shutdown.
+pub struct AggregateTask {
+    aggregator: Aggregator,
+    samples: mpsc::Receiver<Sample>,
+    spool: SpoolHandle,
+    sources: Vec<Arc<SourceStats>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl AggregateTask {
+    /// Wires the aggregator between the sources' channel and the spool.
+    pub fn new(
+        window_seconds: u32,
+        samples: mpsc::Receiver<Sample>,
+        spool: SpoolHandle,
+        sources: Vec<Arc<SourceStats>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> AggregateTask {
+        AggregateTask {
+            aggregator: Aggregator::new(window_seconds),
+            samples,
+            spool,
+            sources,
+            shutdown,
+        }
+    }
+
+    /// Runs until shutdown, then flushes every open window.
+    pub async fn run(mut self) {
+        let window_ms = self.aggregator.window_ms;
+        loop {
+            let wait = next_flush_in(clock::now_ms(), window_ms);
+            tokio::select! {
+                sample = self.samples.recv() => match sample {
+                    Some(sample) => self.aggregator.push(sample),
+                    None => break,
+                },
+                _ = tokio::time::sleep(wait) => {
+                    let now = clock::now_ms();
+                    let rows = self.aggregator.take_closed(now);
+                    self.flush(rows, now).await;
+                }
+                _ = self.shutdown.changed() => break,
+            }
+        }
+        // Take what the sources already sent, then everything still open.
+        while let Ok(sample) = self.samples.try_recv() {
+            self.aggregator.push(sample);
+        }
+        let rows = self.aggregator.take_all();
+        let count = rows.len();
+        self.flush(rows, clock::now_ms()).await;
+        info!(rows = count, "flushed open windows at shutdown");
+    }
+
+    async fn flush(&mut self, rows: Vec<WindowRow>, now_ms: i64) {
+        let flush = Flush {
+            rows,
+            now_ms,
+            aggregate: self.aggregator.take_counts(),
+            sources: self
+                .sources
+                .iter()
+                .map(|s| (Arc::clone(s), s.take_deltas()))
+                .collect(),
+            open_windows: self.aggregator.open_windows(),
+        };
+        if let Err(err) = self.spool.commit(flush).await {
+            error!(error = %err, "spool commit failed: these windows are lost");
+        }
+    }
+}
+
+/// Time until the next flush: window boundaries plus [`SETTLE_MS`].
+fn next_flush_in(now_ms: i64, window_ms: i64) -> Duration {
+    let phase = (now_ms - SETTLE_MS).rem_euclid(window_ms);
+    Duration::from_millis((window_ms - phase) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(series: &Arc<Series>, timestamp_ms: i64, value: f64) -> Sample {
+        Sample {
+            series: Arc::clone(series),
+            timestamp_ms,
+            value,
+        }
+    }
+
+    fn stats_of(values: &[f64]) -> Stats {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(60);
+        for (i, v) in values.iter().enumerate() {
+            agg.push(sample(&series, i as i64, *v));
+        }
+        let mut rows = agg.take_closed(i64::MAX / 2);
+        assert_eq!(rows.len(), 1, "one window");
+        rows.remove(0).stats
+    }
+
+    #[test]
+    fn three_values_give_mean_median_and_stdev() {
+        let s = stats_of(&[1.0, 2.0, 3.0]);
+        assert_eq!(
+            (s.count, s.mean, s.median, s.stdev),
+            (3, 2.0, 2.0, Some(1.0))
+        );
+        assert_eq!((s.min, s.max, s.first, s.last), (1.0, 3.0, 1.0, 3.0));
+    }
+
+    #[test]
+    fn an_even_count_takes_the_mean_of_the_middle_two() {
+        let s = stats_of(&[4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(s.median, 2.5);
+        let stdev = s.stdev.expect("four samples have a stdev");
+        assert!((stdev - 1.290_994_4).abs() < 1e-7, "{stdev}");
+        assert_eq!((s.first, s.last), (4.0, 2.0));
+    }
+
+    #[test]
+    fn one_sample_has_no_stdev() {
+        let s = stats_of(&[7.5]);
+        assert_eq!((s.count, s.stdev, s.median), (1, None, 7.5));
+    }
+
+    #[test]
+    fn non_finite_values_are_counted_and_dropped() {
+        let s = stats_of(&[1.0, f64::NAN, f64::INFINITY, 3.0]);
+        assert_eq!((s.count, s.mean), (2, 2.0));
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(60);
+        agg.push(sample(&series, 0, f64::NEG_INFINITY));
+        assert_eq!(agg.take_counts().non_finite, 1);
+        assert!(agg.take_closed(i64::MAX / 2).is_empty());
+    }
+
+    #[test]
+    fn windows_align_to_the_epoch_and_close_after_settling() {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(10);
+        agg.push(sample(&series, 1_700_000_003_000, 1.0));
+        agg.push(sample(&series, 1_700_000_011_000, 2.0));
+        assert!(
+            agg.take_closed(1_700_000_010_999).is_empty(),
+            "still settling"
+        );
+        let rows = agg.take_closed(1_700_000_011_000);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].start, rows[0].end()),
+            (1_700_000_000, 1_700_000_010)
+        );
+        assert_eq!(agg.open_windows(), 1);
+    }
+
+    #[test]
+    fn a_late_sample_is_flushed_again_not_dropped() {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(10);
+        agg.push(sample(&series, 5_000, 1.0));
+        assert_eq!(agg.take_closed(20_000).len(), 1);
+        agg.push(sample(&series, 6_000, 9.0));
+        let late = agg.take_closed(21_000);
+        assert_eq!(late.len(), 1);
+        assert_eq!(
+            (late[0].start, late[0].stats.count, late[0].stats.mean),
+            (0, 1, 9.0)
+        );
+        assert_eq!(agg.take_counts().late, 1);
+    }
+
+    #[test]
+    fn negative_timestamps_align_downwards() {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(60);
+        agg.push(sample(&series, -1, 1.0));
+        assert_eq!(agg.take_all()[0].start, -60);
+    }
+
+    #[test]
+    fn flushes_fall_on_window_boundaries_plus_settle() {
+        assert_eq!(next_flush_in(60_000, 60_000), Duration::from_millis(1_000));
+        assert_eq!(next_flush_in(61_000, 60_000), Duration::from_millis(60_000));
+        assert_eq!(next_flush_in(61_500, 60_000), Duration::from_millis(59_500));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stats_match_a_naive_computation(values in proptest::collection::vec(-1e6f64..1e6, 1..200)) {
+            let s = stats_of(&values);
+            let n = values.len() as f64;
+            let mean = values.iter().sum::<f64>() / n;
+            proptest::prop_assert!((s.mean - mean).abs() <= 1e-6 * mean.abs().max(1.0));
+            let mut sorted = values.clone();
+            sorted.sort_by(f64::total_cmp);
+            let mid = sorted.len() / 2;
+            let median = if sorted.len() % 2 == 1 { sorted[mid] } else { (sorted[mid - 1] + sorted[mid]) / 2.0 };
+            proptest::prop_assert_eq!(s.median, median);
+            proptest::prop_assert_eq!(s.min, sorted[0]);
+            proptest::prop_assert_eq!(s.max, sorted[sorted.len() - 1]);
+            if values.len() > 1 {
+                let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+                let stdev = s.stdev.expect("n > 1");
+                proptest::prop_assert!((stdev - var.sqrt()).abs() <= 1e-6 * var.sqrt().max(1.0));
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The command line: `run`, `status`, `check-config` and `example-config`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::clock;
+use crate::config::{self, Config, SinkKind, SourceKind};
+
+/// Edge agent for the Raspberry Pi: samples sensors and APIs, aggregates them into
+/// windows, spools them in SQLite and uploads closed partitions.
+#[derive(Debug, Parser)]
+#[command(name = "edgespool", version, about)]
+pub struct Cli {
+    /// Log filter, e.g. "info", "debug" or "edgespool=debug" (RUST_LOG overrides it).
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent until SIGTERM or SIGINT.
+    Run {
+        /// The configuration file.
+        #[arg(long, short, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Show what the agent is doing, read from its spool (works with or without the daemon).
+    Status {
+        /// The configuration file, to find the spool.
+        #[arg(long, short, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Read this spool file instead of the one the configuration names.
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration and print what would run.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, short, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Print a commented example configuration.
+    ExampleConfig,
+}
+
+/// Parses the command line and runs the command; errors go to stderr with exit code 1
+/// (2 for a bad command line, as clap does).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_level);
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+                crate::run(config, shutdown).await?;
+                Ok(())
+            })
+        }
+        Command::Status {
+            config,
+            spool,
+            json,
+        } => {
+            let spool = match spool {
+                Some(path) => path,
+                None => Config::load(&config)?.agent.spool,
+            };
+            if !spool.exists() {
+                anyhow::bail!(
+                    "no spool at {}: the agent has not run with this configuration yet",
+                    spool.display()
+                );
+            }
+            let now = clock::now_ms();
+            let status = crate::status::read(&spool, now)
+                .with_context(|| format!("cannot read the spool {}", spool.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", crate::status::render(&status, now));
+            }
+            Ok(())
+        }
+        Command::CheckConfig { config: path } => {
+            let config = Config::load(&path)?;
+            print!("{}", describe(&config, &path));
+            Ok(())
+        }
+        Command::ExampleConfig => {
+            print!("{}", config::EXAMPLE);
+            Ok(())
+        }
+    }
+}
+
+/// One line per event on stderr, as journald wants it; no colours unless a terminal.
+fn init_tracing(level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+/// Completes at the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+/// What `check-config` prints: what would run, secrets shown as `<secret>`.
+pub fn describe(config: &Config, path: &Path) -> String {
+    let a = &config.agent;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: configuration is valid", path.display());
+    let _ = writeln!(out, "device     {}", config.device_id());
+    let _ = writeln!(
+        out,
+        "spool      {} (budget {}, when full: {:?})",
+        a.spool.display(),
+        a.disk_budget.display().iec(),
+        a.when_full
+    );
+    let _ = writeln!(
+        out,
+        "windows    {}s, partitions {}s, grace {}",
+        a.window.get(),
+        a.partition.get(),
+        humantime::format_duration(a.grace)
+    );
+    for s in &config.sources {
+        let every = humantime::format_duration(s.interval);
+        let timeout = humantime::format_duration(s.timeout);
+        let detail = match &s.kind {
+            SourceKind::System(sys) => format!("root {}", sys.root.display()),
+            SourceKind::Sysfs(sysfs) => {
+                let files: Vec<String> = sysfs
+                    .files
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "{}={}",
+                            f.field,
+                            sysfs
+                                .root
+                                .join(f.path.strip_prefix("/").unwrap_or(&f.path))
+                                .display()
+                        )
+                    })
+                    .collect();
+                files.join(", ")
+            }
+            SourceKind::Http(http) => {
+                let mut d = format!("GET {}", http.url);
+                let secrets: Vec<&String> = http
+                    .query
+                    .keys()
+                    .chain(http.headers.keys())
+                    .chain(http.header_files.keys())
+                    .collect();
+                if !secrets.is_empty() {
+                    let names: Vec<String> =
+                        secrets.iter().map(|k| format!("{k}=<secret>")).collect();
+                    let _ = write!(d, " with {}", names.join(", "));
+                }
+                let fields = http.fields.len();
+                match &http.table {
+                    Some(t) => {
+                        let _ = write!(
+                            d,
+                            "; table keyed by {:?}, columns {}",
+                            t.key,
+                            t.columns.join(", ")
+                        );
+                    }
+                    None => {
+                        let _ = write!(d, "; {fields} fields");
+                    }
+                }
+                d
+            }
+        };
+        let _ = writeln!(
+            out,
+            "source     {} ({}) every {every}, timeout {timeout}: {detail}",
+            s.name,
+            s.kind.word()
+        );
+    }
+    for s in &config.sinks {
+        let detail = match &s.kind {
+            SinkKind::Local(local) => format!(
+                "{} as {:?}{}",
+                local.path.display(),
+                local.format,
+                if local.prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!(", prefix {}", local.prefix)
+                }
+            ),
+        };
+        let _ = writeln!(out, "sink       {} ({}): {detail}", s.name, s.kind.word());
+    }
+    out
+}

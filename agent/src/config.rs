@@ -1,0 +1,989 @@
+//! The one TOML file that configures the agent: `[agent]`, `[[sources]]` and `[[sinks]]`.
+//!
+//! Every error names the file, the line and the column of the key or value at fault.
+//! Secrets (HTTP headers and query values) may be written as `${ENV_VAR}` or read from
+//! a file named by a `*_files` table (for systemd's `LoadCredential=`); they are resolved
+//! here, once, and only ever printed as `<secret>`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+/// The commented example shipped with the binary (`edgespool example-config`).
+pub const EXAMPLE: &str = include_str!("../../deploy/quickstart.toml");
+
+/// Where `run`, `status` and `check-config` look when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/edgespool/edgespool.toml";
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read the configuration: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A syntax error, an unknown key, a bad value or a failed check.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// The whole configuration, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The `[agent]` table.
+    pub agent: AgentConfig,
+    /// The `[[sources]]`, in file order.
+    pub sources: Vec<SourceConfig>,
+    /// The `[[sinks]]`, in file order.
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// The `[agent]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Names this device in object keys and rows; defaults to the host name.
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// The SQLite spool file.
+    #[serde(default = "default_spool")]
+    pub spool: PathBuf,
+    /// Length of the aggregation windows, in whole seconds ("60s").
+    #[serde(default = "default_window")]
+    pub window: Seconds,
+    /// Length of an uploaded partition, in whole seconds ("1h"); a multiple of `window`
+    /// that divides a day.
+    #[serde(default = "default_partition")]
+    pub partition: Seconds,
+    /// How long after its end a partition is still open for stragglers before upload.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub grace: Duration,
+    /// The most the spool may hold on disk ("256 MiB").
+    #[serde(default = "default_budget")]
+    pub disk_budget: bytesize::ByteSize,
+    /// What to do when the spool reaches `disk_budget`.
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+/// The full-disk policy of the spool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Delete the oldest spooled windows, delivered or not, to make room for new ones.
+    #[default]
+    DropOldest,
+    /// Keep what is spooled and discard new windows until there is room again.
+    StopSampling,
+}
+
+/// A duration in whole seconds, written like "10s", "1m" or "1h".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub NonZeroU32);
+
+impl Seconds {
+    /// The number of seconds.
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+
+    fn new(seconds: u32) -> Self {
+        Seconds(NonZeroU32::new(seconds).unwrap_or(NonZeroU32::MIN))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let d = duration(deserializer)?;
+        if d.subsec_nanos() != 0 || d.as_secs() == 0 || d.as_secs() > u64::from(u32::MAX) {
+            return Err(de::Error::custom(format!(
+                "expected a whole number of seconds of at least 1s, got {}",
+                humantime::format_duration(d)
+            )));
+        }
+        Ok(Seconds::new(d.as_secs() as u32))
+    }
+}
+
+/// Deserializes "250ms", "10s", "5m" or "1h 30m".
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|err| {
+        de::Error::custom(format!(
+            "invalid duration {text:?} ({err}); write it like \"500ms\", \"10s\", \"5m\" or \"1h\""
+        ))
+    })
+}
+
+fn default_spool() -> PathBuf {
+    PathBuf::from("/var/lib/edgespool/spool.db")
+}
+fn default_window() -> Seconds {
+    Seconds::new(60)
+}
+fn default_partition() -> Seconds {
+    Seconds::new(3600)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_budget() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(256)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_scale() -> f64 {
+    1.0
+}
+
+/// What every source has, whatever its kind.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// The first part of every series name of this source (`name.field`).
+    pub name: String,
+    /// How often it is sampled; a missed tick is skipped.
+    pub interval: Duration,
+    /// How long one sampling may take before it counts as an error.
+    pub timeout: Duration,
+    /// The kind and its settings.
+    pub kind: SourceKind,
+}
+
+/// The kinds of source.
+#[derive(Debug, Clone)]
+pub enum SourceKind {
+    /// CPU temperature, load, memory and spool disk space of this machine.
+    System(SystemSource),
+    /// Numbers read from files (hwmon, thermal, IIO, 1-wire).
+    Sysfs(SysfsSource),
+    /// A JSON API polled over HTTP.
+    Http(HttpSource),
+}
+
+impl SourceKind {
+    /// The `kind = "…"` word of this source.
+    pub fn word(&self) -> &'static str {
+        match self {
+            SourceKind::System(_) => "system",
+            SourceKind::Sysfs(_) => "sysfs",
+            SourceKind::Http(_) => "http",
+        }
+    }
+}
+
+/// `kind = "system"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemSource {
+    /// Source name; defaults to "system".
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Sampling interval (default 1s).
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Timeout of one sampling (default 5s).
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// The folder that holds `proc/` and `sys/` (default "/"), for tests and containers.
+    #[serde(default = "default_root")]
+    pub root: PathBuf,
+}
+
+fn default_root() -> PathBuf {
+    PathBuf::from("/")
+}
+
+/// `kind = "sysfs"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SysfsSource {
+    /// Source name (required).
+    pub name: String,
+    /// Sampling interval (default 1s).
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Timeout of one sampling (default 5s).
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Folder the `path` of every file is taken under (default "/").
+    #[serde(default = "default_root")]
+    pub root: PathBuf,
+    /// The files to read, one field each.
+    pub files: Vec<SysfsFile>,
+}
+
+/// One `[[sources.files]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SysfsFile {
+    /// The field name (the series is `source.field`).
+    pub field: String,
+    /// The file, under the source's `root`.
+    pub path: PathBuf,
+    /// How to read it; by default `w1_slave` for files of that name, else `number`.
+    #[serde(default)]
+    pub format: Option<FileFormat>,
+    /// Multiplies the raw number (e.g. 0.001 for millidegrees).
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    /// Added after scaling.
+    #[serde(default)]
+    pub offset: f64,
+    /// The unit of the scaled value, carried into the output.
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+/// How a sysfs file holds its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// One number, as hwmon, thermal, IIO and 1-wire `temperature` files hold.
+    Number,
+    /// The DS18B20 two-line format: CRC check ending in YES, then `t=` millidegrees.
+    W1Slave,
+}
+
+/// `kind = "http"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSource {
+    /// Source name (required).
+    pub name: String,
+    /// Polling interval (default 1s).
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Timeout of one request, body included (default 5s).
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// The URL, `http://` or `https://`.
+    pub url: String,
+    /// Query parameters; values may be `${ENV_VAR}` and are treated as secrets.
+    #[serde(default)]
+    pub query: BTreeMap<String, Secret>,
+    /// Request headers; values may be `${ENV_VAR}` and are treated as secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// Request headers whose values are read from files (systemd credentials).
+    #[serde(default)]
+    pub header_files: BTreeMap<String, SecretFile>,
+    /// Fields taken from a JSON object by JSON pointer.
+    #[serde(default)]
+    pub fields: Vec<JsonField>,
+    /// JSON pointer to each sample's own timestamp (RFC 3339, or epoch seconds or
+    /// milliseconds); without it samples are stamped when the response arrives.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    /// A table response: a header of field names and rows of positional values.
+    #[serde(default)]
+    pub table: Option<TableConfig>,
+}
+
+/// One `[[sources.fields]]` entry of an HTTP source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonField {
+    /// The field name (the series is `source.field`).
+    pub name: String,
+    /// JSON pointer to the number, e.g. "/sensor/pm2_5".
+    pub pointer: String,
+    /// Multiplies the value.
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    /// Added after scaling.
+    #[serde(default)]
+    pub offset: f64,
+    /// The unit, carried into the output.
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+/// `[sources.table]`: responses shaped like PurpleAir's `{"fields": [...], "data": [[...], ...]}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// JSON pointer to the array of column names (default "/fields").
+    #[serde(default = "default_fields_pointer")]
+    pub fields_pointer: String,
+    /// JSON pointer to the array of rows (default "/data").
+    #[serde(default = "default_rows_pointer")]
+    pub rows_pointer: String,
+    /// The column whose value names the row (e.g. "ID"): one series per row and column,
+    /// `source.{key}.{column}`, tagged `{key column}={value}`.
+    pub key: String,
+    /// The numeric columns to take.
+    pub columns: Vec<String>,
+    /// Units of some of those columns.
+    #[serde(default)]
+    pub units: BTreeMap<String, String>,
+    /// The column holding each row's own timestamp (RFC 3339 or epoch seconds/milliseconds).
+    #[serde(default)]
+    pub timestamp_column: Option<String>,
+}
+
+fn default_fields_pointer() -> String {
+    "/fields".to_owned()
+}
+fn default_rows_pointer() -> String {
+    "/data".to_owned()
+}
+
+/// One `[[sinks]]` entry.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Names the sink in the spool's delivery records and in `status`.
+    pub name: String,
+    /// The kind and its settings.
+    pub kind: SinkKind,
+}
+
+/// The kinds of sink.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    /// Files in a folder of this machine.
+    Local(LocalSink),
+}
+
+impl SinkKind {
+    /// The `kind = "…"` word of this sink.
+    pub fn word(&self) -> &'static str {
+        match self {
+            SinkKind::Local(_) => "local",
+        }
+    }
+}
+
+/// `kind = "local"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSink {
+    /// Sink name; defaults to "local".
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The folder the object tree is written under (created when missing).
+    pub path: PathBuf,
+    /// Key prefix inside that folder (default none).
+    #[serde(default)]
+    pub prefix: String,
+    /// File format (default "ndjson").
+    #[serde(default)]
+    pub format: Format,
+    /// Longest wait between two retries (default 5m).
+    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    pub retry_max: Duration,
+}
+
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Output file formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON object per line (`.ndjson`).
+    #[default]
+    Ndjson,
+    /// JSON Text Sequences, RFC 7464 (`.json-seq`).
+    JsonSeq,
+}
+
+/// A secret string, given literally or as `${ENV_VAR}`; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        expand_env(&text, |name| std::env::var(name).ok())
+            .map(Secret)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// Replaces every `${NAME}` by the variable's value; `$${` stands for a literal `${`.
+fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("${") {
+            let end = after
+                .find('}')
+                .ok_or_else(|| "unterminated ${ in value".to_owned())?;
+            let name = &after[..end];
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("invalid environment variable name {name:?}"));
+            }
+            let value =
+                lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A secret read from a file when the configuration is loaded (trailing newline removed).
+#[derive(Clone)]
+pub struct SecretFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// What it holds.
+    pub secret: Secret,
+}
+
+impl fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<secret from {}>", self.path.display())
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretFile {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let path = PathBuf::deserialize(deserializer)?;
+        let text = std::fs::read_to_string(&path).map_err(|err| {
+            de::Error::custom(format!("cannot read secret file {}: {err}", path.display()))
+        })?;
+        let secret = Secret(text.trim_end_matches(['\n', '\r']).to_owned());
+        Ok(SecretFile { path, secret })
+    }
+}
+
+/// The `[agent]` part of the file as written (sources and sinks are read one by one).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Root {
+    agent: Option<AgentConfig>,
+}
+
+/// What `kind` a `[[sources]]` or `[[sinks]]` table says.
+#[derive(Deserialize)]
+struct KindOnly<'a> {
+    #[serde(borrow)]
+    kind: Option<Spanned<std::borrow::Cow<'a, str>>>,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let at = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = line_column(text, span.map_or(0, |s| s.start));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let from_toml = |err: toml::de::Error| at(err.span(), err.message().to_owned());
+
+        let mut root = DeTable::parse(text).map_err(from_toml)?.into_inner();
+        let sources = take_array(&mut root, "sources").map_err(|(span, msg)| at(span, msg))?;
+        let sinks = take_array(&mut root, "sinks").map_err(|(span, msg)| at(span, msg))?;
+        let agent = Root::deserialize(toml::de::Deserializer::from(Spanned::new(
+            0..text.len(),
+            root,
+        )))
+        .map_err(from_toml)?
+        .agent
+        .ok_or_else(|| at(None, "missing [agent] table".to_owned()))?;
+
+        let mut config = Config {
+            agent,
+            sources: Vec::new(),
+            sinks: Vec::new(),
+        };
+        let mut names: BTreeMap<String, ()> = BTreeMap::new();
+        for table in sources {
+            let span = table.span();
+            let source = parse_source(table).map_err(|(span, msg)| at(span, msg))?;
+            if names.insert(source.name.clone(), ()).is_some() {
+                return Err(at(
+                    Some(span),
+                    format!(
+                        "two sources are named {:?}; give each its own name",
+                        source.name
+                    ),
+                ));
+            }
+            validate_source(&source).map_err(|msg| at(Some(span.clone()), msg))?;
+            config.sources.push(source);
+        }
+        names.clear();
+        for table in sinks {
+            let span = table.span();
+            let sink = parse_sink(table).map_err(|(span, msg)| at(span, msg))?;
+            if names.insert(sink.name.clone(), ()).is_some() {
+                return Err(at(
+                    Some(span),
+                    format!(
+                        "two sinks are named {:?}; give each its own name",
+                        sink.name
+                    ),
+                ));
+            }
+            config.sinks.push(sink);
+        }
+        config
+            .validate()
+            .map_err(|msg| at(key_span(text, "[agent]"), msg))?;
+        Ok(config)
+    }
+
+    /// The device id, or this machine's host name when none is configured.
+    pub fn device_id(&self) -> String {
+        self.agent.device_id.clone().unwrap_or_else(host_name)
+    }
+
+    /// Checks what the types alone cannot.
+    fn validate(&self) -> Result<(), String> {
+        let agent = &self.agent;
+        if let Some(id) = &agent.device_id {
+            valid_key_part(id).map_err(|why| format!("agent.device_id {id:?} {why}"))?;
+        }
+        let (window, partition) = (agent.window.get(), agent.partition.get());
+        if partition % window != 0 {
+            return Err(format!(
+                "agent.partition ({partition}s) must be a whole multiple of agent.window ({window}s)"
+            ));
+        }
+        if 86_400 % partition != 0 {
+            return Err(format!(
+                "agent.partition ({partition}s) must divide a day evenly (e.g. 1m, 10m, 1h, 6h, 24h)"
+            ));
+        }
+        if agent.disk_budget.as_u64() < 1024 * 1024 {
+            return Err(format!(
+                "agent.disk_budget ({}) must be at least 1 MiB",
+                agent.disk_budget
+            ));
+        }
+        if self.sources.is_empty() {
+            return Err("no [[sources]]: add at least one, e.g. kind = \"system\"".to_owned());
+        }
+        if self.sinks.is_empty() {
+            return Err("no [[sinks]]: add at least one, e.g. kind = \"local\"".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// The checks on one source that its types cannot make.
+fn validate_source(source: &SourceConfig) -> Result<(), String> {
+    let name = &source.name;
+    valid_key_part(name).map_err(|why| format!("source name {name:?} {why}"))?;
+    if source.interval.is_zero() || source.timeout.is_zero() {
+        return Err(format!(
+            "source {name:?}: interval and timeout must be above zero"
+        ));
+    }
+    match &source.kind {
+        SourceKind::System(_) => Ok(()),
+        SourceKind::Sysfs(sysfs) => {
+            if sysfs.files.is_empty() {
+                return Err(format!(
+                    "source {name:?}: list at least one [[sources.files]]"
+                ));
+            }
+            Ok(())
+        }
+        SourceKind::Http(http) => {
+            let url = reqwest::Url::parse(&http.url)
+                .map_err(|err| format!("source {name:?}: invalid url: {err}"))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(format!(
+                    "source {name:?}: url must start with http:// or https://"
+                ));
+            }
+            if http.fields.is_empty() && http.table.is_none() {
+                return Err(format!(
+                    "source {name:?}: give [[sources.fields]] or a [sources.table]"
+                ));
+            }
+            let pointers = http
+                .fields
+                .iter()
+                .map(|f| &f.pointer)
+                .chain(&http.timestamp)
+                .chain(
+                    http.table
+                        .iter()
+                        .flat_map(|t| [&t.fields_pointer, &t.rows_pointer]),
+                );
+            for pointer in pointers {
+                if !(pointer.is_empty() || pointer.starts_with('/')) {
+                    return Err(format!(
+                        "source {name:?}: JSON pointer {pointer:?} must be empty or start with '/'"
+                    ));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Names that end up in object keys and series names stay plain.
+fn valid_key_part(text: &str) -> Result<(), &'static str> {
+    let ok = !text.is_empty()
+        && text.len() <= 128
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1 to 128 characters of letters, digits, '-', '_' and '.'")
+    }
+}
+
+type Located = (Option<Range<usize>>, String);
+
+/// Removes `key` from the root table and returns its tables, each with its span.
+fn take_array<'i>(root: &mut DeTable<'i>, key: &str) -> Result<Vec<Spanned<DeValue<'i>>>, Located> {
+    let Some(value) = root.remove(key) else {
+        return Ok(Vec::new());
+    };
+    let span = value.span();
+    match value.into_inner() {
+        DeValue::Array(items) => Ok(items.iter().cloned().collect()),
+        _ => Err((
+            Some(span),
+            format!("`{key}` must be an array of tables: write [[{key}]]"),
+        )),
+    }
+}
+
+/// Reads the `kind` of a source or sink table, with its span for errors.
+fn kind_of<'i>(table: &Spanned<DeValue<'i>>, what: &str, kinds: &str) -> Result<String, Located> {
+    let kind = KindOnly::deserialize(ValueDeserializer::from(table.clone())).map_err(located)?;
+    match kind.kind {
+        Some(kind) => Ok(kind.into_inner().into_owned()),
+        None => Err((
+            Some(table.span()),
+            format!("this [[{what}]] has no `kind`; expected one of {kinds}"),
+        )),
+    }
+}
+
+fn located(err: toml::de::Error) -> Located {
+    (err.span(), err.message().to_owned())
+}
+
+/// Deserializes `T` from a table after removing its `kind` key.
+fn without_kind<'de, T: Deserialize<'de>>(table: Spanned<DeValue<'de>>) -> Result<T, Located> {
+    let span = table.span();
+    let mut value = table.into_inner();
+    if let DeValue::Table(t) = &mut value {
+        t.remove("kind");
+    }
+    T::deserialize(ValueDeserializer::from(Spanned::new(span, value))).map_err(located)
+}
+
+fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
+    let span = table.span();
+    let kind = kind_of(&table, "sources", "\"system\", \"sysfs\", \"http\"")?;
+    let kind_span = kind_value_span(&table).unwrap_or(span);
+    Ok(match kind.as_str() {
+        "system" => {
+            let s: SystemSource = without_kind(table)?;
+            SourceConfig {
+                name: s.name.clone().unwrap_or_else(|| "system".to_owned()),
+                interval: s.interval,
+                timeout: s.timeout,
+                kind: SourceKind::System(s),
+            }
+        }
+        "sysfs" => {
+            let s: SysfsSource = without_kind(table)?;
+            SourceConfig {
+                name: s.name.clone(),
+                interval: s.interval,
+                timeout: s.timeout,
+                kind: SourceKind::Sysfs(s),
+            }
+        }
+        "http" => {
+            let s: HttpSource = without_kind(table)?;
+            SourceConfig {
+                name: s.name.clone(),
+                interval: s.interval,
+                timeout: s.timeout,
+                kind: SourceKind::Http(s),
+            }
+        }
+        other => {
+            return Err((
+                Some(kind_span),
+                format!(
+                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\""
+                ),
+            ));
+        }
+    })
+}
+
+fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
+    let span = table.span();
+    let kind = kind_of(&table, "sinks", "\"local\"")?;
+    let kind_span = kind_value_span(&table).unwrap_or(span);
+    Ok(match kind.as_str() {
+        "local" => {
+            let s: LocalSink = without_kind(table)?;
+            SinkConfig {
+                name: s.name.clone().unwrap_or_else(|| "local".to_owned()),
+                kind: SinkKind::Local(s),
+            }
+        }
+        other => {
+            return Err((
+                Some(kind_span),
+                format!("unknown sink kind {other:?}; expected \"local\""),
+            ));
+        }
+    })
+}
+
+fn kind_value_span(table: &Spanned<DeValue<'_>>) -> Option<Range<usize>> {
+    match table.get_ref() {
+        DeValue::Table(t) => t.get("kind").map(|v| v.span()),
+        _ => None,
+    }
+}
+
+/// The span of the first occurrence of `needle`, to point at a table header.
+fn key_span(text: &str, needle: &str) -> Option<Range<usize>> {
+    text.find(needle).map(|at| at..at + needle.len())
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// This machine's host name, for the default device id.
+pub fn host_name() -> String {
+    let name = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "edgespool".to_owned()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[agent]
+device_id = "pi-1"
+spool = "/tmp/x/spool.db"
+
+[[sources]]
+kind = "system"
+
+[[sinks]]
+kind = "local"
+path = "/tmp/x/out"
+"#;
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, Path::new("edgespool.toml"))
+            .expect_err("this configuration must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn a_minimal_config_gets_its_defaults() {
+        let config = Config::parse(MINIMAL, Path::new("x.toml")).expect("valid");
+        assert_eq!(config.agent.window.get(), 60);
+        assert_eq!(config.agent.partition.get(), 3600);
+        assert_eq!(config.agent.grace, Duration::from_secs(60));
+        assert_eq!(config.agent.when_full, WhenFull::DropOldest);
+        assert_eq!(config.sources[0].name, "system");
+        assert_eq!(config.sources[0].interval, Duration::from_secs(1));
+        assert_eq!(config.sinks[0].name, "local");
+        assert_eq!(config.device_id(), "pi-1");
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let config = Config::parse(EXAMPLE, Path::new("quickstart.toml")).expect("valid");
+        assert_eq!(config.agent.window.get(), 10);
+        assert_eq!(config.agent.partition.get(), 60);
+    }
+
+    #[test]
+    fn an_unknown_key_names_file_line_and_column() {
+        let text = MINIMAL.replace(
+            "kind = \"system\"",
+            "kind = \"system\"\n  intreval = \"2s\"",
+        );
+        assert_eq!(
+            error_of(&text),
+            "edgespool.toml:8:3: unknown field `intreval`, expected one of `name`, `interval`, `timeout`, `root`"
+        );
+    }
+
+    #[test]
+    fn an_unknown_agent_key_is_located_too() {
+        let text = MINIMAL.replace("device_id", "devise_id");
+        let err = error_of(&text);
+        assert!(
+            err.starts_with("edgespool.toml:3:1: unknown field `devise_id`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_duration_is_explained() {
+        let text = MINIMAL.replace("spool =", "window = \"10 parsecs\"\nspool =");
+        let err = error_of(&text);
+        assert!(
+            err.starts_with("edgespool.toml:4:10: invalid duration \"10 parsecs\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_window_must_be_whole_seconds() {
+        let text = MINIMAL.replace("spool =", "window = \"1500ms\"\nspool =");
+        assert_eq!(
+            error_of(&text),
+            "edgespool.toml:4:10: expected a whole number of seconds of at least 1s, got 1s 500ms"
+        );
+    }
+
+    #[test]
+    fn a_partition_must_hold_whole_windows() {
+        let text = MINIMAL.replace("spool =", "window = \"7s\"\nspool =");
+        assert_eq!(
+            error_of(&text),
+            "edgespool.toml:2:1: agent.partition (3600s) must be a whole multiple of agent.window (7s)"
+        );
+    }
+
+    #[test]
+    fn an_unknown_kind_points_at_the_kind() {
+        let text = MINIMAL.replace("kind = \"system\"", "kind = \"sistem\"");
+        assert_eq!(
+            error_of(&text),
+            "edgespool.toml:7:8: unknown source kind \"sistem\"; expected one of \"system\", \"sysfs\", \"http\""
+        );
+    }
+
+    #[test]
+    fn a_missing_secret_file_is_an_error_naming_it() {
+        let text = format!(
+            "{MINIMAL}\n[[sources]]\nkind = \"http\"\nname = \"api\"\nurl = \"http://127.0.0.1:1/\"\nheader_files = {{ \"X-API-Key\" = \"/nonexistent/edgespool-key\" }}\n[[sources.fields]]\nname = \"a\"\npointer = \"/a\"\n"
+        );
+        let err = error_of(&text);
+        assert!(
+            err.starts_with(
+                "edgespool.toml:17:32: cannot read secret file /nonexistent/edgespool-key: No such file"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_expand_from_the_environment_and_never_print() {
+        let lookup = |name: &str| (name == "API_KEY").then(|| "s3cr3t".to_owned());
+        assert_eq!(
+            expand_env("Bearer ${API_KEY}", lookup).as_deref(),
+            Ok("Bearer s3cr3t")
+        );
+        assert_eq!(
+            expand_env("cost $5 $${X}", lookup).as_deref(),
+            Ok("cost $5 ${X}")
+        );
+        assert_eq!(
+            expand_env("${MISSING}", lookup),
+            Err("environment variable MISSING is not set".to_owned())
+        );
+        assert_eq!(format!("{:?}", Secret("s3cr3t".into())), "<secret>");
+    }
+
+    #[test]
+    fn a_broken_toml_file_is_located() {
+        let err = error_of("[agent\ndevice_id = 1");
+        assert!(err.starts_with("edgespool.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn two_sources_may_not_share_a_name() {
+        let text = format!("{MINIMAL}\n[[sources]]\nkind = \"system\"\n");
+        assert_eq!(
+            error_of(&text),
+            "edgespool.toml:13:1: two sources are named \"system\"; give each its own name"
+        );
+    }
+}

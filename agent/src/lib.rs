@@ -1,0 +1,141 @@
+//! edgespool: an edge agent that samples, aggregates, spools and uploads.
+//!
+//! The stages, in the order data flows through them (see DESIGN.md):
+//!
+//! 1. [`source`]: sensors, files and HTTP APIs, each in its own task, produce samples;
+//! 2. [`aggregate`]: tumbling windows, aligned to UTC, reduce samples to window rows;
+//! 3. [`spool`]: one SQLite writer commits closed windows, one transaction per flush;
+//! 4. [`sink`]: one uploader per sink sends closed partitions, then records delivery;
+//! 5. [`status`]: reads the spool read-only and tells a person what is going on.
+//!
+//! [`config`] reads the one TOML file; [`run`] wires the stages and waits for shutdown.
+
+pub mod aggregate;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod sink;
+pub mod source;
+pub mod spool;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::aggregate::AggregateTask;
+use crate::config::Config;
+use crate::sink::Uploader;
+use crate::source::{SourceStats, SourceTask};
+use crate::spool::{Spool, SpoolHandle, SpoolOptions};
+
+/// How long the stages get to finish after shutdown is asked for.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The spool could not be opened.
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+    /// A source could not be set up.
+    #[error("source {name}: {source}")]
+    Source {
+        name: String,
+        source: source::SourceError,
+    },
+    /// A sink could not be set up.
+    #[error(transparent)]
+    Sink(#[from] sink::SinkError),
+}
+
+/// Runs the agent until `shutdown` completes, then flushes the open windows and stops.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    // rustls needs one process-wide crypto provider; ring builds for every Pi.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let device = config.device_id();
+    let agent = &config.agent;
+    let options = SpoolOptions {
+        device: device.clone(),
+        window_seconds: agent.window.get(),
+        partition_seconds: agent.partition.get(),
+        grace_ms: agent.grace.as_millis() as i64,
+        budget_bytes: agent.disk_budget.as_u64(),
+        when_full: agent.when_full,
+        sinks: config
+            .sinks
+            .iter()
+            .map(|s| (s.name.clone(), s.kind.word()))
+            .collect(),
+    };
+    let opened = Spool::open(&agent.spool, options)?;
+    let (spool, spool_thread) = SpoolHandle::spawn(opened);
+
+    let (stop, stopping) = watch::channel(false);
+    let (samples_tx, samples_rx) = mpsc::channel(4096);
+    let mut tasks = JoinSet::new();
+    let mut stats = Vec::new();
+    for source_config in &config.sources {
+        let built =
+            source::build(source_config, &agent.spool).map_err(|source| RunError::Source {
+                name: source_config.name.clone(),
+                source,
+            })?;
+        let source_stats = Arc::new(SourceStats::new(
+            &source_config.name,
+            source_config.kind.word(),
+        ));
+        stats.push(Arc::clone(&source_stats));
+        let task = SourceTask::new(
+            source_config,
+            built,
+            source_stats,
+            samples_tx.clone(),
+            stopping.clone(),
+        );
+        tasks.spawn(task.run());
+    }
+    drop(samples_tx);
+    for sink_config in &config.sinks {
+        let built = sink::build(sink_config)?;
+        let uploader = Uploader::new(sink_config, &device, built, spool.clone(), stopping.clone());
+        tasks.spawn(uploader.run());
+    }
+    let aggregator = AggregateTask::new(
+        agent.window.get(),
+        samples_rx,
+        spool.clone(),
+        stats,
+        stopping,
+    );
+    tasks.spawn(aggregator.run());
+    drop(spool);
+    info!(
+        device = %device,
+        spool = %agent.spool.display(),
+        sources = config.sources.len(),
+        sinks = config.sinks.len(),
+        "edgespool started"
+    );
+
+    shutdown.await;
+    info!("shutting down: flushing open windows");
+    let _ = stop.send(true);
+    let finished = tokio::time::timeout(STOP_TIMEOUT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        warn!(timeout = ?STOP_TIMEOUT, "some stages did not stop in time");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    // Every handle is gone now: the spool thread closes the database and ends.
+    let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
+    info!("edgespool stopped");
+    Ok(())
+}

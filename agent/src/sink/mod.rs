@@ -1,0 +1,229 @@
+//! Sinks: where closed partitions go, and the uploader that feeds each one.
+//!
+//! One [`Uploader`] runs per sink. It asks the spool for the oldest closed partition this
+//! sink has not received, encodes it, sends it, and only then records the delivery. On
+//! failure it retries the same part with capped exponential backoff and full jitter,
+//! forever, oldest first; one sink being down never holds back another.
+
+mod encode;
+mod layout;
+mod object;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::aggregate::WindowRow;
+use crate::clock;
+use crate::config::{SinkConfig, SinkKind};
+use crate::spool::{PartPlan, Plan, SpoolHandle, SpoolReader};
+
+pub use encode::encode;
+pub use layout::object_key;
+
+/// Why a delivery failed. The message never holds a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The store refused or failed the write.
+    #[error("{sink}: cannot write {key}: {reason}")]
+    Write {
+        sink: String,
+        key: String,
+        reason: String,
+    },
+    /// The sink could not be set up.
+    #[error("{sink}: {reason}")]
+    Setup { sink: String, reason: String },
+}
+
+/// What a sink receives: the rows of one part of one partition.
+pub struct Delivery<'a> {
+    /// The device id.
+    pub device: &'a str,
+    /// Which part.
+    pub plan: &'a PartPlan,
+    /// Its rows, ordered by window start and series.
+    pub rows: &'a [WindowRow],
+}
+
+/// A destination. Writes must be idempotent: the same delivery twice leaves one copy.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync {
+    /// Writes one part; returns where it went (for the log).
+    async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError>;
+}
+
+/// Builds the sink a configuration entry describes.
+pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
+    match &config.kind {
+        SinkKind::Local(local) => Ok(Arc::new(object::ObjectSink::local(&config.name, local)?)),
+    }
+}
+
+/// The retry policy of a sink.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The first delay's ceiling.
+    pub base: Duration,
+    /// The largest delay.
+    pub cap: Duration,
+}
+
+impl Backoff {
+    /// Delay before retry number `attempt` (1 for the first retry): a uniformly random
+    /// share (`unit` in [0, 1)) of min(cap, base × 2^(attempt-1)), at least 100 ms.
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let ceiling = exp.min(self.cap);
+        ceiling
+            .mul_f64(unit.clamp(0.0, 1.0))
+            .max(Duration::from_millis(100))
+    }
+}
+
+/// The stage that feeds one sink from the spool.
+pub struct Uploader {
+    name: String,
+    device: String,
+    sink: Arc<dyn Sink>,
+    spool: SpoolHandle,
+    backoff: Backoff,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Uploader {
+    /// Wires a sink to the spool.
+    pub fn new(
+        config: &SinkConfig,
+        device: &str,
+        sink: Arc<dyn Sink>,
+        spool: SpoolHandle,
+        shutdown: watch::Receiver<bool>,
+    ) -> Uploader {
+        let cap = match &config.kind {
+            SinkKind::Local(local) => local.retry_max,
+        };
+        Uploader {
+            name: config.name.clone(),
+            device: device.to_owned(),
+            sink,
+            spool,
+            backoff: Backoff {
+                base: Duration::from_secs(1),
+                cap,
+            },
+            shutdown,
+        }
+    }
+
+    /// Delivers parts until shutdown.
+    pub async fn run(mut self) {
+        let mut commits = self.spool.commits();
+        let mut reader: Option<SpoolReader> = None;
+        let mut attempt: u32 = 0;
+        loop {
+            if *self.shutdown.borrow() {
+                return;
+            }
+            let outcome = match self.spool.plan(&self.name, clock::now_ms()).await {
+                Ok(Plan::Ready(plan)) => self.send(&plan, &mut reader).await.map(|()| None),
+                Ok(Plan::Wait(until)) => Ok(Some(until)),
+                Err(err) => Err(err.to_string()),
+            };
+            match outcome {
+                Ok(None) => attempt = 0,
+                Ok(Some(until)) => {
+                    attempt = 0;
+                    let wait = until.map_or(Duration::from_secs(3600), |t| {
+                        Duration::from_millis((t - clock::now_ms()).clamp(0, 3_600_000) as u64)
+                    });
+                    tokio::select! {
+                        _ = commits.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.changed() => return,
+                    }
+                }
+                Err(message) => {
+                    attempt = attempt.saturating_add(1);
+                    let delay = self.backoff.delay(attempt, rand::random::<f64>());
+                    let now = clock::now_ms();
+                    self.spool
+                        .failed(&self.name, &message, now, now + delay.as_millis() as i64)
+                        .await;
+                    warn!(sink = %self.name, error = %message, retry_in = ?delay, attempt, "delivery failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads, sends and acknowledges one part.
+    async fn send(&self, plan: &PartPlan, reader: &mut Option<SpoolReader>) -> Result<(), String> {
+        let path = self.spool.path().to_owned();
+        let taken = reader.take();
+        let query = plan.clone();
+        let (back, rows) = tokio::task::spawn_blocking(move || {
+            let mut reader = match taken {
+                Some(r) => r,
+                None => SpoolReader::open(&path)?,
+            };
+            let rows = reader.read_part(&query);
+            Ok::<_, crate::spool::SpoolError>((reader, rows))
+        })
+        .await
+        .map_err(|e| format!("spool reader failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        *reader = Some(back);
+        let rows = rows.map_err(|e| e.to_string())?;
+        if !rows.is_empty() {
+            let delivery = Delivery {
+                device: &self.device,
+                plan,
+                rows: &rows,
+            };
+            let location = self
+                .sink
+                .deliver(delivery)
+                .await
+                .map_err(|e| e.to_string())?;
+            info!(sink = %self.name, rows = rows.len(), to = %location, "delivered");
+        }
+        self.spool
+            .delivered(plan, clock::now_ms())
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_to_its_cap() {
+        let b = Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+        };
+        let top = |attempt| b.delay(attempt, 0.999_999_9);
+        assert_eq!(top(1).as_secs(), 0);
+        assert_eq!(top(2).as_millis(), 1_999);
+        assert_eq!(top(5).as_millis(), 15_999);
+        assert_eq!(top(9).as_secs(), 255);
+        assert_eq!(top(10).as_secs(), 299);
+        assert_eq!(top(40).as_secs(), 299);
+        assert_eq!(
+            b.delay(7, 0.0),
+            Duration::from_millis(100),
+            "full jitter has a floor"
+        );
+        assert_eq!(b.delay(3, 0.5), Duration::from_secs(2));
+    }
+}

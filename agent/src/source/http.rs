@@ -1,0 +1,364 @@
+//! `kind = "http"`: polls a JSON API.
+//!
+//! Two shapes: an object whose fields are taken by JSON pointer, or a table — a header
+//! of column names and rows of positional values, as PurpleAir's `data.json` returns —
+//! where a key column makes one series per row. `null` is a channel the device lacks and
+//! is skipped; anything else that is not a number is counted as invalid.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{Batch, Series, Source, SourceError, parse_timestamp};
+use crate::config::{self, JsonField, TableConfig};
+
+/// The largest response body read; a larger one is an error, not an allocation.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+
+pub struct HttpSource {
+    name: String,
+    client: reqwest::Client,
+    url: reqwest::Url,
+    query: Vec<(String, String)>,
+    headers: reqwest::header::HeaderMap,
+    fields: Vec<(JsonField, Arc<Series>)>,
+    timestamp: Option<String>,
+    table: Option<TableConfig>,
+    /// Series of table rows by (key value, column), made once.
+    table_series: HashMap<(String, usize), Arc<Series>>,
+}
+
+impl HttpSource {
+    pub fn new(
+        name: &str,
+        config: &config::HttpSource,
+        timeout: Duration,
+    ) -> Result<HttpSource, SourceError> {
+        let fail = |reason: String| SourceError::Http { reason };
+        let url =
+            reqwest::Url::parse(&config.url).map_err(|err| fail(format!("invalid url: {err}")))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        let given = config.headers.iter().map(|(k, v)| (k, v.expose()));
+        let from_files = config
+            .header_files
+            .iter()
+            .map(|(k, f)| (k, f.secret.expose()));
+        for (key, value) in given.chain(from_files) {
+            let name = reqwest::header::HeaderName::from_bytes(key.as_bytes())
+                .map_err(|_| fail(format!("invalid header name {key:?}")))?;
+            let mut value = reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                fail(format!(
+                    "header {key:?} has a value that is not valid in HTTP"
+                ))
+            })?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("edgespool/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|err| fail(err.without_url().to_string()))?;
+        let fields = config
+            .fields
+            .iter()
+            .map(|f| {
+                let series = Series::new(format!("{name}.{}", f.name), f.unit.as_deref());
+                (f.clone(), Arc::new(series))
+            })
+            .collect();
+        Ok(HttpSource {
+            name: name.to_owned(),
+            client,
+            url,
+            query: config
+                .query
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+                .collect(),
+            headers,
+            fields,
+            timestamp: config.timestamp.clone(),
+            table: config.table.clone(),
+            table_series: HashMap::new(),
+        })
+    }
+
+    async fn fetch(&self) -> Result<Value, SourceError> {
+        // Design: errors are stripped of their URL, which may carry an API key in its query.
+        let fail = |err: reqwest::Error| SourceError::Http {
+            reason: err.without_url().to_string(),
+        };
+        let mut response = self
+            .client
+            .get(self.url.clone())
+            .query(&self.query)
+            .headers(self.headers.clone())
+            .send()
+            .await
+            .map_err(fail)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(SourceError::Http {
+                reason: format!("server answered {status}"),
+            });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(fail)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(SourceError::Parse {
+                    reason: format!("response body exceeds {MAX_BODY} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|err| SourceError::Parse {
+            reason: format!("response is not valid JSON: {err}"),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for HttpSource {
+    async fn sample(&mut self, batch: &mut Batch) -> Result<(), SourceError> {
+        let doc = self.fetch().await?;
+        let received = batch.now_ms;
+        let stamp = match &self.timestamp {
+            Some(pointer) => event_time(&doc, pointer, received, batch),
+            None => received,
+        };
+        for (field, series) in &self.fields {
+            match doc.pointer(&field.pointer) {
+                None => batch.invalid.push(format!("no value at {}", field.pointer)),
+                Some(value) => {
+                    if let Some(x) = number(value, &field.pointer, batch) {
+                        batch.push(series, stamp, x * field.scale + field.offset);
+                    }
+                }
+            }
+        }
+        if let Some(table) = &self.table {
+            read_table(&self.name, table, &doc, &mut self.table_series, batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// The sample time a pointer gives, or the receive time (counted invalid) when it is bad.
+fn event_time(doc: &Value, pointer: &str, received: i64, batch: &mut Batch) -> i64 {
+    match doc.pointer(pointer).map(parse_timestamp) {
+        Some(Ok(ms)) => ms,
+        Some(Err(why)) => {
+            batch
+                .invalid
+                .push(format!("{why}; using the time received"));
+            received
+        }
+        None => {
+            batch.invalid.push(format!(
+                "no timestamp at {pointer}; using the time received"
+            ));
+            received
+        }
+    }
+}
+
+/// A JSON number (or numeric string) as f64; `null` is skipped, anything else invalid.
+fn number(value: &Value, place: &str, batch: &mut Batch) -> Option<f64> {
+    match value {
+        Value::Number(n) => n.as_f64(),
+        Value::Null => None,
+        Value::String(s) => match s.trim().parse::<f64>() {
+            Ok(x) => Some(x),
+            Err(_) => {
+                batch
+                    .invalid
+                    .push(format!("{place} holds {s:?}, not a number"));
+                None
+            }
+        },
+        other => {
+            batch
+                .invalid
+                .push(format!("{place} holds {other}, not a number"));
+            None
+        }
+    }
+}
+
+fn read_table(
+    source: &str,
+    table: &TableConfig,
+    doc: &Value,
+    cache: &mut HashMap<(String, usize), Arc<Series>>,
+    batch: &mut Batch,
+) -> Result<(), SourceError> {
+    let parse = |reason: String| SourceError::Parse { reason };
+    let header = doc
+        .pointer(&table.fields_pointer)
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            parse(format!(
+                "no array of column names at {}",
+                table.fields_pointer
+            ))
+        })?;
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| h.as_str() == Some(name))
+            .ok_or_else(|| {
+                parse(format!(
+                    "column {name:?} is not in the header at {}",
+                    table.fields_pointer
+                ))
+            })
+    };
+    let key_at = column(&table.key)?;
+    let columns: Vec<usize> = table
+        .columns
+        .iter()
+        .map(|c| column(c))
+        .collect::<Result<_, _>>()?;
+    let time_at = table.timestamp_column.as_deref().map(column).transpose()?;
+    let rows = doc
+        .pointer(&table.rows_pointer)
+        .and_then(Value::as_array)
+        .ok_or_else(|| parse(format!("no array of rows at {}", table.rows_pointer)))?;
+    let tag = table.key.to_ascii_lowercase();
+
+    for (index, row) in rows.iter().enumerate() {
+        let Some(cells) = row.as_array() else {
+            batch.invalid.push(format!("row {index} is not an array"));
+            continue;
+        };
+        let key = match cells.get(key_at) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            other => {
+                let shown = other.map_or("nothing".to_owned(), Value::to_string);
+                batch.invalid.push(format!(
+                    "row {index} has {shown} in key column {:?}",
+                    table.key
+                ));
+                continue;
+            }
+        };
+        let stamp = match time_at.and_then(|at| cells.get(at)) {
+            None => batch.now_ms,
+            Some(value) => match parse_timestamp(value) {
+                Ok(ms) => ms,
+                Err(why) => {
+                    batch
+                        .invalid
+                        .push(format!("row {key}: {why}; using the time received"));
+                    batch.now_ms
+                }
+            },
+        };
+        for (&at, name) in columns.iter().zip(&table.columns) {
+            let Some(cell) = cells.get(at) else {
+                batch
+                    .invalid
+                    .push(format!("row {key} is shorter than the header"));
+                break;
+            };
+            let place = format!("row {key} column {name:?}");
+            let Some(x) = number(cell, &place, batch) else {
+                continue;
+            };
+            let series = cache.entry((key.clone(), at)).or_insert_with(|| {
+                let mut series = Series::new(
+                    format!("{source}.{key}.{name}"),
+                    table.units.get(name).map(String::as_str),
+                );
+                series.tags.insert(tag.clone(), key.clone());
+                Arc::new(series)
+            });
+            batch.push(series, stamp, x);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PURPLEAIR: &str = include_str!("../../testdata/purpleair-table.json");
+
+    fn table() -> TableConfig {
+        TableConfig {
+            fields_pointer: "/fields".into(),
+            rows_pointer: "/data".into(),
+            key: "ID".into(),
+            columns: vec!["pm".into(), "Temperature".into(), "Voc".into()],
+            units: [("pm".to_owned(), "ug/m3".to_owned())].into(),
+            timestamp_column: None,
+        }
+    }
+
+    #[test]
+    fn a_purpleair_table_makes_one_series_per_sensor_and_column() {
+        let doc: Value = serde_json::from_str(PURPLEAIR).expect("sample is JSON");
+        let mut batch = Batch {
+            now_ms: 1000,
+            ..Batch::default()
+        };
+        read_table("pa", &table(), &doc, &mut HashMap::new(), &mut batch).expect("table reads");
+        let got: Vec<(String, f64)> = batch
+            .samples
+            .iter()
+            .map(|s| (s.series.name.clone(), s.value))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("pa.44071.pm".to_owned(), 0.7),
+                ("pa.44071.Temperature".to_owned(), 79.0),
+                ("pa.59873.pm".to_owned(), 88.9),
+                ("pa.59873.Temperature".to_owned(), 88.0),
+            ]
+        );
+        assert_eq!(batch.samples[0].series.tags["id"], "44071");
+        assert_eq!(batch.samples[0].series.unit.as_deref(), Some("ug/m3"));
+        assert!(
+            batch.invalid.is_empty(),
+            "null Voc is a missing channel: {:?}",
+            batch.invalid
+        );
+    }
+
+    #[test]
+    fn a_missing_column_is_a_clear_error() {
+        let doc: Value = serde_json::from_str(PURPLEAIR).expect("sample is JSON");
+        let mut config = table();
+        config.columns.push("pm25_cf1".into());
+        let err = read_table(
+            "pa",
+            &config,
+            &doc,
+            &mut HashMap::new(),
+            &mut Batch::default(),
+        )
+        .expect_err("unknown column");
+        assert_eq!(
+            err.to_string(),
+            "column \"pm25_cf1\" is not in the header at /fields"
+        );
+    }
+
+    #[test]
+    fn the_purpleair_glitch_is_not_json() {
+        let glitch = r#"{"fields":["ID"],"data":[],[44071]]}"#;
+        let err = serde_json::from_str::<Value>(glitch).expect_err("broken");
+        assert!(
+            err.to_string()
+                .contains("key must be a string at line 1 column 28"),
+            "{err}"
+        );
+    }
+}

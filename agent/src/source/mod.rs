@@ -1,0 +1,333 @@
+//! Sources: where samples come from.
+//!
+//! Each configured source runs in its own task ([`SourceTask`]), ticking at its own
+//! interval with its own timeout: a slow or failing source never delays the others, and
+//! a missed tick is skipped rather than bursted. A source kind only implements
+//! [`Source::sample`]; counting, timeouts and logging live here, once.
+
+mod http;
+mod sysfs;
+mod system;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, warn};
+
+use crate::clock;
+use crate::config::{SourceConfig, SourceKind};
+
+/// A named stream of numbers: `source.field`, with optional tags and a unit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Series {
+    /// `source.field`.
+    pub name: String,
+    /// Extra identifying labels (e.g. a sensor id of a table row).
+    pub tags: BTreeMap<String, String>,
+    /// The unit of the values, if known.
+    pub unit: Option<String>,
+}
+
+impl Series {
+    /// A series without tags.
+    pub fn new(name: impl Into<String>, unit: Option<&str>) -> Series {
+        Series {
+            name: name.into(),
+            tags: BTreeMap::new(),
+            unit: unit.map(str::to_owned),
+        }
+    }
+}
+
+/// One reading of one series.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// What was read.
+    pub series: Arc<Series>,
+    /// When it was read (or when the device says it was), in Unix milliseconds.
+    pub timestamp_ms: i64,
+    /// The value; non-finite values are counted and dropped by the aggregator.
+    pub value: f64,
+}
+
+/// What one sampling produced: samples, and the problems met on the way.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// When the sampling started, in Unix milliseconds: the default timestamp.
+    pub now_ms: i64,
+    /// The samples read.
+    pub samples: Vec<Sample>,
+    /// Values that were present but unusable (not a number, failed CRC, bad timestamp).
+    pub invalid: Vec<String>,
+    /// Reads that failed outright for part of the source (e.g. one vanished file).
+    pub errors: Vec<String>,
+}
+
+impl Batch {
+    fn push(&mut self, series: &Arc<Series>, timestamp_ms: i64, value: f64) {
+        self.samples.push(Sample {
+            series: Arc::clone(series),
+            timestamp_ms,
+            value,
+        });
+    }
+}
+
+/// Why a whole sampling failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    /// An HTTP request failed.
+    #[error("request failed: {reason}")]
+    Http { reason: String },
+    /// The response or file was not what the configuration says it is.
+    #[error("{reason}")]
+    Parse { reason: String },
+}
+
+/// A kind of source: produces one batch of samples per tick.
+#[async_trait::async_trait]
+pub trait Source: Send {
+    /// Reads once, adding samples and per-value problems to `batch`.
+    async fn sample(&mut self, batch: &mut Batch) -> Result<(), SourceError>;
+}
+
+/// Builds the source a configuration entry describes.
+pub fn build(config: &SourceConfig, spool_path: &Path) -> Result<Box<dyn Source>, SourceError> {
+    Ok(match &config.kind {
+        SourceKind::System(s) => Box::new(system::SystemSource::new(&config.name, s, spool_path)),
+        SourceKind::Sysfs(s) => Box::new(sysfs::SysfsSource::new(&config.name, s)),
+        SourceKind::Http(s) => Box::new(http::HttpSource::new(&config.name, s, config.timeout)?),
+    })
+}
+
+/// Counters of one source, shared between its task and the flushes that persist them.
+#[derive(Debug)]
+pub struct SourceStats {
+    /// The source's name.
+    pub name: String,
+    /// Its `kind` word.
+    pub kind: &'static str,
+    samples: AtomicU64,
+    invalid: AtomicU64,
+    errors: AtomicU64,
+    last_problem: Mutex<Option<Problem>>,
+}
+
+/// The latest thing that went wrong with a source, for `status`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Problem {
+    /// When, in Unix milliseconds.
+    pub at_ms: i64,
+    /// What, without secrets.
+    pub message: String,
+}
+
+/// Counts gathered since the previous flush.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SourceDeltas {
+    /// Samples produced.
+    pub samples: u64,
+    /// Unusable values.
+    pub invalid: u64,
+    /// Failed reads.
+    pub errors: u64,
+}
+
+impl SourceStats {
+    /// Fresh counters for a source.
+    pub fn new(name: &str, kind: &'static str) -> SourceStats {
+        SourceStats {
+            name: name.to_owned(),
+            kind,
+            samples: AtomicU64::new(0),
+            invalid: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            last_problem: Mutex::new(None),
+        }
+    }
+
+    /// Takes the counts since the last call, resetting them.
+    pub fn take_deltas(&self) -> SourceDeltas {
+        SourceDeltas {
+            samples: self.samples.swap(0, Ordering::Relaxed),
+            invalid: self.invalid.swap(0, Ordering::Relaxed),
+            errors: self.errors.swap(0, Ordering::Relaxed),
+        }
+    }
+
+    /// The latest problem, if any.
+    pub fn last_problem(&self) -> Option<Problem> {
+        self.last_problem.lock().map(|p| p.clone()).unwrap_or(None)
+    }
+
+    /// Records a problem; says whether it is news worth a log line (a new message).
+    fn problem(&self, at_ms: i64, message: String) -> bool {
+        let Ok(mut last) = self.last_problem.lock() else {
+            return true;
+        };
+        let news = last.as_ref().is_none_or(|p| p.message != message);
+        *last = Some(Problem { at_ms, message });
+        news
+    }
+}
+
+/// The task that drives one source.
+pub struct SourceTask {
+    source: Box<dyn Source>,
+    interval: Duration,
+    timeout: Duration,
+    stats: Arc<SourceStats>,
+    samples: mpsc::Sender<Sample>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl SourceTask {
+    /// Wires a source to the aggregator's channel.
+    pub fn new(
+        config: &SourceConfig,
+        source: Box<dyn Source>,
+        stats: Arc<SourceStats>,
+        samples: mpsc::Sender<Sample>,
+        shutdown: watch::Receiver<bool>,
+    ) -> SourceTask {
+        SourceTask {
+            source,
+            interval: config.interval,
+            timeout: config.timeout,
+            stats,
+            samples,
+            shutdown,
+        }
+    }
+
+    /// Samples at every tick until shutdown.
+    pub async fn run(mut self) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let name = self.stats.name.clone();
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.shutdown.changed() => return,
+            }
+            let mut batch = Batch {
+                now_ms: clock::now_ms(),
+                ..Batch::default()
+            };
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout(self.timeout, self.source.sample(&mut batch)) => outcome,
+                _ = self.shutdown.changed() => return,
+            };
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) => Some(err.to_string()),
+                Err(_) => Some(format!(
+                    "sampling took longer than the timeout of {}",
+                    humantime::format_duration(self.timeout)
+                )),
+            };
+            let stats = &self.stats;
+            if let Some(message) = failure {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                if stats.problem(batch.now_ms, message.clone()) || !failing {
+                    warn!(source = %name, error = %message, "sampling failed");
+                }
+                failing = true;
+            } else if failing {
+                debug!(source = %name, "sampling works again");
+                failing = false;
+            }
+            for message in batch.errors.drain(..) {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                if stats.problem(batch.now_ms, message.clone()) {
+                    warn!(source = %name, error = %message, "read failed");
+                }
+            }
+            for message in batch.invalid.drain(..) {
+                stats.invalid.fetch_add(1, Ordering::Relaxed);
+                if stats.problem(batch.now_ms, message.clone()) {
+                    warn!(source = %name, error = %message, "invalid value");
+                }
+            }
+            stats
+                .samples
+                .fetch_add(batch.samples.len() as u64, Ordering::Relaxed);
+            for sample in batch.samples {
+                if self.samples.send(sample).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads a timestamp from JSON: RFC 3339 text with an offset, or a number of seconds
+/// (milliseconds when it is too large to be seconds) since the Unix epoch.
+pub fn parse_timestamp(value: &serde_json::Value) -> Result<i64, String> {
+    match value {
+        serde_json::Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            if !x.is_finite() || x < 0.0 {
+                return Err(format!("timestamp {n} is not a time"));
+            }
+            // Seconds until the year 5138; beyond that the number must be milliseconds.
+            let ms = if x < 1e11 { x * 1000.0 } else { x };
+            Ok(ms.round() as i64)
+        }
+        serde_json::Value::String(text) => chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| t.timestamp_millis())
+            .map_err(|_| {
+                if chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").is_ok() {
+                    format!("timestamp {text:?} has no UTC offset, so its instant is unknown")
+                } else {
+                    format!("timestamp {text:?} is not RFC 3339")
+                }
+            }),
+        other => Err(format!(
+            "timestamp {other} is neither a number nor a string"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn timestamps_read_as_seconds_milliseconds_or_rfc3339() {
+        assert_eq!(
+            parse_timestamp(&json!(1_700_000_000)),
+            Ok(1_700_000_000_000)
+        );
+        assert_eq!(
+            parse_timestamp(&json!(1_700_000_000_123_i64)),
+            Ok(1_700_000_000_123)
+        );
+        assert_eq!(
+            parse_timestamp(&json!(1_700_000_000.5)),
+            Ok(1_700_000_000_500)
+        );
+        assert_eq!(
+            parse_timestamp(&json!("2026-11-21T15:05:33+01:00")),
+            Ok(1_795_269_933_000)
+        );
+        assert_eq!(
+            parse_timestamp(&json!("2026-11-21T14:05:33")),
+            Err(
+                "timestamp \"2026-11-21T14:05:33\" has no UTC offset, so its instant is unknown"
+                    .into()
+            )
+        );
+        assert!(parse_timestamp(&json!(true)).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! `kind = "sysfs"`: numbers from files, as hwmon, thermal, IIO and 1-wire expose them.
+//!
+//! Each file is one field. A file that vanishes or cannot be read is an error of that
+//! field only; the other files of the source are still read.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{Batch, Series, Source, SourceError};
+use crate::config::{self, FileFormat};
+
+pub struct SysfsSource {
+    files: Vec<File>,
+}
+
+struct File {
+    path: PathBuf,
+    format: FileFormat,
+    scale: f64,
+    offset: f64,
+    series: Arc<Series>,
+}
+
+impl SysfsSource {
+    pub fn new(name: &str, config: &config::SysfsSource) -> SysfsSource {
+        let files = config
+            .files
+            .iter()
+            .map(|f| {
+                let relative = f.path.strip_prefix("/").unwrap_or(&f.path);
+                let format = f.format.unwrap_or_else(|| {
+                    if f.path.file_name().is_some_and(|n| n == "w1_slave") {
+                        FileFormat::W1Slave
+                    } else {
+                        FileFormat::Number
+                    }
+                });
+                File {
+                    path: config.root.join(relative),
+                    format,
+                    scale: f.scale,
+                    offset: f.offset,
+                    series: Arc::new(Series::new(
+                        format!("{name}.{}", f.field),
+                        f.unit.as_deref(),
+                    )),
+                }
+            })
+            .collect();
+        SysfsSource { files }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for SysfsSource {
+    async fn sample(&mut self, batch: &mut Batch) -> Result<(), SourceError> {
+        for file in &self.files {
+            let text = match tokio::fs::read_to_string(&file.path).await {
+                Ok(text) => text,
+                Err(err) => {
+                    batch
+                        .errors
+                        .push(format!("cannot read {}: {err}", file.path.display()));
+                    continue;
+                }
+            };
+            match parse_file(&text, file.format, &file.path) {
+                Ok(raw) => batch.push(&file.series, batch.now_ms, raw * file.scale + file.offset),
+                Err(reason) => batch.invalid.push(reason),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The raw number a file holds, before scale and offset.
+fn parse_file(text: &str, format: FileFormat, path: &Path) -> Result<f64, String> {
+    match format {
+        FileFormat::Number => {
+            let trimmed = text.trim();
+            trimmed
+                .parse::<f64>()
+                .map_err(|_| format!("{} holds {trimmed:?}, not a number", path.display()))
+        }
+        FileFormat::W1Slave => {
+            parse_w1_slave(text).map_err(|why| format!("{}: {why}", path.display()))
+        }
+    }
+}
+
+/// The DS18B20 `w1_slave` format: the first line ends in `YES` when the CRC is good, the
+/// second ends in `t=` and millidegrees Celsius. Returns the millidegrees.
+fn parse_w1_slave(text: &str) -> Result<f64, String> {
+    let mut lines = text.lines();
+    let crc = lines.next().map(str::trim).unwrap_or_default();
+    let reading = lines.next().map(str::trim).unwrap_or_default();
+    if crc.ends_with("NO") {
+        return Err("CRC check failed (NO): reading discarded".to_owned());
+    }
+    if !crc.ends_with("YES") {
+        return Err(format!("first line {crc:?} does not end in YES or NO"));
+    }
+    let (_, value) = reading
+        .rsplit_once("t=")
+        .ok_or_else(|| format!("second line {reading:?} has no t= value"))?;
+    value
+        .parse::<i64>()
+        .map(|milli| milli as f64)
+        .map_err(|_| format!("t={value:?} is not a whole number of millidegrees"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn w1_slave_with_good_crc_gives_millidegrees() {
+        let text = "72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t=23125\n";
+        assert_eq!(parse_w1_slave(text), Ok(23125.0));
+        let negative = "ff ff : crc=57 YES\nff ff t=-1250\n";
+        assert_eq!(parse_w1_slave(negative), Ok(-1250.0));
+    }
+
+    #[test]
+    fn w1_slave_with_bad_crc_is_discarded() {
+        let text = "72 01 4b 46 7f ff 0e 10 57 : crc=00 NO\n72 01 4b 46 7f ff 0e 10 57 t=85000\n";
+        assert_eq!(
+            parse_w1_slave(text),
+            Err("CRC check failed (NO): reading discarded".into())
+        );
+        assert!(parse_w1_slave("").is_err());
+        assert!(parse_w1_slave("x YES\nno value here\n").is_err());
+    }
+
+    #[test]
+    fn number_files_are_trimmed() {
+        let p = Path::new("/sys/x");
+        assert_eq!(parse_file("48312\n", FileFormat::Number, p), Ok(48312.0));
+        assert_eq!(
+            parse_file("N/A\n", FileFormat::Number, p),
+            Err("/sys/x holds \"N/A\", not a number".into())
+        );
+    }
+}
