@@ -173,8 +173,8 @@ pub struct AggregateCounts {
 pub struct Aggregator {
     window_ms: i64,
     open: HashMap<(Arc<Series>, i64), Accumulator>,
-    /// Every window ending at or before this (plus settle) has been flushed once.
-    flushed_until_ms: i64,
+    /// The latest window start flushed per series: a sample at or before it is late.
+    flushed: HashMap<Arc<Series>, i64>,
     counts: AggregateCounts,
 }
 
@@ -184,7 +184,7 @@ impl Aggregator {
         Aggregator {
             window_ms: i64::from(window_seconds) * 1000,
             open: HashMap::new(),
-            flushed_until_ms: i64::MIN,
+            flushed: HashMap::new(),
             counts: AggregateCounts::default(),
         }
     }
@@ -196,11 +196,15 @@ impl Aggregator {
             self.counts.non_finite += 1;
             return;
         }
-        let start_ms = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms;
-        if start_ms + self.window_ms + SETTLE_MS <= self.flushed_until_ms {
+        let start = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms / 1000;
+        if self
+            .flushed
+            .get(&sample.series)
+            .is_some_and(|&last| start <= last)
+        {
             self.counts.late += 1;
         }
-        let key = (sample.series, start_ms / 1000);
+        let key = (sample.series, start);
         if let Some(acc) = self.open.get_mut(&key) {
             acc.add(sample.timestamp_ms, sample.value);
         } else if self.open.len() >= MAX_OPEN_WINDOWS {
@@ -222,7 +226,6 @@ impl Aggregator {
             .filter(|(_, start)| closed(*start))
             .cloned()
             .collect();
-        self.flushed_until_ms = self.flushed_until_ms.max(now_ms);
         self.finish(keys)
     }
 
@@ -248,6 +251,8 @@ impl Aggregator {
             .into_iter()
             .filter_map(|key| {
                 let acc = self.open.remove(&key)?;
+                let last = self.flushed.entry(Arc::clone(&key.0)).or_insert(key.1);
+                *last = (*last).max(key.1);
                 Some(WindowRow {
                     series: key.0,
                     start: key.1,
@@ -265,7 +270,7 @@ impl Aggregator {
 /// spool once per window length, and everything on shutdown.
 pub struct AggregateTask {
     aggregator: Aggregator,
-    samples: mpsc::Receiver<Sample>,
+    samples: mpsc::Receiver<Vec<Sample>>,
     spool: SpoolHandle,
     sources: Vec<Arc<SourceStats>>,
     shutdown: watch::Receiver<bool>,
@@ -275,7 +280,7 @@ impl AggregateTask {
     /// Wires the aggregator between the sources' channel and the spool.
     pub fn new(
         window_seconds: u32,
-        samples: mpsc::Receiver<Sample>,
+        samples: mpsc::Receiver<Vec<Sample>>,
         spool: SpoolHandle,
         sources: Vec<Arc<SourceStats>>,
         shutdown: watch::Receiver<bool>,
@@ -295,8 +300,8 @@ impl AggregateTask {
         loop {
             let wait = next_flush_in(clock::now_ms(), window_ms);
             tokio::select! {
-                sample = self.samples.recv() => match sample {
-                    Some(sample) => self.aggregator.push(sample),
+                batch = self.samples.recv() => match batch {
+                    Some(batch) => batch.into_iter().for_each(|s| self.aggregator.push(s)),
                     None => break,
                 },
                 _ = tokio::time::sleep(wait) => {
@@ -308,8 +313,8 @@ impl AggregateTask {
             }
         }
         // Take what the sources already sent, then everything still open.
-        while let Ok(sample) = self.samples.try_recv() {
-            self.aggregator.push(sample);
+        while let Ok(batch) = self.samples.try_recv() {
+            batch.into_iter().for_each(|s| self.aggregator.push(s));
         }
         let rows = self.aggregator.take_all();
         let count = rows.len();
@@ -425,8 +430,18 @@ mod tests {
         let mut agg = Aggregator::new(10);
         agg.push(sample(&series, 5_000, 1.0));
         assert_eq!(agg.take_closed(20_000).len(), 1);
+        agg.push(sample(&series, 15_000, 2.0));
+        assert_eq!(
+            agg.take_counts().late,
+            0,
+            "a later window of the same series is not late"
+        );
         agg.push(sample(&series, 6_000, 9.0));
-        let late = agg.take_closed(21_000);
+        let late: Vec<WindowRow> = agg
+            .take_closed(30_000)
+            .into_iter()
+            .filter(|r| r.start == 0)
+            .collect();
         assert_eq!(late.len(), 1);
         assert_eq!(
             (late[0].start, late[0].stats.count, late[0].stats.mean),

@@ -176,7 +176,7 @@ pub enum SourceKind {
     /// Numbers read from files (hwmon, thermal, IIO, 1-wire).
     Sysfs(SysfsSource),
     /// A JSON API polled over HTTP.
-    Http(HttpSource),
+    Http(Box<HttpSource>),
 }
 
 impl SourceKind {
@@ -599,6 +599,11 @@ impl Config {
                 "agent.partition ({partition}s) must be a whole multiple of agent.window ({window}s)"
             ));
         }
+        if partition % 60 != 0 {
+            return Err(format!(
+                "agent.partition ({partition}s) must be a whole number of minutes: object keys name partitions to the minute"
+            ));
+        }
         if 86_400 % partition != 0 {
             return Err(format!(
                 "agent.partition ({partition}s) must divide a day evenly (e.g. 1m, 10m, 1h, 6h, 24h)"
@@ -760,7 +765,7 @@ fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 name: s.name.clone(),
                 interval: s.interval,
                 timeout: s.timeout,
-                kind: SourceKind::Http(s),
+                kind: SourceKind::Http(Box::new(s)),
             }
         }
         other => {
@@ -928,6 +933,15 @@ path = "/tmp/x/out"
         assert_eq!(
             error_of(&text),
             "edgespool.toml:2:1: agent.partition (3600s) must be a whole multiple of agent.window (7s)"
+        );
+    }
+
+    #[test]
+    fn a_partition_is_a_whole_number_of_minutes() {
+        let text = MINIMAL.replace("spool =", "window = \"10s\"\npartition = \"30s\"\nspool =");
+        assert_eq!(
+            error_of(&text),
+            "edgespool.toml:2:1: agent.partition (30s) must be a whole number of minutes: object keys name partitions to the minute"
         );
     }
 

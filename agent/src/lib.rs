@@ -66,6 +66,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         grace_ms: agent.grace.as_millis() as i64,
         budget_bytes: agent.disk_budget.as_u64(),
         when_full: agent.when_full,
+        sources: config
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), s.kind.word()))
+            .collect(),
         sinks: config
             .sinks
             .iter()
@@ -76,7 +81,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (spool, spool_thread) = SpoolHandle::spawn(opened);
 
     let (stop, stopping) = watch::channel(false);
-    let (samples_tx, samples_rx) = mpsc::channel(4096);
+    let (samples_tx, samples_rx) = mpsc::channel(1024);
     let mut tasks = JoinSet::new();
     let mut stats = Vec::new();
     for source_config in &config.sources {

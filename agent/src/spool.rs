@@ -139,6 +139,9 @@ pub enum SpoolError {
     /// The file is some other SQLite database.
     #[error("{path} is not an edgespool spool (application id {found:#x})")]
     Foreign { path: PathBuf, found: i32 },
+    /// The file exists but the agent has not finished creating it.
+    #[error("{path} holds no spool yet: the agent is still creating it")]
+    NotReady { path: PathBuf },
     /// The file was written by a newer edgespool.
     #[error("{path} has schema version {found}, newer than this edgespool knows ({known})")]
     TooNew {
@@ -173,6 +176,8 @@ pub struct SpoolOptions {
     pub budget_bytes: u64,
     /// Policy at the budget.
     pub when_full: WhenFull,
+    /// The configured sources: (name, kind word).
+    pub sources: Vec<(String, &'static str)>,
     /// The configured sinks: (name, kind word).
     pub sinks: Vec<(String, &'static str)>,
 }
@@ -363,7 +368,15 @@ impl Spool {
             samples_per_second: 0.0,
             series: 0,
             open_windows: 0,
-            sources: Vec::new(),
+            sources: options
+                .sources
+                .iter()
+                .map(|(name, kind)| SourceState {
+                    name: name.clone(),
+                    kind: (*kind).to_owned(),
+                    last_problem: None,
+                })
+                .collect(),
         };
         let spool = Spool {
             conn,
@@ -909,9 +922,18 @@ impl SpoolReader {
             .pragma_query_value(None, "application_id", |r| r.get(0))
             .map_err(&err)?;
         if found != APPLICATION_ID {
-            return Err(SpoolError::Foreign {
-                path: path.to_owned(),
-                found,
+            let version: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(&err)?;
+            return Err(if found == 0 && version == 0 {
+                SpoolError::NotReady {
+                    path: path.to_owned(),
+                }
+            } else {
+                SpoolError::Foreign {
+                    path: path.to_owned(),
+                    found,
+                }
             });
         }
         Ok(SpoolReader {
@@ -1104,6 +1126,7 @@ mod tests {
             grace_ms: 0,
             budget_bytes: 64 * 1024 * 1024,
             when_full: WhenFull::DropOldest,
+            sources: Vec::new(),
             sinks: sinks.iter().map(|s| (s.to_string(), "local")).collect(),
         }
     }

@@ -1,1 +1,312 @@
-pub fn placeholder() {}
+//! Helpers for the end-to-end tests: run the built `edgespool` binary, serve JSON over
+//! HTTP on a free loopback port, read the output tree back, and poll with bounds.
+//!
+//! Everything started here is stopped on drop, so a failing test leaves nothing behind.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `edgespool` binary: `$EDGESPOOL_BIN`, else the one built beside this test.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("EDGESPOOL_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("a test knows its own path");
+    // target/<profile>/deps/<test> → target/<profile>/edgespool
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let bin = profile_dir.join("edgespool");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p edgespool), as scripts/test.sh does",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `edgespool ARGS…` to completion.
+pub fn edgespool(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the edgespool binary starts")
+}
+
+/// Polls `check` every 100 ms until it gives a value or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running agent; killed on drop if still alive.
+pub struct Agent {
+    child: Option<Child>,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Where its log goes.
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `edgespool run --config CONFIG`, appending its log to LOG.
+    pub fn start(config: &Path, log: &Path) -> Agent {
+        let sink = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("the log file opens");
+        let child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(sink.try_clone().expect("log clones"))
+            .stderr(sink)
+            .spawn()
+            .expect("the agent starts");
+        Agent {
+            child: Some(child),
+            config: config.to_owned(),
+            log: log.to_owned(),
+        }
+    }
+
+    fn pid(&self) -> rustix::process::Pid {
+        let id = self.child.as_ref().expect("running").id();
+        rustix::process::Pid::from_raw(id as i32).expect("a child has a pid")
+    }
+
+    /// kill -9: no chance to flush.
+    pub fn kill9(mut self) {
+        let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::KILL);
+        let mut child = self.child.take().expect("running");
+        let _ = child.wait();
+    }
+
+    /// SIGTERM, then waits (at most 30 s) for a clean exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::TERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait works") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// `status --json` of this agent's spool, once the agent has created it (≤ 10 s).
+    pub fn status(&self) -> Value {
+        let config = self.config.to_str().expect("utf-8 path");
+        wait_for("a readable spool", Duration::from_secs(10), || {
+            let out = edgespool(&["status", "--config", config, "--json"]);
+            out.status
+                .success()
+                .then(|| serde_json::from_slice(&out.stdout).expect("status --json prints JSON"))
+        })
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `edgespool status --config CONFIG --json`, parsed.
+pub fn status_json(config: &Path) -> Value {
+    let config = config.to_str().expect("utf-8 path");
+    let out = edgespool(&["status", "--config", config, "--json"]);
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
+/// One output file: its path below the tree's root and its rows.
+#[derive(Debug, Clone)]
+pub struct OutputFile {
+    /// Path relative to the root, with `/`.
+    pub key: String,
+    /// Its rows, parsed by serde_json.
+    pub rows: Vec<Value>,
+}
+
+/// Every `.ndjson` file below `root`, sorted by key; other files are reported as keys
+/// with no rows so that a stray temporary file shows up in assertions.
+pub fn read_tree(root: &Path) -> Vec<OutputFile> {
+    let mut files = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let key = path
+                .strip_prefix(root)
+                .expect("below root")
+                .to_string_lossy()
+                .replace('\\', "/");
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            let rows = if key.ends_with(".ndjson") {
+                text.lines()
+                    .map(|line| {
+                        serde_json::from_str(line)
+                            .unwrap_or_else(|e| panic!("{key}: bad line {line:?}: {e}"))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            files.push(OutputFile { key, rows });
+        }
+    }
+    files.sort_by(|a, b| a.key.cmp(&b.key));
+    files
+}
+
+/// A loopback HTTP server that answers each request with the next queued body, and with
+/// `after` once the queue is empty.
+pub struct JsonServer {
+    /// Base URL, `http://127.0.0.1:PORT/`.
+    pub url: String,
+    queue: Arc<Mutex<VecDeque<String>>>,
+    served: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl JsonServer {
+    /// Starts serving on a free port.
+    pub fn start(bodies: Vec<String>, after: String) -> JsonServer {
+        let server = tiny_http::Server::http("127.0.0.1:0").expect("a free loopback port");
+        let port = server.server_addr().to_ip().expect("an IP listener").port();
+        let queue = Arc::new(Mutex::new(VecDeque::from(bodies)));
+        let served = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (queue, served, stop) =
+                (Arc::clone(&queue), Arc::clone(&served), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(50)) else {
+                        continue;
+                    };
+                    let next = queue.lock().expect("queue lock").pop_front();
+                    let body = match next {
+                        Some(body) => {
+                            served.fetch_add(1, Ordering::SeqCst);
+                            body
+                        }
+                        None => after.clone(),
+                    };
+                    let header = tiny_http::Header::from_bytes("Content-Type", "application/json")
+                        .expect("a valid header");
+                    let _ =
+                        request.respond(tiny_http::Response::from_string(body).with_header(header));
+                }
+            })
+        };
+        JsonServer {
+            url: format!("http://127.0.0.1:{port}/data.json"),
+            queue,
+            served,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues one more body.
+    pub fn push(&self, body: String) {
+        self.queue.lock().expect("queue lock").push_back(body);
+    }
+
+    /// How many queued bodies were served.
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    /// Whether every queued body was served.
+    pub fn exhausted(&self) -> bool {
+        self.queue.lock().expect("queue lock").is_empty()
+    }
+}
+
+impl Drop for JsonServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A PurpleAir-shaped table body with a `last_seen` epoch-seconds column.
+pub fn purpleair_body(rows: &[(u32, i64, f64, f64)]) -> String {
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|(id, last_seen, pm, temperature)| {
+            serde_json::json!([id, pm, 1, "Label", temperature, null, last_seen])
+        })
+        .collect();
+    serde_json::json!({
+        "version": "7.0.4",
+        "fields": ["ID", "pm", "age", "Label", "Temperature", "Voc", "last_seen"],
+        "data": data,
+        "count": rows.len(),
+    })
+    .to_string()
+}
+
+/// Writes `text` to `root/relative`, creating folders.
+pub fn write_file(root: &Path, relative: &str, text: &str) -> PathBuf {
+    let path = root.join(relative);
+    fs::create_dir_all(path.parent().expect("a file has a folder")).expect("mkdir");
+    fs::write(&path, text).expect("write");
+    path
+}

@@ -85,7 +85,7 @@ mod tests {
                 min: 1.0,
                 max: 3.0,
                 mean: 2.0,
-                stdev: Some(1.4142135623730951),
+                stdev: Some(std::f64::consts::SQRT_2),
                 median: 2.0,
                 first: 1.0,
                 last: 3.0,

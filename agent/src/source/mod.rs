@@ -185,7 +185,7 @@ pub struct SourceTask {
     interval: Duration,
     timeout: Duration,
     stats: Arc<SourceStats>,
-    samples: mpsc::Sender<Sample>,
+    samples: mpsc::Sender<Vec<Sample>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -195,7 +195,7 @@ impl SourceTask {
         config: &SourceConfig,
         source: Box<dyn Source>,
         stats: Arc<SourceStats>,
-        samples: mpsc::Sender<Sample>,
+        samples: mpsc::Sender<Vec<Sample>>,
         shutdown: watch::Receiver<bool>,
     ) -> SourceTask {
         SourceTask {
@@ -261,10 +261,9 @@ impl SourceTask {
             stats
                 .samples
                 .fetch_add(batch.samples.len() as u64, Ordering::Relaxed);
-            for sample in batch.samples {
-                if self.samples.send(sample).await.is_err() {
-                    return;
-                }
+            // Design: a batch travels whole, so one response is aggregated in one flush.
+            if !batch.samples.is_empty() && self.samples.send(batch.samples).await.is_err() {
+                return;
             }
         }
     }

@@ -1,0 +1,532 @@
+//! End to end: the built binary against a fake sysfs tree and a loopback HTTP server,
+//! with the output tree read back by serde_json and `status --json`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use edgespool_tests::{
+    Agent, JsonServer, edgespool, purpleair_body, read_tree, status_json, wait_for, write_file,
+};
+use serde_json::Value;
+
+/// 2026-01-02T03:00:00Z: partitions this old close as soon as they are committed.
+const T0: i64 = 1_767_322_800;
+
+const W1_SLAVE: &str =
+    "72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t=23125\n";
+
+fn empty_table() -> String {
+    purpleair_body(&[])
+}
+
+/// A configuration with the HTTP table source, plus whatever `extra` adds.
+fn config(dir: &Path, url: &str, window: &str, extra: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+[agent]
+device_id = "e2e"
+spool = "{spool}"
+window = "{window}"
+partition = "1m"
+grace = "0s"
+
+[[sources]]
+kind = "http"
+name = "pa"
+url = "{url}"
+interval = "100ms"
+timeout = "2s"
+[sources.table]
+key = "ID"
+columns = ["pm", "Temperature", "Voc"]
+units = {{ pm = "ug/m3" }}
+timestamp_column = "last_seen"
+
+{extra}
+
+[[sinks]]
+kind = "local"
+name = "archive"
+path = "{out}"
+"#,
+        spool = dir.join("spool.db").display(),
+        out = dir.join("out").display(),
+    );
+    let path = dir.join("edgespool.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn rows_of<'a>(files: &'a [edgespool_tests::OutputFile], key_suffix: &str) -> &'a [Value] {
+    files
+        .iter()
+        .find(|f| f.key.ends_with(key_suffix))
+        .map(|f| f.rows.as_slice())
+        .unwrap_or_else(|| {
+            panic!(
+                "no file ending {key_suffix} in {:?}",
+                files.iter().map(|f| &f.key).collect::<Vec<_>>()
+            )
+        })
+}
+
+fn row<'a>(rows: &'a [Value], series: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["series"] == series)
+        .unwrap_or_else(|| panic!("no row for {series} in {rows:?}"))
+}
+
+fn source<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["sources"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no source {name} in {status}"))
+}
+
+#[test]
+fn sysfs_files_and_a_purpleair_table_land_row_by_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path().join("sysroot");
+    write_file(&sys, "sys/class/hwmon/hwmon0/temp1_input", "48312\n");
+    write_file(
+        &sys,
+        "sys/bus/w1/devices/28-0316a2790c2f/w1_slave",
+        W1_SLAVE,
+    );
+    write_file(
+        &sys,
+        "sys/bus/iio/devices/iio:device0/in_humidityrelative_input",
+        "45200\n",
+    );
+    let body = purpleair_body(&[
+        (44071, T0 + 5, 1.0, 70.0),
+        (59873, T0 + 5, 10.0, 80.0),
+        (44071, T0 + 8, 3.0, 72.0),
+        (59873, T0 + 8, 30.0, 82.0),
+    ]);
+    let next_minute = purpleair_body(&[(44071, T0 + 65, 5.0, 74.0)]);
+    let server = JsonServer::start(vec![body, next_minute], empty_table());
+    let sensors = format!(
+        r#"
+[[sources]]
+kind = "sysfs"
+name = "bme"
+root = "{root}"
+interval = "500ms"
+[[sources.files]]
+field = "cpu"
+path = "/sys/class/hwmon/hwmon0/temp1_input"
+scale = 0.001
+unit = "celsius"
+[[sources.files]]
+field = "probe"
+path = "/sys/bus/w1/devices/28-0316a2790c2f/w1_slave"
+scale = 0.001
+unit = "celsius"
+[[sources.files]]
+field = "humidity"
+path = "/sys/bus/iio/devices/iio:device0/in_humidityrelative_input"
+scale = 0.001
+unit = "percent"
+"#,
+        root = sys.display()
+    );
+    let config = config(dir.path(), &server.url, "10s", &sensors);
+    let out = dir.path().join("out");
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+
+    let part0 = "e2e-20260102T0300-part-0000.ndjson";
+    let part_next = "e2e-20260102T0301-part-0000.ndjson";
+    wait_for("both past partitions", Duration::from_secs(60), || {
+        let files = read_tree(&out);
+        let keys: Vec<&str> = files.iter().map(|f| f.key.as_str()).collect();
+        (keys.iter().any(|k| k.ends_with(part0)) && keys.iter().any(|k| k.ends_with(part_next)))
+            .then_some(())
+    });
+    // A late reading for the first window, after its partition was delivered.
+    server.push(purpleair_body(&[(44071, T0 + 7, 100.0, 71.0)]));
+    let part1 = "e2e-20260102T0300-part-0001.ndjson";
+    wait_for("the late part", Duration::from_secs(60), || {
+        read_tree(&out)
+            .iter()
+            .any(|f| f.key.ends_with(part1))
+            .then_some(())
+    });
+    // Sysfs samples are stamped now: wait for the current minute to close (≤ 62 s).
+    let files = wait_for(
+        "a partition with sysfs rows",
+        Duration::from_secs(90),
+        || {
+            let files = read_tree(&out);
+            files
+                .iter()
+                .any(|f| f.rows.iter().any(|r| r["series"] == "bme.cpu"))
+                .then_some(files)
+        },
+    );
+
+    let first = rows_of(&files, part0);
+    assert!(
+        files
+            .iter()
+            .any(|f| f.key == format!("device=e2e/year=2026/month=01/day=02/hour=03/{part0}")),
+        "Hive-style key"
+    );
+    assert_eq!(
+        first.len(),
+        4,
+        "two sensors × two numeric columns; null Voc skipped: {first:?}"
+    );
+    let pm = row(first, "pa.44071.pm");
+    assert_eq!(pm["device"], "e2e");
+    assert_eq!(pm["unit"], "ug/m3");
+    assert_eq!(pm["tags"]["id"], "44071");
+    assert_eq!(pm["window_start"], "2026-01-02T03:00:00Z");
+    assert_eq!(pm["window_end"], "2026-01-02T03:00:10Z");
+    assert_eq!(
+        (pm["count"].as_u64(), pm["min"].as_f64(), pm["max"].as_f64()),
+        (Some(2), Some(1.0), Some(3.0))
+    );
+    assert_eq!(
+        (pm["mean"].as_f64(), pm["median"].as_f64()),
+        (Some(2.0), Some(2.0))
+    );
+    assert_eq!(pm["stdev"].as_f64(), Some(std::f64::consts::SQRT_2));
+    assert_eq!(
+        (pm["first"].as_f64(), pm["last"].as_f64()),
+        (Some(1.0), Some(3.0))
+    );
+    let temp = row(first, "pa.59873.Temperature");
+    assert_eq!(
+        (temp["mean"].as_f64(), temp["unit"].is_null()),
+        (Some(81.0), true)
+    );
+
+    let next = rows_of(&files, part_next);
+    assert_eq!(next.len(), 2);
+    let single = row(next, "pa.44071.pm");
+    assert_eq!(
+        (single["count"].as_u64(), single["stdev"].is_null()),
+        (Some(1), true)
+    );
+    assert_eq!(single["window_start"], "2026-01-02T03:01:00Z");
+
+    let late = rows_of(&files, part1);
+    assert_eq!(
+        late.len(),
+        2,
+        "only the late rows, never the old ones again: {late:?}"
+    );
+    assert_eq!(row(late, "pa.44071.pm")["mean"].as_f64(), Some(100.0));
+    assert_eq!(
+        row(late, "pa.44071.pm")["window_start"],
+        "2026-01-02T03:00:00Z"
+    );
+
+    for (series, value) in [
+        ("bme.cpu", 48.312),
+        ("bme.probe", 23.125),
+        ("bme.humidity", 45.2),
+    ] {
+        let rows: Vec<&Value> = files
+            .iter()
+            .flat_map(|f| &f.rows)
+            .filter(|r| r["series"] == series)
+            .collect();
+        assert!(!rows.is_empty(), "{series} landed");
+        for r in rows {
+            assert_eq!(
+                (r["min"].as_f64(), r["max"].as_f64(), r["mean"].as_f64()),
+                (Some(value), Some(value), Some(value)),
+                "{r}"
+            );
+            assert_eq!(
+                r["unit"],
+                if series == "bme.humidity" {
+                    "percent"
+                } else {
+                    "celsius"
+                }
+            );
+        }
+    }
+    assert!(
+        files.iter().all(|f| f.key.ends_with(".ndjson")),
+        "no stray files: {files:?}"
+    );
+
+    let status = agent.status();
+    assert_eq!(status["daemon"]["state"], "running", "{status}");
+    assert_eq!(status["device"], "e2e");
+    let pa = source(&status, "pa");
+    assert_eq!(
+        (pa["errors"].as_u64(), pa["invalid"].as_u64()),
+        (Some(0), Some(0)),
+        "{pa}"
+    );
+    assert_eq!(pa["samples"].as_u64(), Some(4 + 4 + 2 + 2), "{pa}");
+    let bme = source(&status, "bme");
+    assert_eq!(bme["errors"].as_u64(), Some(0), "{bme}");
+    assert!(bme["samples"].as_u64() >= Some(3), "{bme}");
+    assert_eq!(
+        status["counters"]["late_samples"].as_u64(),
+        Some(2),
+        "{status}"
+    );
+    let sink = &status["sinks"][0];
+    assert_eq!(
+        (sink["name"].as_str(), sink["state"].as_str()),
+        (Some("archive"), Some("ok"))
+    );
+    let delivered = files.len() as u64;
+    assert_eq!(sink["delivered_parts"].as_u64(), Some(delivered), "{sink}");
+
+    let exit = agent.terminate();
+    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+    let after = status_json(&config);
+    assert_eq!(after["daemon"]["state"], "stopped");
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_delivers_every_committed_window_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bodies: Vec<String> = (0..60)
+        .map(|i: i64| {
+            let at = T0 + i * 60 + 10;
+            purpleair_body(&[(1, at, i as f64, 0.5), (2, at, i as f64 + 0.25, 1.5)])
+        })
+        .collect();
+    let server = JsonServer::start(bodies, empty_table());
+    let config = config(dir.path(), &server.url, "1s", "");
+    let out = dir.path().join("out");
+    let log = dir.path().join("agent.log");
+
+    for files_before_kill in [8, 20, 35] {
+        let agent = Agent::start(&config, &log);
+        wait_for("files before the kill", Duration::from_secs(60), || {
+            (read_tree(&out).len() >= files_before_kill).then_some(())
+        });
+        agent.kill9();
+        assert_eq!(status_json(&config)["daemon"]["state"], "not running");
+    }
+    let agent = Agent::start(&config, &log);
+    wait_for("every body served", Duration::from_secs(120), || {
+        server.exhausted().then_some(())
+    });
+    // Two flushes after the last body everything served is committed; then it is delivered.
+    let mut heartbeats = vec![agent.status()["daemon"]["heartbeat"].clone()];
+    wait_for(
+        "two more flushes and every partition delivered",
+        Duration::from_secs(60),
+        || {
+            let status = agent.status();
+            let heartbeat = status["daemon"]["heartbeat"].clone();
+            if heartbeats.last() != Some(&heartbeat) {
+                heartbeats.push(heartbeat);
+            }
+            let idle = status["sinks"][0]["pending_rows"] == 0 && status["spool"]["rows"] == 0;
+            (heartbeats.len() >= 3 && idle).then_some(())
+        },
+    );
+    let exit = agent.terminate();
+    assert!(exit.success(), "{exit:?}");
+
+    let files = read_tree(&out);
+    let status = status_json(&config);
+    let rows: Vec<&Value> = files.iter().flat_map(|f| &f.rows).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &rows {
+        let key = (r["series"].to_string(), r["window_start"].to_string());
+        assert!(seen.insert(key.clone()), "window delivered twice: {key:?}");
+    }
+    let counted: u64 = rows
+        .iter()
+        .map(|r| r["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(
+        counted,
+        status["counters"]["samples"]
+            .as_u64()
+            .expect("samples counter"),
+        "every sample the spool committed is in the output exactly once"
+    );
+    assert!(
+        files.iter().all(|f| f.key.ends_with("-part-0000.ndjson")),
+        "no late parts"
+    );
+    assert!(
+        files.len() >= 35,
+        "most partitions arrived: {}",
+        files.len()
+    );
+    assert_eq!(status["spool"]["rows"], 0, "delivered rows leave the spool");
+    assert!(server.served() == 60);
+}
+
+#[test]
+fn bad_input_is_counted_and_the_agent_keeps_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path().join("sysroot");
+    let vanishing = write_file(&sys, "sys/class/hwmon/hwmon0/temp1_input", "41000\n");
+    let secret = write_file(dir.path(), "api-key", "topsecret-123\n");
+    let glitch = format!(
+        r#"{{"fields":["ID","pm","age","Label","Temperature","Voc","last_seen"],"data":[],[44071,1.0,1,"x",70,null,{T0}]]}}"#
+    );
+    let bodies = vec![
+        "<html><body>502 Bad Gateway</body></html>".to_owned(),
+        r#"{"fields":["ID","pm""#.to_owned(),
+        glitch,
+        purpleair_body(&[(44071, T0 + 1, 9.0, 60.0)]),
+    ];
+    let server = JsonServer::start(bodies, empty_table());
+    let extra = format!(
+        r#"
+[[sources]]
+kind = "sysfs"
+name = "hw"
+root = "{root}"
+interval = "200ms"
+[[sources.files]]
+field = "temp"
+path = "sys/class/hwmon/hwmon0/temp1_input"
+"#,
+        root = sys.display()
+    );
+    let config = config(dir.path(), &server.url, "1s", &extra);
+    let text = std::fs::read_to_string(&config).expect("config");
+    let with_secret = text.replace(
+        "interval = \"100ms\"",
+        &format!(
+            "interval = \"100ms\"\nheader_files = {{ \"X-API-Key\" = \"{}\" }}",
+            secret.display()
+        ),
+    );
+    std::fs::write(&config, with_secret).expect("config");
+    let mut agent = Agent::start(&config, &dir.path().join("agent.log"));
+
+    wait_for("hw samples flushed", Duration::from_secs(30), || {
+        (source(&agent.status(), "hw")["samples"].as_u64() > Some(0)).then_some(())
+    });
+    std::fs::remove_file(&vanishing).expect("the sensor goes away");
+    let status = wait_for(
+        "the three bad bodies and the vanished file counted",
+        Duration::from_secs(30),
+        || {
+            let status = agent.status();
+            let pa = source(&status, "pa");
+            let hw = source(&status, "hw");
+            (pa["errors"].as_u64() == Some(3)
+                && hw["errors"].as_u64() >= Some(1)
+                && server.exhausted())
+            .then_some(status)
+        },
+    );
+    let hw = source(&status, "hw");
+    let hw_error = hw["last_error"].as_str().expect("hw last error");
+    assert_eq!(
+        hw_error,
+        format!(
+            "cannot read {}: No such file or directory (os error 2)",
+            vanishing.display()
+        )
+    );
+    let pa = source(&status, "pa");
+    assert!(
+        pa["last_error"]
+            .as_str()
+            .expect("pa last error")
+            .starts_with("response is not valid JSON: key must be a string at line 1 column"),
+        "{pa}"
+    );
+    let log = agent.log_text();
+    for expected in [
+        "response is not valid JSON: expected value at line 1 column 1",
+        "response is not valid JSON: EOF while parsing a list at line 1 column 20",
+        "response is not valid JSON: key must be a string at line 1 column 79",
+    ] {
+        assert!(log.contains(expected), "log lacks {expected:?}:\n{log}");
+    }
+    assert!(agent.is_running(), "bad input never stops the agent");
+
+    // The good body after the bad ones still lands.
+    let out = dir.path().join("out");
+    let files = wait_for(
+        "the valid body's partition",
+        Duration::from_secs(30),
+        || {
+            let files = read_tree(&out);
+            files
+                .iter()
+                .any(|f| f.key.ends_with("e2e-20260102T0300-part-0000.ndjson"))
+                .then_some(files)
+        },
+    );
+    let rows = rows_of(&files, "e2e-20260102T0300-part-0000.ndjson");
+    assert_eq!(row(rows, "pa.44071.pm")["mean"].as_f64(), Some(9.0));
+
+    let check = edgespool(&["check-config", "--config", config.to_str().expect("utf-8")]);
+    let printed = String::from_utf8_lossy(&check.stdout);
+    assert!(printed.contains("X-API-Key=<secret>"), "{printed}");
+    let status_text = serde_json::to_string(&agent.status()).expect("json");
+    agent.terminate();
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).expect("log");
+    for place in [&log, &status_text, &printed.to_string()] {
+        assert!(
+            !place.contains("topsecret-123"),
+            "the secret leaked: {place}"
+        );
+    }
+}
+
+fn check_config_error(text: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = edgespool(&["check-config", "--config", path.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1), "a bad config fails");
+    let run = edgespool(&["run", "--config", path.to_str().expect("utf-8")]);
+    assert_eq!(run.status.code(), Some(1), "run refuses it too");
+    String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "bad.toml")
+}
+
+const GOOD: &str = "[agent]\nspool = \"/tmp/never-used/spool.db\"\n\n[[sources]]\nkind = \"system\"\n\n[[sinks]]\nkind = \"local\"\npath = \"/tmp/never-used/out\"\n";
+
+#[test]
+fn config_errors_name_file_line_and_column() {
+    assert_eq!(
+        check_config_error(
+            &GOOD.replace("kind = \"system\"", "kind = \"system\"\nintreval = \"1s\"")
+        ),
+        "error: bad.toml:6:1: unknown field `intreval`, expected one of `name`, `interval`, `timeout`, `root`\n"
+    );
+    assert_eq!(
+        check_config_error(&GOOD.replace("[agent]\n", "[agent]\nwindow = \"ten seconds\"\n")),
+        "error: bad.toml:2:10: invalid duration \"ten seconds\" (expected number at 0); write it like \"500ms\", \"10s\", \"5m\" or \"1h\"\n"
+    );
+    let missing = format!(
+        "{GOOD}\n[[sources]]\nkind = \"http\"\nname = \"api\"\nurl = \"http://127.0.0.1:9/\"\nheader_files = {{ Authorization = \"/nonexistent/token\" }}\n[[sources.fields]]\nname = \"x\"\npointer = \"/x\"\n"
+    );
+    assert_eq!(
+        check_config_error(&missing),
+        "error: bad.toml:15:34: cannot read secret file /nonexistent/token: No such file or directory (os error 2)\n"
+    );
+}
+
+#[test]
+fn check_config_prints_what_would_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ok.toml");
+    std::fs::write(&path, GOOD).expect("write");
+    let out = edgespool(&["check-config", "--config", path.to_str().expect("utf-8")]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("configuration is valid"), "{text}");
+    assert!(
+        text.contains("windows    60s, partitions 3600s, grace 1m"),
+        "{text}"
+    );
+    assert!(
+        text.contains("source     system (system) every 1s, timeout 5s"),
+        "{text}"
+    );
+}
