@@ -3,7 +3,8 @@
 #
 # It builds the agent once and the end-to-end tests reuse that build. Servers the tests
 # need are installed and started here, on loopback only, when they are missing; the
-# foundation's tests need none (they serve their own HTTP and fake sysfs in temp dirs).
+# foundation's tests need no server (they serve their own HTTP and fake sysfs in temp
+# dirs), only DuckDB, installed into a venv under target/ from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,26 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "scripts/test.sh: cargo is missing; install the Rust toolchain with rustup first" >&2
     exit 1
 fi
+
+# Installs Debian packages when a tool is missing (as root, or through sudo).
+apt_install() {
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "==> installing $* with apt-get"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+# DuckDB reads the output back in the end-to-end tests: a reader we did not write.
+venv="$PWD/target/test-python"
+if ! "$venv/bin/python" -c 'import duckdb, pytz' >/dev/null 2>&1; then
+    echo "==> installing DuckDB for the tests into $venv"
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+    rm -rf "$venv"
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==2.0.0' 'pytz'
+fi
+export EDGESPOOL_PYTHON="$venv/bin/python"
 
 echo "==> building edgespool"
 cargo build --locked -p edgespool

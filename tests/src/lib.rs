@@ -303,6 +303,27 @@ pub fn purpleair_body(rows: &[(u32, i64, f64, f64)]) -> String {
     .to_string()
 }
 
+/// Runs a DuckDB query (a reader we did not write) and returns its rows as JSON arrays.
+///
+/// Python comes from `$EDGESPOOL_PYTHON` (scripts/test.sh makes a venv with DuckDB) or
+/// `python3`; the query's `{root}` is replaced by `root`.
+pub fn duckdb(root: &Path, sql: &str) -> Vec<Vec<Value>> {
+    let python = std::env::var("EDGESPOOL_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let sql = sql.replace("{root}", &root.display().to_string());
+    let script = "import duckdb, json, sys\nrows = duckdb.sql(sys.argv[1]).fetchall()\nprint(json.dumps([list(r) for r in rows], default=str))\n";
+    let out = Command::new(&python)
+        .args(["-c", script, &sql])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}; run the suite with scripts/test.sh"));
+    assert!(
+        out.status.success(),
+        "DuckDB query failed (run the suite with scripts/test.sh, which installs DuckDB): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the query printed JSON")
+}
+
 /// Writes `text` to `root/relative`, creating folders.
 pub fn write_file(root: &Path, relative: &str, text: &str) -> PathBuf {
     let path = root.join(relative);

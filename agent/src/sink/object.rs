@@ -27,9 +27,12 @@ impl ObjectSink {
         };
         std::fs::create_dir_all(&config.path)
             .map_err(|e| setup(format!("cannot create {}: {e}", config.path.display())))?;
+        let removed = remove_staging_files(&config.path);
+        if removed > 0 {
+            tracing::info!(sink = %name, files = removed, "removed staging files left by an interrupted write");
+        }
         let store = object_store::local::LocalFileSystem::new_with_prefix(&config.path)
-            .map_err(|e| setup(e.to_string()))?
-            .with_automatic_cleanup(true);
+            .map_err(|e| setup(e.to_string()))?;
         Ok(ObjectSink {
             name: name.to_owned(),
             store: Arc::new(store),
@@ -38,6 +41,34 @@ impl ObjectSink {
             location: config.path.display().to_string(),
         })
     }
+}
+
+/// Deletes `object_store`'s staging files (`{key}#{n}`) below `root`: a write killed
+/// half-way leaves one, and the part is written again whole under its real key.
+fn remove_staging_files(root: &std::path::Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            } else if is_staging_name(&entry.file_name().to_string_lossy())
+                && std::fs::remove_file(&path).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+fn is_staging_name(name: &str) -> bool {
+    name.rsplit_once('#')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[async_trait::async_trait]
@@ -63,5 +94,26 @@ impl Sink for ObjectSink {
             .await
             .map_err(|e| fail(e.to_string()))?;
         Ok(format!("{}/{key}", self.location.trim_end_matches('/')))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_staging_files_are_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hour = dir
+            .path()
+            .join("device=d/year=2026/month=01/day=02/hour=03");
+        std::fs::create_dir_all(&hour).expect("mkdir");
+        let keep = hour.join("d-20260102T0300-part-0000.ndjson");
+        let stale = hour.join("d-20260102T0300-part-0001.ndjson#3");
+        std::fs::write(&keep, "{}\n").expect("write");
+        std::fs::write(&stale, "{").expect("write");
+        assert_eq!(remove_staging_files(dir.path()), 1);
+        assert!(keep.exists() && !stale.exists());
+        assert!(!is_staging_name("notes#draft") && !is_staging_name("x#"));
     }
 }

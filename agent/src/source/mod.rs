@@ -223,6 +223,7 @@ impl SourceTask {
                 now_ms: clock::now_ms(),
                 ..Batch::default()
             };
+            let now_ms = batch.now_ms;
             let outcome = tokio::select! {
                 outcome = tokio::time::timeout(self.timeout, self.source.sample(&mut batch)) => outcome,
                 _ = self.shutdown.changed() => return,
@@ -238,7 +239,7 @@ impl SourceTask {
             let stats = &self.stats;
             if let Some(message) = failure {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
-                if stats.problem(batch.now_ms, message.clone()) || !failing {
+                if stats.problem(now_ms, message.clone()) || !failing {
                     warn!(source = %name, error = %message, "sampling failed");
                 }
                 failing = true;
@@ -248,13 +249,13 @@ impl SourceTask {
             }
             for message in batch.errors.drain(..) {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
-                if stats.problem(batch.now_ms, message.clone()) {
+                if stats.problem(now_ms, message.clone()) {
                     warn!(source = %name, error = %message, "read failed");
                 }
             }
             for message in batch.invalid.drain(..) {
                 stats.invalid.fetch_add(1, Ordering::Relaxed);
-                if stats.problem(batch.now_ms, message.clone()) {
+                if stats.problem(now_ms, message.clone()) {
                     warn!(source = %name, error = %message, "invalid value");
                 }
             }

@@ -10,7 +10,7 @@ use super::{Batch, Series, Source, SourceError};
 use crate::config::{self, FileFormat};
 
 pub struct SysfsSource {
-    files: Vec<File>,
+    files: Arc<Vec<File>>,
 }
 
 struct File {
@@ -47,29 +47,48 @@ impl SysfsSource {
                 }
             })
             .collect();
-        SysfsSource { files }
+        SysfsSource {
+            files: Arc::new(files),
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl Source for SysfsSource {
     async fn sample(&mut self, batch: &mut Batch) -> Result<(), SourceError> {
-        for file in &self.files {
-            let text = match tokio::fs::read_to_string(&file.path).await {
-                Ok(text) => text,
-                Err(err) => {
-                    batch
-                        .errors
-                        .push(format!("cannot read {}: {err}", file.path.display()));
-                    continue;
-                }
-            };
-            match parse_file(&text, file.format, &file.path) {
-                Ok(raw) => batch.push(&file.series, batch.now_ms, raw * file.scale + file.offset),
-                Err(reason) => batch.invalid.push(reason),
-            }
-        }
+        // Design: one hand-off to the blocking pool per tick, not one per file; sysfs
+        // reads of I2C and 1-wire sensors can block for milliseconds.
+        let files = Arc::clone(&self.files);
+        let mut filled = std::mem::take(batch);
+        *batch = tokio::task::spawn_blocking(move || {
+            read_all(&files, &mut filled);
+            filled
+        })
+        .await
+        .map_err(|err| SourceError::Read {
+            path: "sysfs files".to_owned(),
+            reason: err.to_string(),
+        })?;
         Ok(())
+    }
+}
+
+fn read_all(files: &[File], batch: &mut Batch) {
+    let mut text = String::with_capacity(128);
+    for file in files {
+        text.clear();
+        let read = std::fs::File::open(&file.path)
+            .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut text));
+        if let Err(err) = read {
+            batch
+                .errors
+                .push(format!("cannot read {}: {err}", file.path.display()));
+            continue;
+        }
+        match parse_file(&text, file.format, &file.path) {
+            Ok(raw) => batch.push(&file.series, batch.now_ms, raw * file.scale + file.offset),
+            Err(reason) => batch.invalid.push(reason),
+        }
     }
 }
 
