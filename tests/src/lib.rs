@@ -103,8 +103,17 @@ impl Agent {
     }
 
     /// SIGTERM, then waits (at most 30 s) for a clean exit.
-    pub fn terminate(mut self) -> ExitStatus {
-        let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::TERM);
+    pub fn terminate(self) -> ExitStatus {
+        self.stop(rustix::process::Signal::TERM)
+    }
+
+    /// SIGINT (Ctrl-C), then waits (at most 30 s) for a clean exit.
+    pub fn interrupt(self) -> ExitStatus {
+        self.stop(rustix::process::Signal::INT)
+    }
+
+    fn stop(mut self, signal: rustix::process::Signal) -> ExitStatus {
+        let _ = rustix::process::kill_process(self.pid(), signal);
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -530,3 +530,197 @@ fn check_config_prints_what_would_run() {
         "{text}"
     );
 }
+
+/// A sysfs-only configuration: `files` numbered sensors under `root`.
+fn sysfs_config(dir: &Path, window: &str, sink_path: &Path, extra: &str) -> std::path::PathBuf {
+    let root = dir.join("sysroot");
+    write_file(&root, "sys/class/hwmon/hwmon0/temp1_input", "40500\n");
+    write_file(&root, "sys/class/hwmon/hwmon0/temp2_input", "41500\n");
+    let text = format!(
+        r#"
+[agent]
+device_id = "e2e"
+spool = "{spool}"
+window = "{window}"
+partition = "1m"
+grace = "0s"
+
+[[sources]]
+kind = "sysfs"
+name = "hw"
+root = "{root}"
+interval = "200ms"
+[[sources.files]]
+field = "t1"
+path = "sys/class/hwmon/hwmon0/temp1_input"
+[[sources.files]]
+field = "t2"
+path = "sys/class/hwmon/hwmon0/temp2_input"
+
+{extra}
+
+[[sinks]]
+kind = "local"
+name = "archive"
+path = "{out}"
+retry_max = "2s"
+"#,
+        spool = dir.join("spool.db").display(),
+        root = root.display(),
+        out = sink_path.display(),
+    );
+    let path = dir.join("edgespool.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn sigint_flushes_the_open_windows_before_exit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Hour-long windows: nothing closes while the agent runs.
+    let config = sysfs_config(dir.path(), "1h", &dir.path().join("out"), "");
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("partition = \"1m\"", "partition = \"1h\"");
+    std::fs::write(&config, text).expect("config");
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+    wait_for("a few samples read", Duration::from_secs(20), || {
+        agent.log_text().contains("edgespool started").then_some(())
+    });
+    // Let a handful of 200 ms ticks happen; the status only changes at flushes.
+    let before = agent.status();
+    assert_eq!(before["spool"]["rows"], 0, "no window has closed yet");
+    let exit = agent.interrupt();
+    assert!(exit.success(), "{exit:?}");
+    let after = status_json(&config);
+    assert_eq!(after["daemon"]["state"], "stopped");
+    assert_eq!(
+        after["spool"]["rows"], 2,
+        "both open windows were flushed: {after}"
+    );
+    let samples = source(&after, "hw")["samples"].as_u64().expect("samples");
+    assert!(samples >= 2, "{after}");
+    assert_eq!(
+        after["counters"]["samples"].as_u64(),
+        Some(samples),
+        "every sample read is in a committed window"
+    );
+}
+
+#[test]
+fn a_hung_http_source_never_delays_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("bound").port();
+    let hung = format!(
+        r#"
+[[sources]]
+kind = "http"
+name = "hung"
+url = "http://127.0.0.1:{port}/"
+interval = "1s"
+timeout = "1s"
+[[sources.fields]]
+name = "x"
+pointer = "/x"
+"#
+    );
+    let config = sysfs_config(dir.path(), "1s", &dir.path().join("out"), &hung);
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+    let status = wait_for(
+        "three timeouts of the hung source",
+        Duration::from_secs(30),
+        || {
+            let status = agent.status();
+            (source(&status, "hung")["errors"].as_u64() >= Some(3)).then_some(status)
+        },
+    );
+    let hung = source(&status, "hung");
+    let error = hung["last_error"].as_str().expect("a last error");
+    assert!(
+        error.contains("timed out") || error.contains("timeout"),
+        "{error}"
+    );
+    // Three hung seconds or more: the 200 ms sysfs source kept its pace meanwhile.
+    let hw = source(&status, "hw")["samples"]
+        .as_u64()
+        .expect("hw samples");
+    assert!(
+        hw >= 2 * 3 * 3,
+        "sysfs kept sampling (2 files, 5 ticks/s): {hw} in {status}"
+    );
+    drop(listener);
+    agent.terminate();
+}
+
+#[test]
+fn a_failing_sink_retries_and_catches_up_without_losing_a_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The sink's folder cannot be made while a file stands where a folder should be.
+    let blocker = dir.path().join("usb");
+    std::fs::write(&blocker, "not a folder").expect("blocker");
+    let out = blocker.join("out");
+    let config = sysfs_config(dir.path(), "1s", &out, "");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let past = format!(
+        "{text}\n[[sources]]\nkind = \"http\"\nname = \"pa\"\nurl = \"{{url}}\"\ninterval = \"100ms\"\n[sources.table]\nkey = \"ID\"\ncolumns = [\"pm\"]\ntimestamp_column = \"last_seen\"\n"
+    );
+    let bodies = (0..5)
+        .map(|i| purpleair_body(&[(7, T0 + i * 60, i as f64, 0.0)]))
+        .collect();
+    let server = JsonServer::start(bodies, empty_table());
+    std::fs::write(&config, past.replace("{url}", &server.url)).expect("config");
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+
+    let status = wait_for(
+        "the sink retrying with partitions pending",
+        Duration::from_secs(30),
+        || {
+            let status = agent.status();
+            let sink = &status["sinks"][0];
+            (sink["state"] == "retrying" && sink["pending_partitions"].as_u64() >= Some(5))
+                .then_some(status)
+        },
+    );
+    let sink = &status["sinks"][0];
+    assert!(
+        sink["retrying_since"].is_string() && sink["next_attempt"].is_string(),
+        "{sink}"
+    );
+    let error = sink["last_error"].as_str().expect("last error");
+    assert!(
+        error.starts_with(&format!("archive: cannot create {}: ", out.display())),
+        "{error}"
+    );
+    assert_eq!(
+        source(&status, "hw")["errors"].as_u64(),
+        Some(0),
+        "sampling goes on"
+    );
+
+    std::fs::remove_file(&blocker).expect("the disk comes back");
+    let files = wait_for("the backlog delivered", Duration::from_secs(30), || {
+        let files = read_tree(&out);
+        (files.len() >= 5).then_some(files)
+    });
+    let pa: Vec<f64> = files
+        .iter()
+        .flat_map(|f| &f.rows)
+        .filter(|r| r["series"] == "pa.7.pm")
+        .map(|r| r["mean"].as_f64().expect("mean"))
+        .collect();
+    assert_eq!(
+        pa,
+        vec![0.0, 1.0, 2.0, 3.0, 4.0],
+        "every past partition once, oldest first"
+    );
+    let status = agent.status();
+    assert_eq!(status["sinks"][0]["state"], "ok", "{status}");
+    let text = edgespool(&["status", "--config", config.to_str().expect("utf-8")]);
+    let human = String::from_utf8_lossy(&text.stdout);
+    assert!(human.contains("daemon    running, pid"), "{human}");
+    assert!(human.contains("archive      local   ok;"), "{human}");
+    assert!(human.contains("hw           sysfs   "), "{human}");
+    agent.terminate();
+}

@@ -58,7 +58,7 @@ pub trait Sink: Send + Sync {
 /// Builds the sink a configuration entry describes.
 pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
     match &config.kind {
-        SinkKind::Local(local) => Ok(Arc::new(object::ObjectSink::local(&config.name, local)?)),
+        SinkKind::Local(local) => Ok(Arc::new(object::ObjectSink::local(&config.name, local))),
     }
 }
 

@@ -9,9 +9,13 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use super::{Delivery, Sink, SinkError, encode, layout};
 use crate::config::{Format, LocalSink};
 
+/// Opens the store; called until it succeeds (a folder on a disk not yet mounted).
+type Opener = Box<dyn Fn() -> Result<Arc<dyn ObjectStore>, String> + Send + Sync>;
+
 pub struct ObjectSink {
     name: String,
-    store: Arc<dyn ObjectStore>,
+    store: tokio::sync::OnceCell<Arc<dyn ObjectStore>>,
+    open: Opener,
     prefix: String,
     format: Format,
     /// Where the store is, for log lines ("/data/out", later "s3://bucket").
@@ -19,27 +23,31 @@ pub struct ObjectSink {
 }
 
 impl ObjectSink {
-    /// A sink writing into a local folder; objects appear by atomic rename, never half-written.
-    pub fn local(name: &str, config: &LocalSink) -> Result<ObjectSink, SinkError> {
-        let setup = |reason: String| SinkError::Setup {
-            sink: name.to_owned(),
-            reason,
-        };
-        std::fs::create_dir_all(&config.path)
-            .map_err(|e| setup(format!("cannot create {}: {e}", config.path.display())))?;
-        let removed = remove_staging_files(&config.path);
-        if removed > 0 {
-            tracing::info!(sink = %name, files = removed, "removed staging files left by an interrupted write");
-        }
-        let store = object_store::local::LocalFileSystem::new_with_prefix(&config.path)
-            .map_err(|e| setup(e.to_string()))?;
-        Ok(ObjectSink {
+    /// A sink writing into a local folder; objects appear by atomic rename, never
+    /// half-written. The folder is created at the first delivery, and a failure to create
+    /// it is retried like any failed write.
+    pub fn local(name: &str, config: &LocalSink) -> ObjectSink {
+        let path = config.path.clone();
+        let sink = name.to_owned();
+        let open: Opener = Box::new(move || {
+            std::fs::create_dir_all(&path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let removed = remove_staging_files(&path);
+            if removed > 0 {
+                tracing::info!(sink = %sink, files = removed, "removed staging files left by an interrupted write");
+            }
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&path)
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(store) as Arc<dyn ObjectStore>)
+        });
+        ObjectSink {
             name: name.to_owned(),
-            store: Arc::new(store),
+            store: tokio::sync::OnceCell::new(),
+            open,
             prefix: config.prefix.clone(),
             format: config.format,
             location: config.path.display().to_string(),
-        })
+        }
     }
 }
 
@@ -89,7 +97,15 @@ impl Sink for ObjectSink {
             reason,
         };
         let path = ObjectPath::parse(&key).map_err(|e| fail(e.to_string()))?;
-        self.store
+        let store = self
+            .store
+            .get_or_try_init(|| async { (self.open)() })
+            .await
+            .map_err(|reason| SinkError::Setup {
+                sink: self.name.clone(),
+                reason,
+            })?;
+        store
             .put(&path, PutPayload::from(body))
             .await
             .map_err(|e| fail(e.to_string()))?;

@@ -232,7 +232,7 @@ impl SourceTask {
                 Ok(Ok(())) => None,
                 Ok(Err(err)) => Some(err.to_string()),
                 Err(_) => Some(format!(
-                    "sampling took longer than the timeout of {}",
+                    "timed out after {}",
                     humantime::format_duration(self.timeout)
                 )),
             };
