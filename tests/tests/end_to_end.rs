@@ -19,17 +19,43 @@ fn empty_table() -> String {
     purpleair_body(&[])
 }
 
-/// A configuration with the HTTP table source, plus whatever `extra` adds.
-fn config(dir: &Path, url: &str, window: &str, extra: &str) -> std::path::PathBuf {
+/// Writes a configuration: the `[agent]` table, the given sources, a local sink at `out`.
+fn write_config(
+    dir: &Path,
+    window: &str,
+    partition: &str,
+    sources: &str,
+    out: &Path,
+) -> std::path::PathBuf {
     let text = format!(
         r#"
 [agent]
 device_id = "e2e"
 spool = "{spool}"
 window = "{window}"
-partition = "1m"
+partition = "{partition}"
 grace = "0s"
 
+{sources}
+
+[[sinks]]
+kind = "local"
+name = "archive"
+path = "{out}"
+retry_max = "2s"
+"#,
+        spool = dir.join("spool.db").display(),
+        out = out.display(),
+    );
+    let path = dir.join("edgespool.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// The HTTP table source `pa` polling `url`.
+fn table_source(url: &str) -> String {
+    format!(
+        r#"
 [[sources]]
 kind = "http"
 name = "pa"
@@ -41,20 +67,18 @@ key = "ID"
 columns = ["pm", "Temperature", "Voc"]
 units = {{ pm = "ug/m3" }}
 timestamp_column = "last_seen"
+"#
+    )
+}
 
-{extra}
-
-[[sinks]]
-kind = "local"
-name = "archive"
-path = "{out}"
-"#,
-        spool = dir.join("spool.db").display(),
-        out = dir.join("out").display(),
+/// A configuration with the HTTP table source, plus whatever `extra` adds.
+fn config(dir: &Path, url: &str, window: &str, extra: &str) -> std::path::PathBuf {
+    let sources = format!(
+        "{}
+{extra}",
+        table_source(url)
     );
-    let path = dir.join("edgespool.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
+    write_config(dir, window, "1m", &sources, &dir.join("out"))
 }
 
 fn rows_of<'a>(files: &'a [edgespool_tests::OutputFile], key_suffix: &str) -> &'a [Value] {
@@ -531,20 +555,13 @@ fn check_config_prints_what_would_run() {
     );
 }
 
-/// A sysfs-only configuration: `files` numbered sensors under `root`.
+/// The sysfs source `hw` with two sensor files, plus whatever `extra` adds.
 fn sysfs_config(dir: &Path, window: &str, sink_path: &Path, extra: &str) -> std::path::PathBuf {
     let root = dir.join("sysroot");
     write_file(&root, "sys/class/hwmon/hwmon0/temp1_input", "40500\n");
     write_file(&root, "sys/class/hwmon/hwmon0/temp2_input", "41500\n");
-    let text = format!(
+    let sources = format!(
         r#"
-[agent]
-device_id = "e2e"
-spool = "{spool}"
-window = "{window}"
-partition = "1m"
-grace = "0s"
-
 [[sources]]
 kind = "sysfs"
 name = "hw"
@@ -558,20 +575,11 @@ field = "t2"
 path = "sys/class/hwmon/hwmon0/temp2_input"
 
 {extra}
-
-[[sinks]]
-kind = "local"
-name = "archive"
-path = "{out}"
-retry_max = "2s"
 "#,
-        spool = dir.join("spool.db").display(),
         root = root.display(),
-        out = sink_path.display(),
     );
-    let path = dir.join("edgespool.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
+    let partition = if window == "1h" { "1h" } else { "1m" };
+    write_config(dir, window, partition, &sources, sink_path)
 }
 
 #[test]
@@ -579,15 +587,12 @@ fn sigint_flushes_the_open_windows_before_exit() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Hour-long windows: nothing closes while the agent runs.
     let config = sysfs_config(dir.path(), "1h", &dir.path().join("out"), "");
-    let text = std::fs::read_to_string(&config)
-        .expect("config")
-        .replace("partition = \"1m\"", "partition = \"1h\"");
-    std::fs::write(&config, text).expect("config");
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
     wait_for("a few samples read", Duration::from_secs(20), || {
         agent.log_text().contains("edgespool started").then_some(())
     });
-    // Let a handful of 200 ms ticks happen; the status only changes at flushes.
+    // What is awaited here is time itself: a few 200 ms ticks, invisible until a flush.
+    std::thread::sleep(Duration::from_secs(1));
     let before = agent.status();
     assert_eq!(before["spool"]["rows"], 0, "no window has closed yet");
     let exit = agent.interrupt();
@@ -661,16 +666,11 @@ fn a_failing_sink_retries_and_catches_up_without_losing_a_window() {
     let blocker = dir.path().join("usb");
     std::fs::write(&blocker, "not a folder").expect("blocker");
     let out = blocker.join("out");
-    let config = sysfs_config(dir.path(), "1s", &out, "");
-    let text = std::fs::read_to_string(&config).expect("config");
-    let past = format!(
-        "{text}\n[[sources]]\nkind = \"http\"\nname = \"pa\"\nurl = \"{{url}}\"\ninterval = \"100ms\"\n[sources.table]\nkey = \"ID\"\ncolumns = [\"pm\"]\ntimestamp_column = \"last_seen\"\n"
-    );
     let bodies = (0..5)
         .map(|i| purpleair_body(&[(7, T0 + i * 60, i as f64, 0.0)]))
         .collect();
     let server = JsonServer::start(bodies, empty_table());
-    std::fs::write(&config, past.replace("{url}", &server.url)).expect("config");
+    let config = sysfs_config(dir.path(), "1s", &out, &table_source(&server.url));
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
 
     let status = wait_for(
