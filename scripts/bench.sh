@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# Resource benchmark: `edgespool run` with 100 series sampled at 1 Hz, 60 s windows,
-# the spool on disk and a local-folder sink, as docs/benchmarks.md describes.
+# Resource benchmark: `edgespool run` with 100 series sampled at 1 Hz, the spool on disk
+# and a local-folder sink, as docs/benchmarks.md describes.
 #
-#   scripts/bench.sh                  # 3 runs of 10 minutes, medians printed
-#   BENCH_RUNS=1 BENCH_MINUTES=3 scripts/bench.sh
+#   scripts/bench.sh                                  # 3 runs of 10 minutes, medians printed
+#   BENCH_RUNS=1 BENCH_MINUTES=2 BENCH_DISK_SECONDS=120 scripts/bench.sh
 #
 # Figures come from the kernel, not from the agent: VmRSS/VmHWM of /proc/PID/status,
-# utime+stime of /proc/PID/stat, write_bytes of /proc/PID/io. The output folder is on
-# tmpfs (/dev/shm), which write_bytes does not count, so write_bytes is the spool's own
-# disk writes. A last short pass under strace counts fsyncs per flush.
+# utime+stime of /proc/PID/stat, write_bytes of /proc/PID/io.
+#
+# 1. Resources: 60 s windows for BENCH_MINUTES; resident memory sampled every 10 s, CPU
+#    seconds scaled to an hour.
+# 2. Disk: write_bytes counts only what reaches a block device, so the output folder is on
+#    tmpfs (/dev/shm) and what is counted is the spool's own writes. A flush costs the same
+#    bytes whatever the window length (100 windows of fixed-size statistics), but SQLite
+#    checkpoints its WAL only every ~1 MiB, i.e. every ~45 flushes: 2 s windows make many
+#    flushes and several checkpoints in a few minutes. Bytes per flush × 60 flushes is the
+#    hourly figure for 60 s windows.
+# 3. fsync calls per flush, counted with strace over ten 2 s flushes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${BENCH_RUNS:-3}
 MINUTES=${BENCH_MINUTES:-10}
+DISK_SECONDS=${BENCH_DISK_SECONDS:-300}
 SERIES=100
 
 cargo build --release --locked -p edgespool >&2
@@ -23,82 +32,91 @@ work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-bench.XXXXXX")
 shm=$(mktemp -d /dev/shm/edgespool-bench.XXXXXX)
 agent=""
 cleanup() {
-    [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
+    if [ -n "$agent" ]; then kill "$agent" 2>/dev/null || true; wait "$agent" 2>/dev/null || true; fi
     rm -rf "$work" "$shm"
 }
 trap cleanup EXIT
 
-# A fake hwmon tree with one input per series, values changing between reads is not
-# needed: the cost is the read, parse and aggregate, whatever the value.
+# A fake hwmon tree with one input per series.
 for i in $(seq 1 $SERIES); do
     mkdir -p "$work/sys/class/hwmon/hwmon$i"
     echo $((40000 + i)) > "$work/sys/class/hwmon/hwmon$i/temp1_input"
 done
 
-write_config() { # $1: spool path, $2: output folder
+start_agent() { # $1: window length; sets $agent
+    rm -rf "$work/spool" "$shm/out"
+    mkdir -p "$work/spool"
     {
-        printf '[agent]\ndevice_id = "bench"\nspool = "%s"\nwindow = "60s"\npartition = "5m"\ngrace = "5s"\n\n' "$1"
+        printf '[agent]\ndevice_id = "bench"\nspool = "%s/spool/spool.db"\nwindow = "%s"\npartition = "5m"\ngrace = "5s"\n\n' "$work" "$1"
         printf '[[sources]]\nkind = "sysfs"\nname = "hw"\nroot = "%s"\ninterval = "1s"\n' "$work"
         for i in $(seq 1 $SERIES); do
             printf '[[sources.files]]\nfield = "t%d"\npath = "sys/class/hwmon/hwmon%d/temp1_input"\nscale = 0.001\nunit = "celsius"\n' "$i" "$i"
         done
-        printf '\n[[sinks]]\nkind = "local"\nname = "archive"\npath = "%s"\n' "$2"
+        printf '\n[[sinks]]\nkind = "local"\nname = "archive"\npath = "%s/out"\n' "$shm"
     } > "$work/bench.toml"
+    "$BIN" run --config "$work/bench.toml" 2>> "$work/agent.log" &
+    agent=$!
 }
 
-ticks=$(getconf CLK_TCK)
+stop_agent() {
+    kill -TERM "$agent"
+    wait "$agent" || true
+    agent=""
+}
+
 # utime + stime: fields 14 and 15 of /proc/PID/stat (the command name has no spaces).
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-results="$work/results"
-: > "$results"
+write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io"; }
+median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+ticks=$(getconf CLK_TCK)
 
+echo "== resources: $RUNS run(s) of $MINUTES min, 60 s windows" >&2
+rss_runs=(); peak_runs=(); cpu_runs=()
 for run in $(seq 1 "$RUNS"); do
-    rm -rf "$work/spool" "$shm/out"
-    mkdir -p "$work/spool"
-    write_config "$work/spool/spool.db" "$shm/out"
-    "$BIN" run --config "$work/bench.toml" 2> "$work/agent-$run.log" &
-    agent=$!
-    # Skip start-up (binary loading, spool creation): measure from 5 s in.
-    sleep 5
+    start_agent 60s
+    sleep 5 # skip start-up: loading the binary, creating the spool
     c0=$(cpu_ticks "$agent")
-    w0=$(awk '/^write_bytes/ {print $2}' "/proc/$agent/io")
-    rss_samples=()
+    samples=()
     end=$((SECONDS + MINUTES * 60))
     while [ $SECONDS -lt $end ]; do
         sleep 10
-        rss_samples+=("$(awk '/^VmRSS/ {print $2}' "/proc/$agent/status")")
+        samples+=("$(awk '/^VmRSS/ {print $2}' "/proc/$agent/status")")
     done
     c1=$(cpu_ticks "$agent")
-    w1=$(awk '/^write_bytes/ {print $2}' "/proc/$agent/io")
-    hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$agent/status")
-    kill -TERM "$agent"; wait "$agent" || true; agent=""
-    rss_median=$(printf '%s\n' "${rss_samples[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-    seconds=$((MINUTES * 60))
-    cpu_per_hour=$(awk -v d=$((c1 - c0)) -v t="$ticks" -v s="$seconds" 'BEGIN {printf "%.2f", d / t * 3600 / s}')
-    writes_per_hour=$(awk -v d=$((w1 - w0)) -v s="$seconds" 'BEGIN {printf "%.0f", d * 3600 / s}')
-    out_bytes=$(find "$shm/out" -type f -printf '%s\n' 2>/dev/null | awk '{s+=$1} END {print s+0}')
-    out_rows=$(find "$shm/out" -type f -exec cat {} + 2>/dev/null | wc -l)
-    echo "run $run: rss_median_kib=$rss_median rss_peak_kib=$hwm cpu_s_per_hour=$cpu_per_hour spool_write_bytes_per_hour=$writes_per_hour output_rows=$out_rows output_bytes=$out_bytes" | tee -a "$results"
+    peak=$(awk '/^VmHWM/ {print $2}' "/proc/$agent/status")
+    stop_agent
+    rss=$(printf '%s\n' "${samples[@]}" | median)
+    cpu=$(awk -v d=$((c1 - c0)) -v t="$ticks" -v s=$((MINUTES * 60)) 'BEGIN {printf "%.2f", d / t * 3600 / s}')
+    echo "run $run: rss median ${rss} KiB, peak ${peak} KiB, cpu ${cpu} s/h" >&2
+    rss_runs+=("$rss"); peak_runs+=("$peak"); cpu_runs+=("$cpu")
 done
 
-median() { # $1: field name
-    sed -n "s/.*$1=\([0-9.]*\).*/\1/p" "$results" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
-}
+echo "== disk: 2 s windows for $DISK_SECONDS s" >&2
+start_agent 2s
+sleep 7
+w0=$(write_bytes "$agent")
+sleep "$DISK_SECONDS"
+w1=$(write_bytes "$agent")
+stop_agent
+per_flush=$(( (w1 - w0) * 2 / DISK_SECONDS ))
+
+syncs="(strace not installed)"
+if command -v strace >/dev/null 2>&1; then
+    rm -rf "$work/spool"; mkdir -p "$work/spool"
+    # fsync and fdatasync calls from 5 s to 25 s after start: ten 2 s flushes, without
+    # the spool's creation at start-up and the checkpoint at shutdown.
+    t0=$(date +%s.%N)
+    timeout -s INT 27 strace -f -qq -ttt -e trace=fsync,fdatasync -o "$work/strace.log" \
+        "$BIN" run --config "$work/bench.toml" 2>/dev/null || true
+    syncs=$(awk -v t0="$t0" '/fsync|fdatasync/ && $2 >= t0 + 5 && $2 < t0 + 25 {n++} END {print n + 0}' "$work/strace.log")
+    syncs="$syncs in 10 flushes (a WAL checkpoint, every ~45 flushes, adds its own)"
+fi
+
 rows_per_hour=$((SERIES * 60))
 echo
-echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz, 60 s windows, $RUNS run(s) of $MINUTES min, medians:"
-echo "  resident memory (median of 10 s samples): $(median rss_median_kib) KiB, peak (VmHWM) $(median rss_peak_kib) KiB"
-echo "  CPU: $(median cpu_s_per_hour) s per hour"
-echo "  spool disk writes: $(median spool_write_bytes_per_hour) bytes per hour"
-echo "  aggregates: $rows_per_hour rows per hour; raw statistics $((rows_per_hour * 8 * 8)) bytes per hour (8 numbers of 8 bytes a row)"
-
-if command -v strace >/dev/null 2>&1; then
-    rm -rf "$work/spool" "$shm/out"
-    mkdir -p "$work/spool"
-    write_config "$work/spool/spool.db" "$shm/out"
-    # Three flushes under strace: fsync-family calls per flush.
-    timeout -s INT 185 strace -f -qq -e trace=fsync,fdatasync -o "$work/strace.log" "$BIN" run --config "$work/bench.toml" 2> /dev/null || true
-    syncs=$(grep -c -E 'fsync|fdatasync' "$work/strace.log" || true)
-    flushes=3
-    echo "  fsync calls in ${flushes} min under strace (3 window flushes, start-up included): $syncs"
-fi
+echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz, 60 s windows, medians of $RUNS run(s):"
+echo "  resident memory: $(printf '%s\n' "${rss_runs[@]}" | median) KiB (VmRSS every 10 s), peak $(printf '%s\n' "${peak_runs[@]}" | median) KiB (VmHWM)"
+echo "  CPU: $(printf '%s\n' "${cpu_runs[@]}" | median) s per hour"
+echo "  spool disk writes: $per_flush bytes per flush of $SERIES windows = $((per_flush * 60)) bytes per hour"
+echo "  aggregates: $rows_per_hour windows per hour = $((rows_per_hour * 8 * 8)) bytes per hour of raw statistics (8 numbers of 8 bytes)"
+echo "  fsync calls: $syncs"
