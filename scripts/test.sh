@@ -2,9 +2,9 @@
 # The whole test suite: unit tests, then end-to-end tests that run the built binary.
 #
 # It builds the agent once and the end-to-end tests reuse that build. Servers the tests
-# need are installed and started here, on loopback only, when they are missing; the
-# foundation's tests need no server (they serve their own HTTP and fake sysfs in temp
-# dirs), only DuckDB, installed into a venv under target/ from PyPI.
+# need are installed here when they are missing, into a venv under target/ from PyPI:
+# DuckDB and boto3 read the output back, moto is the S3-compatible server. Each test
+# starts its own servers on free loopback ports and stops them, even when it fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,14 +22,17 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-# DuckDB reads the output back in the end-to-end tests: a reader we did not write.
+# DuckDB reads the output back (a reader we did not write); moto serves S3.
 venv="$PWD/target/test-python"
-if ! "$venv/bin/python" -c 'import duckdb, pytz' >/dev/null 2>&1; then
-    echo "==> installing DuckDB for the tests into $venv"
+if ! "$venv/bin/python" -c 'import duckdb, pytz, moto.server, boto3' >/dev/null 2>&1; then
+    echo "==> installing DuckDB and moto for the tests into $venv"
     command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
-    rm -rf "$venv"
-    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==2.0.0' 'pytz'
+    [ -x "$venv/bin/pip" ] || {
+        rm -rf "$venv"
+        python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+    }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        'duckdb==2.0.0' 'pytz' 'moto[server]==5.2.5'
 fi
 export EDGESPOOL_PYTHON="$venv/bin/python"
 

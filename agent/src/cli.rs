@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::clock;
-use crate::config::{self, Config, SinkKind, SourceKind};
+use crate::config::{self, Config, Format, Layout, SinkKind, SourceKind, Store};
 
 /// Edge agent for the Raspberry Pi: samples sensors and APIs, aggregates them into
 /// windows, spools them in SQLite and uploads closed partitions.
@@ -235,18 +235,31 @@ pub fn describe(config: &Config, path: &Path) -> String {
         );
     }
     for s in &config.sinks {
-        let detail = match &s.kind {
-            SinkKind::Local(local) => format!(
-                "{} as {:?}{}",
-                local.path.display(),
-                local.format,
-                if local.prefix.is_empty() {
-                    String::new()
-                } else {
-                    format!(", prefix {}", local.prefix)
-                }
-            ),
+        let SinkKind::Object(object) = &s.kind;
+        let place = match &object.store {
+            Store::Local(local) => local.path.display().to_string(),
+            Store::S3(s3) => match &s3.endpoint {
+                Some(endpoint) => format!("s3://{} at {endpoint}", s3.bucket),
+                None => format!("s3://{}", s3.bucket),
+            },
+            Store::Gcs(gcs) => format!("gs://{}", gcs.bucket),
+            Store::Azure(azure) => format!("az://{}/{}", azure.account, azure.container),
         };
+        let mut detail = format!(
+            "{place} as {} ({} layout",
+            object.format.word(),
+            match object.layout {
+                Layout::Long => "long",
+                Layout::Wide => "wide",
+            }
+        );
+        if object.format == Format::Parquet {
+            let _ = write!(detail, ", {:?}", object.compression);
+        }
+        detail.push(')');
+        if !object.prefix.is_empty() {
+            let _ = write!(detail, ", prefix {}", object.prefix);
+        }
         let _ = writeln!(out, "sink       {} ({}): {detail}", s.name, s.kind.word());
     }
     out

@@ -70,7 +70,8 @@ pub struct AgentConfig {
     /// that divides a day.
     #[serde(default = "default_partition")]
     pub partition: Seconds,
-    /// How long after its end a partition is still open for stragglers before upload.
+    /// How long a partition stays open for stragglers once its last window is flushed
+    /// (which is 2 s after its end).
     #[serde(default = "default_grace", deserialize_with = "duration")]
     pub grace: Duration,
     /// The most the spool may hold on disk ("256 MiB").
@@ -359,52 +360,271 @@ pub struct SinkConfig {
 /// The kinds of sink.
 #[derive(Debug, Clone)]
 pub enum SinkKind {
-    /// Files in a folder of this machine.
-    Local(LocalSink),
+    /// Objects in a store: a local folder, S3, GCS or Azure.
+    Object(Box<ObjectSink>),
 }
 
 impl SinkKind {
     /// The `kind = "…"` word of this sink.
     pub fn word(&self) -> &'static str {
         match self {
-            SinkKind::Local(_) => "local",
+            SinkKind::Object(object) => object.store.word(),
+        }
+    }
+
+    /// Longest wait between two retries.
+    pub fn retry_max(&self) -> Duration {
+        match self {
+            SinkKind::Object(object) => object.retry_max,
         }
     }
 }
 
-/// `kind = "local"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LocalSink {
-    /// Sink name; defaults to "local".
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The folder the object tree is written under (created when missing).
-    pub path: PathBuf,
-    /// Key prefix inside that folder (default none).
-    #[serde(default)]
+/// An object-store sink (`kind = "local"`, `"s3"`, `"gcs"` or `"azure"`): what every
+/// backend shares, and the backend.
+#[derive(Debug, Clone)]
+pub struct ObjectSink {
+    /// Key prefix inside the folder, bucket or container (default none).
     pub prefix: String,
-    /// File format (default "ndjson").
-    #[serde(default)]
+    /// File format.
     pub format: Format,
-    /// Longest wait between two retries (default 5m).
-    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    /// One row per series and window, or one per window.
+    pub layout: Layout,
+    /// Parquet compression.
+    pub compression: Compression,
+    /// Longest wait between two retries.
     pub retry_max: Duration,
+    /// Timeout of one request to a remote store.
+    pub timeout: Duration,
+    /// Objects larger than this go up as multipart uploads, in parts of this size.
+    pub part_size: u64,
+    /// Where the objects go.
+    pub store: Store,
+}
+
+/// The object stores.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// A folder of this machine.
+    Local(LocalStore),
+    /// Amazon S3 or an S3-compatible store.
+    S3(S3Store),
+    /// Google Cloud Storage.
+    Gcs(GcsStore),
+    /// Azure Blob Storage.
+    Azure(AzureStore),
+}
+
+impl Store {
+    /// The `kind = "…"` word.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Store::Local(_) => "local",
+            Store::S3(_) => "s3",
+            Store::Gcs(_) => "gcs",
+            Store::Azure(_) => "azure",
+        }
+    }
+}
+
+/// The keys every object-store sink has.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectCommon {
+    /// Sink name; defaults to the kind.
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    /// Default: "ndjson" for `local`, "parquet" for the cloud stores.
+    #[serde(default)]
+    format: Option<Format>,
+    #[serde(default)]
+    layout: Layout,
+    /// Only for Parquet (default "zstd").
+    #[serde(default)]
+    compression: Option<Compression>,
+    /// Default 5m.
+    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    retry_max: Duration,
+}
+
+/// The keys of the remote stores only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Transfer {
+    /// Default 30s.
+    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    timeout: Duration,
+    /// Default 8 MiB.
+    #[serde(default = "default_part_size")]
+    part_size: bytesize::ByteSize,
 }
 
 fn default_retry_max() -> Duration {
     Duration::from_secs(300)
 }
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_part_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(8)
+}
+
+/// `kind = "local"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalStore {
+    /// The folder the object tree is written under (created when missing).
+    pub path: PathBuf,
+}
+
+/// `kind = "s3"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Store {
+    /// The bucket.
+    pub bucket: String,
+    /// The region (default: `AWS_REGION` / `AWS_DEFAULT_REGION`, else "us-east-1").
+    #[serde(default)]
+    pub region: Option<String>,
+    /// The endpoint of an S3-compatible store (`https://…`, or `http://…` for plain HTTP).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `https://endpoint/bucket/key` (true, the default) rather than
+    /// `https://bucket.endpoint/key`.
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    /// Access key; without one, the standard AWS environment variables, web identity or
+    /// the instance profile are used.
+    #[serde(default)]
+    pub access_key_id: Option<Secret>,
+    #[serde(default)]
+    pub access_key_id_file: Option<SecretFile>,
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    #[serde(default)]
+    pub secret_access_key_file: Option<SecretFile>,
+    #[serde(default)]
+    pub session_token: Option<Secret>,
+    #[serde(default)]
+    pub session_token_file: Option<SecretFile>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `kind = "gcs"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcsStore {
+    /// The bucket.
+    pub bucket: String,
+    /// A service account key (JSON) given inline, usually as `${ENV_VAR}`.
+    #[serde(default)]
+    pub service_account_key: Option<Secret>,
+    /// A service account key file; without either, application default credentials
+    /// (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file, the metadata server) are used.
+    #[serde(default)]
+    pub service_account_key_file: Option<SecretFile>,
+}
+
+/// `kind = "azure"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureStore {
+    /// The storage account.
+    pub account: String,
+    /// The container.
+    pub container: String,
+    /// The account's access key.
+    #[serde(default)]
+    pub access_key: Option<Secret>,
+    #[serde(default)]
+    pub access_key_file: Option<SecretFile>,
+    /// A shared access signature (the query string, without `?`).
+    #[serde(default)]
+    pub sas_token: Option<Secret>,
+    #[serde(default)]
+    pub sas_token_file: Option<SecretFile>,
+    /// A service principal: client id, secret and tenant. Without any credential, the
+    /// `AZURE_*` environment variables or the managed identity are used.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    #[serde(default)]
+    pub client_secret_file: Option<SecretFile>,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// The blob endpoint, for Azurite or a sovereign cloud (`http://…` for plain HTTP).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+/// One secret given inline (`key`) or as a file (`key_file`), not both.
+pub fn one_secret<'a>(
+    key: &str,
+    inline: &'a Option<Secret>,
+    file: &'a Option<SecretFile>,
+) -> Result<Option<&'a Secret>, String> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(format!("give `{key}` or `{key}_file`, not both")),
+        (Some(s), None) => Ok(Some(s)),
+        (None, Some(f)) => Ok(Some(&f.secret)),
+        (None, None) => Ok(None),
+    }
+}
 
 /// Output file formats.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
     /// One JSON object per line (`.ndjson`).
-    #[default]
     Ndjson,
     /// JSON Text Sequences, RFC 7464 (`.json-seq`).
     JsonSeq,
+    /// Comma-separated values with a header line (`.csv`).
+    Csv,
+    /// Apache Parquet (`.parquet`).
+    Parquet,
+}
+
+impl Format {
+    /// The `format = "…"` word.
+    pub fn word(self) -> &'static str {
+        match self {
+            Format::Ndjson => "ndjson",
+            Format::JsonSeq => "json_seq",
+            Format::Csv => "csv",
+            Format::Parquet => "parquet",
+        }
+    }
+}
+
+/// How rows are laid out in a file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// One row per series and window.
+    #[default]
+    Long,
+    /// One row per window, columns `{stat}_{series}`.
+    Wide,
+}
+
+/// Parquet compression codecs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Zstandard (level 3).
+    #[default]
+    Zstd,
+    /// Snappy.
+    Snappy,
+    /// No compression.
+    None,
 }
 
 /// A secret string, given literally or as `${ENV_VAR}`; never printed.
@@ -574,6 +794,7 @@ impl Config {
                     ),
                 ));
             }
+            validate_sink(&sink).map_err(|msg| at(Some(span.clone()), msg))?;
             config.sinks.push(sink);
         }
         config
@@ -623,6 +844,71 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The checks on one sink that its types cannot make.
+fn validate_sink(sink: &SinkConfig) -> Result<(), String> {
+    let SinkKind::Object(object) = &sink.kind;
+    let name = &sink.name;
+    let endpoint = |url: &Option<String>| -> Result<(), String> {
+        match url {
+            Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => Err(
+                format!("sink {name:?}: endpoint {url:?} must start with https:// or http://"),
+            ),
+            _ => Ok(()),
+        }
+    };
+    match &object.store {
+        Store::Local(_) => {}
+        Store::S3(s3) => {
+            endpoint(&s3.endpoint)?;
+            let id = one_secret("access_key_id", &s3.access_key_id, &s3.access_key_id_file)?;
+            let key = one_secret(
+                "secret_access_key",
+                &s3.secret_access_key,
+                &s3.secret_access_key_file,
+            )?;
+            one_secret("session_token", &s3.session_token, &s3.session_token_file)?;
+            if id.is_some() != key.is_some() {
+                return Err(format!(
+                    "sink {name:?}: give both access_key_id and secret_access_key, or neither (to use the environment or the instance profile)"
+                ));
+            }
+        }
+        Store::Gcs(gcs) => {
+            one_secret(
+                "service_account_key",
+                &gcs.service_account_key,
+                &gcs.service_account_key_file,
+            )?;
+        }
+        Store::Azure(azure) => {
+            endpoint(&azure.endpoint)?;
+            one_secret("access_key", &azure.access_key, &azure.access_key_file)?;
+            one_secret("sas_token", &azure.sas_token, &azure.sas_token_file)?;
+            let secret = one_secret(
+                "client_secret",
+                &azure.client_secret,
+                &azure.client_secret_file,
+            )?;
+            let principal = [
+                azure.client_id.is_some(),
+                secret.is_some(),
+                azure.tenant_id.is_some(),
+            ];
+            if principal.contains(&true) && principal.contains(&false) {
+                return Err(format!(
+                    "sink {name:?}: a service principal needs client_id, client_secret and tenant_id"
+                ));
+            }
+        }
+    }
+    if !matches!(object.store, Store::Local(_)) && object.part_size < 5 * 1024 * 1024 {
+        return Err(format!(
+            "sink {name:?}: part_size must be at least 5 MiB (the smallest part S3 accepts)"
+        ));
+    }
+    Ok(())
 }
 
 /// The checks on one source that its types cannot make.
@@ -781,23 +1067,160 @@ fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
 
 fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
     let span = table.span();
-    let kind = kind_of(&table, "sinks", "\"local\"")?;
-    let kind_span = kind_value_span(&table).unwrap_or(span);
-    Ok(match kind.as_str() {
-        "local" => {
-            let s: LocalSink = without_kind(table)?;
-            SinkConfig {
-                name: s.name.clone().unwrap_or_else(|| "local".to_owned()),
-                kind: SinkKind::Local(s),
-            }
-        }
+    let kinds = "\"local\", \"s3\", \"gcs\", \"azure\"";
+    let kind = kind_of(&table, "sinks", kinds)?;
+    let kind_span = kind_value_span(&table).unwrap_or(span.clone());
+    let remote = kind != "local";
+    let backend_fields = match kind.as_str() {
+        "local" => field_names::<LocalStore>(),
+        "s3" => field_names::<S3Store>(),
+        "gcs" => field_names::<GcsStore>(),
+        "azure" => field_names::<AzureStore>(),
         other => {
             return Err((
                 Some(kind_span),
-                format!("unknown sink kind {other:?}; expected \"local\""),
+                format!("unknown sink kind {other:?}; expected one of {kinds}"),
             ));
         }
+    };
+    let transfer_fields = if remote {
+        field_names::<Transfer>()
+    } else {
+        &[]
+    };
+    let [common, transfer, backend] = split_table(
+        table,
+        [
+            field_names::<ObjectCommon>(),
+            transfer_fields,
+            backend_fields,
+        ],
+        &kind,
+    )?;
+    let common: ObjectCommon = without_kind(common)?;
+    let transfer: Transfer = without_kind(transfer)?;
+    let store = match kind.as_str() {
+        "local" => Store::Local(without_kind(backend)?),
+        "s3" => Store::S3(without_kind(backend)?),
+        "gcs" => Store::Gcs(without_kind(backend)?),
+        _ => Store::Azure(without_kind(backend)?),
+    };
+    let format = common.format.unwrap_or(if remote {
+        Format::Parquet
+    } else {
+        Format::Ndjson
+    });
+    if common.compression.is_some() && format != Format::Parquet {
+        return Err((
+            Some(span),
+            format!(
+                "`compression` applies to format = \"parquet\" only (this sink writes {})",
+                format.word()
+            ),
+        ));
+    }
+    Ok(SinkConfig {
+        name: common.name.unwrap_or_else(|| kind.clone()),
+        kind: SinkKind::Object(Box::new(ObjectSink {
+            prefix: common.prefix,
+            format,
+            layout: common.layout,
+            compression: common.compression.unwrap_or_default(),
+            retry_max: common.retry_max,
+            timeout: transfer.timeout,
+            part_size: transfer.part_size.as_u64(),
+            store,
+        })),
     })
+}
+
+/// Splits a table's keys among `N` structs by their field names; a key none of them has
+/// is an error at that key, listing every key the kind accepts.
+fn split_table<'i, const N: usize>(
+    table: Spanned<DeValue<'i>>,
+    groups: [&[&str]; N],
+    kind: &str,
+) -> Result<[Spanned<DeValue<'i>>; N], Located> {
+    let span = table.span();
+    let mut out: [DeTable<'i>; N] = std::array::from_fn(|_| DeTable::new());
+    if let DeValue::Table(entries) = table.into_inner() {
+        for (key, value) in entries {
+            let name: &str = key.get_ref();
+            if name == "kind" {
+                continue;
+            }
+            match groups.iter().position(|g| g.contains(&name)) {
+                Some(i) => {
+                    out[i].insert(key, value);
+                }
+                None => {
+                    let mut known: Vec<&str> =
+                        groups.iter().flat_map(|g| g.iter().copied()).collect();
+                    known.sort_unstable();
+                    let known: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
+                    return Err((
+                        Some(key.span()),
+                        format!(
+                            "unknown key `{name}` for a sink of kind {kind:?}; expected one of {}",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out.map(|t| Spanned::new(span.clone(), DeValue::Table(t))))
+}
+
+/// The field names a struct's `Deserialize` asks for.
+fn field_names<T: de::DeserializeOwned>() -> &'static [&'static str] {
+    match T::deserialize(FieldProbe) {
+        Err(FieldList(fields)) => fields,
+        Ok(_) => &[],
+    }
+}
+
+/// A deserializer that only learns which fields a struct has.
+struct FieldProbe;
+
+#[derive(Debug)]
+struct FieldList(&'static [&'static str]);
+
+impl fmt::Display for FieldList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "fields {:?}", self.0)
+    }
+}
+
+impl std::error::Error for FieldList {}
+
+impl de::Error for FieldList {
+    fn custom<T: fmt::Display>(_: T) -> Self {
+        FieldList(&[])
+    }
+}
+
+impl<'de> Deserializer<'de> for FieldProbe {
+    type Error = FieldList;
+
+    fn deserialize_any<V: de::Visitor<'de>>(self, _: V) -> Result<V::Value, FieldList> {
+        Err(FieldList(&[]))
+    }
+
+    fn deserialize_struct<V: de::Visitor<'de>>(
+        self,
+        _: &'static str,
+        fields: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, FieldList> {
+        Err(FieldList(fields))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
 }
 
 fn kind_value_span(table: &Spanned<DeValue<'_>>) -> Option<Range<usize>> {
@@ -864,6 +1287,92 @@ path = "/tmp/x/out"
         Config::parse(text, Path::new("edgespool.toml"))
             .expect_err("this configuration must be rejected")
             .to_string()
+    }
+
+    fn with_sink(sink: &str) -> String {
+        MINIMAL.replace("[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\n", sink)
+    }
+
+    #[test]
+    fn an_s3_sink_gets_the_lake_defaults() {
+        let text = with_sink("[[sinks]]\nkind = \"s3\"\nbucket = \"lake\"\n");
+        let config = Config::parse(&text, Path::new("x.toml")).expect("valid");
+        let sink = &config.sinks[0];
+        assert_eq!(sink.name, "s3");
+        let SinkKind::Object(object) = &sink.kind;
+        assert_eq!(
+            (object.format, object.layout, object.compression),
+            (Format::Parquet, Layout::Long, Compression::Zstd)
+        );
+        assert_eq!(object.part_size, 8 * 1024 * 1024);
+        assert_eq!(object.timeout, Duration::from_secs(30));
+        let Store::S3(s3) = &object.store else {
+            panic!("an s3 store: {object:?}");
+        };
+        assert!(s3.path_style && s3.endpoint.is_none() && s3.access_key_id.is_none());
+    }
+
+    #[test]
+    fn an_unknown_sink_key_lists_what_that_kind_accepts() {
+        let text = with_sink("[[sinks]]\nkind = \"gcs\"\nbucket = \"b\"\n  endpoint = \"x\"\n");
+        assert_eq!(
+            error_of(&text),
+            "edgespool.toml:12:3: unknown key `endpoint` for a sink of kind \"gcs\"; expected one of \
+             `bucket`, `compression`, `format`, `layout`, `name`, `part_size`, `prefix`, `retry_max`, \
+             `service_account_key`, `service_account_key_file`, `timeout`"
+        );
+        let text = with_sink("[[sinks]]\nkind = \"local\"\npath = \"/o\"\ntimeout = \"1s\"\n");
+        assert!(
+            error_of(&text).starts_with(
+                "edgespool.toml:12:1: unknown key `timeout` for a sink of kind \"local\""
+            ),
+            "a local folder has no request timeout"
+        );
+    }
+
+    #[test]
+    fn sink_settings_that_cannot_work_are_refused() {
+        let cases = [
+            (
+                "kind = \"local\"\npath = \"/o\"\ncompression = \"snappy\"",
+                "`compression` applies to format = \"parquet\" only (this sink writes ndjson)",
+            ),
+            (
+                "kind = \"s3\"\nbucket = \"b\"\nendpoint = \"minio:9000\"",
+                "sink \"s3\": endpoint \"minio:9000\" must start with https:// or http://",
+            ),
+            (
+                "kind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"a\"",
+                "sink \"s3\": give both access_key_id and secret_access_key, or neither (to use the environment or the instance profile)",
+            ),
+            (
+                "kind = \"azure\"\naccount = \"a\"\ncontainer = \"c\"\nclient_id = \"i\"",
+                "sink \"azure\": a service principal needs client_id, client_secret and tenant_id",
+            ),
+            (
+                "kind = \"s3\"\nbucket = \"b\"\npart_size = \"1 MiB\"",
+                "sink \"s3\": part_size must be at least 5 MiB (the smallest part S3 accepts)",
+            ),
+        ];
+        for (sink, message) in cases {
+            let error = error_of(&with_sink(&format!("[[sinks]]\n{sink}\n")));
+            assert!(error.ends_with(message), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_secret_given_twice_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("key");
+        std::fs::write(&file, "k\n").expect("write");
+        let sink = format!(
+            "[[sinks]]\nkind = \"azure\"\naccount = \"a\"\ncontainer = \"c\"\naccess_key = \"x\"\naccess_key_file = \"{}\"\n",
+            file.display()
+        );
+        assert!(
+            error_of(&with_sink(&sink))
+                .ends_with("give `access_key` or `access_key_file`, not both")
+        );
     }
 
     #[test]

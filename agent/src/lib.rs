@@ -14,6 +14,7 @@ pub mod aggregate;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod failpoint;
 pub mod sink;
 pub mod source;
 pub mod spool;
@@ -63,7 +64,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         device: device.clone(),
         window_seconds: agent.window.get(),
         partition_seconds: agent.partition.get(),
-        grace_ms: agent.grace.as_millis() as i64,
+        // The last window of a partition is flushed SETTLE_MS after the partition's end;
+        // the grace period for stragglers starts once it is in the spool.
+        grace_ms: agent.grace.as_millis() as i64 + aggregate::SETTLE_MS + 1_000,
         budget_bytes: agent.disk_budget.as_u64(),
         when_full: agent.when_full,
         sources: config

@@ -14,12 +14,14 @@
 //!   is *planned* (its row range fixed and committed) before it is sent, so a retry after
 //!   a crash sends exactly the same rows under the same key.
 //!
-//! # Schema (version 1)
+//! # Schema (version 2)
 //! ```text
 //! meta(key TEXT PK, value TEXT)                  'agent': state as JSON (heartbeat, pid, config);
 //!                                                'next_id': the next window id
 //! counters(name TEXT PK, value INTEGER)          lifetime counters, added to at each flush
-//! series(id INTEGER PK, name, unit, tags)        tags as canonical JSON; UNIQUE(name, tags)
+//! series(id INTEGER PK, name, unit, tags,       tags as canonical JSON; UNIQUE(name, tags);
+//!        first_partition, first_id)              where and in which flush it was first
+//!                                                seen (v2; NULL for series older than v2)
 //! batches(id INTEGER PK, partition, rows,        the windows one flush closed in one
 //!         record BLOB)                           partition: `rows` windows with ids
 //!                                                id-rows+1 ..= id; record = postcard of
@@ -81,7 +83,8 @@ const CACHE_KIB: i64 = 512;
 pub const MAX_PART_ROWS: i64 = 200_000;
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE series (
@@ -124,7 +127,12 @@ CREATE TABLE parts (
     delivered_ms INTEGER,
     PRIMARY KEY (sink, partition, part)
 ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+ALTER TABLE series ADD COLUMN first_partition INTEGER;
+ALTER TABLE series ADD COLUMN first_id INTEGER;
+"#,
+];
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +272,15 @@ pub struct PartPlan {
     pub last_id: i64,
     /// How many rows that was when planned.
     pub rows: i64,
+}
+
+/// What a planned part holds.
+#[derive(Debug)]
+pub struct PartRows {
+    /// The rows, ordered by window start and series.
+    pub rows: Vec<WindowRow>,
+    /// The series that get columns in a wide file of this part (sorted).
+    pub series: Vec<Arc<Series>>,
 }
 
 /// What a sink should do next.
@@ -458,9 +475,23 @@ impl Spool {
             }
         } else {
             let mut by_partition: BTreeMap<i64, Vec<StoredWindow>> = BTreeMap::new();
+            let partition_of =
+                |row: &WindowRow| row.start.div_euclid(partition_seconds) * partition_seconds;
+            // Each partition's batch id, as the loop below will issue them.
+            let mut batch_ids: BTreeMap<i64, i64> = BTreeMap::new();
             for row in &flush.rows {
-                let series = series_id(&tx, &mut self.series_ids, &row.series).map_err(&err)?;
-                let partition = row.start.div_euclid(partition_seconds) * partition_seconds;
+                *batch_ids.entry(partition_of(row)).or_default() += 1;
+            }
+            let mut next = self.next_id;
+            for id in batch_ids.values_mut() {
+                next += *id;
+                *id = next - 1;
+            }
+            for row in &flush.rows {
+                let partition = partition_of(row);
+                let first = (partition, batch_ids[&partition]);
+                let series =
+                    series_id(&tx, &mut self.series_ids, &row.series, first).map_err(&err)?;
                 by_partition
                     .entry(partition)
                     .or_default()
@@ -768,19 +799,22 @@ impl Spool {
     }
 }
 
+/// The id of a series, registered on first sight with `first` = (the partition of its
+/// first window, the id of the batch that window is in).
 fn series_id(
     tx: &rusqlite::Transaction<'_>,
     cache: &mut HashMap<Arc<Series>, i64>,
     series: &Arc<Series>,
+    first: (i64, i64),
 ) -> rusqlite::Result<i64> {
     if let Some(&id) = cache.get(series) {
         return Ok(id);
     }
     let tags = serde_json::to_string(&series.tags).unwrap_or_else(|_| "{}".to_owned());
     tx.execute(
-        "INSERT INTO series (name, unit, tags) VALUES (?1, ?2, ?3)
+        "INSERT INTO series (name, unit, tags, first_partition, first_id) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (name, tags) DO UPDATE SET unit = ?2",
-        params![series.name, series.unit, tags],
+        params![series.name, series.unit, tags, first.0, first.1],
     )?;
     let id = tx.query_row(
         "SELECT id FROM series WHERE name = ?1 AND tags = ?2",
@@ -1005,8 +1039,33 @@ impl SpoolReader {
         sqlite(&self.path)
     }
 
-    /// The rows of a planned part, ordered by window start, series and id.
-    pub fn read_part(&mut self, plan: &PartPlan) -> Result<Vec<WindowRow>, SpoolError> {
+    /// The rows of a planned part, ordered by window start, series and id, and the series
+    /// a wide file of it gives columns to: every series first seen in this partition or
+    /// an earlier one, in a flush this part includes. That set is the same for every
+    /// partition while the configured series are, and the same for a retried part.
+    pub fn read_part(&mut self, plan: &PartPlan) -> Result<PartRows, SpoolError> {
+        let rows = self.read_rows(plan)?;
+        let ids: Vec<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM series
+                 WHERE COALESCE(first_partition, 0) <= ?1 AND COALESCE(first_id, 0) <= ?2
+                 ORDER BY id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map(params![plan.partition, plan.last_id], |r| r.get(0))?
+                    .collect()
+            })
+            .map_err(self.err())?;
+        let mut series = Vec::with_capacity(ids.len());
+        for id in ids {
+            series.push(self.series(id)?);
+        }
+        series.sort();
+        Ok(PartRows { rows, series })
+    }
+
+    fn read_rows(&mut self, plan: &PartPlan) -> Result<Vec<WindowRow>, SpoolError> {
         let path = self.path.clone();
         let err = sqlite(&path);
         let mut stmt = self
@@ -1229,7 +1288,7 @@ mod tests {
         for _ in 0..1000 {
             match spool.plan(sink, now_ms).expect("plan") {
                 Plan::Ready(plan) => {
-                    let rows = reader.read_part(&plan).expect("read");
+                    let rows = reader.read_part(&plan).expect("read").rows;
                     out.push((
                         plan.partition,
                         plan.part,
@@ -1308,7 +1367,64 @@ mod tests {
         };
         assert_eq!(again, first);
         let mut reader = SpoolReader::open(&path).expect("reader");
-        assert_eq!(reader.read_part(&again).expect("read").len(), 1);
+        assert_eq!(reader.read_part(&again).expect("read").rows.len(), 1);
+    }
+
+    #[test]
+    fn a_wide_column_set_holds_earlier_series_and_is_the_same_on_retry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spool.db");
+        let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+        let mut reader = SpoolReader::open(&path).expect("reader");
+        let names = |rows: &PartRows| -> Vec<String> {
+            rows.series.iter().map(|s| s.name.clone()).collect()
+        };
+        // Hour 0 holds s.a; s.b first appears in hour 1, s.c in hour 2.
+        spool
+            .commit(&flush(vec![row("s.a", 0, 1.0), row("s.b", 3600, 2.0)]))
+            .expect("commit");
+        let Plan::Ready(hour0) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+            panic!("hour 0 is ready");
+        };
+        // Planned, not delivered; meanwhile s.c appears, with a late row for hour 0.
+        spool
+            .commit(&flush(vec![row("s.c", 0, 3.0), row("s.c", 7200, 3.0)]))
+            .expect("commit");
+        let first_try = reader.read_part(&hour0).expect("read");
+        assert_eq!(
+            names(&first_try),
+            ["s.a"],
+            "s.b starts later; s.c came after the plan"
+        );
+        spool.delivered(&hour0, 0).expect("deliver");
+        let Plan::Ready(hour0_late) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+            panic!("the late part of hour 0");
+        };
+        assert_eq!((hour0_late.partition, hour0_late.part), (0, 1));
+        assert_eq!(
+            names(&reader.read_part(&hour0_late).expect("read")),
+            ["s.a", "s.c"]
+        );
+        spool.delivered(&hour0_late, 0).expect("deliver");
+        let Plan::Ready(hour1) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+            panic!("hour 1");
+        };
+        let hour1_rows = reader.read_part(&hour1).expect("read");
+        assert_eq!(
+            names(&hour1_rows),
+            ["s.a", "s.b"],
+            "hour 1 was committed before s.c existed"
+        );
+        assert_eq!(hour1_rows.rows.len(), 1);
+        spool.delivered(&hour1, 0).expect("deliver");
+        let Plan::Ready(hour2) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+            panic!("hour 2");
+        };
+        assert_eq!(
+            names(&reader.read_part(&hour2).expect("read")),
+            ["s.a", "s.b", "s.c"],
+            "series keep their columns in later partitions"
+        );
     }
 
     #[test]

@@ -70,6 +70,11 @@ pub struct Agent {
 impl Agent {
     /// Starts `edgespool run --config CONFIG`, appending its log to LOG.
     pub fn start(config: &Path, log: &Path) -> Agent {
+        Agent::start_with_env(config, log, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Agent {
         let sink = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -78,6 +83,7 @@ impl Agent {
         let child = Command::new(binary())
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(sink.try_clone().expect("log clones"))
             .stderr(sink)
@@ -317,7 +323,7 @@ pub fn purpleair_body(rows: &[(u32, i64, f64, f64)]) -> String {
 /// Python comes from `$EDGESPOOL_PYTHON` (scripts/test.sh makes a venv with DuckDB) or
 /// `python3`; the query's `{root}` is replaced by `root`.
 pub fn duckdb(root: &Path, sql: &str) -> Vec<Vec<Value>> {
-    let python = std::env::var("EDGESPOOL_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let python = python();
     let sql = sql.replace("{root}", &root.display().to_string());
     let script = "import duckdb, json, sys\nrows = duckdb.sql(sys.argv[1]).fetchall()\nprint(json.dumps([list(r) for r in rows], default=str))\n";
     let out = Command::new(&python)
@@ -339,4 +345,164 @@ pub fn write_file(root: &Path, relative: &str, text: &str) -> PathBuf {
     fs::create_dir_all(path.parent().expect("a file has a folder")).expect("mkdir");
     fs::write(&path, text).expect("write");
     path
+}
+
+/// The test suite's Python: `$EDGESPOOL_PYTHON` (scripts/test.sh makes a venv with
+/// DuckDB and moto), else `python3`.
+pub fn python() -> String {
+    std::env::var("EDGESPOOL_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// An S3 client for the tests, through boto3 (a client we did not write).
+const S3_CLIENT: &str = r#"
+import boto3, json, os, sys
+from botocore.config import Config
+endpoint, command, bucket = sys.argv[1], sys.argv[2], sys.argv[3]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test",
+                  config=Config(retries={"max_attempts": 10, "mode": "standard"}))
+if command == "mkbucket":
+    s3.create_bucket(Bucket=bucket)
+    print("[]")
+elif command == "list":
+    found = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            head = s3.head_object(Bucket=bucket, Key=o["Key"])
+            found.append({"key": o["Key"], "size": o["Size"], "etag": head["ETag"].strip('"'),
+                          "content_type": head.get("ContentType", "")})
+    print(json.dumps(found))
+elif command == "mirror":
+    target = sys.argv[4]
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            path = os.path.join(target, o["Key"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            s3.download_file(bucket, o["Key"], path)
+    print("[]")
+"#;
+
+/// One object as the S3 server lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Object {
+    /// Its key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its ETag, without quotes (`{md5}` or `{md5}-{parts}` for a multipart upload).
+    pub etag: String,
+    /// Its Content-Type.
+    pub content_type: String,
+}
+
+/// A real S3-compatible server (moto in server mode) on a free loopback port; killed on
+/// drop. Its objects live in its memory: a restart starts empty.
+pub struct S3Server {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl S3Server {
+    /// Starts the server, logging to `log`, and waits until it answers.
+    pub fn start(log: &Path) -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut server = S3Server {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            log: log.to_owned(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("the server log opens");
+        let child = Command::new(python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log clones"))
+            .stderr(log)
+            .spawn()
+            .expect("moto starts (run the suite with scripts/test.sh, which installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the S3 server to listen", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// Stops the server (SIGKILL): connections are refused until [`S3Server::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn client(&self, args: &[&str]) -> Value {
+        let out = Command::new(python())
+            .args(["-c", S3_CLIENT, &self.endpoint])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "S3 client {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("the S3 client prints JSON")
+    }
+
+    /// Creates a bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        self.client(&["mkbucket", bucket]);
+    }
+
+    /// Every object of a bucket, sorted by key.
+    pub fn list(&self, bucket: &str) -> Vec<S3Object> {
+        let listed = self.client(&["list", bucket]);
+        let mut objects: Vec<S3Object> = listed
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|o| S3Object {
+                key: o["key"].as_str().expect("key").to_owned(),
+                size: o["size"].as_u64().expect("size"),
+                etag: o["etag"].as_str().expect("etag").to_owned(),
+                content_type: o["content_type"].as_str().unwrap_or("").to_owned(),
+            })
+            .collect();
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        objects
+    }
+
+    /// Downloads every object of a bucket below `dir`, keys as paths.
+    pub fn mirror(&self, bucket: &str, dir: &Path) {
+        self.client(&["mirror", bucket, dir.to_str().expect("utf-8 path")]);
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

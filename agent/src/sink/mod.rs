@@ -18,9 +18,10 @@ use tracing::{info, warn};
 use crate::aggregate::WindowRow;
 use crate::clock;
 use crate::config::{SinkConfig, SinkKind};
-use crate::spool::{PartPlan, Plan, SpoolHandle, SpoolReader};
+use crate::source::Series;
+use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
-pub use encode::encode;
+pub use encode::{Encoding, Part, content_type, encode, extension};
 pub use layout::object_key;
 
 /// Why a delivery failed. The message never holds a secret.
@@ -46,6 +47,8 @@ pub struct Delivery<'a> {
     pub plan: &'a PartPlan,
     /// Its rows, ordered by window start and series.
     pub rows: &'a [WindowRow],
+    /// The series a wide file gives columns to (see [`crate::spool::SpoolReader::read_part`]).
+    pub series: &'a [Arc<Series>],
 }
 
 /// A destination. Writes must be idempotent: the same delivery twice leaves one copy.
@@ -58,7 +61,7 @@ pub trait Sink: Send + Sync {
 /// Builds the sink a configuration entry describes.
 pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
     match &config.kind {
-        SinkKind::Local(local) => Ok(Arc::new(object::ObjectSink::local(&config.name, local))),
+        SinkKind::Object(object) => Ok(Arc::new(object::ObjectSink::new(&config.name, object))),
     }
 }
 
@@ -104,9 +107,7 @@ impl Uploader {
         spool: SpoolHandle,
         shutdown: watch::Receiver<bool>,
     ) -> Uploader {
-        let cap = match &config.kind {
-            SinkKind::Local(local) => local.retry_max,
-        };
+        let cap = config.kind.retry_max();
         Uploader {
             name: config.name.clone(),
             device: device.to_owned(),
@@ -181,12 +182,13 @@ impl Uploader {
         .map_err(|e| format!("spool reader failed: {e}"))?
         .map_err(|e| e.to_string())?;
         *reader = Some(back);
-        let rows = rows.map_err(|e| e.to_string())?;
+        let PartRows { rows, series } = rows.map_err(|e| e.to_string())?;
         if !rows.is_empty() {
             let delivery = Delivery {
                 device: &self.device,
                 plan,
                 rows: &rows,
+                series: &series,
             };
             let location = self
                 .sink
@@ -194,6 +196,7 @@ impl Uploader {
                 .await
                 .map_err(|e| e.to_string())?;
             info!(sink = %self.name, rows = rows.len(), to = %location, "delivered");
+            crate::failpoint::point("after-upload");
         }
         self.spool
             .delivered(plan, clock::now_ms())

@@ -1,15 +1,22 @@
 //! The object-store sink: one object per part, through `object_store`, so that every
-//! backend (a local folder now) shares the keys, encodings and idempotence.
+//! backend (a local folder, S3 and S3-compatible stores, GCS, Azure) shares the keys,
+//! the encodings and the idempotence.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    Attribute, Attributes, ClientOptions, ObjectStore, ObjectStoreExt, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
+};
 
-use super::{Delivery, Sink, SinkError, encode, layout};
-use crate::config::{Format, LocalSink};
+use super::encode::{self, Encoding, Part};
+use super::{Delivery, Sink, SinkError, layout};
+use crate::config::{self, AzureStore, GcsStore, ObjectSink as ObjectConfig, S3Store, Store};
 
-/// Opens the store; called until it succeeds (a folder on a disk not yet mounted).
+/// Opens the store; called until it succeeds (a folder on a disk not yet mounted, a
+/// credential file not yet written).
 type Opener = Box<dyn Fn() -> Result<Arc<dyn ObjectStore>, String> + Send + Sync>;
 
 pub struct ObjectSink {
@@ -17,38 +24,195 @@ pub struct ObjectSink {
     store: tokio::sync::OnceCell<Arc<dyn ObjectStore>>,
     open: Opener,
     prefix: String,
-    format: Format,
-    /// Where the store is, for log lines ("/data/out", later "s3://bucket").
+    encoding: Encoding,
+    /// Remote stores get a Content-Type and multipart uploads; a local folder neither.
+    remote: bool,
+    part_size: usize,
+    /// Where the store is, for log lines ("/data/out", "s3://bucket").
     location: String,
 }
 
 impl ObjectSink {
-    /// A sink writing into a local folder; objects appear by atomic rename, never
-    /// half-written. The folder is created at the first delivery, and a failure to create
-    /// it is retried like any failed write.
-    pub fn local(name: &str, config: &LocalSink) -> ObjectSink {
-        let path = config.path.clone();
-        let sink = name.to_owned();
-        let open: Opener = Box::new(move || {
-            std::fs::create_dir_all(&path)
-                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            let removed = remove_staging_files(&path);
-            if removed > 0 {
-                tracing::info!(sink = %sink, files = removed, "removed staging files left by an interrupted write");
-            }
-            let store = object_store::local::LocalFileSystem::new_with_prefix(&path)
-                .map_err(|e| e.to_string())?;
-            Ok(Arc::new(store) as Arc<dyn ObjectStore>)
-        });
+    /// The sink a configuration entry describes. Nothing is opened yet: a store that
+    /// cannot be set up fails the first delivery, which is retried like any other.
+    pub fn new(name: &str, config: &ObjectConfig) -> ObjectSink {
+        let (open, location): (Opener, String) = match &config.store {
+            Store::Local(local) => (
+                local_opener(name, local.path.clone()),
+                local.path.display().to_string(),
+            ),
+            Store::S3(s3) => (s3_opener(s3, config), format!("s3://{}", s3.bucket)),
+            Store::Gcs(gcs) => (gcs_opener(gcs, config), format!("gs://{}", gcs.bucket)),
+            Store::Azure(azure) => (
+                azure_opener(azure, config),
+                format!("az://{}/{}", azure.account, azure.container),
+            ),
+        };
         ObjectSink {
             name: name.to_owned(),
             store: tokio::sync::OnceCell::new(),
             open,
             prefix: config.prefix.clone(),
-            format: config.format,
-            location: config.path.display().to_string(),
+            encoding: Encoding {
+                format: config.format,
+                layout: config.layout,
+                compression: config.compression,
+            },
+            remote: !matches!(config.store, Store::Local(_)),
+            part_size: usize::try_from(config.part_size).unwrap_or(usize::MAX),
+            location,
         }
     }
+}
+
+/// A local folder; objects appear by atomic rename, never half-written. The folder is
+/// created at the first delivery.
+fn local_opener(sink: &str, path: std::path::PathBuf) -> Opener {
+    let sink = sink.to_owned();
+    Box::new(move || {
+        std::fs::create_dir_all(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let removed = remove_staging_files(&path);
+        if removed > 0 {
+            tracing::info!(sink = %sink, files = removed, "removed staging files left by an interrupted write");
+        }
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&path)
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(store) as Arc<dyn ObjectStore>)
+    })
+}
+
+/// HTTP settings shared by the remote stores: plain HTTP only for an `http://` endpoint.
+fn client_options(config: &ObjectConfig, endpoint: Option<&str>) -> ClientOptions {
+    ClientOptions::new()
+        .with_timeout(config.timeout)
+        .with_connect_timeout(config.timeout.min(Duration::from_secs(10)))
+        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
+}
+
+/// A few quick retries inside one attempt (a dropped connection, a 503); longer outages
+/// are the uploader's to wait out, with its own backoff and status.
+fn retry_config(config: &ObjectConfig) -> RetryConfig {
+    RetryConfig {
+        max_retries: 3,
+        retry_timeout: config.timeout.max(Duration::from_secs(10)),
+        ..RetryConfig::default()
+    }
+}
+
+fn expose(secret: Option<&config::Secret>) -> Option<String> {
+    secret.map(|s| s.expose().to_owned())
+}
+
+fn s3_opener(s3: &S3Store, config: &ObjectConfig) -> Opener {
+    let s3 = s3.clone();
+    let options = client_options(config, s3.endpoint.as_deref());
+    let retry = retry_config(config);
+    Box::new(move || {
+        let pick = |key, inline, file| config::one_secret(key, inline, file).ok().flatten();
+        let id = expose(pick(
+            "access_key_id",
+            &s3.access_key_id,
+            &s3.access_key_id_file,
+        ));
+        let key = expose(pick(
+            "secret_access_key",
+            &s3.secret_access_key,
+            &s3.secret_access_key_file,
+        ));
+        let token = expose(pick(
+            "session_token",
+            &s3.session_token,
+            &s3.session_token_file,
+        ));
+        let mut builder = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(&s3.bucket)
+            .with_virtual_hosted_style_request(!s3.path_style)
+            .with_client_options(options.clone())
+            .with_retry(retry.clone());
+        if let Some(region) = &s3.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(endpoint) = &s3.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        builder = builder.with_allow_http(
+            s3.endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://")),
+        );
+        if let (Some(id), Some(key)) = (id, key) {
+            builder = builder.with_access_key_id(id).with_secret_access_key(key);
+            if let Some(token) = token {
+                builder = builder.with_token(token);
+            }
+        }
+        let store = builder.build().map_err(|e| e.to_string())?;
+        Ok(Arc::new(store) as Arc<dyn ObjectStore>)
+    })
+}
+
+fn gcs_opener(gcs: &GcsStore, config: &ObjectConfig) -> Opener {
+    let gcs = gcs.clone();
+    let options = client_options(config, None);
+    let retry = retry_config(config);
+    Box::new(move || {
+        let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            .with_bucket_name(&gcs.bucket)
+            .with_client_options(options.clone())
+            .with_retry(retry.clone());
+        let key = config::one_secret(
+            "service_account_key",
+            &gcs.service_account_key,
+            &gcs.service_account_key_file,
+        )
+        .ok()
+        .flatten();
+        if let Some(key) = key {
+            builder = builder.with_service_account_key(key.expose());
+        }
+        let store = builder.build().map_err(|e| e.to_string())?;
+        Ok(Arc::new(store) as Arc<dyn ObjectStore>)
+    })
+}
+
+fn azure_opener(azure: &AzureStore, config: &ObjectConfig) -> Opener {
+    let azure = azure.clone();
+    let options = client_options(config, azure.endpoint.as_deref());
+    let retry = retry_config(config);
+    Box::new(move || {
+        let pick = |key, inline, file| config::one_secret(key, inline, file).ok().flatten();
+        let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_account(&azure.account)
+            .with_container_name(&azure.container)
+            .with_client_options(options.clone())
+            .with_retry(retry.clone());
+        if let Some(endpoint) = &azure.endpoint {
+            builder = builder
+                .with_endpoint(endpoint.clone())
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(key) = pick("access_key", &azure.access_key, &azure.access_key_file) {
+            builder = builder.with_access_key(key.expose());
+        }
+        if let Some(sas) = pick("sas_token", &azure.sas_token, &azure.sas_token_file) {
+            builder = builder.with_config(
+                object_store::azure::AzureConfigKey::SasKey,
+                sas.expose().trim_start_matches('?'),
+            );
+        }
+        let secret = pick(
+            "client_secret",
+            &azure.client_secret,
+            &azure.client_secret_file,
+        );
+        if let (Some(id), Some(secret), Some(tenant)) = (&azure.client_id, secret, &azure.tenant_id)
+        {
+            builder = builder.with_client_secret_authorization(id, secret.expose(), tenant);
+        }
+        let store = builder.build().map_err(|e| e.to_string())?;
+        Ok(Arc::new(store) as Arc<dyn ObjectStore>)
+    })
 }
 
 /// Deletes `object_store`'s staging files (`{key}#{n}`) below `root`: a write killed
@@ -88,14 +252,20 @@ impl Sink for ObjectSink {
             delivery.device,
             plan.partition,
             plan.part,
-            encode::extension(self.format),
+            encode::extension(self.encoding.format),
         );
-        let body = encode::encode(self.format, delivery.device, delivery.rows);
         let fail = |reason: String| SinkError::Write {
             sink: self.name.clone(),
             key: key.clone(),
             reason,
         };
+        let part = Part {
+            device: delivery.device,
+            rows: delivery.rows,
+            series: delivery.series,
+        };
+        let body = encode::encode(self.encoding, &part)
+            .map_err(|e| fail(format!("cannot encode: {e}")))?;
         let path = ObjectPath::parse(&key).map_err(|e| fail(e.to_string()))?;
         let store = self
             .store
@@ -105,10 +275,34 @@ impl Sink for ObjectSink {
                 sink: self.name.clone(),
                 reason,
             })?;
-        store
-            .put(&path, PutPayload::from(body))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let written = if !self.remote {
+            store.put(&path, PutPayload::from(body)).await
+        } else {
+            let attributes = Attributes::from_iter([(
+                Attribute::ContentType,
+                encode::content_type(self.encoding.format),
+            )]);
+            if body.len() <= self.part_size {
+                let options = PutOptions {
+                    attributes,
+                    ..PutOptions::default()
+                };
+                store.put_opts(&path, PutPayload::from(body), options).await
+            } else {
+                let options = object_store::PutMultipartOptions {
+                    attributes,
+                    ..Default::default()
+                };
+                let upload = store
+                    .put_multipart_opts(&path, options)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+                writer.put(bytes::Bytes::from(body));
+                writer.finish().await
+            }
+        };
+        written.map_err(|e| fail(e.to_string()))?;
         Ok(format!("{}/{key}", self.location.trim_end_matches('/')))
     }
 }
