@@ -2,9 +2,10 @@
 # The whole test suite: unit tests, then end-to-end tests that run the built binary.
 #
 # It builds the agent once and the end-to-end tests reuse that build. Servers the tests
-# need are installed here when they are missing, into a venv under target/ from PyPI:
-# DuckDB and boto3 read the output back, moto is the S3-compatible server. Each test
-# starts its own servers on free loopback ports and stops them, even when it fails.
+# need are installed here when they are missing: into a venv under target/ from PyPI,
+# DuckDB and boto3 to read the output back and moto as the S3-compatible server; from
+# Debian, PostgreSQL. Each test starts its own servers on free loopback ports in temp
+# dirs and stops them, even when it fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,15 @@ if ! "$venv/bin/python" -c 'import duckdb, pytz, moto.server, boto3' >/dev/null 
         'duckdb==2.0.0' 'pytz' 'moto[server]==5.2.5'
 fi
 export EDGESPOOL_PYTHON="$venv/bin/python"
+
+# PostgreSQL: the tests run their own servers (initdb in a temp dir, a free loopback
+# port), so only the programs are needed, never a running system service.
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v psql >/dev/null 2>&1; then
+    apt_install postgresql postgresql-client
+    # Debian's package starts a cluster on port 5432; the tests do not use it.
+    { command -v pg_ctlcluster >/dev/null 2>&1 && pg_lsclusters -h 2>/dev/null |
+        while read -r version name _; do pg_ctlcluster "$version" "$name" stop || true; done; } || true
+fi
 
 echo "==> building edgespool"
 cargo build --locked -p edgespool

@@ -55,6 +55,31 @@ pub struct Stats {
     pub last: f64,
 }
 
+impl Stats {
+    /// The statistics of two sets of samples of one window taken together (a window and
+    /// its late rows). Count, min, max, mean and standard deviation are exact (the
+    /// pooled variance); the median is the count-weighted mean of the two medians, an
+    /// approximation; `first` is this one's, `last` the other's.
+    pub fn merge(&self, other: &Stats) -> Stats {
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let n = na + nb;
+        let mean = (self.mean * na + other.mean * nb) / n;
+        let m2 = |s: &Stats| s.stdev.map_or(0.0, |d| d * d * (s.count as f64 - 1.0));
+        let delta = other.mean - self.mean;
+        let pooled = m2(self) + m2(other) + delta * delta * na * nb / n;
+        Stats {
+            count: self.count + other.count,
+            min: self.min.min(other.min),
+            max: self.max.max(other.max),
+            mean,
+            stdev: (n > 1.0).then(|| (pooled.max(0.0) / (n - 1.0)).sqrt()),
+            median: (self.median * na + other.median * nb) / n,
+            first: self.first,
+            last: other.last,
+        }
+    }
+}
+
 /// One closed window of one series: a row of the spool and of every output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowRow {
@@ -349,6 +374,41 @@ fn next_flush_in(now_ms: i64, window_ms: i64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_statistics_equal_those_of_all_the_samples() {
+        let a = Stats {
+            count: 3,
+            min: 1.0,
+            max: 3.0,
+            mean: 2.0,
+            stdev: Some(1.0),
+            median: 2.0,
+            first: 1.0,
+            last: 3.0,
+        };
+        let b = Stats {
+            count: 2,
+            min: 4.0,
+            max: 5.0,
+            mean: 4.5,
+            stdev: Some(std::f64::consts::FRAC_1_SQRT_2),
+            median: 4.5,
+            first: 4.0,
+            last: 5.0,
+        };
+        let m = a.merge(&b);
+        assert_eq!((m.count, m.min, m.max, m.mean), (5, 1.0, 5.0, 3.0));
+        assert!((m.stdev.expect("n > 1") - 2.5_f64.sqrt()).abs() < 1e-12);
+        assert_eq!((m.first, m.last), (1.0, 5.0));
+        let one = Stats {
+            count: 1,
+            stdev: None,
+            ..a.clone()
+        };
+        let two = one.merge(&one);
+        assert_eq!((two.count, two.stdev), (2, Some(0.0)));
+    }
 
     fn sample(series: &Arc<Series>, timestamp_ms: i64, value: f64) -> Sample {
         Sample {

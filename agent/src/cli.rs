@@ -235,7 +235,21 @@ pub fn describe(config: &Config, path: &Path) -> String {
         );
     }
     for s in &config.sinks {
-        let SinkKind::Object(object) = &s.kind;
+        let object = match &s.kind {
+            SinkKind::Object(object) => object,
+            SinkKind::Postgres(pg) => {
+                let _ = writeln!(
+                    out,
+                    "sink       {} (postgres): {}.{} at {}, sslmode {:?}",
+                    s.name,
+                    pg.schema,
+                    pg.table,
+                    crate::sink::postgres_location(pg),
+                    pg.sslmode
+                );
+                continue;
+            }
+        };
         let place = match &object.store {
             Store::Local(local) => local.path.display().to_string(),
             Store::S3(s3) => match &s3.endpoint {

@@ -362,6 +362,8 @@ pub struct SinkConfig {
 pub enum SinkKind {
     /// Objects in a store: a local folder, S3, GCS or Azure.
     Object(Box<ObjectSink>),
+    /// Rows in a PostgreSQL table.
+    Postgres(Box<PostgresSink>),
 }
 
 impl SinkKind {
@@ -369,6 +371,7 @@ impl SinkKind {
     pub fn word(&self) -> &'static str {
         match self {
             SinkKind::Object(object) => object.store.word(),
+            SinkKind::Postgres(_) => "postgres",
         }
     }
 
@@ -376,6 +379,7 @@ impl SinkKind {
     pub fn retry_max(&self) -> Duration {
         match self {
             SinkKind::Object(object) => object.retry_max,
+            SinkKind::Postgres(pg) => pg.retry_max,
         }
     }
 }
@@ -561,6 +565,82 @@ pub struct AzureStore {
     /// The blob endpoint, for Azurite or a sovereign cloud (`http://…` for plain HTTP).
     #[serde(default)]
     pub endpoint: Option<String>,
+}
+
+/// `kind = "postgres"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSink {
+    /// Sink name; defaults to "postgres".
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A connection URL (`postgres://user@host:5432/db`) or key/value string
+    /// (`host=… dbname=…`); a secret, since it may hold the password.
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// Server host name or address (overrides the URL's).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Server port (default 5432).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// User name.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Database name (default: the user name).
+    #[serde(default)]
+    pub dbname: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<SecretFile>,
+    /// TLS: "disable", "prefer" (the default), "require" or "verify-full".
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) for "verify-full"; default: the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Schema of the table (created when missing; default "public").
+    #[serde(default = "default_pg_schema")]
+    pub schema: String,
+    /// The table (created when missing; default "edgespool_windows").
+    #[serde(default = "default_pg_table")]
+    pub table: String,
+    /// Make a new table a TimescaleDB hypertable (needs the extension; default false).
+    #[serde(default)]
+    pub timescaledb: bool,
+    /// Timeout of connecting (default 10s) and of each statement (6 × that).
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Longest wait between two retries (default 5m).
+    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    pub retry_max: Duration,
+}
+
+fn default_pg_schema() -> String {
+    "public".to_owned()
+}
+fn default_pg_table() -> String {
+    "edgespool_windows".to_owned()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// How a PostgreSQL connection uses TLS, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, without checking its certificate.
+    #[default]
+    Prefer,
+    /// TLS or no connection, without checking the certificate.
+    Require,
+    /// TLS with the certificate checked against the CA and the host name.
+    VerifyFull,
 }
 
 /// One secret given inline (`key`) or as a file (`key_file`), not both.
@@ -848,8 +928,11 @@ impl Config {
 
 /// The checks on one sink that its types cannot make.
 fn validate_sink(sink: &SinkConfig) -> Result<(), String> {
-    let SinkKind::Object(object) = &sink.kind;
     let name = &sink.name;
+    let object = match &sink.kind {
+        SinkKind::Object(object) => object,
+        SinkKind::Postgres(pg) => return validate_postgres(name, pg),
+    };
     let endpoint = |url: &Option<String>| -> Result<(), String> {
         match url {
             Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => Err(
@@ -906,6 +989,32 @@ fn validate_sink(sink: &SinkConfig) -> Result<(), String> {
     if !matches!(object.store, Store::Local(_)) && object.part_size < 5 * 1024 * 1024 {
         return Err(format!(
             "sink {name:?}: part_size must be at least 5 MiB (the smallest part S3 accepts)"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_postgres(name: &str, pg: &PostgresSink) -> Result<(), String> {
+    one_secret("password", &pg.password, &pg.password_file)?;
+    if pg.url.is_none() && pg.host.is_none() {
+        return Err(format!("sink {name:?}: give `url` or `host`"));
+    }
+    for (key, ident) in [("schema", &pg.schema), ("table", &pg.table)] {
+        let mut chars = ident.chars();
+        let valid = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && ident.len() <= 63;
+        if !valid {
+            return Err(format!(
+                "sink {name:?}: {key} {ident:?} must be a lower-case SQL name: letters, digits and _, not starting with a digit"
+            ));
+        }
+    }
+    if pg.ca_file.is_some() && pg.sslmode != SslMode::VerifyFull {
+        return Err(format!(
+            "sink {name:?}: ca_file is used only with sslmode = \"verify-full\""
         ));
     }
     Ok(())
@@ -1067,9 +1176,16 @@ fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
 
 fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
     let span = table.span();
-    let kinds = "\"local\", \"s3\", \"gcs\", \"azure\"";
+    let kinds = "\"local\", \"s3\", \"gcs\", \"azure\", \"postgres\"";
     let kind = kind_of(&table, "sinks", kinds)?;
     let kind_span = kind_value_span(&table).unwrap_or(span.clone());
+    if kind == "postgres" {
+        let pg: PostgresSink = without_kind(table)?;
+        return Ok(SinkConfig {
+            name: pg.name.clone().unwrap_or_else(|| kind.clone()),
+            kind: SinkKind::Postgres(Box::new(pg)),
+        });
+    }
     let remote = kind != "local";
     let backend_fields = match kind.as_str() {
         "local" => field_names::<LocalStore>(),
@@ -1299,7 +1415,9 @@ path = "/tmp/x/out"
         let config = Config::parse(&text, Path::new("x.toml")).expect("valid");
         let sink = &config.sinks[0];
         assert_eq!(sink.name, "s3");
-        let SinkKind::Object(object) = &sink.kind;
+        let SinkKind::Object(object) = &sink.kind else {
+            panic!("an object sink");
+        };
         assert_eq!(
             (object.format, object.layout, object.compression),
             (Format::Parquet, Layout::Long, Compression::Zstd)
@@ -1358,6 +1476,43 @@ path = "/tmp/x/out"
             let error = error_of(&with_sink(&format!("[[sinks]]\n{sink}\n")));
             assert!(error.ends_with(message), "{error}");
         }
+    }
+
+    #[test]
+    fn a_postgres_sink_is_checked() {
+        let ok = with_sink("[[sinks]]\nkind = \"postgres\"\nurl = \"postgres://pi@db/sensors\"\n");
+        let config = Config::parse(&ok, Path::new("x.toml")).expect("valid");
+        let SinkKind::Postgres(pg) = &config.sinks[0].kind else {
+            panic!("a postgres sink");
+        };
+        assert_eq!(
+            (pg.schema.as_str(), pg.table.as_str(), pg.sslmode),
+            ("public", "edgespool_windows", SslMode::Prefer)
+        );
+        let cases = [
+            (
+                "host = \"db\"\ntable = \"Windows\"",
+                "table \"Windows\" must be a lower-case SQL name: letters, digits and _, not starting with a digit",
+            ),
+            ("dbname = \"x\"", "sink \"postgres\": give `url` or `host`"),
+            (
+                "host = \"db\"\nca_file = \"/ca.pem\"",
+                "sink \"postgres\": ca_file is used only with sslmode = \"verify-full\"",
+            ),
+        ];
+        for (keys, message) in cases {
+            let error = error_of(&with_sink(&format!(
+                "[[sinks]]\nkind = \"postgres\"\n{keys}\n"
+            )));
+            assert!(error.ends_with(message), "{error}");
+        }
+        let bad =
+            with_sink("[[sinks]]\nkind = \"postgres\"\nhost = \"db\"\nsslmode = \"verify-ca\"\n");
+        assert!(
+            error_of(&bad).contains("unknown variant `verify-ca`"),
+            "{}",
+            error_of(&bad)
+        );
     }
 
     #[test]

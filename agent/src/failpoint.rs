@@ -4,19 +4,30 @@
 //! cached value.
 //!
 //! Points:
-//! - `after-upload`: a part was written to its sink, its delivery not yet recorded.
+//! - `after-upload`: a part was written to a sink, its delivery not yet recorded;
+//!   `after-upload:NAME` for the sink named NAME only.
 
 use std::sync::OnceLock;
 
 /// The variable that arms a point.
 pub const VARIABLE: &str = "EDGESPOOL_FAILPOINT";
 
-/// Dies here if this point is armed.
-pub fn point(name: &str) {
+/// Dies here if this point is armed, for any subject or for this one.
+pub fn point(name: &str, subject: &str) {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
-    let armed = ARMED.get_or_init(|| std::env::var(VARIABLE).ok());
-    if armed.as_deref() == Some(name) {
-        tracing::warn!(point = name, "failpoint reached: killing the process");
+    let Some(armed) = ARMED.get_or_init(|| std::env::var(VARIABLE).ok()) else {
+        return;
+    };
+    let hit = match armed.split_once(':') {
+        Some((point, only)) => point == name && only == subject,
+        None => armed == name,
+    };
+    if hit {
+        tracing::warn!(
+            point = name,
+            subject,
+            "failpoint reached: killing the process"
+        );
         let _ =
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }

@@ -506,3 +506,237 @@ impl Drop for S3Server {
         self.stop();
     }
 }
+
+/// The password of the test PostgreSQL servers' `edgespool` role.
+pub const PG_PASSWORD: &str = "pg-test-password";
+
+/// A real PostgreSQL server in a temp dir on a free loopback port, with a role
+/// `edgespool` (password [`PG_PASSWORD`]); stopped on drop. As root, it runs as the
+/// `postgres` user (the server refuses to run as root).
+pub struct PgServer {
+    /// The port.
+    pub port: u16,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    owner: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+/// The folder of PostgreSQL's server programs.
+fn pg_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("postgres").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!("no PostgreSQL server under /usr/lib/postgresql: run the suite with scripts/test.sh, which installs it")
+    })
+}
+
+impl PgServer {
+    /// initdb, then start.
+    pub fn start() -> PgServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let owner = if rustix::process::geteuid().is_root() {
+            let id = |flag: &str| -> u32 {
+                let out = Command::new("id")
+                    .args([flag, "postgres"])
+                    .output()
+                    .expect("id runs");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .expect("the postgres user exists")
+            };
+            Some((id("-u"), id("-g")))
+        } else {
+            None
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut server = PgServer {
+            port,
+            bin: pg_bin(),
+            dir,
+            owner,
+            child: None,
+        };
+        let pwfile = server.dir.path().join("pw");
+        fs::write(&pwfile, PG_PASSWORD).expect("write pwfile");
+        if let Some((uid, gid)) = owner {
+            for path in [server.dir.path(), pwfile.as_path()] {
+                rustix::fs::chown(
+                    path,
+                    Some(rustix::process::Uid::from_raw(uid)),
+                    Some(rustix::process::Gid::from_raw(gid)),
+                )
+                .expect("chown to postgres");
+            }
+        }
+        let out = server
+            .command("initdb")
+            .arg("-D")
+            .arg(server.dir.path().join("data"))
+            .args([
+                "-U",
+                "edgespool",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        server.spawn();
+        server
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin.join(program));
+        command.stdin(Stdio::null()).current_dir(self.dir.path());
+        if let Some((uid, gid)) = self.owner {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+        }
+        command
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("log opens");
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+            .stdout(log.try_clone().expect("log clones"))
+            .stderr(log)
+            .spawn()
+            .expect("postgres starts");
+        self.child = Some(child);
+        wait_for(
+            "PostgreSQL to accept connections",
+            Duration::from_secs(60),
+            || {
+                let out = self.psql_command("postgres", "SELECT 1").output().ok()?;
+                out.status.success().then_some(())
+            },
+        );
+    }
+
+    /// Stops the server (fast shutdown: sessions are cut, open transactions roll back).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with its data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn psql_command(&self, db: &str, sql: &str) -> Command {
+        let mut command = Command::new("psql");
+        command
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "edgespool",
+                "-d",
+                db,
+            ])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .env("PGPASSWORD", PG_PASSWORD)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs SQL with psql (a client we did not write); rows as lines, columns `|`-separated.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = self.psql_command(db, sql).output().expect("psql runs");
+        assert!(
+            out.status.success(),
+            "psql {sql:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+    }
+
+    /// [`PgServer::psql`] that gives `None` instead of failing (a table not made yet).
+    pub fn try_psql(&self, db: &str, sql: &str) -> Option<String> {
+        let out = self.psql_command(db, sql).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+    }
+
+    /// A psql session kept open, fed statements on its standard input.
+    pub fn session(&self, db: &str) -> Child {
+        Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "edgespool",
+                "-d",
+                db,
+            ])
+            .args(["-X", "-q"])
+            .env("PGPASSWORD", PG_PASSWORD)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("psql starts")
+    }
+
+    /// The server's own log.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

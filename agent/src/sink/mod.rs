@@ -8,6 +8,7 @@
 mod encode;
 mod layout;
 mod object;
+mod postgres;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
 pub use encode::{Encoding, Part, content_type, encode, extension};
 pub use layout::object_key;
+pub use postgres::location as postgres_location;
 
 /// Why a delivery failed. The message never holds a secret.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,7 @@ pub trait Sink: Send + Sync {
 pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
     match &config.kind {
         SinkKind::Object(object) => Ok(Arc::new(object::ObjectSink::new(&config.name, object))),
+        SinkKind::Postgres(pg) => Ok(Arc::new(postgres::PostgresSink::new(&config.name, pg))),
     }
 }
 
@@ -196,7 +199,7 @@ impl Uploader {
                 .await
                 .map_err(|e| e.to_string())?;
             info!(sink = %self.name, rows = rows.len(), to = %location, "delivered");
-            crate::failpoint::point("after-upload");
+            crate::failpoint::point("after-upload", &self.name);
         }
         self.spool
             .delivered(plan, clock::now_ms())

@@ -1,0 +1,550 @@
+//! The PostgreSQL sink: each part is loaded in one transaction, exactly once in effect.
+//!
+//! 1. `INSERT INTO edgespool_loads (…, partition, part)` with `ON CONFLICT DO NOTHING`:
+//!    if the row was there already, this part was committed before (the acknowledgement
+//!    was lost, or the agent died before recording the delivery) and nothing else is done.
+//! 2. `COPY` the part's rows into a temporary staging table (CSV).
+//! 3. `INSERT … SELECT` from staging into the table; a row whose (device, series,
+//!    window_start) exists (late rows of a window loaded before) is merged into it.
+//! 4. `COMMIT`; only then does the uploader record the delivery in the spool.
+//!
+//! A connection lost anywhere before the commit (a server restart mid-COPY) rolls the
+//! whole part back; the retry loads it whole.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, Config as PgConfig};
+
+use super::{Delivery, Sink, SinkError};
+use crate::aggregate::WindowRow;
+use crate::clock;
+use crate::config::{PostgresSink as PgSinkConfig, SslMode};
+
+/// The table's columns, in order, with their SQL types as `information_schema` names them.
+const COLUMNS: [(&str, &str); 15] = [
+    ("device", "text"),
+    ("series", "text"),
+    ("unit", "text"),
+    ("tags", "jsonb"),
+    ("window_start", "timestamp with time zone"),
+    ("window_seconds", "integer"),
+    ("count", "bigint"),
+    ("min", "double precision"),
+    ("max", "double precision"),
+    ("mean", "double precision"),
+    ("stdev", "double precision"),
+    ("median", "double precision"),
+    ("first", "double precision"),
+    ("last", "double precision"),
+    ("loaded_at", "timestamp with time zone"),
+];
+
+/// The table of loaded parts, beside the data table in the same schema.
+const LOADS_TABLE: &str = "edgespool_loads";
+
+pub struct PostgresSink {
+    name: String,
+    config: PgSinkConfig,
+    /// Where, for log lines and errors: never the password.
+    location: String,
+    client: Mutex<Option<Client>>,
+}
+
+/// `host:port/dbname`, from the settings (the URL's password is not part of it).
+pub fn location(config: &PgSinkConfig) -> String {
+    match pg_config(config) {
+        Ok(pg) => {
+            let host = match pg.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                #[cfg(unix)]
+                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                None => "localhost".to_owned(),
+            };
+            let port = pg.get_ports().first().copied().unwrap_or(5432);
+            let db = pg.get_dbname().or(pg.get_user()).unwrap_or("?");
+            format!("postgres://{host}:{port}/{db}")
+        }
+        Err(_) => "postgres (invalid url)".to_owned(),
+    }
+}
+
+fn pg_config(config: &PgSinkConfig) -> Result<PgConfig, String> {
+    let mut pg = match &config.url {
+        Some(url) => url
+            .expose()
+            .parse::<PgConfig>()
+            .map_err(|e| format!("invalid url: {}", chain(&e)))?,
+        None => PgConfig::new(),
+    };
+    if let Some(host) = &config.host {
+        pg.host(host);
+    }
+    if let Some(port) = config.port {
+        pg.port(port);
+    }
+    if let Some(user) = &config.user {
+        pg.user(user);
+    }
+    if let Some(db) = &config.dbname {
+        pg.dbname(db);
+    }
+    let password = crate::config::one_secret("password", &config.password, &config.password_file)?;
+    if let Some(password) = password {
+        pg.password(password.expose());
+    }
+    pg.connect_timeout(config.connect_timeout);
+    pg.application_name("edgespool");
+    pg.ssl_mode(match config.sslmode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+    });
+    Ok(pg)
+}
+
+/// An error and its causes, one after the other.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let more = inner.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
+impl PostgresSink {
+    /// The sink a configuration entry describes; it connects at the first delivery.
+    pub fn new(name: &str, config: &PgSinkConfig) -> PostgresSink {
+        PostgresSink {
+            name: name.to_owned(),
+            config: config.clone(),
+            location: location(config),
+            client: Mutex::new(None),
+        }
+    }
+
+    fn table(&self) -> String {
+        format!("\"{}\".\"{}\"", self.config.schema, self.config.table)
+    }
+
+    fn setup(&self, reason: String) -> SinkError {
+        SinkError::Setup {
+            sink: self.name.clone(),
+            reason: format!("{}: {reason}", self.location),
+        }
+    }
+
+    async fn connect(&self) -> Result<Client, SinkError> {
+        let pg = pg_config(&self.config).map_err(|e| self.setup(e))?;
+        let fail = |e: tokio_postgres::Error| self.setup(chain(&e));
+        let client = if self.config.sslmode == SslMode::Disable {
+            let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
+            tokio::spawn(connection);
+            client
+        } else {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+                self.tls_config().map_err(|e| self.setup(e))?,
+            );
+            let (client, connection) = pg.connect(tls).await.map_err(fail)?;
+            tokio::spawn(connection);
+            client
+        };
+        let statement_timeout = self.config.connect_timeout.saturating_mul(6);
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                statement_timeout.as_millis()
+            ))
+            .await
+            .map_err(fail)?;
+        self.ensure_table(&client).await?;
+        Ok(client)
+    }
+
+    fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
+        let builder = rustls::ClientConfig::builder();
+        if self.config.sslmode != SslMode::VerifyFull {
+            // libpq's "prefer" and "require": encrypted, the certificate not checked.
+            return Ok(builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate::new()))
+                .with_no_client_auth());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.config.ca_file {
+            Some(path) => {
+                use rustls_pki_types::pem::PemObject;
+                let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+                for cert in certs {
+                    let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+            }
+        }
+        if roots.is_empty() {
+            return Err("sslmode verify-full: no CA certificates found".to_owned());
+        }
+        Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    }
+
+    /// Creates the schema, the table, its index and the loads table when missing; an
+    /// existing table of another shape is an error that says what differs.
+    async fn ensure_table(&self, client: &Client) -> Result<(), SinkError> {
+        let fail = |e: tokio_postgres::Error| self.setup(chain(&e));
+        let (schema, table) = (&self.config.schema, &self.config.table);
+        let found = client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+                &[schema, table],
+            )
+            .await
+            .map_err(fail)?;
+        if found.is_empty() {
+            let columns: Vec<String> = COLUMNS
+                .iter()
+                .map(|(name, ty)| {
+                    let not_null = match *name {
+                        "unit" | "stdev" | "min" | "max" | "mean" | "median" | "first" | "last" => {
+                            ""
+                        }
+                        "tags" => " NOT NULL DEFAULT '{}'",
+                        "loaded_at" => " NOT NULL DEFAULT now()",
+                        _ => " NOT NULL",
+                    };
+                    format!("\"{name}\" {ty}{not_null}")
+                })
+                .collect();
+            let mut sql = format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+                 CREATE TABLE IF NOT EXISTS {t} ({}, PRIMARY KEY (device, series, window_start));
+                 CREATE INDEX IF NOT EXISTS \"{table}_window_start\" ON {t} (window_start);",
+                columns.join(", "),
+                t = self.table(),
+            );
+            if self.config.timescaledb {
+                sql.push_str(&format!(
+                    "SELECT create_hypertable('{t}', 'window_start', if_not_exists => TRUE, migrate_data => TRUE);",
+                    t = self.table().replace('\'', "''"),
+                ));
+            }
+            client.batch_execute(&sql).await.map_err(fail)?;
+            tracing::info!(sink = %self.name, table = %self.table(), "created the table");
+        } else {
+            let found: Vec<(String, String)> = found.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let mut differences = Vec::new();
+            for (name, ty) in COLUMNS {
+                match found.iter().find(|(n, _)| n == name) {
+                    None => differences.push(format!("column {name} is missing")),
+                    Some((_, t)) if t != ty => {
+                        differences.push(format!("column {name} is {t}, expected {ty}"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if !differences.is_empty() {
+                return Err(self.setup(format!(
+                    "table {schema}.{table} exists with another shape: {}",
+                    differences.join("; ")
+                )));
+            }
+        }
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS \"{schema}\".{LOADS_TABLE} (
+                     target text NOT NULL,
+                     device text NOT NULL,
+                     partition_start timestamptz NOT NULL,
+                     part integer NOT NULL,
+                     rows integer NOT NULL,
+                     loaded_at timestamptz NOT NULL DEFAULT now(),
+                     PRIMARY KEY (target, device, partition_start, part))"
+            ))
+            .await
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    /// Loads one part in one transaction; `false` when it had been loaded before.
+    async fn load(&self, client: &mut Client, delivery: &Delivery<'_>) -> Result<bool, String> {
+        let sql = |e: tokio_postgres::Error| chain(&e);
+        let plan = delivery.plan;
+        let tx = client.transaction().await.map_err(sql)?;
+        let new = tx
+            .execute(
+                &format!(
+                    "INSERT INTO \"{}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
+                     VALUES ($1, $2, to_timestamp($3::bigint), $4, $5) ON CONFLICT DO NOTHING",
+                    self.config.schema
+                ),
+                &[
+                    &self.config.table,
+                    &delivery.device,
+                    &plan.partition,
+                    &(plan.part as i32),
+                    &(delivery.rows.len() as i32),
+                ],
+            )
+            .await
+            .map_err(sql)?;
+        if new == 0 {
+            tx.commit().await.map_err(sql)?;
+            return Ok(false);
+        }
+        tx.batch_execute(&format!(
+            "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+            self.table()
+        ))
+        .await
+        .map_err(sql)?;
+        let names: Vec<&str> = COLUMNS[..14].iter().map(|(n, _)| *n).collect();
+        let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+        let copy = tx
+            .copy_in(&format!(
+                "COPY edgespool_staging ({}) FROM STDIN WITH (FORMAT csv)",
+                quoted.join(", ")
+            ))
+            .await
+            .map_err(sql)?;
+        futures_util::pin_mut!(copy);
+        for chunk in merged(delivery.rows).chunks(4096) {
+            let body =
+                csv_rows(delivery.device, chunk).map_err(|e| format!("cannot encode: {e}"))?;
+            copy.send(Bytes::from(body)).await.map_err(sql)?;
+        }
+        copy.finish().await.map_err(sql)?;
+        let columns = quoted.join(", ");
+        tx.batch_execute(&format!(
+            "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM edgespool_staging
+             ON CONFLICT (device, series, window_start) DO UPDATE SET
+               count = t.count + EXCLUDED.count,
+               min = LEAST(t.min, EXCLUDED.min),
+               max = GREATEST(t.max, EXCLUDED.max),
+               mean = (t.mean * t.count + EXCLUDED.mean * EXCLUDED.count) / (t.count + EXCLUDED.count),
+               stdev = sqrt(GREATEST(0,
+                   coalesce(t.stdev, 0) ^ 2 * (t.count - 1)
+                   + coalesce(EXCLUDED.stdev, 0) ^ 2 * (EXCLUDED.count - 1)
+                   + (t.mean - EXCLUDED.mean) ^ 2 * t.count * EXCLUDED.count / (t.count + EXCLUDED.count))
+                   / (t.count + EXCLUDED.count - 1)),
+               median = (t.median * t.count + EXCLUDED.median * EXCLUDED.count) / (t.count + EXCLUDED.count),
+               last = EXCLUDED.last,
+               loaded_at = now()",
+            table = self.table(),
+        ))
+        .await
+        .map_err(sql)?;
+        tx.commit().await.map_err(sql)?;
+        Ok(true)
+    }
+}
+
+/// The rows with windows that appear twice in one part (a window and its late rows,
+/// both spooled before the part was planned) merged into one.
+fn merged(rows: &[WindowRow]) -> Vec<WindowRow> {
+    let mut out: Vec<WindowRow> = Vec::with_capacity(rows.len());
+    for row in rows {
+        match out.last_mut() {
+            Some(last) if last.start == row.start && last.series == row.series => {
+                last.stats = last.stats.merge(&row.stats);
+            }
+            _ => out.push(row.clone()),
+        }
+    }
+    out
+}
+
+/// Rows as COPY's CSV: an empty unquoted field is NULL.
+fn csv_rows(device: &str, rows: &[WindowRow]) -> Result<Vec<u8>, csv::Error> {
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::with_capacity(rows.len() * 160));
+    let mut buffers: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
+    for row in rows {
+        let s = &row.stats;
+        let tags = serde_json::to_string(&row.series.tags).unwrap_or_else(|_| "{}".to_owned());
+        let [b1, b2, b3, b4, b5, b6, b7] = &mut buffers;
+        let number = |b: &'_ mut ryu::Buffer, v: Option<f64>| -> String {
+            v.map_or_else(String::new, |v| b.format_finite(v).to_owned())
+        };
+        w.write_record([
+            device,
+            &row.series.name,
+            row.series.unit.as_deref().unwrap_or(""),
+            &tags,
+            &clock::rfc3339(row.start),
+            &row.seconds.to_string(),
+            &s.count.to_string(),
+            &number(b1, Some(s.min)),
+            &number(b2, Some(s.max)),
+            &number(b3, Some(s.mean)),
+            &number(b4, s.stdev),
+            &number(b5, Some(s.median)),
+            &number(b6, Some(s.first)),
+            &number(b7, Some(s.last)),
+        ])?;
+    }
+    w.into_inner().map_err(|e| e.into_error().into())
+}
+
+#[async_trait::async_trait]
+impl Sink for PostgresSink {
+    async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = None;
+            *guard = Some(self.connect().await?);
+        }
+        let client = guard.as_mut().expect("connected above");
+        let plan = delivery.plan;
+        let what = format!(
+            "{} part {} of {}",
+            self.table(),
+            plan.part,
+            clock::rfc3339(plan.partition)
+        );
+        let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
+        let outcome = tokio::time::timeout(limit, self.load(client, &delivery)).await;
+        let result = match outcome {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        };
+        match result {
+            Ok(true) => Ok(format!("{} {what}", self.location)),
+            Ok(false) => Ok(format!("{} {what} (loaded before)", self.location)),
+            Err(reason) => {
+                // Start over on a fresh connection: this one may be mid-transaction.
+                *guard = None;
+                Err(SinkError::Write {
+                    sink: self.name.clone(),
+                    key: what,
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+/// A verifier that accepts any certificate: libpq's `sslmode=require` encrypts without
+/// authenticating the server.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl AnyCertificate {
+    fn new() -> AnyCertificate {
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+        AnyCertificate(provider)
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::Stats;
+    use crate::source::Series;
+
+    fn row(series: &Arc<Series>, start: i64, value: f64) -> WindowRow {
+        WindowRow {
+            series: Arc::clone(series),
+            start,
+            seconds: 60,
+            stats: Stats {
+                count: 1,
+                min: value,
+                max: value,
+                mean: value,
+                stdev: None,
+                median: value,
+                first: value,
+                last: value,
+            },
+        }
+    }
+
+    #[test]
+    fn a_window_twice_in_one_part_is_loaded_as_one_row() {
+        let s = Arc::new(Series::new("hw.t", None));
+        let rows = vec![row(&s, 0, 1.0), row(&s, 0, 3.0), row(&s, 60, 5.0)];
+        let out = merged(&rows);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].stats.count, out[0].stats.mean), (2, 2.0));
+        let text = String::from_utf8(csv_rows("pi", &out).expect("csv")).expect("utf-8");
+        assert_eq!(
+            text.lines().next(),
+            Some(
+                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,1.0,3.0"
+            )
+        );
+    }
+
+    #[test]
+    fn the_location_never_shows_the_password() {
+        let config: crate::config::PostgresSink = toml::from_str(
+            "url = \"postgres://pi:hunter2@db.lan:5433/sensors\"\nsslmode = \"require\"",
+        )
+        .expect("parses");
+        assert_eq!(location(&config), "postgres://db.lan:5433/sensors");
+    }
+}
