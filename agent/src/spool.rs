@@ -36,14 +36,16 @@
 //! ```
 //!
 //! # Delivery bookkeeping
-//! 1. *Plan*: for a sink, the oldest partition that is closed (its end plus the grace
-//!    period has passed) and holds windows with ids above the sink's last planned part
-//!    gets a new part row: `after_id` = that last id, `last_id` = the highest id now
+//! 1. *Plan*: for a sink, the oldest partitions (up to 16 in one transaction) that are
+//!    closed (their end plus the grace period has passed) and hold windows with ids above
+//!    the sink's last planned part get a new part row each: `after_id` = that last id, `last_id` = the highest id now
 //!    there. Rows that arrive later (late data) have higher ids: they go to the next part.
 //! 2. *Send*: the uploader reads exactly the rows of the part and writes them under a key
 //!    made from the partition and part number.
-//! 3. *Acknowledge*: `delivered_ms` is set. When every active sink has a partition's rows
-//!    up to some id, the rows up to that id are deleted. Part rows are kept, so numbering
+//! 3. *Acknowledge*: `delivered_ms` is set (without an fsync: if a power cut loses it,
+//!    the planned part is sent again and the sink takes it as a no-op). When every
+//!    active sink has a partition's rows up to some id, the rows up to that id are
+//!    deleted. Part rows are kept, so numbering
 //!    never restarts and `part-0000` is never written twice with other content.
 //!
 //! # Recovery after a crash
@@ -78,6 +80,9 @@ const PAGE_SIZE: u32 = 1024;
 
 /// SQLite's page cache per connection, in KiB (kept small for the Pi).
 const CACHE_KIB: i64 = 512;
+
+/// How many closed partitions one planning transaction fixes parts for.
+const PLAN_AHEAD: usize = 16;
 
 /// The most rows one part holds; a larger backlog of one partition becomes more parts.
 pub const MAX_PART_ROWS: i64 = 200_000;
@@ -669,64 +674,86 @@ impl Spool {
             })
             .map_err(&err)?;
         let mut wait_until: Option<i64> = None;
-        let mut chosen = None;
+        let mut chosen = Vec::new();
         for candidate in &mut candidates {
             let (partition, seconds, done, next_part) = candidate.map_err(&err)?;
             let ready_ms = (partition + i64::from(seconds)) * 1000 + grace;
             if ready_ms <= now_ms {
-                chosen = Some((partition, seconds, done, next_part));
-                break;
+                chosen.push((partition, seconds, done, next_part));
+                if chosen.len() == PLAN_AHEAD {
+                    break;
+                }
+            } else {
+                wait_until = Some(wait_until.map_or(ready_ms, |w: i64| w.min(ready_ms)));
             }
-            wait_until = Some(wait_until.map_or(ready_ms, |w: i64| w.min(ready_ms)));
         }
         drop(candidates);
         drop(stmt);
-        let Some((partition, seconds, after_id, part)) = chosen else {
-            return Ok(Plan::Wait(wait_until));
-        };
-        // Whole batches, up to MAX_PART_ROWS windows (at least one batch).
-        let (mut rows, mut last_id) = (0i64, None);
-        {
-            let mut stmt = self
-                .conn
-                .prepare_cached(
-                    "SELECT id, rows FROM batches WHERE partition = ?1 AND id > ?2 ORDER BY id",
-                )
-                .map_err(&err)?;
-            let mut batches = stmt.query(params![partition, after_id]).map_err(&err)?;
-            while let Some(batch) = batches.next().map_err(&err)? {
-                let (id, n): (i64, i64) =
-                    (batch.get(0).map_err(&err)?, batch.get(1).map_err(&err)?);
-                if last_id.is_some() && rows + n > MAX_PART_ROWS {
-                    break;
+        // Several closed partitions are planned in one transaction (one fsync), then
+        // sent one by one, oldest first.
+        let tx = self.conn.transaction().map_err(&err)?;
+        let mut first = None;
+        for (partition, seconds, after_id, part) in chosen {
+            // Whole batches, up to MAX_PART_ROWS windows (at least one batch).
+            let (mut rows, mut last_id) = (0i64, None);
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT id, rows FROM batches WHERE partition = ?1 AND id > ?2 ORDER BY id",
+                    )
+                    .map_err(&err)?;
+                let mut batches = stmt.query(params![partition, after_id]).map_err(&err)?;
+                while let Some(batch) = batches.next().map_err(&err)? {
+                    let (id, n): (i64, i64) =
+                        (batch.get(0).map_err(&err)?, batch.get(1).map_err(&err)?);
+                    if last_id.is_some() && rows + n > MAX_PART_ROWS {
+                        break;
+                    }
+                    rows += n;
+                    last_id = Some(id);
                 }
-                rows += n;
-                last_id = Some(id);
             }
-        }
-        let Some(last_id) = last_id else {
-            return Ok(Plan::Wait(wait_until));
-        };
-        self.conn
-            .execute(
+            let Some(last_id) = last_id else {
+                continue;
+            };
+            tx.execute(
                 "INSERT INTO parts (sink, partition, part, after_id, last_id, rows, planned_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![sink, partition, part, after_id, last_id, rows, now_ms],
             )
             .map_err(&err)?;
-        Ok(Plan::Ready(PartPlan {
-            sink: sink.to_owned(),
-            partition,
-            seconds,
-            part,
-            after_id,
-            last_id,
-            rows,
-        }))
+            first.get_or_insert(PartPlan {
+                sink: sink.to_owned(),
+                partition,
+                seconds,
+                part,
+                after_id,
+                last_id,
+                rows,
+            });
+        }
+        tx.commit().map_err(&err)?;
+        Ok(first.map_or(Plan::Wait(wait_until), Plan::Ready))
     }
 
     /// Records that a part was delivered, and deletes rows every active sink now has.
     pub fn delivered(&mut self, plan: &PartPlan, now_ms: i64) -> Result<(), SpoolError> {
+        // Without an fsync of its own: a delivery record lost to a power cut only makes
+        // the (durably planned) part go again, which every sink takes as a no-op; the
+        // next synced commit makes it durable with everything before it in the WAL.
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(&err)?;
+        let result = self.record_delivery(plan, now_ms);
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(&err)?;
+        result
+    }
+
+    fn record_delivery(&mut self, plan: &PartPlan, now_ms: i64) -> Result<(), SpoolError> {
         let err = sqlite(&self.path);
         let tx = self.conn.transaction().map_err(&err)?;
         tx.execute(
@@ -1397,15 +1424,7 @@ mod tests {
             "s.b starts later; s.c came after the plan"
         );
         spool.delivered(&hour0, 0).expect("deliver");
-        let Plan::Ready(hour0_late) = spool.plan("a", i64::MAX / 4).expect("plan") else {
-            panic!("the late part of hour 0");
-        };
-        assert_eq!((hour0_late.partition, hour0_late.part), (0, 1));
-        assert_eq!(
-            names(&reader.read_part(&hour0_late).expect("read")),
-            ["s.a", "s.c"]
-        );
-        spool.delivered(&hour0_late, 0).expect("deliver");
+        // Hour 1 was planned together with hour 0, before s.c existed.
         let Plan::Ready(hour1) = spool.plan("a", i64::MAX / 4).expect("plan") else {
             panic!("hour 1");
         };
@@ -1417,6 +1436,15 @@ mod tests {
         );
         assert_eq!(hour1_rows.rows.len(), 1);
         spool.delivered(&hour1, 0).expect("deliver");
+        let Plan::Ready(hour0_late) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+            panic!("the late part of hour 0");
+        };
+        assert_eq!((hour0_late.partition, hour0_late.part), (0, 1));
+        assert_eq!(
+            names(&reader.read_part(&hour0_late).expect("read")),
+            ["s.a", "s.c"]
+        );
+        spool.delivered(&hour0_late, 0).expect("deliver");
         let Plan::Ready(hour2) = spool.plan("a", i64::MAX / 4).expect("plan") else {
             panic!("hour 2");
         };

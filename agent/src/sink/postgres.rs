@@ -3,9 +3,12 @@
 //! 1. `INSERT INTO edgespool_loads (…, partition, part)` with `ON CONFLICT DO NOTHING`:
 //!    if the row was there already, this part was committed before (the acknowledgement
 //!    was lost, or the agent died before recording the delivery) and nothing else is done.
-//! 2. `COPY` the part's rows into a temporary staging table (CSV).
-//! 3. `INSERT … SELECT` from staging into the table; a row whose (device, series,
-//!    window_start) exists (late rows of a window loaded before) is merged into it.
+//! 2. A first part (`part-0000`) of a partition is copied straight into the table: no
+//!    earlier load holds its windows. Should one do (a table fed by an earlier spool),
+//!    the unique violation rolls it back and it goes the way of later parts:
+//! 3. `COPY` into a temporary staging table, then `INSERT … SELECT` into the table; a
+//!    row whose (device, series, window_start) exists (late rows of a window loaded
+//!    before) is merged into it.
 //! 4. `COMMIT`; only then does the uploader record the delivery in the spool.
 //!
 //! A connection lost anywhere before the commit (a server restart mid-COPY) rolls the
@@ -282,10 +285,18 @@ impl PostgresSink {
     }
 
     /// Loads one part in one transaction; `false` when it had been loaded before.
-    async fn load(&self, client: &mut Client, delivery: &Delivery<'_>) -> Result<bool, String> {
-        let sql = |e: tokio_postgres::Error| chain(&e);
+    ///
+    /// `direct`: COPY straight into the table, for a first part, whose windows no
+    /// earlier load can hold; a unique violation (a table that does hold them, say from
+    /// an earlier spool) rolls back and the caller loads through staging instead.
+    async fn load(
+        &self,
+        client: &mut Client,
+        delivery: &Delivery<'_>,
+        direct: bool,
+    ) -> Result<bool, LoadError> {
         let plan = delivery.plan;
-        let tx = client.transaction().await.map_err(sql)?;
+        let tx = client.transaction().await?;
         let new = tx
             .execute(
                 &format!(
@@ -301,56 +312,89 @@ impl PostgresSink {
                     &(delivery.rows.len() as i32),
                 ],
             )
-            .await
-            .map_err(sql)?;
+            .await?;
         if new == 0 {
-            tx.commit().await.map_err(sql)?;
+            tx.commit().await?;
             return Ok(false);
         }
-        tx.batch_execute(&format!(
-            "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+        let names: Vec<String> = COLUMNS[..14]
+            .iter()
+            .map(|(n, _)| format!("\"{n}\""))
+            .collect();
+        let columns = names.join(", ");
+        let into = if direct {
             self.table()
-        ))
-        .await
-        .map_err(sql)?;
-        let names: Vec<&str> = COLUMNS[..14].iter().map(|(n, _)| *n).collect();
-        let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+        } else {
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+                self.table()
+            ))
+            .await?;
+            "edgespool_staging".to_owned()
+        };
         let copy = tx
             .copy_in(&format!(
-                "COPY edgespool_staging ({}) FROM STDIN WITH (FORMAT csv)",
-                quoted.join(", ")
+                "COPY {into} ({columns}) FROM STDIN WITH (FORMAT csv)"
             ))
-            .await
-            .map_err(sql)?;
+            .await?;
         futures_util::pin_mut!(copy);
-        for chunk in merged(delivery.rows).chunks(4096) {
-            let body =
-                csv_rows(delivery.device, chunk).map_err(|e| format!("cannot encode: {e}"))?;
-            copy.send(Bytes::from(body)).await.map_err(sql)?;
+        let twice = delivery
+            .rows
+            .windows(2)
+            .any(|w| w[0].start == w[1].start && w[0].series == w[1].series);
+        let merged_rows;
+        let rows = if twice {
+            merged_rows = merged(delivery.rows);
+            &merged_rows[..]
+        } else {
+            delivery.rows
+        };
+        for chunk in rows.chunks(4096) {
+            let body = csv_rows(delivery.device, chunk)
+                .map_err(|e| LoadError::Other(format!("cannot encode: {e}")))?;
+            copy.send(Bytes::from(body)).await?;
         }
-        copy.finish().await.map_err(sql)?;
-        let columns = quoted.join(", ");
-        tx.batch_execute(&format!(
-            "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM edgespool_staging
-             ON CONFLICT (device, series, window_start) DO UPDATE SET
-               count = t.count + EXCLUDED.count,
-               min = LEAST(t.min, EXCLUDED.min),
-               max = GREATEST(t.max, EXCLUDED.max),
-               mean = (t.mean * t.count + EXCLUDED.mean * EXCLUDED.count) / (t.count + EXCLUDED.count),
-               stdev = sqrt(GREATEST(0,
-                   coalesce(t.stdev, 0) ^ 2 * (t.count - 1)
-                   + coalesce(EXCLUDED.stdev, 0) ^ 2 * (EXCLUDED.count - 1)
-                   + (t.mean - EXCLUDED.mean) ^ 2 * t.count * EXCLUDED.count / (t.count + EXCLUDED.count))
-                   / (t.count + EXCLUDED.count - 1)),
-               median = (t.median * t.count + EXCLUDED.median * EXCLUDED.count) / (t.count + EXCLUDED.count),
-               last = EXCLUDED.last,
-               loaded_at = now()",
-            table = self.table(),
-        ))
-        .await
-        .map_err(sql)?;
-        tx.commit().await.map_err(sql)?;
+        copy.finish().await?;
+        if !direct {
+            tx.batch_execute(&format!(
+                "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM edgespool_staging
+                 ON CONFLICT (device, series, window_start) DO UPDATE SET
+                   count = t.count + EXCLUDED.count,
+                   min = LEAST(t.min, EXCLUDED.min),
+                   max = GREATEST(t.max, EXCLUDED.max),
+                   mean = (t.mean * t.count + EXCLUDED.mean * EXCLUDED.count) / (t.count + EXCLUDED.count),
+                   stdev = sqrt(GREATEST(0,
+                       coalesce(t.stdev, 0) ^ 2 * (t.count - 1)
+                       + coalesce(EXCLUDED.stdev, 0) ^ 2 * (EXCLUDED.count - 1)
+                       + (t.mean - EXCLUDED.mean) ^ 2 * t.count * EXCLUDED.count / (t.count + EXCLUDED.count))
+                       / (t.count + EXCLUDED.count - 1)),
+                   median = (t.median * t.count + EXCLUDED.median * EXCLUDED.count) / (t.count + EXCLUDED.count),
+                   last = EXCLUDED.last,
+                   loaded_at = now()",
+                table = self.table(),
+            ))
+            .await?;
+        }
+        tx.commit().await?;
         Ok(true)
+    }
+}
+
+/// Why a load failed.
+enum LoadError {
+    /// A direct COPY met rows that are there already.
+    Conflict,
+    /// Anything else, spelled out.
+    Other(String),
+}
+
+impl From<tokio_postgres::Error> for LoadError {
+    fn from(e: tokio_postgres::Error) -> LoadError {
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+            LoadError::Conflict
+        } else {
+            LoadError::Other(chain(&e))
+        }
     }
 }
 
@@ -369,34 +413,44 @@ fn merged(rows: &[WindowRow]) -> Vec<WindowRow> {
     out
 }
 
-/// Rows as COPY's CSV: an empty unquoted field is NULL.
+/// Rows as COPY's CSV: an empty unquoted field is NULL. Tags and window starts are
+/// formatted once per series and per window, not per row.
 fn csv_rows(device: &str, rows: &[WindowRow]) -> Result<Vec<u8>, csv::Error> {
     let mut w = csv::WriterBuilder::new()
         .terminator(csv::Terminator::Any(b'\n'))
         .from_writer(Vec::with_capacity(rows.len() * 160));
+    let mut tags: std::collections::HashMap<&crate::source::Series, String> =
+        std::collections::HashMap::new();
+    let mut start: Option<(i64, String)> = None;
     let mut buffers: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
+    let mut ints: [itoa::Buffer; 2] = std::array::from_fn(|_| itoa::Buffer::new());
     for row in rows {
         let s = &row.stats;
-        let tags = serde_json::to_string(&row.series.tags).unwrap_or_else(|_| "{}".to_owned());
+        let tags = tags.entry(row.series.as_ref()).or_insert_with(|| {
+            serde_json::to_string(&row.series.tags).unwrap_or_else(|_| "{}".to_owned())
+        });
+        if start.as_ref().is_none_or(|(t, _)| *t != row.start) {
+            start = Some((row.start, clock::rfc3339(row.start)));
+        }
+        let started = start.as_ref().map_or("", |(_, text)| text.as_str());
         let [b1, b2, b3, b4, b5, b6, b7] = &mut buffers;
-        let number = |b: &'_ mut ryu::Buffer, v: Option<f64>| -> String {
-            v.map_or_else(String::new, |v| b.format_finite(v).to_owned())
-        };
+        let [i1, i2] = &mut ints;
+        let stdev = s.stdev.map_or("", |v| b4.format_finite(v));
         w.write_record([
             device,
             &row.series.name,
             row.series.unit.as_deref().unwrap_or(""),
-            &tags,
-            &clock::rfc3339(row.start),
-            &row.seconds.to_string(),
-            &s.count.to_string(),
-            &number(b1, Some(s.min)),
-            &number(b2, Some(s.max)),
-            &number(b3, Some(s.mean)),
-            &number(b4, s.stdev),
-            &number(b5, Some(s.median)),
-            &number(b6, Some(s.first)),
-            &number(b7, Some(s.last)),
+            tags,
+            started,
+            i1.format(row.seconds),
+            i2.format(s.count),
+            b1.format_finite(s.min),
+            b2.format_finite(s.max),
+            b3.format_finite(s.mean),
+            stdev,
+            b5.format_finite(s.median),
+            b6.format_finite(s.first),
+            b7.format_finite(s.last),
         ])?;
     }
     w.into_inner().map_err(|e| e.into_error().into())
@@ -419,9 +473,16 @@ impl Sink for PostgresSink {
             clock::rfc3339(plan.partition)
         );
         let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
-        let outcome = tokio::time::timeout(limit, self.load(client, &delivery)).await;
-        let result = match outcome {
-            Ok(result) => result,
+        let attempt = async {
+            match self.load(client, &delivery, plan.part == 0).await {
+                Err(LoadError::Conflict) => self.load(client, &delivery, false).await,
+                other => other,
+            }
+        };
+        let result = match tokio::time::timeout(limit, attempt).await {
+            Ok(Ok(loaded)) => Ok(loaded),
+            Ok(Err(LoadError::Conflict)) => Err("rows conflict with the table's".to_owned()),
+            Ok(Err(LoadError::Other(reason))) => Err(reason),
             Err(_) => Err(format!("no answer within {limit:?}")),
         };
         match result {
