@@ -147,3 +147,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     info!("edgespool stopped");
     Ok(())
 }
+
+/// An error and its causes, "error sending request: connection refused", since the
+/// outer message of a client library alone seldom says what went wrong.
+pub fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let part = inner.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = inner.source();
+    }
+    text
+}

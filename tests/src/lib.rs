@@ -740,3 +740,56 @@ impl Drop for PgServer {
         self.stop();
     }
 }
+
+/// 2026-01-02T03:00:00Z: partitions this old close as soon as they are committed.
+pub const T0: i64 = 1_767_322_800;
+
+/// The HTTP table source `pa` polling `url` every 100 ms, one series per sensor `ID`
+/// and column, each row stamped by its `last_seen`.
+pub fn table_source(url: &str, columns: &[&str]) -> String {
+    let columns: Vec<String> = columns.iter().map(|c| format!("{c:?}")).collect();
+    format!(
+        r#"
+[[sources]]
+kind = "http"
+name = "pa"
+url = "{url}"
+interval = "100ms"
+timeout = "2s"
+[sources.table]
+key = "ID"
+columns = [{columns}]
+units = {{ pm = "ug/m3" }}
+timestamp_column = "last_seen"
+"#,
+        columns = columns.join(", ")
+    )
+}
+
+/// Writes `dir/edgespool.toml`: device `e2e`, 1 s windows, 1 min partitions, no grace,
+/// the spool in `dir`, then `body` (sources and sinks).
+pub fn write_agent_config(dir: &Path, body: &str) -> PathBuf {
+    let text = format!(
+        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"0s\"\n\n{body}\n",
+        dir.join("spool.db").display()
+    );
+    let path = dir.join("edgespool.toml");
+    fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Table rows at minute `i` after [`T0`]: sensor 7 reads `i`, sensor 9 reads `10 + i`.
+pub fn minute(i: i64) -> String {
+    purpleair_body(&[
+        (7, T0 + i * 60, i as f64, 20.0 + i as f64),
+        (9, T0 + i * 60 + 30, 10.0 + i as f64, 30.0),
+    ])
+}
+
+/// The sink `name` of a `status --json`.
+pub fn sink_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["sinks"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no sink {name} in {status}"))
+}

@@ -5,12 +5,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, edgespool, purpleair_body, read_tree, status_json, wait_for, write_file,
+    Agent, JsonServer, T0, edgespool, purpleair_body, read_tree, status_json, table_source,
+    wait_for, write_file,
 };
 use serde_json::Value;
-
-/// 2026-01-02T03:00:00Z: partitions this old close as soon as they are committed.
-const T0: i64 = 1_767_322_800;
 
 const W1_SLAVE: &str =
     "72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t=23125\n";
@@ -52,31 +50,12 @@ retry_max = "2s"
     path
 }
 
-/// The HTTP table source `pa` polling `url`.
-fn table_source(url: &str) -> String {
-    format!(
-        r#"
-[[sources]]
-kind = "http"
-name = "pa"
-url = "{url}"
-interval = "100ms"
-timeout = "2s"
-[sources.table]
-key = "ID"
-columns = ["pm", "Temperature", "Voc"]
-units = {{ pm = "ug/m3" }}
-timestamp_column = "last_seen"
-"#
-    )
-}
-
 /// A configuration with the HTTP table source, plus whatever `extra` adds.
 fn config(dir: &Path, url: &str, window: &str, extra: &str) -> std::path::PathBuf {
     let sources = format!(
         "{}
 {extra}",
-        table_source(url)
+        table_source(url, &["pm", "Temperature", "Voc"])
     );
     write_config(dir, window, "1m", &sources, &dir.join("out"))
 }
@@ -670,7 +649,12 @@ fn a_failing_sink_retries_and_catches_up_without_losing_a_window() {
         .map(|i| purpleair_body(&[(7, T0 + i * 60, i as f64, 0.0)]))
         .collect();
     let server = JsonServer::start(bodies, empty_table());
-    let config = sysfs_config(dir.path(), "1s", &out, &table_source(&server.url));
+    let config = sysfs_config(
+        dir.path(),
+        "1s",
+        &out,
+        &table_source(&server.url, &["pm", "Temperature", "Voc"]),
+    );
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
 
     let status = wait_for(

@@ -9,13 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, S3Object, S3Server, duckdb, purpleair_body, read_tree, status_json,
-    wait_for, write_file,
+    Agent, JsonServer, S3Object, S3Server, T0, duckdb, minute, purpleair_body, read_tree,
+    sink_status, status_json, table_source, wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
-
-/// 2026-01-02T03:00:00Z.
-const T0: i64 = 1_767_322_800;
 
 /// The access key every test sink uses; the point is that it never shows.
 const SECRET: &str = "s3cr3t-never-logged";
@@ -23,35 +20,11 @@ const SECRET: &str = "s3cr3t-never-logged";
 /// A configuration with the HTTP table source `pa` polling `url` and the given sinks.
 fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
     let secret = write_file(dir, "credentials/s3-secret", &format!("{SECRET}\n"));
-    let text = format!(
-        r#"
-[agent]
-device_id = "e2e"
-spool = "{spool}"
-window = "1s"
-partition = "1m"
-grace = "0s"
-
-[[sources]]
-kind = "http"
-name = "pa"
-url = "{url}"
-interval = "100ms"
-timeout = "2s"
-[sources.table]
-key = "ID"
-columns = ["pm", "Temperature"]
-units = {{ pm = "ug/m3" }}
-timestamp_column = "last_seen"
-
-{sinks}
-"#,
-        spool = dir.join("spool.db").display(),
-        sinks = sinks.replace("{secret_file}", &secret.display().to_string()),
-    );
-    let path = dir.join("edgespool.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
+    let sinks = sinks.replace("{secret_file}", &secret.display().to_string());
+    write_agent_config(
+        dir,
+        &format!("{}\n{sinks}", table_source(url, &["pm", "Temperature"])),
+    )
 }
 
 /// An `s3` sink on `server`'s bucket `lake`, plus `extra` keys.
@@ -72,21 +45,6 @@ timeout = "3s"
 "#,
         endpoint = server.endpoint,
     )
-}
-
-/// Table rows at minute `i` after T0: sensor 7 reads `i`, sensor 9 reads `10 + i`.
-fn minute(i: i64) -> String {
-    purpleair_body(&[
-        (7, T0 + i * 60, i as f64, 20.0 + i as f64),
-        (9, T0 + i * 60 + 30, 10.0 + i as f64, 30.0),
-    ])
-}
-
-fn sink<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["sinks"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no sink {name} in {status}"))
 }
 
 fn keys_under<'a>(objects: &'a [S3Object], prefix: &str) -> Vec<&'a str> {
@@ -177,13 +135,13 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
             ["lake", "table", "wide"]
                 .iter()
                 .all(|name| {
-                    let s = sink(&status, name);
+                    let s = sink_status(&status, name);
                     s["state"] == "retrying" && s["pending_partitions"] == 3
                 })
                 .then_some(status)
         },
     );
-    let lake_sink = sink(&status, "lake");
+    let lake_sink = sink_status(&status, "lake");
     assert!(lake_sink["retrying_since"].is_string(), "{lake_sink}");
     let error = lake_sink["last_error"].as_str().expect("a last error");
     assert!(
@@ -199,7 +157,7 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
         Duration::from_secs(30),
         || (read_tree(&archive).len() == 6).then_some(()),
     );
-    assert_eq!(sink(&agent.status(), "archive")["state"], "ok");
+    assert_eq!(sink_status(&agent.status(), "archive")["state"], "ok");
 
     // The store comes back, empty (moto keeps objects in memory): what reaches it now is
     // exactly what was pending, nothing that was delivered before the outage.
@@ -367,8 +325,8 @@ fn a_crash_between_upload_and_bookkeeping_leaves_exactly_one_copy() {
     let status = status_json(&config);
     assert_eq!(
         (
-            sink(&status, "lake")["pending_partitions"].as_u64(),
-            sink(&status, "lake")["delivered_parts"].as_u64()
+            sink_status(&status, "lake")["pending_partitions"].as_u64(),
+            sink_status(&status, "lake")["delivered_parts"].as_u64()
         ),
         (Some(1), Some(0)),
         "its delivery was not recorded: {status}"
@@ -381,7 +339,7 @@ fn a_crash_between_upload_and_bookkeeping_leaves_exactly_one_copy() {
         Duration::from_secs(60),
         || {
             let status = agent.status();
-            (sink(&status, "lake")["delivered_parts"] == 1).then_some(())
+            (sink_status(&status, "lake")["delivered_parts"] == 1).then_some(())
         },
     );
     let second = s3.list("lake");

@@ -9,46 +9,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, PG_PASSWORD, PgServer, purpleair_body, read_tree, status_json, wait_for,
-    write_file,
+    Agent, JsonServer, PG_PASSWORD, PgServer, T0, minute, purpleair_body, read_tree, sink_status,
+    status_json, table_source, wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
-
-/// 2026-01-02T03:00:00Z.
-const T0: i64 = 1_767_322_800;
 
 /// Writes a configuration: the HTTP table source polling `url`, then `sinks`.
 fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
     let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
-    let text = format!(
-        r#"
-[agent]
-device_id = "e2e"
-spool = "{spool}"
-window = "1s"
-partition = "1m"
-grace = "0s"
-
-[[sources]]
-kind = "http"
-name = "pa"
-url = "{url}"
-interval = "100ms"
-timeout = "2s"
-[sources.table]
-key = "ID"
-columns = ["pm", "Temperature"]
-units = {{ pm = "ug/m3" }}
-timestamp_column = "last_seen"
-
-{sinks}
-"#,
-        spool = dir.join("spool.db").display(),
-        sinks = sinks.replace("{password_file}", &password.display().to_string()),
-    );
-    let path = dir.join("edgespool.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
+    let sinks = sinks.replace("{password_file}", &password.display().to_string());
+    write_agent_config(
+        dir,
+        &format!("{}\n{sinks}", table_source(url, &["pm", "Temperature"])),
+    )
 }
 
 fn pg_sink(pg: &PgServer, name: &str, extra: &str) -> String {
@@ -76,21 +49,6 @@ fn archive_sink(dir: &Path) -> String {
         "[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nretry_max = \"1s\"\n",
         dir.join("archive").display()
     )
-}
-
-/// Table rows at minute `i` after T0: sensor 7 reads `i`, sensor 9 reads `10 + i`.
-fn minute(i: i64) -> String {
-    purpleair_body(&[
-        (7, T0 + i * 60, i as f64, 20.0 + i as f64),
-        (9, T0 + i * 60 + 30, 10.0 + i as f64, 30.0),
-    ])
-}
-
-fn sink<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["sinks"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no sink {name} in {status}"))
 }
 
 /// Rows in the table; 0 before it exists.
@@ -161,11 +119,11 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
         Duration::from_secs(60),
         || {
             let status = agent.status();
-            let db = sink(&status, "db");
+            let db = sink_status(&status, "db");
             (db["state"] == "retrying" && db["pending_partitions"] == 3).then_some(status)
         },
     );
-    let error = sink(&status, "db")["last_error"]
+    let error = sink_status(&status, "db")["last_error"]
         .as_str()
         .expect("an error");
     assert!(
@@ -286,7 +244,7 @@ fn a_crash_after_the_commit_and_kills_at_random_points_never_duplicate_rows() {
             .sum::<u64>()
     };
     assert_eq!(
-        sink(&status, "db")["pending_partitions"],
+        sink_status(&status, "db")["pending_partitions"],
         1,
         "the delivery was not recorded: {status}"
     );
@@ -347,13 +305,13 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
         ["wrong_password", "no_such_host", "tls_required"]
             .iter()
             .all(|name| {
-                let s = sink(&status, name);
+                let s = sink_status(&status, name);
                 s["state"] == "retrying" && s["pending_partitions"] == 1
             })
             .then_some(status)
     });
     let error = |name: &str| {
-        sink(&status, name)["last_error"]
+        sink_status(&status, name)["last_error"]
             .as_str()
             .expect("error")
             .to_owned()
@@ -378,7 +336,7 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
             "tls_required: postgres://127.0.0.1:{port}/postgres: error performing TLS handshake: server does not support TLS"
         )
     );
-    assert_eq!(sink(&status, "archive")["state"], "ok", "{status}");
+    assert_eq!(sink_status(&status, "archive")["state"], "ok", "{status}");
     assert_eq!(
         pg.psql(
             "postgres",

@@ -80,7 +80,7 @@ fn pg_config(config: &PgSinkConfig) -> Result<PgConfig, String> {
         Some(url) => url
             .expose()
             .parse::<PgConfig>()
-            .map_err(|e| format!("invalid url: {}", chain(&e)))?,
+            .map_err(|e| format!("invalid url: {}", crate::with_causes(&e)))?,
         None => PgConfig::new(),
     };
     if let Some(host) = &config.host {
@@ -109,21 +109,6 @@ fn pg_config(config: &PgSinkConfig) -> Result<PgConfig, String> {
     Ok(pg)
 }
 
-/// An error and its causes, one after the other.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(inner) = cause {
-        let more = inner.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = inner.source();
-    }
-    text
-}
-
 impl PostgresSink {
     /// The sink a configuration entry describes; it connects at the first delivery.
     pub fn new(name: &str, config: &PgSinkConfig) -> PostgresSink {
@@ -148,7 +133,7 @@ impl PostgresSink {
 
     async fn connect(&self) -> Result<Client, SinkError> {
         let pg = pg_config(&self.config).map_err(|e| self.setup(e))?;
-        let fail = |e: tokio_postgres::Error| self.setup(chain(&e));
+        let fail = |e: tokio_postgres::Error| self.setup(crate::with_causes(&e));
         let client = if self.config.sslmode == SslMode::Disable {
             let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
             tokio::spawn(connection);
@@ -209,7 +194,7 @@ impl PostgresSink {
     /// Creates the schema, the table, its index and the loads table when missing; an
     /// existing table of another shape is an error that says what differs.
     async fn ensure_table(&self, client: &Client) -> Result<(), SinkError> {
-        let fail = |e: tokio_postgres::Error| self.setup(chain(&e));
+        let fail = |e: tokio_postgres::Error| self.setup(crate::with_causes(&e));
         let (schema, table) = (&self.config.schema, &self.config.table);
         let found = client
             .query(
@@ -393,7 +378,7 @@ impl From<tokio_postgres::Error> for LoadError {
         if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
             LoadError::Conflict
         } else {
-            LoadError::Other(chain(&e))
+            LoadError::Other(crate::with_causes(&e))
         }
     }
 }

@@ -90,7 +90,7 @@ impl HttpSource {
     async fn fetch(&self) -> Result<Value, SourceError> {
         // Design: errors are stripped of their URL, which may carry an API key in its query.
         let fail = |err: reqwest::Error| SourceError::Http {
-            reason: with_causes(&err.without_url()),
+            reason: crate::with_causes(&err.without_url()),
         };
         let mut response = self
             .client
@@ -145,22 +145,6 @@ impl Source for HttpSource {
         }
         Ok(())
     }
-}
-
-/// An error and its causes, "error sending request: connection refused", since
-/// reqwest's own message alone does not say what went wrong.
-fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(inner) = cause {
-        let part = inner.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        cause = inner.source();
-    }
-    text
 }
 
 /// The sample time a pointer gives, or the receive time (counted invalid) when it is bad.
