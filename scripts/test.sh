@@ -4,7 +4,7 @@
 # It builds the agent once and the end-to-end tests reuse that build. Servers the tests
 # need are installed here when they are missing: into a venv under target/ from PyPI,
 # DuckDB and boto3 to read the output back and moto as the S3-compatible server; from
-# Debian, PostgreSQL. Each test starts its own servers on free loopback ports in temp
+# Debian, PostgreSQL and Mosquitto. Each test starts its own servers on free loopback ports in temp
 # dirs and stops them, even when it fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +45,14 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v psql 
     { command -v pg_ctlcluster >/dev/null 2>&1 && pg_lsclusters -h 2>/dev/null |
         while read -r version name _; do pg_ctlcluster "$version" "$name" stop || true; done; } || true
 fi
+
+# Mosquitto: the tests run their own brokers on free loopback ports.
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; then
+    apt_install mosquitto mosquitto-clients
+    # Debian's package starts a broker on port 1883; the tests do not use it.
+    { command -v systemctl >/dev/null 2>&1 && systemctl stop mosquitto 2>/dev/null; } || true
+fi
+export PATH="$PATH:/usr/sbin"
 
 echo "==> building edgespool"
 cargo build --locked -p edgespool

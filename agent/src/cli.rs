@@ -197,6 +197,27 @@ pub fn describe(config: &Config, path: &Path) -> String {
                     .collect();
                 files.join(", ")
             }
+            SourceKind::Mqtt(mqtt) => {
+                let topics: Vec<&str> = mqtt
+                    .subscriptions
+                    .iter()
+                    .map(|s| s.topic.as_str())
+                    .collect();
+                format!(
+                    "{} as {}, QoS {}{}; topics {}",
+                    mqtt.url,
+                    mqtt.client_id
+                        .clone()
+                        .unwrap_or_else(|| format!("edgespool-{}", s.name)),
+                    mqtt.qos,
+                    if mqtt.password.is_some() || mqtt.password_file.is_some() {
+                        ", password <secret>"
+                    } else {
+                        ""
+                    },
+                    topics.join(", ")
+                )
+            }
             SourceKind::Http(http) => {
                 let mut d = format!("GET {}", http.url);
                 let secrets: Vec<&String> = http

@@ -178,6 +178,8 @@ pub enum SourceKind {
     Sysfs(SysfsSource),
     /// A JSON API polled over HTTP.
     Http(Box<HttpSource>),
+    /// Topics of an MQTT broker.
+    Mqtt(Box<MqttSource>),
 }
 
 impl SourceKind {
@@ -187,6 +189,7 @@ impl SourceKind {
             SourceKind::System(_) => "system",
             SourceKind::Sysfs(_) => "sysfs",
             SourceKind::Http(_) => "http",
+            SourceKind::Mqtt(_) => "mqtt",
         }
     }
 }
@@ -297,6 +300,101 @@ pub struct HttpSource {
     /// A table response: a header of field names and rows of positional values.
     #[serde(default)]
     pub table: Option<TableConfig>,
+}
+
+/// `kind = "mqtt"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSource {
+    /// Source name (required).
+    pub name: String,
+    /// How often received messages are handed to the aggregator (default 1s).
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Timeout of one hand-over (default 5s).
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// The broker: `mqtt://host[:1883]` or `mqtts://host[:8883]`.
+    pub url: String,
+    /// Client id (default `edgespool-{name}`); the broker keeps the session under it.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (secret).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<SecretFile>,
+    /// CA certificates (PEM) for `mqtts://`; default: the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Keep-alive (default 30s).
+    #[serde(default = "default_keep_alive", deserialize_with = "duration")]
+    pub keep_alive: Duration,
+    /// 0 or 1 (default 1).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Start a new session at every connection (default false: the broker keeps QoS 1
+    /// messages for the agent while it is away).
+    #[serde(default)]
+    pub clean_session: bool,
+    /// Largest payload taken; longer ones are counted invalid (default 256 KiB).
+    #[serde(default = "default_max_payload")]
+    pub max_payload: bytesize::ByteSize,
+    /// What to subscribe to.
+    pub subscriptions: Vec<MqttSubscription>,
+}
+
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_max_payload() -> bytesize::ByteSize {
+    bytesize::ByteSize::kib(256)
+}
+
+/// How a payload is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Payload {
+    /// A plain number (`21.5`).
+    Number,
+    /// A JSON object; `fields` take values by pointer.
+    Json,
+    /// A JSON object whose every numeric leaf is a field (`BME280.Temperature`).
+    Flatten,
+}
+
+/// One `[[sources.subscriptions]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSubscription {
+    /// A topic filter, with `+` and `#` wildcards.
+    pub topic: String,
+    /// How payloads are read.
+    pub payload: Payload,
+    /// The series name after `source.`: `{topic}` (the topic's levels joined by `.`),
+    /// `{topic.N}` (level N, from 0) and `{field}`. Default `{topic}` for numbers,
+    /// `{topic}.{field}` otherwise.
+    #[serde(default)]
+    pub series: Option<String>,
+    /// For `payload = "json"`: the fields.
+    #[serde(default)]
+    pub fields: Vec<JsonField>,
+    /// JSON pointer to the sample's own time (RFC 3339 with an offset, or epoch seconds
+    /// or milliseconds); without it, the time the message arrived.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    /// For `payload = "flatten"`: booleans as 0 and 1 (default false: skipped).
+    #[serde(default)]
+    pub booleans: bool,
+    /// Unit of a plain number or of every flattened field.
+    #[serde(default)]
+    pub unit: Option<String>,
 }
 
 /// One `[[sources.fields]]` entry of an HTTP source.
@@ -1071,7 +1169,74 @@ fn validate_source(source: &SourceConfig) -> Result<(), String> {
             }
             Ok(())
         }
+        SourceKind::Mqtt(mqtt) => validate_mqtt(name, mqtt),
     }
+}
+
+fn validate_mqtt(name: &str, mqtt: &MqttSource) -> Result<(), String> {
+    let url = reqwest::Url::parse(&mqtt.url)
+        .map_err(|err| format!("source {name:?}: invalid url: {err}"))?;
+    if !matches!(url.scheme(), "mqtt" | "mqtts") || url.host_str().is_none() {
+        return Err(format!(
+            "source {name:?}: url must be mqtt://host[:port] or mqtts://host[:port]"
+        ));
+    }
+    if mqtt.qos > 1 {
+        return Err(format!("source {name:?}: qos must be 0 or 1"));
+    }
+    one_secret("password", &mqtt.password, &mqtt.password_file)?;
+    if mqtt.subscriptions.is_empty() {
+        return Err(format!(
+            "source {name:?}: list at least one [[sources.subscriptions]]"
+        ));
+    }
+    for sub in &mqtt.subscriptions {
+        let topic = &sub.topic;
+        let levels: Vec<&str> = topic.split('/').collect();
+        let bad_hash = levels.iter().enumerate().any(|(i, l)| {
+            (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
+                || (l.contains('+') && *l != "+")
+        });
+        if topic.is_empty() || bad_hash {
+            return Err(format!(
+                "source {name:?}: topic filter {topic:?}: `+` must be a whole level and `#` the whole last level"
+            ));
+        }
+        if sub.payload == Payload::Json && sub.fields.is_empty() {
+            return Err(format!(
+                "source {name:?}: topic {topic:?}: payload = \"json\" needs [[sources.subscriptions.fields]]"
+            ));
+        }
+        let pointers = sub.fields.iter().map(|f| &f.pointer).chain(&sub.timestamp);
+        for pointer in pointers {
+            if !(pointer.is_empty() || pointer.starts_with('/')) {
+                return Err(format!(
+                    "source {name:?}: JSON pointer {pointer:?} must be empty or start with '/'"
+                ));
+            }
+        }
+        if let Some(template) = &sub.series {
+            let mut rest = template.as_str();
+            while let Some(open) = rest.find('{') {
+                let close = rest[open..]
+                    .find('}')
+                    .ok_or_else(|| format!("source {name:?}: series {template:?}: unclosed {{"))?;
+                let var = &rest[open + 1..open + close];
+                let known = var == "topic"
+                    || var == "field"
+                    || var
+                        .strip_prefix("topic.")
+                        .is_some_and(|n| n.parse::<usize>().is_ok());
+                if !known {
+                    return Err(format!(
+                        "source {name:?}: series {template:?}: unknown {{{var}}}; use {{topic}}, {{topic.N}} or {{field}}"
+                    ));
+                }
+                rest = &rest[open + close + 1..];
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Names that end up in object keys and series names stay plain.
@@ -1133,7 +1298,11 @@ fn without_kind<'de, T: Deserialize<'de>>(table: Spanned<DeValue<'de>>) -> Resul
 
 fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
     let span = table.span();
-    let kind = kind_of(&table, "sources", "\"system\", \"sysfs\", \"http\"")?;
+    let kind = kind_of(
+        &table,
+        "sources",
+        "\"system\", \"sysfs\", \"http\", \"mqtt\"",
+    )?;
     let kind_span = kind_value_span(&table).unwrap_or(span);
     Ok(match kind.as_str() {
         "system" => {
@@ -1163,11 +1332,20 @@ fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 kind: SourceKind::Http(Box::new(s)),
             }
         }
+        "mqtt" => {
+            let s: MqttSource = without_kind(table)?;
+            SourceConfig {
+                name: s.name.clone(),
+                interval: s.interval,
+                timeout: s.timeout,
+                kind: SourceKind::Mqtt(Box::new(s)),
+            }
+        }
         other => {
             return Err((
                 Some(kind_span),
                 format!(
-                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\""
+                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\""
                 ),
             ));
         }
@@ -1516,6 +1694,47 @@ path = "/tmp/x/out"
     }
 
     #[test]
+    fn mqtt_subscriptions_are_checked() {
+        let source = |sub: &str| {
+            MINIMAL.replace(
+                "kind = \"system\"",
+                &format!("kind = \"mqtt\"\nname = \"m\"\nurl = \"mqtt://127.0.0.1\"\n[[sources.subscriptions]]\n{sub}"),
+            )
+        };
+        let ok = source(
+            "topic = \"tele/+/SENSOR\"\npayload = \"flatten\"\nseries = \"{topic.1}.{field}\"",
+        );
+        Config::parse(&ok, Path::new("x.toml")).expect("valid");
+        let cases = [
+            (
+                "topic = \"a/#/b\"\npayload = \"number\"",
+                "topic filter \"a/#/b\": `+` must be a whole level and `#` the whole last level",
+            ),
+            (
+                "topic = \"a/b+\"\npayload = \"number\"",
+                "topic filter \"a/b+\": `+` must be a whole level and `#` the whole last level",
+            ),
+            (
+                "topic = \"a\"\npayload = \"json\"",
+                "topic \"a\": payload = \"json\" needs [[sources.subscriptions.fields]]",
+            ),
+            (
+                "topic = \"a\"\npayload = \"number\"\nseries = \"{device}\"",
+                "series \"{device}\": unknown {device}; use {topic}, {topic.N} or {field}",
+            ),
+        ];
+        for (sub, message) in cases {
+            let error = error_of(&source(sub));
+            assert!(error.ends_with(message), "{error}");
+        }
+        let http = MINIMAL.replace(
+            "kind = \"system\"",
+            "kind = \"mqtt\"\nname = \"m\"\nurl = \"http://x\"\nsubscriptions = []",
+        );
+        assert!(error_of(&http).ends_with("url must be mqtt://host[:port] or mqtts://host[:port]"));
+    }
+
+    #[test]
     fn a_secret_given_twice_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("key");
@@ -1614,7 +1833,7 @@ path = "/tmp/x/out"
         let text = MINIMAL.replace("kind = \"system\"", "kind = \"sistem\"");
         assert_eq!(
             error_of(&text),
-            "edgespool.toml:7:8: unknown source kind \"sistem\"; expected one of \"system\", \"sysfs\", \"http\""
+            "edgespool.toml:7:8: unknown source kind \"sistem\"; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\""
         );
     }
 

@@ -793,3 +793,129 @@ pub fn sink_status<'a>(status: &'a Value, name: &str) -> &'a Value {
         .and_then(|s| s.iter().find(|s| s["name"] == name))
         .unwrap_or_else(|| panic!("no sink {name} in {status}"))
 }
+
+/// A real Mosquitto broker on a free loopback port, with persistence in a temp dir (so
+/// that sessions and queued QoS 1 messages survive a restart); stopped on drop.
+pub struct MqttBroker {
+    /// The port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl MqttBroker {
+    /// Starts the broker and waits until it listens.
+    pub fn start() -> MqttBroker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
+            dir.path().display()
+        );
+        if rustix::process::geteuid().is_root() {
+            // Keep the persistence folder writable: do not drop to the mosquitto user.
+            conf.push_str("user root\n");
+        }
+        fs::write(dir.path().join("mosquitto.conf"), conf).expect("write conf");
+        let mut broker = MqttBroker {
+            port,
+            dir,
+            child: None,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("broker.log"))
+            .expect("log opens");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log clones"))
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto starts (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the broker to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// Stops the broker cleanly (SIGTERM: it saves its sessions and queues).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with what it saved.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Publishes each of `messages` to `topic` with mosquitto_pub (one connection,
+    /// QoS `qos`); the messages must not hold line breaks.
+    pub fn publish(&self, topic: &str, qos: u8, messages: &[&str]) {
+        let mut child = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic])
+            .args(["-q", &qos.to_string(), "-l"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("mosquitto_pub starts");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            for message in messages {
+                writeln!(stdin, "{message}").expect("write message");
+            }
+        }
+        let status = child.wait().expect("mosquitto_pub ends");
+        assert!(status.success(), "mosquitto_pub to {topic} failed");
+    }
+
+    /// Publishes one message of arbitrary bytes.
+    pub fn publish_bytes(&self, topic: &str, payload: &[u8]) {
+        let file = self.dir.path().join("payload.bin");
+        fs::write(&file, payload).expect("write payload");
+        let status = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-t",
+                topic,
+                "-q",
+                "1",
+                "-f",
+            ])
+            .arg(&file)
+            .status()
+            .expect("mosquitto_pub runs");
+        assert!(status.success(), "mosquitto_pub to {topic} failed");
+    }
+}
+
+impl Drop for MqttBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

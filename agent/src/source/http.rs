@@ -148,7 +148,7 @@ impl Source for HttpSource {
 }
 
 /// The sample time a pointer gives, or the receive time (counted invalid) when it is bad.
-fn event_time(doc: &Value, pointer: &str, received: i64, batch: &mut Batch) -> i64 {
+pub(super) fn event_time(doc: &Value, pointer: &str, received: i64, batch: &mut Batch) -> i64 {
     match doc.pointer(pointer).map(parse_timestamp) {
         Some(Ok(ms)) => ms,
         Some(Err(why)) => {
@@ -167,7 +167,7 @@ fn event_time(doc: &Value, pointer: &str, received: i64, batch: &mut Batch) -> i
 }
 
 /// A JSON number (or numeric string) as f64; `null` is skipped, anything else invalid.
-fn number(value: &Value, place: &str, batch: &mut Batch) -> Option<f64> {
+pub(super) fn number(value: &Value, place: &str, batch: &mut Batch) -> Option<f64> {
     match value {
         Value::Number(n) => n.as_f64(),
         Value::Null => None,

@@ -6,6 +6,7 @@
 //! [`Source::sample`]; counting, timeouts and logging live here, once.
 
 mod http;
+mod mqtt;
 mod sysfs;
 mod system;
 
@@ -105,6 +106,7 @@ pub fn build(config: &SourceConfig, spool_path: &Path) -> Result<Box<dyn Source>
         SourceKind::System(s) => Box::new(system::SystemSource::new(&config.name, s, spool_path)),
         SourceKind::Sysfs(s) => Box::new(sysfs::SysfsSource::new(&config.name, s)),
         SourceKind::Http(s) => Box::new(http::HttpSource::new(&config.name, s, config.timeout)?),
+        SourceKind::Mqtt(s) => Box::new(mqtt::MqttSource::new(&config.name, s)?),
     })
 }
 

@@ -1,0 +1,473 @@
+//! The MQTT source: subscribes to topics of a broker and turns payloads into samples.
+//!
+//! A background task owns the connection (rumqttc's event loop): it reconnects with
+//! backoff, subscribes when the broker has no session for us, parses each message and
+//! parks the samples. Every tick, [`Source::sample`] hands what is parked to the
+//! aggregator and only then acknowledges the QoS 1 messages (manual acks): a message the
+//! agent never handed over is redelivered by the broker, in this session or the next.
+//! A redelivery of a message already handed over (the acknowledgement was lost with the
+//! connection) is recognised by its packet id and content and not counted again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Transport};
+use serde_json::Value;
+
+use super::http::{event_time, number};
+use super::{Batch, Series, Source, SourceError};
+use crate::clock;
+use crate::config::{self, MqttSource as MqttConfig, MqttSubscription, Payload};
+
+/// What the connection task has received and not yet handed over.
+#[derive(Default)]
+struct Parked {
+    batch: Batch,
+    /// Messages to acknowledge once their samples are handed over.
+    acks: Vec<Publish>,
+    /// Connection problems since the last hand-over.
+    errors: Vec<String>,
+}
+
+pub struct MqttSource {
+    parked: Arc<Mutex<Parked>>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MqttSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MqttSource {
+    /// Connects in the background; must be called inside the runtime.
+    pub fn new(name: &str, config: &MqttConfig) -> Result<MqttSource, SourceError> {
+        let parse = |reason: String| SourceError::Parse { reason };
+        let url = reqwest::Url::parse(&config.url).map_err(|e| parse(e.to_string()))?;
+        let tls = url.scheme() == "mqtts";
+        let host = url.host_str().unwrap_or("localhost").to_owned();
+        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+        let client_id = config
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgespool-{name}"));
+        let mut options = MqttOptions::new(client_id, host, port);
+        options
+            .set_keep_alive(config.keep_alive)
+            .set_clean_session(config.clean_session)
+            .set_manual_acks(true)
+            // Larger packets than `max_payload` are read and counted, not fatal.
+            .set_max_packet_size(
+                (config.max_payload.as_u64() as usize)
+                    .saturating_mul(4)
+                    .max(1 << 20),
+                1 << 16,
+            );
+        if let Some(user) = &config.username {
+            let password = config::one_secret("password", &config.password, &config.password_file)
+                .map_err(parse)?
+                .map(|s| s.expose().to_owned())
+                .unwrap_or_default();
+            options.set_credentials(user, password);
+        }
+        if tls {
+            let tls = tls_config(config).map_err(parse)?;
+            options.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+            ));
+        }
+        let (client, eventloop) = AsyncClient::new(options, 1024);
+        let parked = Arc::new(Mutex::new(Parked::default()));
+        let reader = Reader {
+            source: name.to_owned(),
+            qos: if config.qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
+            max_payload: config.max_payload.as_u64() as usize,
+            subscriptions: config.subscriptions.clone(),
+            series: HashMap::new(),
+            handed: HashMap::new(),
+        };
+        let task = tokio::spawn(connection(
+            eventloop,
+            client.clone(),
+            reader,
+            Arc::clone(&parked),
+        ));
+        Ok(MqttSource {
+            parked,
+            client,
+            task,
+        })
+    }
+}
+
+fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_file {
+        Some(path) => {
+            use rustls_pki_types::pem::PemObject;
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[async_trait::async_trait]
+impl Source for MqttSource {
+    async fn sample(&mut self, batch: &mut Batch) -> Result<(), SourceError> {
+        let (taken, acks, errors) = {
+            let Ok(mut parked) = self.parked.lock() else {
+                return Err(SourceError::Parse {
+                    reason: "the MQTT connection task failed".into(),
+                });
+            };
+            let parked = &mut *parked;
+            (
+                std::mem::take(&mut parked.batch),
+                std::mem::take(&mut parked.acks),
+                std::mem::take(&mut parked.errors),
+            )
+        };
+        batch.samples.extend(taken.samples);
+        batch.invalid.extend(taken.invalid);
+        batch.errors.extend(taken.errors);
+        // The samples go to the aggregator when this returns: the broker may forget them.
+        for publish in &acks {
+            let _ = self.client.try_ack(publish);
+        }
+        match errors.last() {
+            Some(last) => Err(SourceError::Parse {
+                reason: last.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs the connection until the source is dropped.
+async fn connection(
+    mut eventloop: rumqttc::EventLoop,
+    client: AsyncClient,
+    mut reader: Reader,
+    parked: Arc<Mutex<Parked>>,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                failures = 0;
+                tracing::info!(source = %reader.source, session_present = ack.session_present, "connected to the MQTT broker");
+                if !ack.session_present {
+                    // A new session: the broker forgot earlier deliveries too.
+                    reader.handed.clear();
+                    let filters = reader
+                        .subscriptions
+                        .iter()
+                        .map(|s| rumqttc::SubscribeFilter::new(s.topic.clone(), reader.qos));
+                    let _ = client.subscribe_many(filters.collect::<Vec<_>>()).await;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let Ok(mut parked) = parked.lock() else {
+                    return;
+                };
+                let parked = &mut *parked;
+                reader.read(&publish, &mut parked.batch);
+                if publish.qos != QoS::AtMostOnce {
+                    parked.acks.push(publish);
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                let message = format!("MQTT connection: {}", crate::with_causes(&err));
+                if let Ok(mut parked) = parked.lock() {
+                    // Unacknowledged messages of a lost connection come again.
+                    parked.acks.clear();
+                    parked.errors.push(message);
+                }
+                failures = failures.saturating_add(1);
+                let delay = Duration::from_millis(500)
+                    .saturating_mul(1 << failures.min(6))
+                    .min(Duration::from_secs(30));
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Turns messages into samples.
+struct Reader {
+    source: String,
+    qos: QoS,
+    max_payload: usize,
+    subscriptions: Vec<MqttSubscription>,
+    /// Series made once per (subscription, topic, field).
+    series: HashMap<(usize, String, String), Arc<Series>>,
+    /// Per packet id, a digest of the last message handed over with it: a redelivery
+    /// (DUP) of the same message is not counted twice.
+    handed: HashMap<u16, u64>,
+}
+
+impl Reader {
+    fn read(&mut self, publish: &Publish, batch: &mut Batch) {
+        let now = clock::now_ms();
+        if publish.qos != QoS::AtMostOnce {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            publish.topic.hash(&mut hasher);
+            publish.payload.hash(&mut hasher);
+            let digest = hasher.finish();
+            if publish.dup && self.handed.get(&publish.pkid) == Some(&digest) {
+                return;
+            }
+            self.handed.insert(publish.pkid, digest);
+        }
+        let Some(index) = self
+            .subscriptions
+            .iter()
+            .position(|s| matches(&s.topic, &publish.topic))
+        else {
+            return;
+        };
+        let topic = &publish.topic;
+        let filter = self.subscriptions[index].topic.clone();
+        if publish.payload.len() > self.max_payload {
+            batch.invalid.push(format!(
+                "{filter}: message on {topic} of {} bytes is over max_payload ({} bytes)",
+                publish.payload.len(),
+                self.max_payload
+            ));
+            return;
+        }
+        let Ok(text) = std::str::from_utf8(&publish.payload) else {
+            batch
+                .invalid
+                .push(format!("{filter}: message on {topic} is not UTF-8 text"));
+            return;
+        };
+        let sub = self.subscriptions[index].clone();
+        match sub.payload {
+            Payload::Number => match text.trim().parse::<f64>() {
+                Ok(value) => {
+                    let series = self.series(index, topic, "", &sub, sub.unit.as_deref());
+                    batch.push(&series, now, value);
+                }
+                Err(_) => batch.invalid.push(format!(
+                    "{filter}: message on {topic} is not a number: {:?}",
+                    clip(text)
+                )),
+            },
+            Payload::Json | Payload::Flatten => {
+                let doc: Value = match serde_json::from_str(text) {
+                    Ok(doc) => doc,
+                    Err(err) => {
+                        batch.invalid.push(format!(
+                            "{filter}: message on {topic} is not JSON ({err}): {:?}",
+                            clip(text)
+                        ));
+                        return;
+                    }
+                };
+                let at = match &sub.timestamp {
+                    Some(pointer) => event_time(&doc, pointer, now, batch),
+                    None => now,
+                };
+                if sub.payload == Payload::Json {
+                    for field in &sub.fields {
+                        let place = format!("{topic} {}", field.pointer);
+                        let Some(value) = doc.pointer(&field.pointer) else {
+                            batch.invalid.push(format!("{filter}: no {place}"));
+                            continue;
+                        };
+                        if let Some(v) = number(value, &place, batch) {
+                            let series =
+                                self.series(index, topic, &field.name, &sub, field.unit.as_deref());
+                            batch.push(&series, at, v * field.scale + field.offset);
+                        }
+                    }
+                } else {
+                    let mut leaves = BTreeMap::new();
+                    flatten(&doc, String::new(), sub.booleans, &mut leaves);
+                    if let Some(pointer) = &sub.timestamp {
+                        leaves.remove(&pointer.trim_start_matches('/').replace('/', "."));
+                    }
+                    for (field, value) in leaves {
+                        let series = self.series(index, topic, &field, &sub, sub.unit.as_deref());
+                        batch.push(&series, at, value);
+                    }
+                }
+            }
+        }
+    }
+
+    fn series(
+        &mut self,
+        index: usize,
+        topic: &str,
+        field: &str,
+        sub: &MqttSubscription,
+        unit: Option<&str>,
+    ) -> Arc<Series> {
+        let key = (index, topic.to_owned(), field.to_owned());
+        if let Some(series) = self.series.get(&key) {
+            return Arc::clone(series);
+        }
+        let template = sub
+            .series
+            .as_deref()
+            .unwrap_or(if sub.payload == Payload::Number {
+                "{topic}"
+            } else {
+                "{topic}.{field}"
+            });
+        let name = format!("{}.{}", self.source, expand(template, topic, field));
+        let series = Arc::new(Series::new(name, unit));
+        self.series.insert(key, Arc::clone(&series));
+        series
+    }
+}
+
+/// The first 80 characters of a payload, for an error message.
+fn clip(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+/// Whether a topic matches a filter with `+` and `#`.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    for want in filter.split('/') {
+        if want == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(level) if want == "+" || want == level => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
+/// Expands `{topic}`, `{topic.N}` and `{field}`; topic levels are joined by `.`.
+pub fn expand(template: &str, topic: &str, field: &str) -> String {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        let var = &rest[open + 1..open + close];
+        match var {
+            "topic" => out.push_str(&levels.join(".")),
+            "field" => out.push_str(field),
+            _ => {
+                let n = var
+                    .strip_prefix("topic.")
+                    .and_then(|n| n.parse::<usize>().ok());
+                if let Some(level) = n.and_then(|n| levels.get(n)) {
+                    out.push_str(level);
+                }
+            }
+        }
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    // An empty {field} (a plain number) leaves no dangling dot.
+    out.trim_matches('.').replace("..", ".")
+}
+
+/// Every numeric leaf of a JSON value, by its path joined with `.`.
+fn flatten(value: &Value, path: String, booleans: bool, out: &mut BTreeMap<String, f64>) {
+    match value {
+        Value::Number(n) => {
+            if let Some(v) = n.as_f64() {
+                out.insert(path, v);
+            }
+        }
+        Value::Bool(b) if booleans => {
+            out.insert(path, if *b { 1.0 } else { 0.0 });
+        }
+        Value::Object(map) => {
+            for (key, inner) in map {
+                let path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                flatten(inner, path, booleans, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_as_mqtt_says() {
+        assert!(matches("tele/+/SENSOR", "tele/plug1/SENSOR"));
+        assert!(!matches("tele/+/SENSOR", "tele/plug1/STATE"));
+        assert!(!matches("tele/+/SENSOR", "tele/a/b/SENSOR"));
+        assert!(matches("zigbee2mqtt/#", "zigbee2mqtt/kitchen"));
+        assert!(matches("zigbee2mqtt/#", "zigbee2mqtt/kitchen/availability"));
+        assert!(matches("a/#", "a"));
+        assert!(!matches("a/b", "a/b/c"));
+    }
+
+    #[test]
+    fn series_names_come_from_topic_levels_and_fields() {
+        assert_eq!(
+            expand(
+                "{topic.1}.{field}",
+                "tele/plug1/SENSOR",
+                "BME280.Temperature"
+            ),
+            "plug1.BME280.Temperature"
+        );
+        assert_eq!(
+            expand("{topic}", "shellies/ht-1/sensor/temperature", ""),
+            "shellies.ht-1.sensor.temperature"
+        );
+        assert_eq!(expand("{topic}.{field}", "x/y", ""), "x.y");
+    }
+
+    #[test]
+    fn a_tasmota_payload_flattens_to_its_numbers() {
+        let text = include_str!("../../testdata/tasmota-sensor.json");
+        let doc: Value = serde_json::from_str(text).expect("json");
+        let mut leaves = BTreeMap::new();
+        flatten(&doc, String::new(), false, &mut leaves);
+        let keys: Vec<&str> = leaves.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "BME280.DewPoint",
+                "BME280.Humidity",
+                "BME280.Pressure",
+                "BME280.Temperature",
+                "DS18B20.Temperature"
+            ]
+        );
+    }
+}
