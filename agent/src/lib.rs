@@ -15,6 +15,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod failpoint;
+pub mod memory;
 pub mod sink;
 pub mod source;
 pub mod spool;
@@ -129,6 +130,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         sinks = config.sinks.len(),
         "edgespool started"
     );
+    // Once start-up is over, give back the code pages only it used (detached: shutdown
+    // does not wait for it).
+    tokio::spawn(async {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let mappings = memory::trim_code_pages();
+        tracing::debug!(mappings, "code pages trimmed");
+    });
 
     shutdown.await;
     info!("shutting down: flushing open windows");
