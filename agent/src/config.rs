@@ -308,8 +308,9 @@ pub struct HttpSource {
 pub struct MqttSource {
     /// Source name (required).
     pub name: String,
-    /// How often received messages are handed to the aggregator (default 1s).
-    #[serde(default = "default_interval", deserialize_with = "duration")]
+    /// How often received messages are handed to the aggregator and acknowledged
+    /// (default 100ms).
+    #[serde(default = "default_handover", deserialize_with = "duration")]
     pub interval: Duration,
     /// Timeout of one hand-over (default 5s).
     #[serde(default = "default_timeout", deserialize_with = "duration")]
@@ -347,6 +348,9 @@ pub struct MqttSource {
     pub subscriptions: Vec<MqttSubscription>,
 }
 
+fn default_handover() -> Duration {
+    Duration::from_millis(100)
+}
 fn default_keep_alive() -> Duration {
     Duration::from_secs(30)
 }
