@@ -171,3 +171,26 @@ pub fn with_causes(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Trusted CA certificates: those of a PEM file, or the system's; never empty.
+pub fn ca_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            use rustls_pki_types::pem::PemObject;
+            let bad = |e: &dyn std::fmt::Display| format!("ca_file {}: {e}", path.display());
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+            for cert in certs {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err("no CA certificates found".to_owned());
+    }
+    Ok(roots)
+}

@@ -167,27 +167,8 @@ impl PostgresSink {
                 .with_custom_certificate_verifier(Arc::new(AnyCertificate::new()))
                 .with_no_client_auth());
         }
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.config.ca_file {
-            Some(path) => {
-                use rustls_pki_types::pem::PemObject;
-                let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
-                for cert in certs {
-                    let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-                }
-            }
-            None => {
-                let found = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(found.certs);
-            }
-        }
-        if roots.is_empty() {
-            return Err("sslmode verify-full: no CA certificates found".to_owned());
-        }
+        let roots = crate::ca_roots(self.config.ca_file.as_deref())
+            .map_err(|e| format!("sslmode verify-full: {e}"))?;
         Ok(builder.with_root_certificates(roots).with_no_client_auth())
     }
 
