@@ -480,23 +480,20 @@ impl Spool {
             }
         } else {
             let mut by_partition: BTreeMap<i64, Vec<StoredWindow>> = BTreeMap::new();
-            let partition_of =
-                |row: &WindowRow| row.start.div_euclid(partition_seconds) * partition_seconds;
-            // Each partition's batch id, as the loop below will issue them.
-            let mut batch_ids: BTreeMap<i64, i64> = BTreeMap::new();
+            // Series this process had not met yet, by the partition of their first row:
+            // a new one gets that batch's id as `first_id` below.
+            let mut met: Vec<(i64, i64)> = Vec::new();
             for row in &flush.rows {
-                *batch_ids.entry(partition_of(row)).or_default() += 1;
-            }
-            let mut next = self.next_id;
-            for id in batch_ids.values_mut() {
-                next += *id;
-                *id = next - 1;
-            }
-            for row in &flush.rows {
-                let partition = partition_of(row);
-                let first = (partition, batch_ids[&partition]);
-                let series =
-                    series_id(&tx, &mut self.series_ids, &row.series, first).map_err(&err)?;
+                let partition = row.start.div_euclid(partition_seconds) * partition_seconds;
+                let series = match self.series_ids.get(&row.series) {
+                    Some(&id) => id,
+                    None => {
+                        let id = series_id(&tx, &mut self.series_ids, &row.series, partition)
+                            .map_err(&err)?;
+                        met.push((id, partition));
+                        id
+                    }
+                };
                 by_partition
                     .entry(partition)
                     .or_default()
@@ -523,6 +520,15 @@ impl Spool {
                     params![partition, partition_seconds, id, rows],
                 )
                 .map_err(&err)?;
+                for (series, _) in met.iter().filter(|(_, p)| *p == partition) {
+                    // Only a series registered just now has no first_id yet.
+                    tx.execute(
+                        "UPDATE series SET first_id = ?1 WHERE id = ?2 AND first_id IS NULL
+                         AND first_partition = ?3",
+                        params![id, series, partition],
+                    )
+                    .map_err(&err)?;
+                }
             }
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('next_id', ?1)
@@ -826,22 +832,20 @@ impl Spool {
     }
 }
 
-/// The id of a series, registered on first sight with `first` = (the partition of its
-/// first window, the id of the batch that window is in).
+/// Registers a series this process has not met (once per series and process) with the
+/// partition of its first window (its `first_id` is set once that window's batch has an
+/// id), and caches its id.
 fn series_id(
     tx: &rusqlite::Transaction<'_>,
     cache: &mut HashMap<Arc<Series>, i64>,
     series: &Arc<Series>,
-    first: (i64, i64),
+    first_partition: i64,
 ) -> rusqlite::Result<i64> {
-    if let Some(&id) = cache.get(series) {
-        return Ok(id);
-    }
     let tags = serde_json::to_string(&series.tags).unwrap_or_else(|_| "{}".to_owned());
     tx.execute(
-        "INSERT INTO series (name, unit, tags, first_partition, first_id) VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO series (name, unit, tags, first_partition) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (name, tags) DO UPDATE SET unit = ?2",
-        params![series.name, series.unit, tags, first.0, first.1],
+        params![series.name, series.unit, tags, first_partition],
     )?;
     let id = tx.query_row(
         "SELECT id FROM series WHERE name = ?1 AND tags = ?2",
@@ -1070,8 +1074,19 @@ impl SpoolReader {
     /// a wide file of it gives columns to: every series first seen in this partition or
     /// an earlier one, in a flush this part includes. That set is the same for every
     /// partition while the configured series are, and the same for a retried part.
-    pub fn read_part(&mut self, plan: &PartPlan) -> Result<PartRows, SpoolError> {
+    /// The set is read only `with_series` (for a wide layout); otherwise it is empty.
+    pub fn read_part(
+        &mut self,
+        plan: &PartPlan,
+        with_series: bool,
+    ) -> Result<PartRows, SpoolError> {
         let rows = self.read_rows(plan)?;
+        if !with_series {
+            return Ok(PartRows {
+                rows,
+                series: Vec::new(),
+            });
+        }
         let ids: Vec<i64> = self
             .conn
             .prepare_cached(
@@ -1315,7 +1330,7 @@ mod tests {
         for _ in 0..1000 {
             match spool.plan(sink, now_ms).expect("plan") {
                 Plan::Ready(plan) => {
-                    let rows = reader.read_part(&plan).expect("read").rows;
+                    let rows = reader.read_part(&plan, false).expect("read").rows;
                     out.push((
                         plan.partition,
                         plan.part,
@@ -1394,7 +1409,7 @@ mod tests {
         };
         assert_eq!(again, first);
         let mut reader = SpoolReader::open(&path).expect("reader");
-        assert_eq!(reader.read_part(&again).expect("read").rows.len(), 1);
+        assert_eq!(reader.read_part(&again, false).expect("read").rows.len(), 1);
     }
 
     #[test]
@@ -1417,7 +1432,7 @@ mod tests {
         spool
             .commit(&flush(vec![row("s.c", 0, 3.0), row("s.c", 7200, 3.0)]))
             .expect("commit");
-        let first_try = reader.read_part(&hour0).expect("read");
+        let first_try = reader.read_part(&hour0, true).expect("read");
         assert_eq!(
             names(&first_try),
             ["s.a"],
@@ -1428,7 +1443,7 @@ mod tests {
         let Plan::Ready(hour1) = spool.plan("a", i64::MAX / 4).expect("plan") else {
             panic!("hour 1");
         };
-        let hour1_rows = reader.read_part(&hour1).expect("read");
+        let hour1_rows = reader.read_part(&hour1, true).expect("read");
         assert_eq!(
             names(&hour1_rows),
             ["s.a", "s.b"],
@@ -1441,7 +1456,7 @@ mod tests {
         };
         assert_eq!((hour0_late.partition, hour0_late.part), (0, 1));
         assert_eq!(
-            names(&reader.read_part(&hour0_late).expect("read")),
+            names(&reader.read_part(&hour0_late, true).expect("read")),
             ["s.a", "s.c"]
         );
         spool.delivered(&hour0_late, 0).expect("deliver");
@@ -1449,7 +1464,7 @@ mod tests {
             panic!("hour 2");
         };
         assert_eq!(
-            names(&reader.read_part(&hour2).expect("read")),
+            names(&reader.read_part(&hour2, true).expect("read")),
             ["s.a", "s.b", "s.c"],
             "series keep their columns in later partitions"
         );

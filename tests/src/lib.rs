@@ -34,6 +34,30 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// A free loopback port (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Stops a server: `signal`, then at most `grace` to exit, then SIGKILL.
+fn stop_child(child: Option<Child>, signal: rustix::process::Signal, grace: Duration) {
+    let Some(mut child) = child else {
+        return;
+    };
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+    let deadline = Instant::now() + grace;
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Runs `edgespool ARGS…` to completion.
 pub fn edgespool(args: &[&str]) -> Output {
     Command::new(binary())
@@ -408,10 +432,7 @@ pub struct S3Server {
 impl S3Server {
     /// Starts the server, logging to `log`, and waits until it answers.
     pub fn start(log: &Path) -> S3Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = free_port();
         let mut server = S3Server {
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
@@ -558,10 +579,7 @@ impl PgServer {
         } else {
             None
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = free_port();
         let mut server = PgServer {
             port,
             bin: pg_bin(),
@@ -651,16 +669,11 @@ impl PgServer {
 
     /// Stops the server (fast shutdown: sessions are cut, open transactions roll back).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop_child(
+            self.child.take(),
+            rustix::process::Signal::INT,
+            Duration::from_secs(30),
+        );
     }
 
     /// Starts it again on the same port, with its data.
@@ -807,10 +820,7 @@ impl MqttBroker {
     /// Starts the broker and waits until it listens.
     pub fn start() -> MqttBroker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = free_port();
         let mut conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
             dir.path().display()
@@ -852,16 +862,11 @@ impl MqttBroker {
 
     /// Stops the broker cleanly (SIGTERM: it saves its sessions and queues).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop_child(
+            self.child.take(),
+            rustix::process::Signal::TERM,
+            Duration::from_secs(10),
+        );
     }
 
     /// Starts it again on the same port, with what it saved.

@@ -291,7 +291,13 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
     let pg = PgServer::start();
     let server = JsonServer::start(vec![minute(0)], purpleair_body(&[]));
     let wrong = write_file(dir.path(), "credentials/wrong", "not-the-password\n");
+    // A table of that name made by someone else, with another shape.
+    pg.psql(
+        "postgres",
+        "CREATE TABLE readings (device text, series text, window_start timestamptz, mean text)",
+    );
     let sinks = [
+        pg_sink(&pg, "other_table", "table = \"readings\""),
         pg_sink(&pg, "wrong_password", "").replace("{password_file}", &wrong.display().to_string()),
         pg_sink(&pg, "no_such_host", "").replace("127.0.0.1", "no-such-host.invalid"),
         pg_sink(&pg, "tls_required", "").replace("sslmode = \"disable\"", "sslmode = \"require\""),
@@ -300,15 +306,20 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
     .concat();
     let config = write_config(dir.path(), &server.url, &sinks);
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
-    let status = wait_for("three sinks failing", Duration::from_secs(60), || {
+    let status = wait_for("four sinks failing", Duration::from_secs(60), || {
         let status = agent.status();
-        ["wrong_password", "no_such_host", "tls_required"]
-            .iter()
-            .all(|name| {
-                let s = sink_status(&status, name);
-                s["state"] == "retrying" && s["pending_partitions"] == 1
-            })
-            .then_some(status)
+        [
+            "wrong_password",
+            "no_such_host",
+            "tls_required",
+            "other_table",
+        ]
+        .iter()
+        .all(|name| {
+            let s = sink_status(&status, name);
+            s["state"] == "retrying" && s["pending_partitions"] == 1
+        })
+        .then_some(status)
     });
     let error = |name: &str| {
         sink_status(&status, name)["last_error"]
@@ -335,6 +346,22 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
         format!(
             "tls_required: postgres://127.0.0.1:{port}/postgres: error performing TLS handshake: server does not support TLS"
         )
+    );
+    assert_eq!(
+        error("other_table"),
+        format!(
+            "other_table: postgres://127.0.0.1:{port}/postgres: table public.readings exists with another shape: \
+             column unit is missing; column tags is missing; column window_seconds is missing; \
+             column count is missing; column min is missing; column max is missing; \
+             column mean is text, expected double precision; column stdev is missing; \
+             column median is missing; column first is missing; column last is missing; \
+             column loaded_at is missing"
+        )
+    );
+    assert_eq!(
+        pg.psql("postgres", "SELECT count(*) FROM readings"),
+        "0",
+        "the other table is left alone"
     );
     assert_eq!(sink_status(&status, "archive")["state"], "ok", "{status}");
     assert_eq!(

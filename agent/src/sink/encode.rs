@@ -304,36 +304,75 @@ fn number(buffer: &mut ryu::Buffer, value: Option<f64>) -> &str {
 }
 
 fn csv_long(device: &str, rows: &[WindowRow]) -> Result<Vec<u8>, String> {
-    let mut w = csv_writer();
-    w.write_record(LONG_COLUMNS).map_err(|e| e.to_string())?;
-    let mut buffers: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
+    long_csv(device, rows, LongCsv::File).map_err(|e| e.to_string())
+}
+
+/// The two spellings of the long layout as CSV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LongCsv {
+    /// The `csv` file format: a header, `window_end`, empty `tags` when there are none.
+    File,
+    /// PostgreSQL's `COPY … (FORMAT csv)` of the table's columns: no header,
+    /// `window_seconds` for `window_end`, `{}` for no tags (the column is NOT NULL).
+    Copy,
+}
+
+/// Long-layout rows as CSV; an empty unquoted field is a missing value (NULL for COPY).
+/// Tags and window times are formatted once per series and per window, not per row.
+pub fn long_csv(device: &str, rows: &[WindowRow], flavour: LongCsv) -> Result<Vec<u8>, csv::Error> {
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::with_capacity(rows.len() * 160));
+    if flavour == LongCsv::File {
+        w.write_record(LONG_COLUMNS)?;
+    }
+    let mut tags: HashMap<&Series, String> = HashMap::new();
+    let mut window: Option<(i64, String, String)> = None;
+    let mut floats: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
+    let mut ints: [itoa::Buffer; 2] = std::array::from_fn(|_| itoa::Buffer::new());
     for row in rows {
         let s = &row.stats;
-        let tags = if row.series.tags.is_empty() {
-            String::new()
-        } else {
-            serde_json::to_string(&row.series.tags).unwrap_or_default()
+        let tags = tags.entry(row.series.as_ref()).or_insert_with(|| {
+            match (flavour, row.series.tags.is_empty()) {
+                (LongCsv::File, true) => String::new(),
+                _ => serde_json::to_string(&row.series.tags).unwrap_or_else(|_| "{}".to_owned()),
+            }
+        });
+        if window
+            .as_ref()
+            .is_none_or(|(start, _, _)| *start != row.start)
+        {
+            window = Some((
+                row.start,
+                clock::rfc3339(row.start),
+                clock::rfc3339(row.end()),
+            ));
+        }
+        let (_, start, end) = window.as_ref().expect("set above");
+        let [f1, f2, f3, f4, f5, f6, f7] = &mut floats;
+        let [i1, i2] = &mut ints;
+        let end = match flavour {
+            LongCsv::File => end.as_str(),
+            LongCsv::Copy => i1.format(row.seconds),
         };
-        let [b1, b2, b3, b4, b5, b6, b7] = &mut buffers;
-        let record: [&str; 14] = [
+        w.write_record([
             device,
             &row.series.name,
             row.series.unit.as_deref().unwrap_or(""),
-            &tags,
-            &clock::rfc3339(row.start),
-            &clock::rfc3339(row.end()),
-            &s.count.to_string(),
-            number(b1, Some(s.min)),
-            number(b2, Some(s.max)),
-            number(b3, Some(s.mean)),
-            number(b4, s.stdev),
-            number(b5, Some(s.median)),
-            number(b6, Some(s.first)),
-            number(b7, Some(s.last)),
-        ];
-        w.write_record(record).map_err(|e| e.to_string())?;
+            tags,
+            start,
+            end,
+            i2.format(s.count),
+            f1.format_finite(s.min),
+            f2.format_finite(s.max),
+            f3.format_finite(s.mean),
+            s.stdev.map_or("", |v| f4.format_finite(v)),
+            f5.format_finite(s.median),
+            f6.format_finite(s.first),
+            f7.format_finite(s.last),
+        ])?;
     }
-    csv_finish(w)
+    w.into_inner().map_err(|e| e.into_error().into())
 }
 
 fn csv_wide(part: &Part<'_>) -> Result<Vec<u8>, String> {

@@ -49,7 +49,8 @@ pub struct Delivery<'a> {
     pub plan: &'a PartPlan,
     /// Its rows, ordered by window start and series.
     pub rows: &'a [WindowRow],
-    /// The series a wide file gives columns to (see [`crate::spool::SpoolReader::read_part`]).
+    /// The series a wide file gives columns to (see [`crate::spool::SpoolReader::read_part`]);
+    /// empty unless the sink [wants](Sink::wants_series) them.
     pub series: &'a [Arc<Series>],
 }
 
@@ -58,6 +59,12 @@ pub struct Delivery<'a> {
 pub trait Sink: Send + Sync {
     /// Writes one part; returns where it went (for the log).
     async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError>;
+
+    /// Whether a delivery needs [`Delivery::series`] (a wide layout does); reading that
+    /// set costs a query per part, so other sinks get it empty.
+    fn wants_series(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the sink a configuration entry describes.
@@ -173,12 +180,13 @@ impl Uploader {
         let path = self.spool.path().to_owned();
         let taken = reader.take();
         let query = plan.clone();
+        let with_series = self.sink.wants_series();
         let (back, rows) = tokio::task::spawn_blocking(move || {
             let mut reader = match taken {
                 Some(r) => r,
                 None => SpoolReader::open(&path)?,
             };
-            let rows = reader.read_part(&query);
+            let rows = reader.read_part(&query, with_series);
             Ok::<_, crate::spool::SpoolError>((reader, rows))
         })
         .await

@@ -245,6 +245,10 @@ fn is_staging_name(name: &str) -> bool {
 
 #[async_trait::async_trait]
 impl Sink for ObjectSink {
+    fn wants_series(&self) -> bool {
+        self.encoding.layout == crate::config::Layout::Wide
+    }
+
     async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError> {
         let plan = delivery.plan;
         let key = layout::object_key(

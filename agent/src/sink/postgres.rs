@@ -22,6 +22,7 @@ use futures_util::SinkExt;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, Config as PgConfig};
 
+use super::encode::{LongCsv, long_csv};
 use super::{Delivery, Sink, SinkError};
 use crate::aggregate::WindowRow;
 use crate::clock;
@@ -316,7 +317,7 @@ impl PostgresSink {
             delivery.rows
         };
         for chunk in rows.chunks(4096) {
-            let body = csv_rows(delivery.device, chunk)
+            let body = long_csv(delivery.device, chunk, LongCsv::Copy)
                 .map_err(|e| LoadError::Other(format!("cannot encode: {e}")))?;
             copy.send(Bytes::from(body)).await?;
         }
@@ -377,49 +378,6 @@ fn merged(rows: &[WindowRow]) -> Vec<WindowRow> {
         }
     }
     out
-}
-
-/// Rows as COPY's CSV: an empty unquoted field is NULL. Tags and window starts are
-/// formatted once per series and per window, not per row.
-fn csv_rows(device: &str, rows: &[WindowRow]) -> Result<Vec<u8>, csv::Error> {
-    let mut w = csv::WriterBuilder::new()
-        .terminator(csv::Terminator::Any(b'\n'))
-        .from_writer(Vec::with_capacity(rows.len() * 160));
-    let mut tags: std::collections::HashMap<&crate::source::Series, String> =
-        std::collections::HashMap::new();
-    let mut start: Option<(i64, String)> = None;
-    let mut buffers: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
-    let mut ints: [itoa::Buffer; 2] = std::array::from_fn(|_| itoa::Buffer::new());
-    for row in rows {
-        let s = &row.stats;
-        let tags = tags.entry(row.series.as_ref()).or_insert_with(|| {
-            serde_json::to_string(&row.series.tags).unwrap_or_else(|_| "{}".to_owned())
-        });
-        if start.as_ref().is_none_or(|(t, _)| *t != row.start) {
-            start = Some((row.start, clock::rfc3339(row.start)));
-        }
-        let started = start.as_ref().map_or("", |(_, text)| text.as_str());
-        let [b1, b2, b3, b4, b5, b6, b7] = &mut buffers;
-        let [i1, i2] = &mut ints;
-        let stdev = s.stdev.map_or("", |v| b4.format_finite(v));
-        w.write_record([
-            device,
-            &row.series.name,
-            row.series.unit.as_deref().unwrap_or(""),
-            tags,
-            started,
-            i1.format(row.seconds),
-            i2.format(s.count),
-            b1.format_finite(s.min),
-            b2.format_finite(s.max),
-            b3.format_finite(s.mean),
-            stdev,
-            b5.format_finite(s.median),
-            b6.format_finite(s.first),
-            b7.format_finite(s.last),
-        ])?;
-    }
-    w.into_inner().map_err(|e| e.into_error().into())
 }
 
 #[async_trait::async_trait]
@@ -557,7 +515,8 @@ mod tests {
         let out = merged(&rows);
         assert_eq!(out.len(), 2);
         assert_eq!((out[0].stats.count, out[0].stats.mean), (2, 2.0));
-        let text = String::from_utf8(csv_rows("pi", &out).expect("csv")).expect("utf-8");
+        let text =
+            String::from_utf8(long_csv("pi", &out, LongCsv::Copy).expect("csv")).expect("utf-8");
         assert_eq!(
             text.lines().next(),
             Some(

@@ -91,7 +91,7 @@ impl MqttSource {
             },
             max_payload: config.max_payload.as_u64() as usize,
             subscriptions: config.subscriptions.clone(),
-            series: HashMap::new(),
+            series: vec![HashMap::new(); config.subscriptions.len()],
             handed: HashMap::new(),
         };
         let task = tokio::spawn(connection(
@@ -208,8 +208,8 @@ struct Reader {
     qos: QoS,
     max_payload: usize,
     subscriptions: Vec<MqttSubscription>,
-    /// Series made once per (subscription, topic, field).
-    series: HashMap<(usize, String, String), Arc<Series>>,
+    /// Per subscription: series by topic, then field.
+    series: Vec<HashMap<String, HashMap<String, Arc<Series>>>>,
     /// Per packet id, a digest of the last message handed over with it: a redelivery
     /// (DUP) of the same message is not counted twice.
     handed: HashMap<u16, u64>,
@@ -236,7 +236,14 @@ impl Reader {
             return;
         };
         let topic = &publish.topic;
-        let filter = self.subscriptions[index].topic.clone();
+        // Disjoint borrows: the subscription is read while its series cache grows.
+        let sub = &self.subscriptions[index];
+        let mut names = SeriesNames {
+            source: &self.source,
+            sub,
+            cache: &mut self.series[index],
+        };
+        let filter = &sub.topic;
         if publish.payload.len() > self.max_payload {
             batch.invalid.push(format!(
                 "{filter}: message on {topic} of {} bytes is over max_payload ({} bytes)",
@@ -251,11 +258,10 @@ impl Reader {
                 .push(format!("{filter}: message on {topic} is not UTF-8 text"));
             return;
         };
-        let sub = self.subscriptions[index].clone();
         match sub.payload {
             Payload::Number => match text.trim().parse::<f64>() {
                 Ok(value) => {
-                    let series = self.series(index, topic, "", &sub, sub.unit.as_deref());
+                    let series = names.get(topic, "", sub.unit.as_deref());
                     batch.push(&series, now, value);
                 }
                 Err(_) => batch.invalid.push(format!(
@@ -280,14 +286,20 @@ impl Reader {
                 };
                 if sub.payload == Payload::Json {
                     for field in &sub.fields {
-                        let place = format!("{topic} {}", field.pointer);
-                        let Some(value) = doc.pointer(&field.pointer) else {
-                            batch.invalid.push(format!("{filter}: no {place}"));
-                            continue;
+                        let value = match doc.pointer(&field.pointer) {
+                            Some(Value::Number(n)) => n.as_f64(),
+                            Some(other) => {
+                                number(other, &format!("{topic} {}", field.pointer), batch)
+                            }
+                            None => {
+                                batch
+                                    .invalid
+                                    .push(format!("{filter}: no {topic} {}", field.pointer));
+                                continue;
+                            }
                         };
-                        if let Some(v) = number(value, &place, batch) {
-                            let series =
-                                self.series(index, topic, &field.name, &sub, field.unit.as_deref());
+                        if let Some(v) = value {
+                            let series = names.get(topic, &field.name, field.unit.as_deref());
                             batch.push(&series, at, v * field.scale + field.offset);
                         }
                     }
@@ -298,37 +310,43 @@ impl Reader {
                         leaves.remove(&pointer.trim_start_matches('/').replace('/', "."));
                     }
                     for (field, value) in leaves {
-                        let series = self.series(index, topic, &field, &sub, sub.unit.as_deref());
+                        let series = names.get(topic, &field, sub.unit.as_deref());
                         batch.push(&series, at, value);
                     }
                 }
             }
         }
     }
+}
 
-    fn series(
-        &mut self,
-        index: usize,
-        topic: &str,
-        field: &str,
-        sub: &MqttSubscription,
-        unit: Option<&str>,
-    ) -> Arc<Series> {
-        let key = (index, topic.to_owned(), field.to_owned());
-        if let Some(series) = self.series.get(&key) {
+/// The series of one subscription, made once per topic and field.
+struct SeriesNames<'a> {
+    source: &'a str,
+    sub: &'a MqttSubscription,
+    cache: &'a mut HashMap<String, HashMap<String, Arc<Series>>>,
+}
+
+impl SeriesNames<'_> {
+    /// Looked up without allocating; made (and named) the first time.
+    fn get(&mut self, topic: &str, field: &str, unit: Option<&str>) -> Arc<Series> {
+        if let Some(series) = self.cache.get(topic).and_then(|f| f.get(field)) {
             return Arc::clone(series);
         }
-        let template = sub
-            .series
-            .as_deref()
-            .unwrap_or(if sub.payload == Payload::Number {
-                "{topic}"
-            } else {
-                "{topic}.{field}"
-            });
+        let template =
+            self.sub
+                .series
+                .as_deref()
+                .unwrap_or(if self.sub.payload == Payload::Number {
+                    "{topic}"
+                } else {
+                    "{topic}.{field}"
+                });
         let name = format!("{}.{}", self.source, expand(template, topic, field));
         let series = Arc::new(Series::new(name, unit));
-        self.series.insert(key, Arc::clone(&series));
+        self.cache
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(field.to_owned(), Arc::clone(&series));
         series
     }
 }
