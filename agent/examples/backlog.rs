@@ -26,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         when_full: WhenFull::DropOldest,
         sources: Vec::new(),
         sinks: Vec::new(),
+        live: Vec::new(),
     };
     let mut spool = Spool::open(std::path::Path::new(&path), options)?;
     let series: Vec<Arc<Series>> = (0..series_count)
@@ -65,6 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 aggregate: AggregateCounts::default(),
                 sources: Vec::new(),
                 open_windows: 0,
+                live: Vec::new(),
             })?;
         }
     }

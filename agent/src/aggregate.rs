@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
 use crate::clock;
+use crate::sink::LiveLink;
 use crate::source::{Sample, Series, SourceStats};
 use crate::spool::{Flush, SpoolHandle};
 
@@ -298,6 +299,7 @@ pub struct AggregateTask {
     samples: mpsc::Receiver<Vec<Sample>>,
     spool: SpoolHandle,
     sources: Vec<Arc<SourceStats>>,
+    live: Vec<LiveLink>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -308,6 +310,7 @@ impl AggregateTask {
         samples: mpsc::Receiver<Vec<Sample>>,
         spool: SpoolHandle,
         sources: Vec<Arc<SourceStats>>,
+        live: Vec<LiveLink>,
         shutdown: watch::Receiver<bool>,
     ) -> AggregateTask {
         AggregateTask {
@@ -315,6 +318,7 @@ impl AggregateTask {
             samples,
             spool,
             sources,
+            live,
             shutdown,
         }
     }
@@ -347,7 +351,9 @@ impl AggregateTask {
         info!(rows = count, "flushed open windows at shutdown");
     }
 
+    /// Commits closed windows, then hands them to the live feeds.
     async fn flush(&mut self, rows: Vec<WindowRow>, now_ms: i64) {
+        let for_feeds = (!self.live.is_empty() && !rows.is_empty()).then(|| Arc::new(rows.clone()));
         let flush = Flush {
             rows,
             now_ms,
@@ -358,9 +364,15 @@ impl AggregateTask {
                 .map(|s| (Arc::clone(s), s.take_deltas()))
                 .collect(),
             open_windows: self.aggregator.open_windows(),
+            live: self.live.iter().map(|l| l.stats.report()).collect(),
         };
-        if let Err(err) = self.spool.commit(flush).await {
-            error!(error = %err, "spool commit failed: these windows are lost");
+        match self.spool.commit(flush).await {
+            Ok(()) => {
+                for link in &self.live {
+                    for_feeds.iter().for_each(|rows| link.send(rows));
+                }
+            }
+            Err(err) => error!(error = %err, "spool commit failed: these windows are lost"),
         }
     }
 }

@@ -270,6 +270,19 @@ pub fn describe(config: &Config, path: &Path) -> String {
                 );
                 continue;
             }
+            SinkKind::Mqtt(mqtt) => {
+                let _ = writeln!(
+                    out,
+                    "sink       {} (mqtt, live): {} to {} at qos {}{}, skipping windows older than {}",
+                    s.name,
+                    mqtt.url,
+                    mqtt.topic,
+                    mqtt.qos,
+                    if mqtt.retain { ", retained" } else { "" },
+                    humantime::format_duration(mqtt.max_age)
+                );
+                continue;
+            }
         };
         let place = match &object.store {
             Store::Local(local) => local.path.display().to_string(),

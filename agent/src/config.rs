@@ -466,6 +466,8 @@ pub enum SinkKind {
     Object(Box<ObjectSink>),
     /// Rows in a PostgreSQL table.
     Postgres(Box<PostgresSink>),
+    /// A live feed of closed windows to an MQTT broker (not fed from partitions).
+    Mqtt(Box<MqttSink>),
 }
 
 impl SinkKind {
@@ -474,6 +476,7 @@ impl SinkKind {
         match self {
             SinkKind::Object(object) => object.store.word(),
             SinkKind::Postgres(_) => "postgres",
+            SinkKind::Mqtt(_) => "mqtt",
         }
     }
 
@@ -482,7 +485,15 @@ impl SinkKind {
         match self {
             SinkKind::Object(object) => object.retry_max,
             SinkKind::Postgres(pg) => pg.retry_max,
+            SinkKind::Mqtt(_) => Duration::from_secs(30),
         }
+    }
+
+    /// Whether the sink is a live feed of windows as they close rather than a receiver of
+    /// closed partitions: the spool keeps no delivery records for it and holds nothing
+    /// back for it.
+    pub fn is_live(&self) -> bool {
+        matches!(self, SinkKind::Mqtt(_))
     }
 }
 
@@ -667,6 +678,67 @@ pub struct AzureStore {
     /// The blob endpoint, for Azurite or a sovereign cloud (`http://…` for plain HTTP).
     #[serde(default)]
     pub endpoint: Option<String>,
+}
+
+/// `kind = "mqtt"` among the sinks: each closed window's aggregates as a JSON message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSink {
+    /// Sink name; defaults to "mqtt".
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The broker: `mqtt://host[:1883]` or `mqtts://host[:8883]`.
+    pub url: String,
+    /// Client id (default `edgespool-{device}-{name}`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (secret).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<SecretFile>,
+    /// CA certificates (PEM) for `mqtts://`; default: the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Keep-alive (default 30s).
+    #[serde(default = "default_keep_alive", deserialize_with = "duration")]
+    pub keep_alive: Duration,
+    /// Start a new session at every connection (default false: the broker keeps the
+    /// session, so messages in flight when the connection broke are sent again).
+    #[serde(default)]
+    pub clean_session: bool,
+    /// Topic of each window's message: `{device}` and `{series}` are replaced (default
+    /// `edgespool/{device}/{series}`).
+    #[serde(default = "default_feed_topic")]
+    pub topic: String,
+    /// 0 or 1 (default 1).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Whether the broker keeps each series' latest window for new subscribers
+    /// (default false).
+    #[serde(default)]
+    pub retain: bool,
+    /// Retained `online` / `offline` (the last will) topic; `{device}` is replaced
+    /// (default `edgespool/{device}/availability`; "" for none).
+    #[serde(default = "default_availability_topic")]
+    pub availability_topic: String,
+    /// Windows that ended longer ago than this are skipped (counted), not published:
+    /// after an outage the feed resumes with the present, not with history (default 10m).
+    #[serde(default = "default_max_age", deserialize_with = "duration")]
+    pub max_age: Duration,
+}
+
+fn default_feed_topic() -> String {
+    "edgespool/{device}/{series}".to_owned()
+}
+fn default_availability_topic() -> String {
+    "edgespool/{device}/availability".to_owned()
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// `kind = "postgres"`.
@@ -1024,6 +1096,12 @@ impl Config {
         if self.sinks.is_empty() {
             return Err("no [[sinks]]: add at least one, e.g. kind = \"local\"".to_owned());
         }
+        if self.sinks.iter().all(|s| s.kind.is_live()) {
+            return Err(
+                "an mqtt sink is a live feed that keeps nothing: add a sink that keeps the windows, e.g. kind = \"local\""
+                    .to_owned(),
+            );
+        }
         Ok(())
     }
 }
@@ -1034,6 +1112,7 @@ fn validate_sink(sink: &SinkConfig) -> Result<(), String> {
     let object = match &sink.kind {
         SinkKind::Object(object) => object,
         SinkKind::Postgres(pg) => return validate_postgres(name, pg),
+        SinkKind::Mqtt(mqtt) => return validate_mqtt_sink(name, mqtt),
     };
     let endpoint = |url: &Option<String>| -> Result<(), String> {
         match url {
@@ -1177,18 +1256,79 @@ fn validate_source(source: &SourceConfig) -> Result<(), String> {
     }
 }
 
-fn validate_mqtt(name: &str, mqtt: &MqttSource) -> Result<(), String> {
-    let url = reqwest::Url::parse(&mqtt.url)
-        .map_err(|err| format!("source {name:?}: invalid url: {err}"))?;
-    if !matches!(url.scheme(), "mqtt" | "mqtts") || url.host_str().is_none() {
+/// The checks an MQTT source and an MQTT sink share: `what` is "source" or "sink".
+fn validate_broker(
+    what: &str,
+    name: &str,
+    url: &str,
+    qos: u8,
+    secrets: (&Option<Secret>, &Option<SecretFile>),
+) -> Result<(), String> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|err| format!("{what} {name:?}: invalid url: {err}"))?;
+    if !matches!(parsed.scheme(), "mqtt" | "mqtts") || parsed.host_str().is_none() {
         return Err(format!(
-            "source {name:?}: url must be mqtt://host[:port] or mqtts://host[:port]"
+            "{what} {name:?}: url must be mqtt://host[:port] or mqtts://host[:port]"
         ));
     }
-    if mqtt.qos > 1 {
-        return Err(format!("source {name:?}: qos must be 0 or 1"));
+    if qos > 1 {
+        return Err(format!("{what} {name:?}: qos must be 0 or 1"));
     }
-    one_secret("password", &mqtt.password, &mqtt.password_file)?;
+    one_secret("password", secrets.0, secrets.1)?;
+    Ok(())
+}
+
+fn validate_mqtt_sink(name: &str, mqtt: &MqttSink) -> Result<(), String> {
+    validate_broker(
+        "sink",
+        name,
+        &mqtt.url,
+        mqtt.qos,
+        (&mqtt.password, &mqtt.password_file),
+    )?;
+    for (key, template, vars) in [
+        ("topic", &mqtt.topic, &["device", "series"][..]),
+        (
+            "availability_topic",
+            &mqtt.availability_topic,
+            &["device"][..],
+        ),
+    ] {
+        if template.contains(['+', '#']) {
+            return Err(format!(
+                "sink {name:?}: {key} {template:?}: a topic to publish to has no wildcards"
+            ));
+        }
+        let mut rest = template.as_str();
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("sink {name:?}: {key} {template:?}: unclosed {{"))?;
+            let var = &rest[open + 1..open + close];
+            if !vars.contains(&var) {
+                let known: Vec<String> = vars.iter().map(|v| format!("{{{v}}}")).collect();
+                return Err(format!(
+                    "sink {name:?}: {key} {template:?}: unknown {{{var}}}; use {}",
+                    known.join(" or ")
+                ));
+            }
+            rest = &rest[open + close + 1..];
+        }
+    }
+    if mqtt.topic.is_empty() {
+        return Err(format!("sink {name:?}: topic must not be empty"));
+    }
+    Ok(())
+}
+
+fn validate_mqtt(name: &str, mqtt: &MqttSource) -> Result<(), String> {
+    validate_broker(
+        "source",
+        name,
+        &mqtt.url,
+        mqtt.qos,
+        (&mqtt.password, &mqtt.password_file),
+    )?;
     if mqtt.subscriptions.is_empty() {
         return Err(format!(
             "source {name:?}: list at least one [[sources.subscriptions]]"
@@ -1358,7 +1498,7 @@ fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
 
 fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
     let span = table.span();
-    let kinds = "\"local\", \"s3\", \"gcs\", \"azure\", \"postgres\"";
+    let kinds = "\"local\", \"s3\", \"gcs\", \"azure\", \"postgres\", \"mqtt\"";
     let kind = kind_of(&table, "sinks", kinds)?;
     let kind_span = kind_value_span(&table).unwrap_or(span.clone());
     if kind == "postgres" {
@@ -1366,6 +1506,13 @@ fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
         return Ok(SinkConfig {
             name: pg.name.clone().unwrap_or_else(|| kind.clone()),
             kind: SinkKind::Postgres(Box::new(pg)),
+        });
+    }
+    if kind == "mqtt" {
+        let mqtt: MqttSink = without_kind(table)?;
+        return Ok(SinkConfig {
+            name: mqtt.name.clone().unwrap_or_else(|| kind.clone()),
+            kind: SinkKind::Mqtt(Box::new(mqtt)),
         });
     }
     let remote = kind != "local";
@@ -1658,6 +1805,61 @@ path = "/tmp/x/out"
             let error = error_of(&with_sink(&format!("[[sinks]]\n{sink}\n")));
             assert!(error.ends_with(message), "{error}");
         }
+    }
+
+    #[test]
+    fn an_mqtt_sink_is_a_live_feed_and_is_checked() {
+        let local = "[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\n";
+        let feed = "[[sinks]]\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"\n";
+        let config = Config::parse(&with_sink(&format!("{local}{feed}")), Path::new("x.toml"))
+            .expect("valid");
+        let SinkKind::Mqtt(mqtt) = &config.sinks[1].kind else {
+            panic!("an mqtt sink");
+        };
+        assert_eq!(config.sinks[1].name, "mqtt");
+        assert!(config.sinks[1].kind.is_live() && !config.sinks[0].kind.is_live());
+        assert_eq!(
+            (mqtt.topic.as_str(), mqtt.availability_topic.as_str()),
+            (
+                "edgespool/{device}/{series}",
+                "edgespool/{device}/availability"
+            )
+        );
+        assert_eq!(
+            (mqtt.qos, mqtt.retain, mqtt.max_age.as_secs()),
+            (1, false, 600)
+        );
+        assert!(
+            error_of(&with_sink(feed)).ends_with(
+                "an mqtt sink is a live feed that keeps nothing: add a sink that keeps the windows, e.g. kind = \"local\""
+            )
+        );
+        let cases = [
+            (
+                "topic = \"pi/{host}/{series}\"",
+                "sink \"mqtt\": topic \"pi/{host}/{series}\": unknown {host}; use {device} or {series}",
+            ),
+            (
+                "availability_topic = \"pi/{series}/up\"",
+                "sink \"mqtt\": availability_topic \"pi/{series}/up\": unknown {series}; use {device}",
+            ),
+            (
+                "topic = \"pi/+/{series}\"",
+                "sink \"mqtt\": topic \"pi/+/{series}\": a topic to publish to has no wildcards",
+            ),
+            ("qos = 2", "sink \"mqtt\": qos must be 0 or 1"),
+        ];
+        for (keys, message) in cases {
+            let error = error_of(&with_sink(&format!("{local}{feed}{keys}\n")));
+            assert!(error.ends_with(message), "{error}");
+        }
+        let url = error_of(&with_sink(&format!(
+            "{local}[[sinks]]\nkind = \"mqtt\"\nurl = \"tcp://broker\"\n"
+        )));
+        assert!(
+            url.ends_with("sink \"mqtt\": url must be mqtt://host[:port] or mqtts://host[:port]"),
+            "{url}"
+        );
     }
 
     #[test]

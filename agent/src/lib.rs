@@ -6,11 +6,13 @@
 //! 2. [`aggregate`]: tumbling windows, aligned to UTC, reduce samples to window rows;
 //! 3. [`spool`]: one SQLite writer commits closed windows, one transaction per flush;
 //! 4. [`sink`]: one uploader per sink sends closed partitions, then records delivery;
+//!    a live feed (the `mqtt` sink) gets each flush's windows as they are committed;
 //! 5. [`status`]: reads the spool read-only and tells a person what is going on.
 //!
 //! [`config`] reads the one TOML file; [`run`] wires the stages and waits for shutdown.
 
 pub mod aggregate;
+pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -31,7 +33,8 @@ use tracing::{info, warn};
 
 use crate::aggregate::AggregateTask;
 use crate::config::Config;
-use crate::sink::Uploader;
+use crate::config::SinkKind;
+use crate::sink::{LiveLink, LiveStats, MqttFeed, Uploader};
 use crate::source::{SourceStats, SourceTask};
 use crate::spool::{Spool, SpoolHandle, SpoolOptions};
 
@@ -78,6 +81,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         sinks: config
             .sinks
             .iter()
+            .filter(|s| !s.kind.is_live())
+            .map(|s| (s.name.clone(), s.kind.word()))
+            .collect(),
+        live: config
+            .sinks
+            .iter()
+            .filter(|s| s.kind.is_live())
             .map(|s| (s.name.clone(), s.kind.word()))
             .collect(),
     };
@@ -109,16 +119,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.spawn(task.run());
     }
     drop(samples_tx);
+    let mut live = Vec::new();
     for sink_config in &config.sinks {
-        let built = sink::build(sink_config)?;
-        let uploader = Uploader::new(sink_config, &device, built, spool.clone(), stopping.clone());
-        tasks.spawn(uploader.run());
+        let name = &sink_config.name;
+        match (sink::build(sink_config), &sink_config.kind) {
+            (Some(built), _) => {
+                let uploader =
+                    Uploader::new(sink_config, &device, built, spool.clone(), stopping.clone());
+                tasks.spawn(uploader.run());
+            }
+            (None, SinkKind::Mqtt(mqtt)) => {
+                let stats = Arc::new(LiveStats::new(name, sink_config.kind.word()));
+                let (link, rows) = LiveLink::new(Arc::clone(&stats));
+                let feed = MqttFeed::new(name, mqtt, &device, stats, rows, spool.clone())?;
+                tasks.spawn(feed.run());
+                live.push(link);
+            }
+            (None, _) => unreachable!("only live feeds are built elsewhere"),
+        }
     }
     let aggregator = AggregateTask::new(
         agent.window.get(),
         samples_rx,
         spool.clone(),
         stats,
+        live,
         stopping,
     );
     tasks.spawn(aggregator.run());

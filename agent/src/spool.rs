@@ -70,6 +70,7 @@ use tracing::{info, warn};
 
 use crate::aggregate::{AggregateCounts, Stats, WindowRow};
 use crate::config::WhenFull;
+use crate::sink::{LiveReport, LiveState};
 use crate::source::{Problem, Series, SourceDeltas, SourceStats};
 
 /// Identifies our files (`PRAGMA application_id`, "ESP1").
@@ -196,8 +197,10 @@ pub struct SpoolOptions {
     pub when_full: WhenFull,
     /// The configured sources: (name, kind word).
     pub sources: Vec<(String, &'static str)>,
-    /// The configured sinks: (name, kind word).
+    /// The configured sinks that receive partitions: (name, kind word).
     pub sinks: Vec<(String, &'static str)>,
+    /// The configured live feeds (see [`crate::sink::LiveStats`]): (name, kind word).
+    pub live: Vec<(String, &'static str)>,
 }
 
 /// The agent's state as `status` reads it, rewritten at every flush.
@@ -233,6 +236,9 @@ pub struct AgentState {
     pub open_windows: usize,
     /// Each source's latest problem.
     pub sources: Vec<SourceState>,
+    /// Each live feed's state.
+    #[serde(default)]
+    pub live: Vec<LiveState>,
 }
 
 /// One source as `status` shows it.
@@ -258,6 +264,8 @@ pub struct Flush {
     pub sources: Vec<(Arc<SourceStats>, SourceDeltas)>,
     /// Windows still open in memory.
     pub open_windows: usize,
+    /// Each live feed's counts since the previous flush, and its state.
+    pub live: Vec<LiveReport>,
 }
 
 /// A part planned for a sink: the rows it holds are fixed.
@@ -419,6 +427,11 @@ impl Spool {
                     last_problem: None,
                 })
                 .collect(),
+            live: options
+                .live
+                .iter()
+                .map(|(name, kind)| crate::sink::LiveStats::new(name, kind).report().state)
+                .collect(),
         };
         let next_id: i64 = conn
             .query_row(
@@ -543,6 +556,7 @@ impl Spool {
             counters.push((format!("source.{name}.invalid"), deltas.invalid));
             counters.push((format!("source.{name}.errors"), deltas.errors));
         }
+        live_counters(&flush.live, &mut counters);
         add_counters(&tx, &counters).map_err(&err)?;
 
         let elapsed_ms = (flush.now_ms - self.state.heartbeat_ms).max(1);
@@ -563,6 +577,7 @@ impl Spool {
                 last_problem: s.last_problem(),
             })
             .collect();
+        state.live = flush.live.iter().map(|r| r.state.clone()).collect();
         let json = serde_json::to_string(&self.state).unwrap_or_default();
         tx.execute("UPDATE meta SET value = ?1 WHERE key = 'agent'", [json])
             .map_err(&err)?;
@@ -572,6 +587,32 @@ impl Spool {
             self.enforce_budget()?;
         }
         Ok(())
+    }
+
+    /// Records live feeds' last counts and states (a feed's final report, after the last
+    /// flush).
+    pub fn report(&mut self, reports: &[LiveReport]) -> Result<(), SpoolError> {
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        let mut counters = Vec::new();
+        live_counters(reports, &mut counters);
+        for report in reports {
+            match self
+                .state
+                .live
+                .iter_mut()
+                .find(|s| s.name == report.state.name)
+            {
+                Some(state) => *state = report.state.clone(),
+                None => self.state.live.push(report.state.clone()),
+            }
+        }
+        let json = serde_json::to_string(&self.state).unwrap_or_default();
+        let tx = self.conn.transaction().map_err(&err)?;
+        add_counters(&tx, &counters).map_err(&err)?;
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'agent'", [json])
+            .map_err(&err)?;
+        tx.commit().map_err(&err)
     }
 
     /// Marks a clean stop, so that `status` says "stopped" rather than "not responding".
@@ -856,6 +897,15 @@ fn series_id(
     Ok(id)
 }
 
+/// The counters of live feeds' reports: `sink.{name}.published` and `.skipped`.
+fn live_counters(reports: &[LiveReport], counters: &mut Vec<(String, u64)>) {
+    for report in reports {
+        let name = &report.state.name;
+        counters.push((format!("sink.{name}.published"), report.published));
+        counters.push((format!("sink.{name}.skipped"), report.skipped));
+    }
+}
+
 fn add_counters(
     tx: &rusqlite::Transaction<'_>,
     counters: &[(String, u64)],
@@ -882,6 +932,7 @@ enum Command {
     Plan(String, i64, oneshot::Sender<Result<Plan, SpoolError>>),
     Delivered(PartPlan, i64, oneshot::Sender<Result<(), SpoolError>>),
     Failed(String, String, i64, i64),
+    Report(Vec<LiveReport>),
 }
 
 /// The async face of the single writer thread.
@@ -927,6 +978,11 @@ impl SpoolHandle {
                         }
                         Command::Delivered(plan, now, reply) => {
                             let _ = reply.send(spool.delivered(&plan, now));
+                        }
+                        Command::Report(reports) => {
+                            if let Err(err) = spool.report(&reports) {
+                                warn!(error = %err, "could not record a live feed's report");
+                            }
                         }
                         Command::Failed(sink, error, now, next) => {
                             if let Err(err) = spool.failed(&sink, &error, now, next) {
@@ -988,6 +1044,11 @@ impl SpoolHandle {
     pub async fn delivered(&self, plan: &PartPlan, now_ms: i64) -> Result<(), SpoolError> {
         self.ask(|tx| Command::Delivered(plan.clone(), now_ms, tx))
             .await
+    }
+
+    /// Records live feeds' final reports (fire and forget).
+    pub async fn report(&self, reports: Vec<LiveReport>) {
+        let _ = self.commands.send(Command::Report(reports)).await;
     }
 
     /// Records a failed attempt (fire and forget).
@@ -1288,6 +1349,7 @@ mod tests {
             when_full: WhenFull::DropOldest,
             sources: Vec::new(),
             sinks: sinks.iter().map(|s| (s.to_string(), "local")).collect(),
+            live: Vec::new(),
         }
     }
 
@@ -1316,6 +1378,7 @@ mod tests {
             aggregate: AggregateCounts::default(),
             sources: Vec::new(),
             open_windows: 0,
+            live: Vec::new(),
         }
     }
 

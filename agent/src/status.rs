@@ -27,8 +27,10 @@ pub struct Status {
     pub sampling: Sampling,
     /// Each source.
     pub sources: Vec<SourceStatus>,
-    /// Each configured sink.
+    /// Each configured sink that receives partitions.
     pub sinks: Vec<SinkStatus>,
+    /// Each live feed (an `mqtt` sink).
+    pub live_sinks: Vec<LiveSinkStatus>,
     /// Lifetime counters of the aggregator and the spool.
     pub counters: Counters,
 }
@@ -130,6 +132,32 @@ pub struct SinkStatus {
     pub next_attempt: Option<String>,
 }
 
+/// One live feed.
+#[derive(Debug, Serialize)]
+pub struct LiveSinkStatus {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: String,
+    /// "connected", "disconnected" or "connecting" (never connected yet).
+    pub state: String,
+    /// Connected or disconnected since (RFC 3339).
+    pub since: Option<String>,
+    /// Windows published (lifetime).
+    pub published: u64,
+    /// Windows skipped: older than `max_age` when their turn came, or the feed too far
+    /// behind (lifetime).
+    pub skipped: u64,
+    /// Windows waiting for the broker.
+    pub queued: u64,
+    /// The last publication (RFC 3339).
+    pub last_published: Option<String>,
+    /// The last error, without secrets.
+    pub last_error: Option<String>,
+    /// When (RFC 3339).
+    pub last_error_at: Option<String>,
+}
+
 /// Lifetime counters.
 #[derive(Debug, Serialize)]
 pub struct Counters {
@@ -200,6 +228,29 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             kind: s.kind,
         })
         .collect();
+    let live_sinks = state
+        .as_ref()
+        .map(|s| s.live.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|f| LiveSinkStatus {
+            name: f.name.clone(),
+            kind: f.kind.clone(),
+            state: match (f.connected, f.since_ms) {
+                (true, _) => "connected",
+                (false, Some(_)) => "disconnected",
+                (false, None) => "connecting",
+            }
+            .to_owned(),
+            since: time(f.since_ms),
+            published: count(&format!("sink.{}.published", f.name)),
+            skipped: count(&format!("sink.{}.skipped", f.name)),
+            queued: f.queued,
+            last_published: time(f.last_published_ms),
+            last_error: f.last_problem.as_ref().map(|p| p.message.clone()),
+            last_error_at: time(f.last_problem.as_ref().map(|p| p.at_ms)),
+        })
+        .collect();
     Ok(Status {
         device: state.as_ref().map(|s| s.device.clone()),
         version: state.as_ref().map(|s| s.version.clone()),
@@ -222,6 +273,7 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
         },
         sources,
         sinks,
+        live_sinks,
         counters: Counters {
             samples: count("samples"),
             non_finite: count("samples.non_finite"),
@@ -381,6 +433,28 @@ pub fn render(status: &Status, now_ms: i64) -> String {
                 line,
                 "; last error {}: {err}",
                 ago(&sink.last_error_at, now_ms)
+            );
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    for feed in &status.live_sinks {
+        let mut line = format!("  {:<12} {:<7} live, {}", feed.name, feed.kind, feed.state);
+        if let Some(since) = &feed.since {
+            let _ = write!(line, " since {since}");
+        }
+        let _ = write!(
+            line,
+            "; {} windows published, last {}; {} skipped; {} queued",
+            feed.published,
+            ago(&feed.last_published, now_ms),
+            feed.skipped,
+            feed.queued
+        );
+        if let Some(err) = &feed.last_error {
+            let _ = write!(
+                line,
+                "; last error {}: {err}",
+                ago(&feed.last_error_at, now_ms)
             );
         }
         let _ = writeln!(out, "{line}");

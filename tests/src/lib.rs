@@ -875,6 +875,65 @@ impl MqttBroker {
         self.spawn();
     }
 
+    /// Starts a stopped broker again (see [`MqttBroker::stop`]).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the broker is running");
+        self.spawn();
+    }
+
+    /// The retained message of `topic`, if any (mosquitto_sub, at most 10 s).
+    pub fn retained(&self, topic: &str) -> Option<String> {
+        let out = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic])
+            .args(["--retained-only", "-C", "1", "-W", "10"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("mosquitto_sub runs");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (!text.is_empty()).then_some(text)
+    }
+
+    /// A subscriber to `filter` (QoS 1, a persistent session under `id`) writing what it
+    /// receives to a file; stopped on drop.
+    pub fn subscribe(&self, filter: &str, id: &str) -> Subscriber {
+        let path = self.dir.path().join(format!("{id}.received"));
+        let file = fs::File::create(&path).expect("create the subscriber's file");
+        let child = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-t",
+                filter,
+            ])
+            .args(["-q", "1", "-c", "-i", id, "-v"])
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub starts");
+        let subscriber = Subscriber {
+            path,
+            child: Some(child),
+        };
+        // Subscribed once a marker published under the filter comes back.
+        let marker = format!("{}/subscribed", filter.trim_end_matches("/#"));
+        wait_for(
+            "the subscriber to subscribe",
+            Duration::from_secs(30),
+            || {
+                self.publish(&marker, 1, &["1"]);
+                subscriber
+                    .messages()
+                    .iter()
+                    .any(|(topic, _)| *topic == marker)
+                    .then_some(())
+            },
+        );
+        subscriber
+    }
+
     /// Publishes each of `messages` to `topic` with mosquitto_pub (one connection,
     /// QoS `qos`); the messages must not hold line breaks.
     pub fn publish(&self, topic: &str, qos: u8, messages: &[&str]) {
@@ -916,6 +975,34 @@ impl MqttBroker {
             .status()
             .expect("mosquitto_pub runs");
         assert!(status.success(), "mosquitto_pub to {topic} failed");
+    }
+}
+
+/// A running mosquitto_sub; see [`MqttBroker::subscribe`].
+pub struct Subscriber {
+    path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Subscriber {
+    /// Every (topic, payload) received so far, in order.
+    pub fn messages(&self) -> Vec<(String, String)> {
+        fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split_once(' '))
+            .map(|(topic, payload)| (topic.to_owned(), payload.to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        stop_child(
+            self.child.take(),
+            rustix::process::Signal::TERM,
+            Duration::from_secs(5),
+        );
     }
 }
 

@@ -176,3 +176,261 @@ fn payload_shapes_restarts_and_garbage() {
     assert!(log.contains("of 307200 bytes is over max_payload (262144 bytes)"));
     agent.terminate();
 }
+
+/// The agent's live feed to `broker`, with a local archive, fed by an MQTT counting
+/// source (event times) and, if given, a sysfs tree.
+fn feed_config(
+    dir: &Path,
+    broker: &MqttBroker,
+    max_age: &str,
+    sysfs: Option<&Path>,
+) -> std::path::PathBuf {
+    let sysfs = sysfs.map_or(String::new(), |root| {
+        format!(
+            "[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\ninterval = \"250ms\"\n[[sources.files]]\nfield = \"temp\"\npath = \"/temp\"\n",
+            root.display()
+        )
+    });
+    let body = format!(
+        r#"
+[[sources]]
+kind = "mqtt"
+name = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+client_id = "edgespool-e2e-in"
+interval = "200ms"
+[[sources.subscriptions]]
+topic = "count/#"
+payload = "json"
+timestamp = "/t"
+[[sources.subscriptions.fields]]
+name = "v"
+pointer = "/v"
+
+{sysfs}
+[[sinks]]
+kind = "local"
+name = "archive"
+path = "{out}"
+
+[[sinks]]
+kind = "mqtt"
+name = "dashboard"
+url = "mqtt://127.0.0.1:{port}"
+retain = true
+max_age = "{max_age}"
+"#,
+        port = broker.port,
+        out = dir.join("out").display(),
+    );
+    write_agent_config(dir, &body)
+}
+
+fn feed_status(status: &Value) -> Value {
+    status["live_sinks"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "dashboard"))
+        .unwrap_or_else(|| panic!("no live sink in {status}"))
+        .clone()
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64
+}
+
+fn rfc3339(seconds: i64) -> String {
+    chrono::DateTime::from_timestamp(seconds, 0)
+        .expect("a valid time")
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+#[test]
+fn live_feed_publishes_windows_skips_old_ones_and_leaves_a_last_will() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = MqttBroker::start();
+    let subscriber = broker.subscribe("edgespool/#", "e2e-watcher");
+    let config = feed_config(dir.path(), &broker, "10m", None);
+    let log = dir.path().join("agent.log");
+    let agent = Agent::start(&config, &log);
+    wait_for("online", Duration::from_secs(30), || {
+        subscriber
+            .messages()
+            .contains(&("edgespool/e2e/availability".into(), "online".into()))
+            .then_some(())
+    });
+    wait_for("the source connected", Duration::from_secs(30), || {
+        agent
+            .log_text()
+            .contains("source=mqtt session_present")
+            .then_some(())
+    });
+
+    // Three samples 30 s ago (one window), and one two hours ago (older than max_age).
+    let recent = now_s() - 30;
+    let old = now_s() - 7200;
+    broker.publish(
+        "count/a",
+        1,
+        &[
+            &format!("{{\"t\":{recent},\"v\":1}}"),
+            &format!("{{\"t\":{recent},\"v\":2}}"),
+            &format!("{{\"t\":{recent},\"v\":3}}"),
+            &format!("{{\"t\":{old},\"v\":5}}"),
+        ],
+    );
+    let topic = "edgespool/e2e/mqtt.count.a.v";
+    let message = wait_for("the window published", Duration::from_secs(30), || {
+        subscriber
+            .messages()
+            .into_iter()
+            .find(|(t, _)| t == topic)
+            .map(|(_, payload)| payload)
+    });
+    let window: Value = serde_json::from_str(&message).expect("a JSON payload");
+    assert_eq!(window["device"], "e2e");
+    assert_eq!(window["series"], "mqtt.count.a.v");
+    assert_eq!(window["window_start"], rfc3339(recent));
+    assert_eq!(window["window_end"], rfc3339(recent + 1));
+    assert_eq!(
+        (
+            &window["count"],
+            &window["min"],
+            &window["max"],
+            &window["mean"]
+        ),
+        (
+            &Value::from(3),
+            &Value::from(1.0),
+            &Value::from(3.0),
+            &Value::from(2.0)
+        )
+    );
+    assert_eq!(
+        (&window["median"], &window["stdev"]),
+        (&Value::from(2.0), &Value::from(1.0))
+    );
+    // Retained for a dashboard that subscribes later.
+    assert_eq!(broker.retained(topic), Some(message.clone()));
+
+    let feed = wait_for("the counts in status", Duration::from_secs(30), || {
+        let feed = feed_status(&agent.status());
+        (feed["skipped"] == 1 && feed["published"] == 1).then_some(feed)
+    });
+    assert_eq!(feed["state"], "connected", "{feed}");
+    assert_eq!(feed["kind"], "mqtt");
+    // The old window is skipped by the feed, not by the archive.
+    let archived = wait_for("the old window archived", Duration::from_secs(60), || {
+        read_tree(&dir.path().join("out"))
+            .into_iter()
+            .flat_map(|f| f.rows)
+            .find(|r| r["window_start"] == rfc3339(old))
+    });
+    assert_eq!(archived["mean"], 5.0);
+    let published: Vec<(String, String)> = subscriber
+        .messages()
+        .into_iter()
+        .filter(|(t, _)| t == topic)
+        .collect();
+    assert_eq!(published.len(), 1, "only the recent window: {published:?}");
+
+    // kill -9: no goodbye, so the broker publishes the last will.
+    agent.kill9();
+    wait_for("the last will", Duration::from_secs(30), || {
+        (subscriber.messages().last()
+            == Some(&("edgespool/e2e/availability".into(), "offline".into())))
+        .then_some(())
+    });
+    assert_eq!(
+        broker.retained("edgespool/e2e/availability").as_deref(),
+        Some("offline")
+    );
+}
+
+#[test]
+fn live_feed_after_an_outage_skips_what_grew_old_and_accounts_for_every_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path().join("sys");
+    std::fs::create_dir_all(&sys).expect("mkdir");
+    std::fs::write(sys.join("temp"), "41\n").expect("write");
+    let mut broker = MqttBroker::start();
+    let subscriber = broker.subscribe("edgespool/#", "e2e-watcher");
+    let config = feed_config(dir.path(), &broker, "3s", Some(&sys));
+    let log = dir.path().join("agent.log");
+    let agent = Agent::start(&config, &log);
+    let published_before = wait_for("a few windows published", Duration::from_secs(30), || {
+        let feed = feed_status(&agent.status());
+        let published = feed["published"].as_u64().unwrap_or(0);
+        (published >= 3).then_some(published)
+    });
+
+    // The broker goes away long enough for windows to grow older than max_age.
+    broker.stop();
+    wait_for(
+        "windows skipped in the outage",
+        Duration::from_secs(60),
+        || {
+            let feed = feed_status(&agent.status());
+            (feed["state"] == "disconnected" && feed["skipped"].as_u64() >= Some(4)).then_some(())
+        },
+    );
+    let during = feed_status(&agent.status());
+    assert!(
+        during["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("MQTT connection: ")),
+        "{during}"
+    );
+    broker.start_again();
+    wait_for("publishing again", Duration::from_secs(60), || {
+        let feed = feed_status(&agent.status());
+        (feed["state"] == "connected" && feed["published"].as_u64() >= Some(published_before + 3))
+            .then_some(())
+    });
+    assert_eq!(agent.terminate().code(), Some(0));
+
+    // Every window the spool committed was either published or skipped, once.
+    let status = edgespool_tests::status_json(&config);
+    let feed = feed_status(&status);
+    let (published, skipped) = (
+        feed["published"].as_u64().expect("published"),
+        feed["skipped"].as_u64().expect("skipped"),
+    );
+    let archived = read_tree(&dir.path().join("out"))
+        .into_iter()
+        .flat_map(|f| f.rows)
+        .filter(|r| r["series"] == "board.temp")
+        .count() as u64;
+    let held = status["spool"]["rows"].as_u64().expect("rows held");
+    assert_eq!(published + skipped, archived + held, "{status}");
+    assert!(skipped >= 4, "{feed}");
+    assert_eq!(feed["queued"], 0);
+    assert_eq!(feed["state"], "disconnected", "said goodbye: {feed}");
+
+    // The subscriber (a persistent session, so it also gets what the broker queued for
+    // it while it reconnected) saw each published window, and a clean goodbye. QoS 1 is
+    // at least once: a message in flight when the broker stopped may come twice.
+    wait_for("the goodbye", Duration::from_secs(30), || {
+        (subscriber.messages().last()
+            == Some(&("edgespool/e2e/availability".into(), "offline".into())))
+        .then_some(())
+    });
+    let mut windows: Vec<String> = subscriber
+        .messages()
+        .into_iter()
+        .filter(|(t, _)| t == "edgespool/e2e/board.temp")
+        .map(|(_, payload)| {
+            let v: Value = serde_json::from_str(&payload).expect("JSON");
+            assert_eq!(v["mean"], 41.0);
+            v["window_start"].as_str().expect("start").to_owned()
+        })
+        .collect();
+    let received = windows.len();
+    windows.sort();
+    windows.dedup();
+    assert_eq!(windows.len() as u64, published, "{feed}");
+    assert!(received - windows.len() <= 2, "{received} received");
+}

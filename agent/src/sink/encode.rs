@@ -127,31 +127,36 @@ struct Record<'a> {
 fn json_long(format: Format, device: &str, rows: &[WindowRow]) -> Vec<u8> {
     let mut out = Vec::with_capacity(rows.len() * 256);
     for row in rows {
-        let record = Record {
-            device,
-            series: &row.series.name,
-            unit: row.series.unit.as_deref(),
-            tags: &row.series.tags,
-            window_start: clock::rfc3339(row.start),
-            window_end: clock::rfc3339(row.end()),
-            count: row.stats.count,
-            min: row.stats.min,
-            max: row.stats.max,
-            mean: row.stats.mean,
-            stdev: row.stats.stdev,
-            median: row.stats.median,
-            first: row.stats.first,
-            last: row.stats.last,
-        };
         if format == Format::JsonSeq {
             // RFC 7464: each text starts with RS (0x1E) and ends with LF.
             out.push(0x1e);
         }
-        // Plain structs of strings and finite numbers always serialize.
-        serde_json::to_writer(&mut out, &record).expect("a record serializes");
+        json_record(&mut out, device, row);
         out.push(b'\n');
     }
     out
+}
+
+/// One row as a JSON object (a line of NDJSON, the payload of an MQTT message).
+pub fn json_record(out: &mut Vec<u8>, device: &str, row: &WindowRow) {
+    let record = Record {
+        device,
+        series: &row.series.name,
+        unit: row.series.unit.as_deref(),
+        tags: &row.series.tags,
+        window_start: clock::rfc3339(row.start),
+        window_end: clock::rfc3339(row.end()),
+        count: row.stats.count,
+        min: row.stats.min,
+        max: row.stats.max,
+        mean: row.stats.mean,
+        stdev: row.stats.stdev,
+        median: row.stats.median,
+        first: row.stats.first,
+        last: row.stats.last,
+    };
+    // Plain structs of strings and finite numbers always serialize.
+    serde_json::to_writer(out, &record).expect("a record serializes");
 }
 
 /// A statistic as a JSON or CSV value; `None` for a missing standard deviation.

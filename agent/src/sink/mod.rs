@@ -7,6 +7,8 @@
 
 mod encode;
 mod layout;
+mod live;
+mod mqtt;
 mod object;
 mod postgres;
 
@@ -24,6 +26,8 @@ use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
 pub use encode::{Encoding, Part, content_type, encode, extension};
 pub use layout::object_key;
+pub use live::{LiveLink, LiveReport, LiveState, LiveStats};
+pub use mqtt::MqttFeed;
 pub use postgres::location as postgres_location;
 
 /// Why a delivery failed. The message never holds a secret.
@@ -67,11 +71,13 @@ pub trait Sink: Send + Sync {
     }
 }
 
-/// Builds the sink a configuration entry describes.
-pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, SinkError> {
+/// Builds the sink a configuration entry describes; `None` for a live feed (see
+/// [`MqttFeed`]).
+pub fn build(config: &SinkConfig) -> Option<Arc<dyn Sink>> {
     match &config.kind {
-        SinkKind::Object(object) => Ok(Arc::new(object::ObjectSink::new(&config.name, object))),
-        SinkKind::Postgres(pg) => Ok(Arc::new(postgres::PostgresSink::new(&config.name, pg))),
+        SinkKind::Object(object) => Some(Arc::new(object::ObjectSink::new(&config.name, object))),
+        SinkKind::Postgres(pg) => Some(Arc::new(postgres::PostgresSink::new(&config.name, pg))),
+        SinkKind::Mqtt(_) => None,
     }
 }
 

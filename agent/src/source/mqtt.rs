@@ -11,15 +11,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Transport};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use serde_json::Value;
 
 use super::http::{event_time, number};
 use super::{Batch, Series, Source, SourceError};
+use crate::broker::{Broker, reconnect_delay};
 use crate::clock;
-use crate::config::{self, MqttSource as MqttConfig, MqttSubscription, Payload};
+use crate::config::{MqttSource as MqttConfig, MqttSubscription, Payload};
 
 /// What the connection task has received and not yet handed over.
 #[derive(Default)]
@@ -47,18 +47,21 @@ impl MqttSource {
     /// Connects in the background; must be called inside the runtime.
     pub fn new(name: &str, config: &MqttConfig) -> Result<MqttSource, SourceError> {
         let parse = |reason: String| SourceError::Parse { reason };
-        let url = reqwest::Url::parse(&config.url).map_err(|e| parse(e.to_string()))?;
-        let tls = url.scheme() == "mqtts";
-        let host = url.host_str().unwrap_or("localhost").to_owned();
-        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-        let client_id = config
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("edgespool-{name}"));
-        let mut options = MqttOptions::new(client_id, host, port);
+        let broker = Broker {
+            url: &config.url,
+            client_id: config
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("edgespool-{name}")),
+            username: config.username.as_deref(),
+            password: &config.password,
+            password_file: &config.password_file,
+            ca_file: config.ca_file.as_deref(),
+            keep_alive: config.keep_alive,
+            clean_session: config.clean_session,
+        };
+        let mut options = broker.options().map_err(parse)?;
         options
-            .set_keep_alive(config.keep_alive)
-            .set_clean_session(config.clean_session)
             .set_manual_acks(true)
             // Larger packets than `max_payload` are read and counted, not fatal.
             .set_max_packet_size(
@@ -67,19 +70,6 @@ impl MqttSource {
                     .max(1 << 20),
                 1 << 16,
             );
-        if let Some(user) = &config.username {
-            let password = config::one_secret("password", &config.password, &config.password_file)
-                .map_err(parse)?
-                .map(|s| s.expose().to_owned())
-                .unwrap_or_default();
-            options.set_credentials(user, password);
-        }
-        if tls {
-            let tls = tls_config(config).map_err(parse)?;
-            options.set_transport(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
-            ));
-        }
         let (client, eventloop) = AsyncClient::new(options, 1024);
         let parked = Arc::new(Mutex::new(Parked::default()));
         let reader = Reader {
@@ -106,13 +96,6 @@ impl MqttSource {
             task,
         })
     }
-}
-
-fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, String> {
-    let roots = crate::ca_roots(config.ca_file.as_deref())?;
-    Ok(rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 #[async_trait::async_trait]
@@ -193,10 +176,7 @@ async fn connection(
                     parked.errors.push(message);
                 }
                 failures = failures.saturating_add(1);
-                let delay = Duration::from_millis(500)
-                    .saturating_mul(1 << failures.min(6))
-                    .min(Duration::from_secs(30));
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(reconnect_delay(failures)).await;
             }
         }
     }
