@@ -1,4 +1,4 @@
-//! The command line: `run`, `status`, `check-config` and `example-config`.
+//! The command line: `run`, `status`, `check-config`, `example-config` and `sensors`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,13 @@ pub enum Command {
     },
     /// Print a commented example configuration.
     ExampleConfig,
+    /// List the sensors this machine exposes (thermal zones, hwmon, IIO, 1-wire) with
+    /// their values, and a `[[sources]]` entry to paste.
+    Sensors {
+        /// Look under this folder instead of `/` (a copy or fake of a device's /sys).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
 }
 
 /// Parses the command line and runs the command; errors go to stderr with exit code 1
@@ -114,6 +121,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::ExampleConfig => {
             print!("{}", config::EXAMPLE);
+            Ok(())
+        }
+        Command::Sensors { root } => {
+            let found = crate::sensors::discover(&root);
+            print!("{}", crate::sensors::render(&root, &found));
             Ok(())
         }
     }

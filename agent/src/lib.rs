@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod failpoint;
 pub mod memory;
+pub mod sensors;
 pub mod sink;
 pub mod source;
 pub mod spool;

@@ -708,3 +708,101 @@ fn a_failing_sink_retries_and_catches_up_without_losing_a_window() {
     assert!(human.contains("hw           sysfs   "), "{human}");
     agent.terminate();
 }
+
+/// `edgespool sensors` on a fake sysfs tree: its listing, and its snippet pasted into a
+/// configuration samples every sensor it found, in its unit.
+#[test]
+fn sensors_lists_a_fake_tree_and_its_snippet_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path().join("device");
+    write_file(
+        &sys,
+        "sys/class/thermal/thermal_zone0/type",
+        "cpu-thermal\n",
+    );
+    write_file(&sys, "sys/class/thermal/thermal_zone0/temp", "48312\n");
+    write_file(&sys, "sys/class/hwmon/hwmon1/name", "ina219\n");
+    write_file(&sys, "sys/class/hwmon/hwmon1/in1_input", "5012\n");
+    write_file(&sys, "sys/class/hwmon/hwmon1/in1_label", "VBUS\n");
+    write_file(&sys, "sys/bus/iio/devices/iio:device0/name", "bme280\n");
+    write_file(
+        &sys,
+        "sys/bus/iio/devices/iio:device0/in_temp_input",
+        "21370\n",
+    );
+    write_file(&sys, "sys/bus/iio/devices/iio:device1/name", "ads1015\n");
+    write_file(
+        &sys,
+        "sys/bus/iio/devices/iio:device1/in_voltage0_raw",
+        "1000\n",
+    );
+    write_file(
+        &sys,
+        "sys/bus/iio/devices/iio:device1/in_voltage_scale",
+        "2\n",
+    );
+    write_file(
+        &sys,
+        "sys/bus/w1/devices/28-0316a2790c2f/w1_slave",
+        W1_SLAVE,
+    );
+
+    let out = edgespool(&["sensors", "--root", &sys.display().to_string()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], format!("Sensors under {}:", sys.display()));
+    for expected in [
+        "thermal cpu_thermal         48.312 celsius         /sys/class/thermal/thermal_zone0/temp",
+        "hwmon   ina219_vbus         5.012 volt             /sys/class/hwmon/hwmon1/in1_input",
+        "iio     bme280_temp         21.37 celsius          /sys/bus/iio/devices/iio:device0/in_temp_input",
+        "iio     ads1015_voltage0    2 volt                 /sys/bus/iio/devices/iio:device1/in_voltage0_raw",
+        "w1      w1_28_0316a2790c2f  23.125 celsius         /sys/bus/w1/devices/28-0316a2790c2f/w1_slave",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.trim() == expected),
+            "{expected:?} in\n{text}"
+        );
+    }
+
+    let snippet = &text[text.find("[[sources]]").expect("a snippet")..];
+    let body = format!(
+        "{snippet}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\n",
+        dir.path().join("out").display()
+    );
+    let config = edgespool_tests::write_agent_config(dir.path(), &body);
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+    // The first partition closes within a minute: then every sensor's windows land.
+    let rows = wait_for(
+        "a partition of every sensor",
+        Duration::from_secs(120),
+        || {
+            let rows: Vec<serde_json::Value> = read_tree(&dir.path().join("out"))
+                .into_iter()
+                .flat_map(|f| f.rows)
+                .collect();
+            let series: std::collections::BTreeSet<&str> =
+                rows.iter().filter_map(|r| r["series"].as_str()).collect();
+            (series.len() == 5).then_some(rows)
+        },
+    );
+    agent.interrupt();
+    for (series, mean, unit) in [
+        ("board.cpu_thermal", 48.312, "celsius"),
+        ("board.ina219_vbus", 5.012, "volt"),
+        ("board.bme280_temp", 21.37, "celsius"),
+        ("board.ads1015_voltage0", 2.0, "volt"),
+        ("board.w1_28_0316a2790c2f", 23.125, "celsius"),
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r["series"] == series)
+            .unwrap_or_else(|| panic!("{series} in {rows:?}"));
+        let got = row["mean"].as_f64().expect("a mean");
+        assert!((got - mean).abs() < 1e-9, "{series}: {got} != {mean}");
+        assert_eq!(row["unit"], unit, "{series}");
+    }
+    let status = status_json(&config);
+    assert_eq!(status["sources"][0]["errors"], 0, "{status}");
+    assert_eq!(status["sources"][0]["invalid"], 0, "{status}");
+}

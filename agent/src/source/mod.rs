@@ -8,6 +8,7 @@
 mod http;
 mod mqtt;
 mod sysfs;
+pub(crate) use sysfs::parse_file;
 mod system;
 
 use std::collections::BTreeMap;

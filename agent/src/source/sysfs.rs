@@ -93,7 +93,7 @@ fn read_all(files: &[File], batch: &mut Batch) {
 }
 
 /// The raw number a file holds, before scale and offset.
-fn parse_file(text: &str, format: FileFormat, path: &Path) -> Result<f64, String> {
+pub(crate) fn parse_file(text: &str, format: FileFormat, path: &Path) -> Result<f64, String> {
     match format {
         FileFormat::Number => {
             let trimmed = text.trim();
