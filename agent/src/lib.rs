@@ -23,6 +23,7 @@ pub mod sink;
 pub mod source;
 pub mod spool;
 pub mod status;
+pub mod systemd;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -148,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stopping,
     );
     tasks.spawn(aggregator.run());
+    let commits = spool.commits();
     drop(spool);
     info!(
         device = %device,
@@ -164,7 +166,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::debug!(mappings, "code pages trimmed");
     });
 
+    systemd::ready(&format!(
+        "sampling: {} sources, {} sinks",
+        config.sources.len(),
+        config.sinks.len()
+    ));
+    // The spool commits once per window: two windows and a margin without one is stuck.
+    let stale_after = Duration::from_secs(2 * u64::from(agent.window.get()) + 10);
+    let watchdog = tokio::spawn(systemd::watchdog(commits, stale_after));
+
     shutdown.await;
+    systemd::stopping();
     info!("shutting down: flushing open windows");
     let _ = stop.send(true);
     let finished = tokio::time::timeout(STOP_TIMEOUT, async {
@@ -178,6 +190,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     // Every handle is gone now: the spool thread closes the database and ends.
     let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
+    watchdog.abort();
     info!("edgespool stopped");
     Ok(())
 }

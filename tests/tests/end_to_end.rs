@@ -806,3 +806,64 @@ fn sensors_lists_a_fake_tree_and_its_snippet_runs() {
     assert_eq!(status["sources"][0]["errors"], 0, "{status}");
     assert_eq!(status["sources"][0]["invalid"], 0, "{status}");
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 once running, WATCHDOG=1 at half
+/// the watchdog period while flushes commit, STOPPING=1 at SIGTERM; read from a notify
+/// socket of the test's own, as systemd would.
+#[test]
+fn systemd_hears_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path().join("device");
+    write_file(&sys, "sys/class/thermal/thermal_zone0/temp", "48312\n");
+    let body = format!(
+        "[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\n[[sources.files]]\nfield = \"cpu\"\npath = \"/sys/class/thermal/thermal_zone0/temp\"\n\n[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
+        sys.display(),
+        dir.path().join("out").display()
+    );
+    let config = edgespool_tests::write_agent_config(dir.path(), &body);
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let agent = Agent::start_with_env(
+        &config,
+        &dir.path().join("agent.log"),
+        &[
+            ("NOTIFY_SOCKET", &socket_path.display().to_string()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut buffer = [0u8; 512];
+    let mut next = || {
+        let n = socket.recv(&mut buffer).expect("a notification in time");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1\nSTATUS=sampling: 1 sources, 1 sinks\n");
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(next(), "WATCHDOG=1\n");
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(700),
+        "every 200 ms: {elapsed:?}"
+    );
+    assert_eq!(agent.terminate().code(), Some(0));
+    // Sent before the final flush, so it is already waiting in the socket.
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let rest: Vec<String> = std::iter::from_fn(|| {
+        let n = socket.recv(&mut buffer).ok()?;
+        Some(String::from_utf8_lossy(&buffer[..n]).into_owned())
+    })
+    .take(20)
+    .collect();
+    assert!(
+        rest.iter()
+            .any(|m| m == "STOPPING=1\nSTATUS=flushing open windows\n"),
+        "{rest:?}"
+    );
+}
