@@ -6,27 +6,44 @@ use std::time::Duration;
 
 use rumqttc::{MqttOptions, Transport};
 
-use crate::config::{self, Secret, SecretFile};
+use crate::config::{self, MqttConnection, Secret, SecretFile};
 
-/// Where and how to connect to a broker.
-pub struct Broker<'a> {
-    /// `mqtt://host[:1883]` or `mqtts://host[:8883]`.
-    pub url: &'a str,
-    /// The client id.
-    pub client_id: String,
-    /// User name and password (or the file holding it).
-    pub username: Option<&'a str>,
-    pub password: &'a Option<Secret>,
-    pub password_file: &'a Option<SecretFile>,
-    /// CA certificates for `mqtts://`; default: the system's.
-    pub ca_file: Option<&'a Path>,
-    pub keep_alive: Duration,
-    pub clean_session: bool,
+/// rumqttc's options for a connection (with `default_client_id` when it names none);
+/// the error text never holds a secret.
+pub fn options(
+    connection: &MqttConnection,
+    default_client_id: impl FnOnce() -> String,
+) -> Result<MqttOptions, String> {
+    let client_id = connection
+        .client_id
+        .clone()
+        .unwrap_or_else(default_client_id);
+    Broker {
+        url: &connection.url,
+        client_id,
+        username: connection.username.as_deref(),
+        password: &connection.password,
+        password_file: &connection.password_file,
+        ca_file: connection.ca_file.as_deref(),
+        keep_alive: connection.keep_alive,
+        clean_session: connection.clean_session,
+    }
+    .options()
+}
+
+struct Broker<'a> {
+    url: &'a str,
+    client_id: String,
+    username: Option<&'a str>,
+    password: &'a Option<Secret>,
+    password_file: &'a Option<SecretFile>,
+    ca_file: Option<&'a Path>,
+    keep_alive: Duration,
+    clean_session: bool,
 }
 
 impl Broker<'_> {
-    /// rumqttc's options for this broker; the error text never holds a secret.
-    pub fn options(&self) -> Result<MqttOptions, String> {
+    fn options(&self) -> Result<MqttOptions, String> {
         let url = reqwest::Url::parse(self.url).map_err(|e| e.to_string())?;
         let tls = url.scheme() == "mqtts";
         let host = url.host_str().unwrap_or("localhost").to_owned();

@@ -217,12 +217,14 @@ pub fn describe(config: &Config, path: &Path) -> String {
                     .collect();
                 format!(
                     "{} as {}, QoS {}{}; topics {}",
-                    mqtt.url,
-                    mqtt.client_id
+                    mqtt.connection.url,
+                    mqtt.connection
+                        .client_id
                         .clone()
                         .unwrap_or_else(|| format!("edgespool-{}", s.name)),
                     mqtt.qos,
-                    if mqtt.password.is_some() || mqtt.password_file.is_some() {
+                    if mqtt.connection.password.is_some() || mqtt.connection.password_file.is_some()
+                    {
                         ", password <secret>"
                     } else {
                         ""
@@ -287,7 +289,7 @@ pub fn describe(config: &Config, path: &Path) -> String {
                     out,
                     "sink       {} (mqtt, live): {} to {} at qos {}{}, skipping windows older than {}",
                     s.name,
-                    mqtt.url,
+                    mqtt.connection.url,
                     mqtt.topic,
                     mqtt.qos,
                     if mqtt.retain { ", retained" } else { "" },

@@ -315,9 +315,27 @@ pub struct MqttSource {
     /// Timeout of one hand-over (default 5s).
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
+    /// The broker and how to connect to it (split from the same table).
+    #[serde(skip)]
+    pub connection: MqttConnection,
+    /// 0 or 1 (default 1).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Largest payload taken; longer ones are counted invalid (default 256 KiB).
+    #[serde(default = "default_max_payload")]
+    pub max_payload: bytesize::ByteSize,
+    /// What to subscribe to.
+    pub subscriptions: Vec<MqttSubscription>,
+}
+
+/// The connection keys an MQTT source and an MQTT sink share.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConnection {
     /// The broker: `mqtt://host[:1883]` or `mqtts://host[:8883]`.
     pub url: String,
-    /// Client id (default `edgespool-{name}`); the broker keeps the session under it.
+    /// Client id (default `edgespool-{name}` for a source, `edgespool-{device}-{name}`
+    /// for a sink); the broker keeps the session under it.
     #[serde(default)]
     pub client_id: Option<String>,
     /// User name.
@@ -334,18 +352,11 @@ pub struct MqttSource {
     /// Keep-alive (default 30s).
     #[serde(default = "default_keep_alive", deserialize_with = "duration")]
     pub keep_alive: Duration,
-    /// 0 or 1 (default 1).
-    #[serde(default = "default_qos")]
-    pub qos: u8,
-    /// Start a new session at every connection (default false: the broker keeps QoS 1
-    /// messages for the agent while it is away).
+    /// Start a new session at every connection (default false: the broker keeps the
+    /// session while the agent is away: QoS 1 messages queued for a source, messages in
+    /// flight from a sink).
     #[serde(default)]
     pub clean_session: bool,
-    /// Largest payload taken; longer ones are counted invalid (default 256 KiB).
-    #[serde(default = "default_max_payload")]
-    pub max_payload: bytesize::ByteSize,
-    /// What to subscribe to.
-    pub subscriptions: Vec<MqttSubscription>,
 }
 
 fn default_handover() -> Duration {
@@ -687,29 +698,9 @@ pub struct MqttSink {
     /// Sink name; defaults to "mqtt".
     #[serde(default)]
     pub name: Option<String>,
-    /// The broker: `mqtt://host[:1883]` or `mqtts://host[:8883]`.
-    pub url: String,
-    /// Client id (default `edgespool-{device}-{name}`).
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// User name.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Password (secret).
-    #[serde(default)]
-    pub password: Option<Secret>,
-    #[serde(default)]
-    pub password_file: Option<SecretFile>,
-    /// CA certificates (PEM) for `mqtts://`; default: the system's.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Keep-alive (default 30s).
-    #[serde(default = "default_keep_alive", deserialize_with = "duration")]
-    pub keep_alive: Duration,
-    /// Start a new session at every connection (default false: the broker keeps the
-    /// session, so messages in flight when the connection broke are sent again).
-    #[serde(default)]
-    pub clean_session: bool,
+    /// The broker and how to connect to it (split from the same table).
+    #[serde(skip)]
+    pub connection: MqttConnection,
     /// Topic of each window's message: `{device}` and `{series}` are replaced (default
     /// `edgespool/{device}/{series}`).
     #[serde(default = "default_feed_topic")]
@@ -1260,12 +1251,11 @@ fn validate_source(source: &SourceConfig) -> Result<(), String> {
 fn validate_broker(
     what: &str,
     name: &str,
-    url: &str,
+    connection: &MqttConnection,
     qos: u8,
-    secrets: (&Option<Secret>, &Option<SecretFile>),
 ) -> Result<(), String> {
-    let parsed =
-        reqwest::Url::parse(url).map_err(|err| format!("{what} {name:?}: invalid url: {err}"))?;
+    let parsed = reqwest::Url::parse(&connection.url)
+        .map_err(|err| format!("{what} {name:?}: invalid url: {err}"))?;
     if !matches!(parsed.scheme(), "mqtt" | "mqtts") || parsed.host_str().is_none() {
         return Err(format!(
             "{what} {name:?}: url must be mqtt://host[:port] or mqtts://host[:port]"
@@ -1274,18 +1264,12 @@ fn validate_broker(
     if qos > 1 {
         return Err(format!("{what} {name:?}: qos must be 0 or 1"));
     }
-    one_secret("password", secrets.0, secrets.1)?;
+    one_secret("password", &connection.password, &connection.password_file)?;
     Ok(())
 }
 
 fn validate_mqtt_sink(name: &str, mqtt: &MqttSink) -> Result<(), String> {
-    validate_broker(
-        "sink",
-        name,
-        &mqtt.url,
-        mqtt.qos,
-        (&mqtt.password, &mqtt.password_file),
-    )?;
+    validate_broker("sink", name, &mqtt.connection, mqtt.qos)?;
     for (key, template, vars) in [
         ("topic", &mqtt.topic, &["device", "series"][..]),
         (
@@ -1322,13 +1306,7 @@ fn validate_mqtt_sink(name: &str, mqtt: &MqttSink) -> Result<(), String> {
 }
 
 fn validate_mqtt(name: &str, mqtt: &MqttSource) -> Result<(), String> {
-    validate_broker(
-        "source",
-        name,
-        &mqtt.url,
-        mqtt.qos,
-        (&mqtt.password, &mqtt.password_file),
-    )?;
+    validate_broker("source", name, &mqtt.connection, mqtt.qos)?;
     if mqtt.subscriptions.is_empty() {
         return Err(format!(
             "source {name:?}: list at least one [[sources.subscriptions]]"
@@ -1477,7 +1455,10 @@ fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
             }
         }
         "mqtt" => {
-            let s: MqttSource = without_kind(table)?;
+            let fields = [field_names::<MqttConnection>(), field_names::<MqttSource>()];
+            let [connection, rest] = split_table(table, fields, "source", &kind)?;
+            let mut s: MqttSource = without_kind(rest)?;
+            s.connection = without_kind(connection)?;
             SourceConfig {
                 name: s.name.clone(),
                 interval: s.interval,
@@ -1509,7 +1490,10 @@ fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
         });
     }
     if kind == "mqtt" {
-        let mqtt: MqttSink = without_kind(table)?;
+        let fields = [field_names::<MqttConnection>(), field_names::<MqttSink>()];
+        let [connection, rest] = split_table(table, fields, "sink", &kind)?;
+        let mut mqtt: MqttSink = without_kind(rest)?;
+        mqtt.connection = without_kind(connection)?;
         return Ok(SinkConfig {
             name: mqtt.name.clone().unwrap_or_else(|| kind.clone()),
             kind: SinkKind::Mqtt(Box::new(mqtt)),
@@ -1540,6 +1524,7 @@ fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
             transfer_fields,
             backend_fields,
         ],
+        "sink",
         &kind,
     )?;
     let common: ObjectCommon = without_kind(common)?;
@@ -1584,6 +1569,7 @@ fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
 fn split_table<'i, const N: usize>(
     table: Spanned<DeValue<'i>>,
     groups: [&[&str]; N],
+    what: &str,
     kind: &str,
 ) -> Result<[Spanned<DeValue<'i>>; N], Located> {
     let span = table.span();
@@ -1606,7 +1592,7 @@ fn split_table<'i, const N: usize>(
                     return Err((
                         Some(key.span()),
                         format!(
-                            "unknown key `{name}` for a sink of kind {kind:?}; expected one of {}",
+                            "unknown key `{name}` for a {what} of kind {kind:?}; expected one of {}",
                             known.join(", ")
                         ),
                     ));

@@ -26,7 +26,7 @@ use super::SinkError;
 use super::encode::json_record;
 use super::live::LiveStats;
 use crate::aggregate::WindowRow;
-use crate::broker::{Broker, reconnect_delay};
+use crate::broker::{self, reconnect_delay};
 use crate::clock;
 use crate::config::MqttSink as MqttConfig;
 use crate::source::{Problem, Series};
@@ -75,23 +75,12 @@ impl MqttFeed {
         rows: mpsc::Receiver<Arc<Vec<WindowRow>>>,
         spool: SpoolHandle,
     ) -> Result<MqttFeed, SinkError> {
-        let broker = Broker {
-            url: &config.url,
-            client_id: config
-                .client_id
-                .clone()
-                .unwrap_or_else(|| format!("edgespool-{device}-{name}")),
-            username: config.username.as_deref(),
-            password: &config.password,
-            password_file: &config.password_file,
-            ca_file: config.ca_file.as_deref(),
-            keep_alive: config.keep_alive,
-            clean_session: config.clean_session,
-        };
-        let mut options = broker.options().map_err(|reason| SinkError::Setup {
-            sink: name.to_owned(),
-            reason,
-        })?;
+        let client_id = || format!("edgespool-{device}-{name}");
+        let mut options =
+            broker::options(&config.connection, client_id).map_err(|reason| SinkError::Setup {
+                sink: name.to_owned(),
+                reason,
+            })?;
         let availability = (!config.availability_topic.is_empty())
             .then(|| config.availability_topic.replace("{device}", device));
         if let Some(topic) = &availability {

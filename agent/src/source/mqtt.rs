@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::http::{event_time, number};
 use super::{Batch, Series, Source, SourceError};
-use crate::broker::{Broker, reconnect_delay};
+use crate::broker::{self, reconnect_delay};
 use crate::clock;
 use crate::config::{MqttSource as MqttConfig, MqttSubscription, Payload};
 
@@ -47,20 +47,8 @@ impl MqttSource {
     /// Connects in the background; must be called inside the runtime.
     pub fn new(name: &str, config: &MqttConfig) -> Result<MqttSource, SourceError> {
         let parse = |reason: String| SourceError::Parse { reason };
-        let broker = Broker {
-            url: &config.url,
-            client_id: config
-                .client_id
-                .clone()
-                .unwrap_or_else(|| format!("edgespool-{name}")),
-            username: config.username.as_deref(),
-            password: &config.password,
-            password_file: &config.password_file,
-            ca_file: config.ca_file.as_deref(),
-            keep_alive: config.keep_alive,
-            clean_session: config.clean_session,
-        };
-        let mut options = broker.options().map_err(parse)?;
+        let mut options =
+            broker::options(&config.connection, || format!("edgespool-{name}")).map_err(parse)?;
         options
             .set_manual_acks(true)
             // Larger packets than `max_payload` are read and counted, not fatal.
