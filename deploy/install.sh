@@ -47,6 +47,12 @@ else
 fi
 /usr/bin/edgespool check-config --config /etc/edgespool/edgespool.toml >/dev/null
 install -m 0644 "$here/edgespool.service" /etc/systemd/system/edgespool.service
-systemctl daemon-reload
-systemctl enable --now edgespool.service
-echo "edgespool installed and started: systemctl status edgespool; edgespool status"
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable --now edgespool.service
+    echo "edgespool installed and started: systemctl status edgespool; sudo edgespool status"
+else
+    # Not booted with systemd (a container, a chroot): enable it for the next boot.
+    systemctl enable edgespool.service
+    echo "edgespool installed and enabled; systemd is not running here, so it starts at the next boot"
+fi

@@ -13,9 +13,13 @@ purge=false
 if [ "${1:-}" = "--purge" ]; then purge=true; fi
 
 if [ -e /etc/systemd/system/edgespool.service ]; then
-    systemctl disable --now edgespool.service || true
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now edgespool.service || true
+    else
+        systemctl disable edgespool.service || true
+    fi
     rm -f /etc/systemd/system/edgespool.service
-    systemctl daemon-reload
+    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 fi
 rm -f /usr/bin/edgespool
 if $purge; then
