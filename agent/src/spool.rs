@@ -53,6 +53,12 @@
 //! again, same rows, same key, same bytes: the sink overwrites an identical object or
 //! its rows conflict and are ignored. Windows still open in memory are the only loss.
 //!
+//! # Corrupt file
+//! At start the spool is opened and, unless new, checked (`PRAGMA quick_check`). A file
+//! SQLite calls malformed or not a database is renamed to `NAME.corrupt-MILLIS` with its
+//! WAL, kept, logged as an error, and a fresh spool takes its place; the event stays in
+//! `meta('recovered')` for `status`. Another program's SQLite file is refused instead.
+//!
 //! # Full disk
 //! The spool's used pages are held under `disk_budget` by a [`WhenFull`] policy:
 //! `DropOldest` deletes the oldest partitions whatever their delivery state,
@@ -178,6 +184,26 @@ pub enum SpoolError {
     /// The spool thread is gone (the agent is shutting down).
     #[error("the spool has stopped")]
     Stopped,
+    /// The file is damaged (SQLite says so, or its integrity check fails).
+    #[error("spool {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    /// A corrupt spool could not be moved aside.
+    #[error("cannot move the corrupt spool {path} aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A corrupt spool found at start and moved aside, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// When, Unix ms.
+    pub at_ms: i64,
+    /// Where the damaged file went (kept for forensics).
+    pub moved_to: PathBuf,
+    /// What was wrong.
+    pub reason: String,
 }
 
 /// What the spool needs to know of the configuration.
@@ -337,15 +363,47 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> SpoolError + '_ {
 }
 
 impl Spool {
-    /// Opens (creating or migrating) the spool and registers the configured sinks.
+    /// Opens (creating or migrating) the spool and registers the configured sinks. A
+    /// corrupt file is moved aside (with its WAL), kept for forensics, and a fresh spool
+    /// started in its place; `status` shows the event from then on.
     pub fn open(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
+        match Spool::open_checked(path, options.clone()) {
+            Err(SpoolError::Corrupt { reason, .. }) => {
+                let moved_to = move_aside(path, crate::clock::now_ms())?;
+                tracing::error!(
+                    spool = %path.display(),
+                    moved_to = %moved_to.display(),
+                    reason = %reason,
+                    "the spool is corrupt: moved aside, starting a fresh one (windows it held are in the moved file)"
+                );
+                let spool = Spool::open_checked(path, options)?;
+                let recovery = Recovery {
+                    at_ms: crate::clock::now_ms(),
+                    moved_to,
+                    reason,
+                };
+                spool
+                    .conn
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('recovered', ?1)
+                         ON CONFLICT (key) DO UPDATE SET value = ?1",
+                        [serde_json::to_string(&recovery).unwrap_or_default()],
+                    )
+                    .map_err(spool.err())?;
+                Ok(spool)
+            }
+            other => other,
+        }
+    }
+
+    fn open_checked(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| SpoolError::Folder {
                 path: dir.to_owned(),
                 source,
             })?;
         }
-        let err = sqlite(path);
+        let err = |source: rusqlite::Error| corrupt_or(path, source);
         let conn = Connection::open(path).map_err(&err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(&err)?;
@@ -371,6 +429,18 @@ impl Spool {
         if version == 0 {
             conn.pragma_update(None, "page_size", PAGE_SIZE)
                 .map_err(&err)?;
+        } else {
+            // Every page once (a few seconds for a spool of hundreds of MB on an SD card):
+            // damage found now is moved aside instead of failing a flush later.
+            let verdict: String = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+                .map_err(&err)?;
+            if verdict != "ok" {
+                return Err(SpoolError::Corrupt {
+                    path: path.to_owned(),
+                    reason: format!("integrity check: {verdict}"),
+                });
+            }
         }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(&err)?;
@@ -873,6 +943,47 @@ impl Spool {
     }
 }
 
+/// A SQLite error, or [`SpoolError::Corrupt`] when it says the file is damaged.
+fn corrupt_or(path: &Path, source: rusqlite::Error) -> SpoolError {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    match source.sqlite_error_code() {
+        Some(DatabaseCorrupt | NotADatabase) => SpoolError::Corrupt {
+            path: path.to_owned(),
+            reason: source.to_string(),
+        },
+        _ => SpoolError::Sqlite {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
+/// Renames the spool and its WAL and shared-memory files to `NAME.corrupt-MILLIS`
+/// (`-wal`, `-shm`); returns the new name of the spool.
+fn move_aside(path: &Path, now_ms: i64) -> Result<PathBuf, SpoolError> {
+    let mut moved = path.as_os_str().to_owned();
+    moved.push(format!(".corrupt-{now_ms}"));
+    let moved = PathBuf::from(moved);
+    for suffix in ["", "-wal", "-shm"] {
+        let with = |p: &Path| {
+            let mut name = p.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        match std::fs::rename(with(path), with(&moved)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !suffix.is_empty() => {}
+            Err(source) => {
+                return Err(SpoolError::MoveAside {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(moved)
+}
+
 /// Registers a series this process has not met (once per series and process) with the
 /// partition of its first window (its `first_id` is set once that window's batch has an
 /// id), and caches its id.
@@ -1243,6 +1354,18 @@ impl SpoolReader {
         Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
+    /// The last corrupt spool moved aside at start, if any.
+    pub fn recovery(&self) -> Result<Option<Recovery>, SpoolError> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'recovered'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
     /// Every lifetime counter.
     pub fn counters(&self) -> Result<BTreeMap<String, u64>, SpoolError> {
         let mut stmt = self
@@ -1405,6 +1528,65 @@ mod tests {
             }
         }
         panic!("drain did not finish");
+    }
+
+    #[test]
+    fn a_damaged_spool_is_moved_aside_and_a_fresh_one_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spool.db");
+        {
+            let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+            for hour in 0..40 {
+                let rows = (0..60)
+                    .map(|m| row(&format!("s.{m}"), hour * 3600 + m * 60, 1.0))
+                    .collect();
+                spool.commit(&flush(rows)).expect("commit");
+            }
+        }
+        // Dropping the writer checkpointed the WAL: damage pages 4 to 12 of the file.
+        let mut bytes = std::fs::read(&path).expect("read");
+        let size = bytes.len();
+        assert!(size > 16 * 1024, "{size} bytes");
+        bytes[3 * 1024..12 * 1024].fill(0xAA);
+        std::fs::write(&path, &bytes).expect("write");
+
+        let spool = Spool::open(&path, options(&["a"])).expect("a fresh spool");
+        drop(spool);
+        let reader = SpoolReader::open(&path).expect("reader");
+        let recovery = reader.recovery().expect("read").expect("recorded");
+        assert!(
+            recovery.reason == "database disk image is malformed"
+                || recovery.reason.starts_with("integrity check: "),
+            "{}",
+            recovery.reason
+        );
+        assert_eq!(
+            std::fs::metadata(&recovery.moved_to).expect("kept").len(),
+            size as u64
+        );
+        assert!(
+            recovery
+                .moved_to
+                .display()
+                .to_string()
+                .starts_with(&format!("{}.corrupt-", path.display()))
+        );
+        assert_eq!(reader.totals().expect("totals").0, 0, "a fresh spool");
+    }
+
+    #[test]
+    fn a_file_that_is_no_database_is_moved_aside_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spool.db");
+        std::fs::write(&path, "half-written garbage ".repeat(500)).expect("write");
+        Spool::open(&path, options(&["a"])).expect("a fresh spool");
+        let recovery = SpoolReader::open(&path)
+            .and_then(|r| r.recovery())
+            .expect("read")
+            .expect("recorded");
+        assert_eq!(recovery.reason, "file is not a database");
+        let kept = std::fs::read_to_string(&recovery.moved_to).expect("kept");
+        assert!(kept.starts_with("half-written garbage"));
     }
 
     #[test]

@@ -67,6 +67,19 @@ pub struct SpoolStatus {
     pub rows: i64,
     /// Distinct series ever stored.
     pub series_known: i64,
+    /// A corrupt spool found at start and moved aside (the last time it happened).
+    pub recovered: Option<RecoveryStatus>,
+}
+
+/// A corrupt spool moved aside.
+#[derive(Debug, Serialize)]
+pub struct RecoveryStatus {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Where the damaged file is now.
+    pub moved_to: String,
+    /// What was wrong with it.
+    pub reason: String,
 }
 
 /// Sampling figures from the last flush.
@@ -180,6 +193,11 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
     let counters = reader.counters()?;
     let (rows, series_known, used_bytes) = reader.totals()?;
     let sinks = reader.sinks()?;
+    let recovered = reader.recovery()?.map(|r| RecoveryStatus {
+        at: clock::rfc3339_ms(r.at_ms),
+        moved_to: r.moved_to.display().to_string(),
+        reason: r.reason,
+    });
     let file_bytes = [path.to_owned(), wal_path(path)]
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
@@ -263,6 +281,7 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             when_full: state.as_ref().map(|s| s.when_full.clone()),
             rows,
             series_known,
+            recovered,
         },
         sampling: Sampling {
             series: state.as_ref().map_or(0, |s| s.series),
@@ -383,6 +402,13 @@ pub fn render(status: &Status, now_ms: i64) -> String {
         bytes(s.file_bytes),
         s.rows
     );
+    if let Some(r) = &s.recovered {
+        let _ = writeln!(
+            out,
+            "spool     RECOVERED {}: the spool was corrupt ({}); moved to {}, with the windows it held; a fresh spool started",
+            r.at, r.reason, r.moved_to
+        );
+    }
     let m = &status.sampling;
     let _ = writeln!(
         out,

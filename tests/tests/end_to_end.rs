@@ -867,3 +867,43 @@ fn systemd_hears_ready_watchdog_and_stopping() {
         "{rest:?}"
     );
 }
+
+/// A spool that is not a database (a card that lost power mid-write and came back with
+/// garbage) is moved aside, kept, and the agent starts afresh and says so in `status`.
+#[test]
+fn a_corrupt_spool_is_moved_aside_loudly_and_sampling_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = dir.path().join("device");
+    write_file(&sys, "sys/class/thermal/thermal_zone0/temp", "48312\n");
+    let body = format!(
+        "[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\n[[sources.files]]\nfield = \"cpu\"\npath = \"/sys/class/thermal/thermal_zone0/temp\"\n\n[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
+        sys.display(),
+        dir.path().join("out").display()
+    );
+    let config = edgespool_tests::write_agent_config(dir.path(), &body);
+    let garbage = vec![0x5a_u8; 64 * 1024];
+    std::fs::write(dir.path().join("spool.db"), &garbage).expect("write garbage");
+    let log = dir.path().join("agent.log");
+    let agent = Agent::start(&config, &log);
+    let status = wait_for(
+        "a flush in the fresh spool",
+        Duration::from_secs(30),
+        || {
+            let status = status_json(&config);
+            (status["counters"]["samples"].as_u64() > Some(0)).then_some(status)
+        },
+    );
+    let recovered = &status["spool"]["recovered"];
+    assert_eq!(recovered["reason"], "file is not a database", "{status}");
+    let moved = recovered["moved_to"].as_str().expect("moved_to");
+    assert_eq!(std::fs::read(moved).expect("kept for forensics"), garbage);
+    let text = edgespool(&["status", "--config", &config.display().to_string()]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("RECOVERED") && text.contains(moved), "{text}");
+    assert!(
+        agent
+            .log_text()
+            .contains("the spool is corrupt: moved aside")
+    );
+    assert_eq!(agent.terminate().code(), Some(0));
+}
