@@ -32,6 +32,10 @@ pub const SETTLE_MS: i64 = 1_000;
 /// Windows open at once, beyond which new series' samples are dropped (and counted).
 pub const MAX_OPEN_WINDOWS: usize = 100_000;
 
+/// Closed windows kept in memory while the spool cannot be written (a full disk), beyond
+/// which the oldest are dropped (and counted).
+pub const MAX_UNWRITTEN: usize = 100_000;
+
 /// Values kept per window for the median; beyond it the median is of the first ones.
 pub const MAX_VALUES_PER_WINDOW: usize = 100_000;
 
@@ -192,6 +196,19 @@ pub struct AggregateCounts {
     pub late: u64,
     /// Samples dropped because too many windows were open.
     pub overflow: u64,
+    /// Closed windows dropped because the spool could not be written for too long.
+    pub lost: u64,
+}
+
+impl AggregateCounts {
+    /// Adds another interval's counts.
+    pub fn add(&mut self, other: &AggregateCounts) {
+        self.samples += other.samples;
+        self.non_finite += other.non_finite;
+        self.late += other.late;
+        self.overflow += other.overflow;
+        self.lost += other.lost;
+    }
 }
 
 /// The open windows of every series.
@@ -300,6 +317,8 @@ pub struct AggregateTask {
     spool: SpoolHandle,
     sources: Vec<Arc<SourceStats>>,
     live: Vec<LiveLink>,
+    /// A flush the spool could not commit, tried again with the next one.
+    unwritten: Option<Flush>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -319,6 +338,7 @@ impl AggregateTask {
             spool,
             sources,
             live,
+            unwritten: None,
             shutdown,
         }
     }
@@ -351,10 +371,10 @@ impl AggregateTask {
         info!(rows = count, "flushed open windows at shutdown");
     }
 
-    /// Commits closed windows, then hands them to the live feeds.
+    /// Commits closed windows, then hands them to the live feeds. When the spool cannot
+    /// be written (a full disk), the flush is kept and committed with the next one.
     async fn flush(&mut self, rows: Vec<WindowRow>, now_ms: i64) {
-        let for_feeds = (!self.live.is_empty() && !rows.is_empty()).then(|| Arc::new(rows.clone()));
-        let flush = Flush {
+        let mut flush = Flush {
             rows,
             now_ms,
             aggregate: self.aggregator.take_counts(),
@@ -366,13 +386,37 @@ impl AggregateTask {
             open_windows: self.aggregator.open_windows(),
             live: self.live.iter().map(|l| l.stats.report()).collect(),
         };
+        let retried = self.unwritten.is_some();
+        if let Some(mut pending) = self.unwritten.take() {
+            pending.absorb(flush);
+            flush = pending;
+        }
+        let for_feeds =
+            (!self.live.is_empty() && !flush.rows.is_empty()).then(|| Arc::new(flush.rows.clone()));
+        let rows = flush.rows.len();
         match self.spool.commit(flush).await {
             Ok(()) => {
+                if retried {
+                    info!(rows, "the spool is writable again: kept windows committed");
+                }
                 for link in &self.live {
                     for_feeds.iter().for_each(|rows| link.send(rows));
                 }
             }
-            Err(err) => error!(error = %err, "spool commit failed: these windows are lost"),
+            Err((err, Some(mut flush))) => {
+                let lost = flush.keep_newest(MAX_UNWRITTEN);
+                flush.aggregate.lost += lost as u64;
+                error!(
+                    error = %err,
+                    kept = flush.rows.len(),
+                    lost,
+                    "spool commit failed: windows kept in memory and tried again at the next flush"
+                );
+                self.unwritten = Some(flush);
+            }
+            Err((err, None)) => {
+                error!(error = %err, rows, "spool commit failed: these windows are lost")
+            }
         }
     }
 }

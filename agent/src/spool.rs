@@ -294,6 +294,48 @@ pub struct Flush {
     pub live: Vec<LiveReport>,
 }
 
+impl Flush {
+    /// Takes a newer flush into one that could not be committed: its rows after these,
+    /// its counts added, its state.
+    pub fn absorb(&mut self, newer: Flush) {
+        self.rows.extend(newer.rows);
+        self.now_ms = newer.now_ms;
+        self.aggregate.add(&newer.aggregate);
+        for (stats, deltas) in newer.sources {
+            match self
+                .sources
+                .iter_mut()
+                .find(|(s, _)| Arc::ptr_eq(s, &stats))
+            {
+                Some((_, kept)) => kept.add(&deltas),
+                None => self.sources.push((stats, deltas)),
+            }
+        }
+        for report in newer.live {
+            match self
+                .live
+                .iter_mut()
+                .find(|r| r.state.name == report.state.name)
+            {
+                Some(kept) => {
+                    kept.published += report.published;
+                    kept.skipped += report.skipped;
+                    kept.state = report.state;
+                }
+                None => self.live.push(report),
+            }
+        }
+        self.open_windows = newer.open_windows;
+    }
+
+    /// Drops the oldest windows beyond `max`; returns how many.
+    pub fn keep_newest(&mut self, max: usize) -> usize {
+        let excess = self.rows.len().saturating_sub(max);
+        self.rows.drain(..excess);
+        excess
+    }
+}
+
 /// A part planned for a sink: the rows it holds are fixed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartPlan {
@@ -539,8 +581,21 @@ impl Spool {
         Ok(())
     }
 
-    /// Commits one flush in one transaction: windows, counters and the heartbeat.
+    /// Commits one flush in one transaction: windows, counters and the heartbeat. On
+    /// failure nothing of it is stored, and the writer's own bookkeeping (window ids, the
+    /// series cache) is as before.
     pub fn commit(&mut self, flush: &Flush) -> Result<(), SpoolError> {
+        let next_id = self.next_id;
+        let result = self.commit_flush(flush);
+        if result.is_err() {
+            self.next_id = next_id;
+            // Series registered in the rolled-back transaction are not in the file.
+            self.series_ids.clear();
+        }
+        result
+    }
+
+    fn commit_flush(&mut self, flush: &Flush) -> Result<(), SpoolError> {
         let over = self.used_bytes()? > self.options.budget_bytes;
         let path = self.path.clone();
         let err = sqlite(&path);
@@ -551,6 +606,7 @@ impl Spool {
             ("samples.non_finite".into(), flush.aggregate.non_finite),
             ("samples.late".into(), flush.aggregate.late),
             ("samples.overflow".into(), flush.aggregate.overflow),
+            ("rows.lost".into(), flush.aggregate.lost),
         ];
         if over && self.options.when_full == WhenFull::StopSampling {
             counters.push(("rows.dropped".into(), flush.rows.len() as u64));
@@ -1039,7 +1095,10 @@ fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 enum Command {
-    Commit(Box<Flush>, oneshot::Sender<Result<(), SpoolError>>),
+    Commit(
+        Box<Flush>,
+        oneshot::Sender<Result<(), (SpoolError, Box<Flush>)>>,
+    ),
     Plan(String, i64, oneshot::Sender<Result<Plan, SpoolError>>),
     Delivered(PartPlan, i64, oneshot::Sender<Result<(), SpoolError>>),
     Failed(String, String, i64, i64),
@@ -1078,10 +1137,13 @@ impl SpoolHandle {
                 while let Some(command) = rx.blocking_recv() {
                     match command {
                         Command::Commit(flush, reply) => {
-                            let result = spool.commit(&flush);
-                            if result.is_ok() {
-                                commits_tx.send_modify(|n| *n += 1);
-                            }
+                            let result = match spool.commit(&flush) {
+                                Ok(()) => {
+                                    commits_tx.send_modify(|n| *n += 1);
+                                    Ok(())
+                                }
+                                Err(err) => Err((err, flush)),
+                            };
                             let _ = reply.send(result);
                         }
                         Command::Plan(sink, now, reply) => {
@@ -1140,9 +1202,25 @@ impl SpoolHandle {
         rx.await.map_err(|_| SpoolError::Stopped)?
     }
 
-    /// Commits a flush.
-    pub async fn commit(&self, flush: Flush) -> Result<(), SpoolError> {
-        self.ask(|tx| Command::Commit(Box::new(flush), tx)).await
+    /// Commits a flush; on failure gives it back (unless the spool thread is gone).
+    pub async fn commit(&self, flush: Flush) -> Result<(), (SpoolError, Option<Flush>)> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(command)) = self
+            .commands
+            .send(Command::Commit(Box::new(flush), tx))
+            .await
+        {
+            let flush = match command {
+                Command::Commit(flush, _) => Some(*flush),
+                _ => None,
+            };
+            return Err((SpoolError::Stopped, flush));
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((err, flush))) => Err((err, Some(*flush))),
+            Err(_) => Err((SpoolError::Stopped, None)),
+        }
     }
 
     /// Plans the next part of a sink.

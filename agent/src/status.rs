@@ -184,6 +184,9 @@ pub struct Counters {
     pub overflow: u64,
     /// Windows dropped by the disk budget policy.
     pub dropped_rows: u64,
+    /// Windows lost because the spool could not be written (a full disk) for longer than
+    /// memory could hold them.
+    pub lost_rows: u64,
 }
 
 /// Reads the status from a spool file.
@@ -299,6 +302,7 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             late_samples: count("samples.late"),
             overflow: count("samples.overflow"),
             dropped_rows: count("rows.dropped"),
+            lost_rows: count("rows.lost"),
         },
     })
 }
@@ -488,8 +492,8 @@ pub fn render(status: &Status, now_ms: i64) -> String {
     let c = &status.counters;
     let _ = writeln!(
         out,
-        "counters  {} samples, {} non-finite dropped, {} late, {} overflow, {} windows dropped by the disk budget",
-        c.samples, c.non_finite, c.late_samples, c.overflow, c.dropped_rows
+        "counters  {} samples, {} non-finite dropped, {} late, {} overflow, {} windows dropped by the disk budget, {} lost to an unwritable spool",
+        c.samples, c.non_finite, c.late_samples, c.overflow, c.dropped_rows, c.lost_rows
     );
     out
 }

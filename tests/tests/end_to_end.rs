@@ -907,3 +907,132 @@ fn a_corrupt_spool_is_moved_aside_loudly_and_sampling_goes_on() {
     );
     assert_eq!(agent.terminate().code(), Some(0));
 }
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(path: &Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(path).expect("mkdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .ok()?;
+        status.success().then(|| SmallFs(path.to_owned()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64
+}
+
+/// The spool on a file system that fills up (ENOSPC): the agent keeps running, keeps the
+/// closed windows in memory, commits them once space returns, and the archive ends up
+/// with every window of the outage, once, from an intact spool.
+#[test]
+fn a_full_file_system_loses_no_window_and_corrupts_nothing() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED a_full_file_system_loses_no_window_and_corrupts_nothing: mounting a small tmpfs needs root"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = dir.path().join("small");
+    let _fs = SmallFs::mount(&small, "4m").expect("mount a 4 MiB tmpfs");
+    let sys = dir.path().join("device");
+    write_file(&sys, "sys/class/thermal/thermal_zone0/temp", "48312\n");
+    let out = dir.path().join("out");
+    let text = format!(
+        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"0s\"\n\n[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\ninterval = \"200ms\"\n[[sources.files]]\nfield = \"cpu\"\npath = \"/sys/class/thermal/thermal_zone0/temp\"\n\n[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
+        small.join("spool.db").display(),
+        sys.display(),
+        out.display()
+    );
+    let config = dir.path().join("edgespool.toml");
+    std::fs::write(&config, text).expect("write config");
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+    let spool = small.join("spool.db");
+    wait_for("the spool", Duration::from_secs(30), || {
+        spool.exists().then_some(())
+    });
+    wait_for("a first flush", Duration::from_secs(30), || {
+        (status_json(&config)["counters"]["samples"].as_u64() > Some(0)).then_some(())
+    });
+
+    // Fill the file system to the last byte.
+    let filler = small.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).expect("create filler");
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.write_all(&[0u8; 1]);
+        let _ = file.sync_all();
+    }
+    let full_at = unix_now();
+    wait_for("three failed commits", Duration::from_secs(30), || {
+        (agent
+            .log_text()
+            .matches("spool commit failed: windows kept in memory")
+            .count()
+            >= 3)
+            .then_some(())
+    });
+    std::fs::remove_file(&filler).expect("free the space");
+    let freed_at = unix_now();
+    wait_for("commits again", Duration::from_secs(30), || {
+        agent
+            .log_text()
+            .contains("the spool is writable again: kept windows committed")
+            .then_some(())
+    });
+
+    // Once the partition after the outage is uploaded, every second is in the archive.
+    let starts = wait_for("the outage's partitions", Duration::from_secs(150), || {
+        let mut starts: Vec<i64> = read_tree(&out)
+            .into_iter()
+            .flat_map(|f| f.rows)
+            .filter(|r| r["series"] == "board.cpu")
+            .map(|r| chrono_seconds(r["window_start"].as_str().expect("window_start")))
+            .collect();
+        starts.sort_unstable();
+        (starts.last().is_some_and(|&last| last > freed_at + 1)).then_some(starts)
+    });
+    assert_eq!(agent.terminate().code(), Some(0));
+    let first = starts[0];
+    assert!(first < full_at, "the archive starts before the outage");
+    let expected: Vec<i64> = (first..=*starts.last().expect("rows")).collect();
+    assert_eq!(starts, expected, "every window once, none missing");
+    let status = status_json(&config);
+    assert_eq!(status["counters"]["lost_rows"], 0, "{status}");
+    let check = std::process::Command::new(edgespool_tests::python())
+        .args([
+            "-c",
+            "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA integrity_check').fetchone()[0])",
+        ])
+        .arg(&spool)
+        .output()
+        .expect("python runs");
+    assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "ok");
+}
+
+/// Unix seconds of an RFC 3339 time ("2026-11-23T17:04:05Z").
+fn chrono_seconds(text: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .expect("an RFC 3339 time")
+        .timestamp()
+}

@@ -144,6 +144,15 @@ pub struct SourceDeltas {
     pub errors: u64,
 }
 
+impl SourceDeltas {
+    /// Adds another interval's counts.
+    pub fn add(&mut self, other: &SourceDeltas) {
+        self.samples += other.samples;
+        self.invalid += other.invalid;
+        self.errors += other.errors;
+    }
+}
+
 impl SourceStats {
     /// Fresh counters for a source.
     pub fn new(name: &str, kind: &'static str) -> SourceStats {
