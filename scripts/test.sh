@@ -6,8 +6,17 @@
 # DuckDB and boto3 to read the output back and moto as the S3-compatible server; from
 # Debian, PostgreSQL and Mosquitto. Each test starts its own servers on free loopback ports in temp
 # dirs and stops them, even when it fails.
+#
+#   scripts/test.sh            the suite as CI runs it (fault loops at a reduced count)
+#   scripts/test.sh --long     the fault loops at full count: 50 kill -9, 30 fault batches
+#   scripts/test.sh ARGS...    other arguments go to cargo test (a filter, --nocapture)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--long" ]; then
+    shift
+    export EDGESPOOL_FAULT_ROUNDS=full
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "scripts/test.sh: cargo is missing; install the Rust toolchain with rustup first" >&2

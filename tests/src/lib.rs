@@ -430,6 +430,11 @@ pub struct S3Server {
 }
 
 impl S3Server {
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Starts the server, logging to `log`, and waits until it answers.
     pub fn start(log: &Path) -> S3Server {
         let port = free_port();
@@ -1010,4 +1015,298 @@ impl Drop for MqttBroker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A `postgres` sink on `pg` (password from `{password_file}`, to be replaced), plus
+/// `extra` keys.
+pub fn pg_sink(pg: &PgServer, name: &str, extra: &str) -> String {
+    pg_sink_at(pg.port, name, extra)
+}
+
+/// [`pg_sink`] on another port (a proxy's).
+pub fn pg_sink_at(port: u16, name: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[sinks]]
+kind = "postgres"
+name = "{name}"
+host = "127.0.0.1"
+port = {port}
+user = "edgespool"
+dbname = "postgres"
+password_file = "{{password_file}}"
+sslmode = "disable"
+connect_timeout = "2s"
+retry_max = "1s"
+{extra}
+"#,
+    )
+}
+
+/// A `local` sink named `archive` under `dir/archive`.
+pub fn archive_sink(dir: &Path) -> String {
+    format!(
+        "[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nretry_max = \"1s\"\n",
+        dir.join("archive").display()
+    )
+}
+
+/// Per series: total samples and the sum of mean × count, from NDJSON files under `root`.
+pub fn ndjson_totals(root: &Path) -> String {
+    let mut totals: std::collections::BTreeMap<String, (u64, f64)> = Default::default();
+    for row in read_tree(root).iter().flat_map(|f| &f.rows) {
+        let entry = totals
+            .entry(row["series"].as_str().expect("series").to_owned())
+            .or_default();
+        let n = row["count"].as_u64().expect("count");
+        entry.0 += n;
+        entry.1 += row["mean"].as_f64().expect("mean") * n as f64;
+    }
+    totals
+        .iter()
+        .map(|(series, (n, sum))| format!("{series}|{n}|{sum}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The same totals from the PostgreSQL sink's table, as psql prints them.
+pub const PG_TOTALS_SQL: &str =
+    "SELECT series, sum(count), sum(mean * count) FROM edgespool_windows
+                          GROUP BY series ORDER BY series";
+
+/// An `s3` sink on `server`'s bucket `lake`, plus `extra` keys.
+pub fn s3_sink(server: &S3Server, name: &str, extra: &str) -> String {
+    s3_sink_at(&server.endpoint, name, extra)
+}
+
+/// [`s3_sink`] at another endpoint (a proxy's).
+pub fn s3_sink_at(endpoint: &str, name: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[sinks]]
+kind = "s3"
+name = "{name}"
+bucket = "lake"
+endpoint = "{endpoint}"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key_file = "{{secret_file}}"
+retry_max = "1s"
+timeout = "3s"
+{extra}
+"#,
+    )
+}
+
+/// A small seeded random number generator (xorshift64*), so that a fault test can be
+/// replayed: the seed comes from `EDGESPOOL_SEED` or the clock, and is printed.
+pub struct Chaos(u64);
+
+impl Chaos {
+    /// A generator; `what` names the test in the printed seed.
+    pub fn new(what: &str) -> Chaos {
+        let seed = std::env::var("EDGESPOOL_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("{what}: EDGESPOOL_SEED={seed}");
+        Chaos(seed.max(1))
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `low..high`.
+    pub fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next_u64() % (high - low).max(1)
+    }
+}
+
+/// How many rounds a fault loop runs: `EDGESPOOL_FAULT_ROUNDS` (scripts/test.sh --long
+/// sets the full counts), else the reduced count CI runs.
+pub fn fault_rounds(reduced: usize, full: usize) -> usize {
+    match std::env::var("EDGESPOOL_FAULT_ROUNDS").as_deref() {
+        Ok("full") => full,
+        Ok(n) => n.parse().unwrap_or(reduced),
+        Err(_) => reduced,
+    }
+}
+
+/// What the fault proxy does to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Pass,
+    /// Passes, then resets both sides after this long (if still chaotic then).
+    Expire(Duration),
+    Reset,
+    CutAfter(u64),
+    Stall(Duration),
+    Unavailable,
+}
+
+/// A TCP proxy on a free loopback port in front of `upstream` that, while chaotic, drops,
+/// stalls, resets and cuts connections at random (and, for HTTP, answers some with 503
+/// itself); once calm, it passes everything. Stopped on drop.
+pub struct FaultProxy {
+    /// The port to connect to instead of the server's.
+    pub port: u16,
+    chaotic: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    faults: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    /// Starts the proxy, chaotic; `http` adds 503 answers to the faults.
+    pub fn start(upstream: u16, http: bool, seed: u64) -> FaultProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("local addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let chaotic = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(AtomicUsize::new(0));
+        let (c, s, f) = (Arc::clone(&chaotic), Arc::clone(&stop), Arc::clone(&faults));
+        let thread = std::thread::spawn(move || {
+            let mut chaos = Chaos(seed.max(1));
+            while !s.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                let _ = client.set_nonblocking(false);
+                let fault = if c.load(Ordering::Relaxed) {
+                    match chaos.between(0, 100) {
+                        0..40 => Fault::Expire(Duration::from_millis(chaos.between(500, 6_000))),
+                        40..55 => Fault::Reset,
+                        55..70 => Fault::CutAfter(chaos.between(0, 20_000)),
+                        70..85 => Fault::Stall(Duration::from_millis(chaos.between(500, 4_000))),
+                        _ if http => Fault::Unavailable,
+                        _ => Fault::CutAfter(chaos.between(0, 2_000)),
+                    }
+                } else {
+                    Fault::Pass
+                };
+                if fault != Fault::Pass {
+                    f.fetch_add(1, Ordering::Relaxed);
+                }
+                let chaotic = Arc::clone(&c);
+                std::thread::spawn(move || serve(client, upstream, fault, &chaotic));
+            }
+        });
+        FaultProxy {
+            port,
+            chaotic,
+            stop,
+            faults,
+            thread: Some(thread),
+        }
+    }
+
+    /// From now on, pass every new connection untouched.
+    pub fn calm(&self) {
+        self.chaotic.store(false, Ordering::Relaxed);
+    }
+
+    /// Connections it has harmed so far.
+    pub fn faults(&self) -> usize {
+        self.faults.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Closes a socket with a reset (linger 0), as a crashed peer or a middlebox would.
+fn reset(stream: &std::net::TcpStream) {
+    let _ = rustix::net::sockopt::set_socket_linger(stream, Some(Duration::ZERO));
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+fn serve(client: std::net::TcpStream, upstream: u16, fault: Fault, chaotic: &AtomicBool) {
+    use std::io::{Read, Write};
+    match fault {
+        Fault::Reset => return reset(&client),
+        Fault::Unavailable => {
+            let mut client = client;
+            let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = [0u8; 1024];
+            let _ = client.read(&mut head);
+            let _ = client.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            return;
+        }
+        Fault::Stall(pause) => std::thread::sleep(pause),
+        Fault::Pass | Fault::CutAfter(_) | Fault::Expire(_) => {}
+    }
+    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+        return reset(&client);
+    };
+    let budget = Arc::new(AtomicUsize::new(match fault {
+        Fault::CutAfter(n) => n as usize,
+        _ => usize::MAX,
+    }));
+    let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+        let budget = Arc::clone(&budget);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 16 * 1024];
+            loop {
+                let n = match from.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let left =
+                    budget.fetch_sub(n.min(budget.load(Ordering::Relaxed)), Ordering::Relaxed);
+                let send = n.min(left);
+                if to.write_all(&buffer[..send]).is_err() || send < n {
+                    reset(&to);
+                    reset(&from);
+                    return;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        })
+    };
+    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+        return reset(&client);
+    };
+    let (Ok(c3), Ok(s3)) = (c2.try_clone(), s2.try_clone()) else {
+        return reset(&client);
+    };
+    let up = pipe(client, server);
+    let down = pipe(s2, c2);
+    if let Fault::Expire(lifetime) = fault {
+        // Polls the pipes' end rather than sleeping the whole lifetime.
+        let deadline = Instant::now() + lifetime;
+        while Instant::now() < deadline && !(up.is_finished() && down.is_finished()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if chaotic.load(Ordering::Relaxed) && !(up.is_finished() && down.is_finished()) {
+            reset(&c3);
+            reset(&s3);
+        }
+    }
+    let _ = up.join();
+    let _ = down.join();
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, S3Object, S3Server, T0, duckdb, minute, purpleair_body, read_tree,
+    Agent, JsonServer, S3Object, S3Server, T0, duckdb, minute, purpleair_body, read_tree, s3_sink,
     sink_status, status_json, table_source, wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
@@ -24,26 +24,6 @@ fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
     write_agent_config(
         dir,
         &format!("{}\n{sinks}", table_source(url, &["pm", "Temperature"])),
-    )
-}
-
-/// An `s3` sink on `server`'s bucket `lake`, plus `extra` keys.
-fn s3_sink(server: &S3Server, name: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[sinks]]
-kind = "s3"
-name = "{name}"
-bucket = "lake"
-endpoint = "{endpoint}"
-region = "us-east-1"
-access_key_id = "test"
-secret_access_key_file = "{{secret_file}}"
-retry_max = "1s"
-timeout = "3s"
-{extra}
-"#,
-        endpoint = server.endpoint,
     )
 }
 

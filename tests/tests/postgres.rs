@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, PG_PASSWORD, PgServer, T0, minute, purpleair_body, read_tree, sink_status,
-    status_json, table_source, wait_for, write_agent_config, write_file,
+    Agent, JsonServer, PG_PASSWORD, PG_TOTALS_SQL, PgServer, T0, archive_sink, minute,
+    ndjson_totals, pg_sink, purpleair_body, read_tree, sink_status, status_json, table_source,
+    wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
 
@@ -24,59 +25,11 @@ fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
     )
 }
 
-fn pg_sink(pg: &PgServer, name: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[sinks]]
-kind = "postgres"
-name = "{name}"
-host = "127.0.0.1"
-port = {port}
-user = "edgespool"
-dbname = "postgres"
-password_file = "{{password_file}}"
-sslmode = "disable"
-connect_timeout = "2s"
-retry_max = "1s"
-{extra}
-"#,
-        port = pg.port,
-    )
-}
-
-fn archive_sink(dir: &Path) -> String {
-    format!(
-        "[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nretry_max = \"1s\"\n",
-        dir.join("archive").display()
-    )
-}
-
 /// Rows in the table; 0 before it exists.
 fn count(pg: &PgServer) -> usize {
     pg.try_psql("postgres", "SELECT count(*) FROM edgespool_windows")
         .map_or(0, |n| n.parse().expect("a count"))
 }
-
-/// Per series: total samples and the sum of mean × count, from the archive's NDJSON.
-fn archive_totals(dir: &Path) -> String {
-    let mut totals: std::collections::BTreeMap<String, (u64, f64)> = Default::default();
-    for row in read_tree(&dir.join("archive")).iter().flat_map(|f| &f.rows) {
-        let entry = totals
-            .entry(row["series"].as_str().expect("series").to_owned())
-            .or_default();
-        let n = row["count"].as_u64().expect("count");
-        entry.0 += n;
-        entry.1 += row["mean"].as_f64().expect("mean") * n as f64;
-    }
-    totals
-        .iter()
-        .map(|(series, (n, sum))| format!("{series}|{n}|{sum}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-const TOTALS_SQL: &str = "SELECT series, sum(count), sum(mean * count) FROM edgespool_windows
-                          GROUP BY series ORDER BY series";
 
 #[test]
 fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
@@ -207,8 +160,8 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
     });
     agent.terminate();
     assert_eq!(
-        pg.psql("postgres", TOTALS_SQL),
-        archive_totals(dir.path()),
+        pg.psql("postgres", PG_TOTALS_SQL),
+        ndjson_totals(&dir.path().join("archive")),
         "PostgreSQL holds every sample the archive holds, once"
     );
     let log = std::fs::read_to_string(dir.path().join("agent.log")).expect("log");
@@ -277,7 +230,10 @@ fn a_crash_after_the_commit_and_kills_at_random_points_never_duplicate_rows() {
         ),
         "0"
     );
-    assert_eq!(pg.psql("postgres", TOTALS_SQL), archive_totals(dir.path()));
+    assert_eq!(
+        pg.psql("postgres", PG_TOTALS_SQL),
+        ndjson_totals(&dir.path().join("archive"))
+    );
     let log = std::fs::read_to_string(&log).expect("log");
     assert!(
         log.contains("part 0 of 2026-01-02T03:00:00Z (loaded before)"),

@@ -130,6 +130,9 @@ async fn connection(
     parked: Arc<Mutex<Parked>>,
 ) {
     let mut failures: u32 = 0;
+    // Whether the broker acknowledged our subscriptions (in the session it keeps): a
+    // connection lost between SUBSCRIBE and SUBACK leaves a session without them.
+    let mut subscribed = false;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -138,6 +141,9 @@ async fn connection(
                 if !ack.session_present {
                     // A new session: the broker forgot earlier deliveries too.
                     reader.handed.clear();
+                    subscribed = false;
+                }
+                if !subscribed {
                     let filters = reader
                         .subscriptions
                         .iter()
@@ -145,6 +151,7 @@ async fn connection(
                     let _ = client.subscribe_many(filters.collect::<Vec<_>>()).await;
                 }
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => subscribed = true,
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let Ok(mut parked) = parked.lock() else {
                     return;
