@@ -4,7 +4,7 @@
 # It builds the agent once and the end-to-end tests reuse that build. Servers the tests
 # need are installed here when they are missing: into a venv under target/ from PyPI,
 # DuckDB and boto3 to read the output back and moto as the S3-compatible server; from
-# Debian, PostgreSQL and Mosquitto. Each test starts its own servers on free loopback ports in temp
+# Debian, PostgreSQL, Mosquitto and libfaketime. Each test starts its own servers on free loopback ports in temp
 # dirs and stops them, even when it fails.
 #
 #   scripts/test.sh            the suite as CI runs it (fault loops at a reduced count)
@@ -62,6 +62,11 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! c
     { command -v systemctl >/dev/null 2>&1 && systemctl stop mosquitto 2>/dev/null; } || true
 fi
 export PATH="$PATH:/usr/sbin"
+
+# libfaketime: the clock tests move the agent's wall clock (and only the agent's).
+if ! compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null && [ ! -e /usr/lib/faketime/libfaketime.so.1 ]; then
+    apt_install faketime
+fi
 
 echo "==> building edgespool"
 cargo build --locked -p edgespool

@@ -13,7 +13,7 @@
 //! still counts: it opens the window again and is flushed at the next flush as a late
 //! row, never dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
-use crate::clock;
+use crate::clock::{self, ClockWatch};
 use crate::sink::LiveLink;
-use crate::source::{Sample, Series, SourceStats};
+use crate::source::{Sample, Sampled, Series, SourceStats};
 use crate::spool::{Flush, SpoolHandle};
 
 /// How long after its end a window waits for samples still in flight.
@@ -35,6 +35,10 @@ pub const MAX_OPEN_WINDOWS: usize = 100_000;
 /// Closed windows kept in memory while the spool cannot be written (a full disk), beyond
 /// which the oldest are dropped (and counted).
 pub const MAX_UNWRITTEN: usize = 100_000;
+
+/// Samples held while the clock is not synchronised, beyond which the oldest are dropped
+/// (and counted): 100 series at 1 Hz for about 17 minutes.
+pub const MAX_HELD: usize = 100_000;
 
 /// Values kept per window for the median; beyond it the median is of the first ones.
 pub const MAX_VALUES_PER_WINDOW: usize = 100_000;
@@ -198,6 +202,11 @@ pub struct AggregateCounts {
     pub overflow: u64,
     /// Closed windows dropped because the spool could not be written for too long.
     pub lost: u64,
+    /// Samples the agent stamped into a window already written (the clock went back),
+    /// moved to the next open window of their series instead.
+    pub clamped: u64,
+    /// Samples held for a synchronised clock beyond [`MAX_HELD`], dropped.
+    pub held_dropped: u64,
 }
 
 impl AggregateCounts {
@@ -208,6 +217,8 @@ impl AggregateCounts {
         self.late += other.late;
         self.overflow += other.overflow;
         self.lost += other.lost;
+        self.clamped += other.clamped;
+        self.held_dropped += other.held_dropped;
     }
 }
 
@@ -256,6 +267,22 @@ impl Aggregator {
             self.open
                 .insert(key, Accumulator::new(sample.timestamp_ms, sample.value));
         }
+    }
+
+    /// Adds a sample the agent stamped itself (not a device): the agent's clock never
+    /// reopens a window it already wrote. After the clock went back, such a sample moves
+    /// to the window after the last one written for its series (counted), so a jump
+    /// creates no second row for a window; a device's own timestamps are kept as they are
+    /// ([`Aggregator::push`]: late rows).
+    pub fn push_stamped(&mut self, mut sample: Sample) {
+        let start_ms = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms;
+        if let Some(&last) = self.flushed.get(&sample.series)
+            && start_ms / 1000 <= last
+        {
+            sample.timestamp_ms = last * 1000 + self.window_ms;
+            self.counts.clamped += 1;
+        }
+        self.push(sample);
     }
 
     /// Removes and returns every window that has closed by `now_ms`, ordered by start
@@ -310,10 +337,15 @@ impl Aggregator {
 }
 
 /// The stage that owns the aggregator: receives samples, flushes closed windows to the
-/// spool once per window length, and everything on shutdown.
+/// spool once per window length, and everything on shutdown. While the clock is not
+/// synchronised it holds the samples the agent stamped (see [`ClockWatch`]) and stamps
+/// them once it is, by how long ago they were taken.
 pub struct AggregateTask {
     aggregator: Aggregator,
-    samples: mpsc::Receiver<Vec<Sample>>,
+    clock: ClockWatch,
+    held: VecDeque<Sampled>,
+    held_samples: usize,
+    samples: mpsc::Receiver<Sampled>,
     spool: SpoolHandle,
     sources: Vec<Arc<SourceStats>>,
     live: Vec<LiveLink>,
@@ -326,7 +358,8 @@ impl AggregateTask {
     /// Wires the aggregator between the sources' channel and the spool.
     pub fn new(
         window_seconds: u32,
-        samples: mpsc::Receiver<Vec<Sample>>,
+        clock: ClockWatch,
+        samples: mpsc::Receiver<Sampled>,
         spool: SpoolHandle,
         sources: Vec<Arc<SourceStats>>,
         live: Vec<LiveLink>,
@@ -334,6 +367,9 @@ impl AggregateTask {
     ) -> AggregateTask {
         AggregateTask {
             aggregator: Aggregator::new(window_seconds),
+            clock,
+            held: VecDeque::new(),
+            held_samples: 0,
             samples,
             spool,
             sources,
@@ -350,10 +386,13 @@ impl AggregateTask {
             let wait = next_flush_in(clock::now_ms(), window_ms);
             tokio::select! {
                 batch = self.samples.recv() => match batch {
-                    Some(batch) => batch.into_iter().for_each(|s| self.aggregator.push(s)),
+                    Some(batch) => self.take(batch),
                     None => break,
                 },
                 _ = tokio::time::sleep(wait) => {
+                    if !self.clock.holding(clock::synchronised) {
+                        self.release();
+                    }
                     let now = clock::now_ms();
                     let rows = self.aggregator.take_closed(now);
                     self.flush(rows, now).await;
@@ -361,14 +400,79 @@ impl AggregateTask {
                 _ = self.shutdown.changed() => break,
             }
         }
-        // Take what the sources already sent, then everything still open.
+        // Take what the sources already sent, then everything still open; samples still
+        // held for the clock are stamped by it as it is.
         while let Ok(batch) = self.samples.try_recv() {
-            batch.into_iter().for_each(|s| self.aggregator.push(s));
+            self.take(batch);
+        }
+        if !self.held.is_empty() {
+            tracing::warn!(
+                samples = self.held_samples,
+                "stopping before the clock was synchronised: held samples stamped by the clock as it is"
+            );
+            self.release();
         }
         let rows = self.aggregator.take_all();
         let count = rows.len();
         self.flush(rows, clock::now_ms()).await;
         info!(rows = count, "flushed open windows at shutdown");
+    }
+
+    /// Takes one sampling in: the device's timestamps as they are; the agent's own
+    /// stamps now, or held while the clock is not synchronised.
+    fn take(&mut self, batch: Sampled) {
+        self.clock.observe(batch.now_ms, batch.at);
+        let holding = self.clock.holding(clock::synchronised);
+        if !holding {
+            self.release();
+        }
+        let Sampled {
+            samples,
+            now_ms,
+            at,
+        } = batch;
+        let mut own = Vec::new();
+        for sample in samples {
+            if sample.timestamp_ms == now_ms {
+                own.push(sample);
+            } else {
+                self.aggregator.push(sample);
+            }
+        }
+        if !holding {
+            own.into_iter()
+                .for_each(|s| self.aggregator.push_stamped(s));
+            return;
+        }
+        self.held_samples += own.len();
+        self.held.push_back(Sampled {
+            samples: own,
+            now_ms,
+            at,
+        });
+        while self.held_samples > MAX_HELD {
+            let Some(oldest) = self.held.pop_front() else {
+                break;
+            };
+            self.held_samples -= oldest.samples.len();
+            self.aggregator.counts.held_dropped += oldest.samples.len() as u64;
+        }
+    }
+
+    /// Stamps the held samples by the clock now, less how long ago each was taken.
+    fn release(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (now_ms, now) = (clock::now_ms(), std::time::Instant::now());
+        for batch in std::mem::take(&mut self.held) {
+            let stamp = now_ms - now.saturating_duration_since(batch.at).as_millis() as i64;
+            for mut sample in batch.samples {
+                sample.timestamp_ms = stamp;
+                self.aggregator.push_stamped(sample);
+            }
+        }
+        self.held_samples = 0;
     }
 
     /// Commits closed windows, then hands them to the live feeds. When the spool cannot
@@ -385,6 +489,7 @@ impl AggregateTask {
                 .collect(),
             open_windows: self.aggregator.open_windows(),
             live: self.live.iter().map(|l| l.stats.report()).collect(),
+            clock: self.clock.report(self.held_samples as u64),
         };
         let retried = self.unwritten.is_some();
         if let Some(mut pending) = self.unwritten.take() {
@@ -483,6 +588,30 @@ mod tests {
         let mut rows = agg.take_closed(i64::MAX / 2);
         assert_eq!(rows.len(), 1, "one window");
         rows.remove(0).stats
+    }
+
+    #[test]
+    fn the_agents_own_stamps_never_reopen_a_written_window() {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(60);
+        for t in [0, 20_000, 40_000] {
+            agg.push_stamped(sample(&series, t, 1.0));
+        }
+        let first = agg.take_closed(61_000);
+        assert_eq!(first.len(), 1);
+        // The clock goes back 30 s: the agent's stamps land in the next window instead.
+        agg.push_stamped(sample(&series, 35_000, 2.0));
+        agg.push_stamped(sample(&series, 70_000, 3.0));
+        let counts = agg.take_counts();
+        assert_eq!((counts.clamped, counts.late), (1, 0));
+        let second = agg.take_closed(121_000);
+        assert_eq!(second.len(), 1);
+        assert_eq!((second[0].start, second[0].stats.count), (60, 2));
+        assert_eq!(second[0].stats.first, 2.0);
+        // A device's own timestamp is its own: kept, as a late row.
+        agg.push(sample(&series, 35_000, 4.0));
+        assert_eq!(agg.take_counts().late, 1);
+        assert_eq!(agg.take_closed(181_000)[0].start, 0);
     }
 
     #[test]

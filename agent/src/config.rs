@@ -80,6 +80,30 @@ pub struct AgentConfig {
     /// What to do when the spool reaches `disk_budget`.
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Whether to wait for a synchronised clock before stamping samples.
+    #[serde(default)]
+    pub clock: ClockPolicy,
+    /// The longest wait for the clock to be synchronised (default 10m); after it the
+    /// clock is trusted as it is.
+    #[serde(default = "default_clock_wait", deserialize_with = "duration")]
+    pub clock_wait: Duration,
+}
+
+fn default_clock_wait() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// Whether the agent trusts an unsynchronised clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockPolicy {
+    /// Hold the samples the agent stamps while a time service (systemd-timesyncd,
+    /// chrony, ntpd) has not synchronised the clock yet, up to `clock_wait`, then stamp
+    /// them by how long ago they were taken. Without a time service, trust the clock.
+    #[default]
+    Auto,
+    /// Always trust the clock (a real-time clock, GPS time, a container).
+    Trust,
 }
 
 /// The full-disk policy of the spool.

@@ -142,6 +142,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let aggregator = AggregateTask::new(
         agent.window.get(),
+        clock::ClockWatch::new(agent.clock, agent.clock_wait),
         samples_rx,
         spool.clone(),
         stats,

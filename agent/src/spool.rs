@@ -265,6 +265,9 @@ pub struct AgentState {
     /// Each live feed's state.
     #[serde(default)]
     pub live: Vec<LiveState>,
+    /// The clock's state at the last flush.
+    #[serde(default)]
+    pub clock: crate::clock::ClockReport,
 }
 
 /// One source as `status` shows it.
@@ -292,6 +295,8 @@ pub struct Flush {
     pub open_windows: usize,
     /// Each live feed's counts since the previous flush, and its state.
     pub live: Vec<LiveReport>,
+    /// The clock's state.
+    pub clock: crate::clock::ClockReport,
 }
 
 impl Flush {
@@ -326,6 +331,7 @@ impl Flush {
             }
         }
         self.open_windows = newer.open_windows;
+        self.clock = newer.clock;
     }
 
     /// Drops the oldest windows beyond `max`; returns how many.
@@ -544,6 +550,7 @@ impl Spool {
                 .iter()
                 .map(|(name, kind)| crate::sink::LiveStats::new(name, kind).report().state)
                 .collect(),
+            clock: Default::default(),
         };
         let next_id: i64 = conn
             .query_row(
@@ -607,6 +614,8 @@ impl Spool {
             ("samples.late".into(), flush.aggregate.late),
             ("samples.overflow".into(), flush.aggregate.overflow),
             ("rows.lost".into(), flush.aggregate.lost),
+            ("samples.clamped".into(), flush.aggregate.clamped),
+            ("samples.held_dropped".into(), flush.aggregate.held_dropped),
         ];
         if over && self.options.when_full == WhenFull::StopSampling {
             counters.push(("rows.dropped".into(), flush.rows.len() as u64));
@@ -704,6 +713,7 @@ impl Spool {
             })
             .collect();
         state.live = flush.live.iter().map(|r| r.state.clone()).collect();
+        state.clock = flush.clock.clone();
         let json = serde_json::to_string(&self.state).unwrap_or_default();
         tx.execute("UPDATE meta SET value = ?1 WHERE key = 'agent'", [json])
             .map_err(&err)?;
@@ -1580,6 +1590,7 @@ mod tests {
             sources: Vec::new(),
             open_windows: 0,
             live: Vec::new(),
+            clock: Default::default(),
         }
     }
 

@@ -25,6 +25,8 @@ pub struct Status {
     pub spool: SpoolStatus,
     /// Series and sample rate of the last flush interval.
     pub sampling: Sampling,
+    /// The wall clock, as of the last flush.
+    pub clock: Option<ClockStatus>,
     /// Each source.
     pub sources: Vec<SourceStatus>,
     /// Each configured sink that receives partitions.
@@ -95,6 +97,24 @@ pub struct Sampling {
     pub window_seconds: Option<u32>,
     /// Partition length, seconds.
     pub partition_seconds: Option<u32>,
+}
+
+/// The wall clock.
+#[derive(Debug, Serialize)]
+pub struct ClockStatus {
+    /// "synchronised", "waiting" (samples held for a time service to synchronise it),
+    /// "unsynchronised" (trusted as it is) or "trusted" (`clock = "trust"`).
+    pub state: String,
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// Samples held until it is synchronised.
+    pub held_samples: u64,
+    /// Jumps of the wall clock seen since the daemon started.
+    pub jumps: u64,
+    /// The last jump: when (RFC 3339).
+    pub last_jump_at: Option<String>,
+    /// By how many seconds (negative: backwards).
+    pub last_jump_seconds: Option<f64>,
 }
 
 /// One source.
@@ -187,6 +207,11 @@ pub struct Counters {
     /// Windows lost because the spool could not be written (a full disk) for longer than
     /// memory could hold them.
     pub lost_rows: u64,
+    /// Samples the agent stamped after the clock went back, moved to the next open window
+    /// so that no window is written twice.
+    pub clamped_samples: u64,
+    /// Samples held for the clock beyond the limit, dropped.
+    pub held_dropped_samples: u64,
 }
 
 /// Reads the status from a spool file.
@@ -293,6 +318,20 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             window_seconds: state.as_ref().map(|s| s.window_seconds),
             partition_seconds: state.as_ref().map(|s| s.partition_seconds),
         },
+        clock: state
+            .as_ref()
+            .filter(|s| !s.clock.state.is_empty())
+            .map(|s| {
+                let c = &s.clock;
+                ClockStatus {
+                    state: c.state.clone(),
+                    since: clock::rfc3339_ms(c.since_ms),
+                    held_samples: c.held,
+                    jumps: c.jumps,
+                    last_jump_at: c.last_jump.map(|(at, _)| clock::rfc3339_ms(at)),
+                    last_jump_seconds: c.last_jump.map(|(_, by)| by as f64 / 1000.0),
+                }
+            }),
         sources,
         sinks,
         live_sinks,
@@ -303,6 +342,8 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             overflow: count("samples.overflow"),
             dropped_rows: count("rows.dropped"),
             lost_rows: count("rows.lost"),
+            clamped_samples: count("samples.clamped"),
+            held_dropped_samples: count("samples.held_dropped"),
         },
     })
 }
@@ -423,6 +464,23 @@ pub fn render(status: &Status, now_ms: i64) -> String {
         m.window_seconds.unwrap_or(0),
         m.partition_seconds.unwrap_or(0)
     );
+    if let Some(c) = &status.clock {
+        let mut line = match c.state.as_str() {
+            "waiting" => format!(
+                "clock     waiting since {} for a time service to synchronise it: {} samples held",
+                c.since, c.held_samples
+            ),
+            "unsynchronised" => format!(
+                "clock     unsynchronised since {}, trusted as it is",
+                c.since
+            ),
+            other => format!("clock     {other} since {}", c.since),
+        };
+        if let (Some(at), Some(by)) = (&c.last_jump_at, c.last_jump_seconds) {
+            let _ = write!(line, "; {} jumps, the last {by:+}s at {at}", c.jumps);
+        }
+        let _ = writeln!(out, "{line}");
+    }
     let _ = writeln!(out, "sources");
     for src in &status.sources {
         let problem = match &src.last_error {
@@ -492,8 +550,14 @@ pub fn render(status: &Status, now_ms: i64) -> String {
     let c = &status.counters;
     let _ = writeln!(
         out,
-        "counters  {} samples, {} non-finite dropped, {} late, {} overflow, {} windows dropped by the disk budget, {} lost to an unwritable spool",
-        c.samples, c.non_finite, c.late_samples, c.overflow, c.dropped_rows, c.lost_rows
+        "counters  {} samples, {} non-finite dropped, {} late, {} overflow, {} windows dropped by the disk budget, {} lost to an unwritable spool, {} moved past a clock jump",
+        c.samples,
+        c.non_finite,
+        c.late_samples,
+        c.overflow,
+        c.dropped_rows,
+        c.lost_rows,
+        c.clamped_samples
     );
     out
 }

@@ -57,6 +57,19 @@ pub struct Sample {
     pub value: f64,
 }
 
+/// One sampling's samples on their way to the aggregator, with when it was taken: the
+/// samples stamped `now_ms` are the agent's own stamps (the others carry the device's
+/// time), which the aggregator may hold and restamp from `at` (see [`crate::clock`]).
+#[derive(Debug)]
+pub struct Sampled {
+    /// The samples.
+    pub samples: Vec<Sample>,
+    /// The wall clock when the sampling started, Unix ms.
+    pub now_ms: i64,
+    /// The monotonic clock then.
+    pub at: std::time::Instant,
+}
+
 /// What one sampling produced: samples, and the problems met on the way.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -197,7 +210,7 @@ pub struct SourceTask {
     interval: Duration,
     timeout: Duration,
     stats: Arc<SourceStats>,
-    samples: mpsc::Sender<Vec<Sample>>,
+    samples: mpsc::Sender<Sampled>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -207,7 +220,7 @@ impl SourceTask {
         config: &SourceConfig,
         source: Box<dyn Source>,
         stats: Arc<SourceStats>,
-        samples: mpsc::Sender<Vec<Sample>>,
+        samples: mpsc::Sender<Sampled>,
         shutdown: watch::Receiver<bool>,
     ) -> SourceTask {
         SourceTask {
@@ -231,6 +244,7 @@ impl SourceTask {
                 _ = ticker.tick() => {}
                 _ = self.shutdown.changed() => return,
             }
+            let at = std::time::Instant::now();
             let mut batch = Batch {
                 now_ms: clock::now_ms(),
                 ..Batch::default()
@@ -275,8 +289,15 @@ impl SourceTask {
                 .samples
                 .fetch_add(batch.samples.len() as u64, Ordering::Relaxed);
             // Design: a batch travels whole, so one response is aggregated in one flush.
-            if !batch.samples.is_empty() && self.samples.send(batch.samples).await.is_err() {
-                return;
+            if !batch.samples.is_empty() {
+                let sampled = Sampled {
+                    samples: batch.samples,
+                    now_ms,
+                    at,
+                };
+                if self.samples.send(sampled).await.is_err() {
+                    return;
+                }
             }
         }
     }
