@@ -125,9 +125,16 @@ impl HttpSource {
 impl Source for HttpSource {
     async fn sample(&mut self, batch: &mut Batch) -> Result<(), SourceError> {
         let doc = self.fetch().await?;
+        self.read(&doc, batch)
+    }
+}
+
+impl HttpSource {
+    /// Turns a response into samples.
+    pub(crate) fn read(&mut self, doc: &Value, batch: &mut Batch) -> Result<(), SourceError> {
         let received = batch.now_ms;
         let stamp = match &self.timestamp {
-            Some(pointer) => event_time(&doc, pointer, received, batch),
+            Some(pointer) => event_time(doc, pointer, received, batch),
             None => received,
         };
         for (field, series) in &self.fields {
@@ -141,7 +148,7 @@ impl Source for HttpSource {
             }
         }
         if let Some(table) = &self.table {
-            read_table(&self.name, table, &doc, &mut self.table_series, batch)?;
+            read_table(&self.name, table, doc, &mut self.table_series, batch)?;
         }
         Ok(())
     }

@@ -5,8 +5,8 @@
 //! a missed tick is skipped rather than bursted. A source kind only implements
 //! [`Source::sample`]; counting, timeouts and logging live here, once.
 
-mod http;
-mod mqtt;
+pub(crate) mod http;
+pub(crate) mod mqtt;
 mod sysfs;
 pub(crate) use sysfs::parse_file;
 mod system;

@@ -60,18 +60,7 @@ impl MqttSource {
             );
         let (client, eventloop) = AsyncClient::new(options, 1024);
         let parked = Arc::new(Mutex::new(Parked::default()));
-        let reader = Reader {
-            source: name.to_owned(),
-            qos: if config.qos == 0 {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            },
-            max_payload: config.max_payload.as_u64() as usize,
-            subscriptions: config.subscriptions.clone(),
-            series: vec![HashMap::new(); config.subscriptions.len()],
-            handed: HashMap::new(),
-        };
+        let reader = Reader::new(name, config);
         let task = tokio::spawn(connection(
             eventloop,
             client.clone(),
@@ -191,6 +180,21 @@ struct Reader {
 }
 
 impl Reader {
+    fn new(name: &str, config: &MqttConfig) -> Reader {
+        Reader {
+            source: name.to_owned(),
+            qos: if config.qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
+            max_payload: config.max_payload.as_u64() as usize,
+            subscriptions: config.subscriptions.clone(),
+            series: vec![HashMap::new(); config.subscriptions.len()],
+            handed: HashMap::new(),
+        }
+    }
+
     fn read(&mut self, publish: &Publish, batch: &mut Batch) {
         let now = clock::now_ms();
         if publish.qos != QoS::AtMostOnce {
@@ -399,6 +403,16 @@ fn flatten(value: &Value, path: String, booleans: bool, out: &mut BTreeMap<Strin
         }
         _ => {}
     }
+}
+
+/// Reads one message as the source would (for the fuzz targets): the samples, invalid
+/// values and errors it gives.
+pub(crate) fn read_message(name: &str, config: &MqttConfig, topic: &str, payload: &[u8]) -> Batch {
+    let mut reader = Reader::new(name, config);
+    let publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+    let mut batch = Batch::default();
+    reader.read(&publish, &mut batch);
+    batch
 }
 
 #[cfg(test)]

@@ -1,0 +1,146 @@
+//! Entry points for the fuzz targets under `fuzz/`: every parser of outside input, fed
+//! arbitrary bytes, as the agent would meet them. Each panics only on a broken promise
+//! (a panic inside a parser, or an invariant named below).
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use crate::config::{Config, ConfigError, FileFormat, SourceKind};
+use crate::source::Batch;
+
+/// Sources configured as a user would: an HTTP source with fields, an event-time pointer
+/// and a PurpleAir-style table; an MQTT source with number, JSON and flattened payloads.
+const SOURCES: &str = r#"
+[agent]
+device_id = "fuzz"
+spool = "/nonexistent/spool.db"
+
+[[sources]]
+kind = "http"
+name = "api"
+url = "http://127.0.0.1:9/"
+timestamp = "/time"
+[[sources.fields]]
+name = "pm"
+pointer = "/sensor/pm2_5"
+scale = 0.5
+[[sources.fields]]
+name = "t"
+pointer = "/sensor/temperature"
+[sources.table]
+key = "ID"
+columns = ["pm", "Temperature"]
+timestamp_column = "last_seen"
+
+[[sources]]
+kind = "mqtt"
+name = "mqtt"
+url = "mqtt://127.0.0.1"
+[[sources.subscriptions]]
+topic = "tele/+/SENSOR"
+payload = "flatten"
+series = "{topic.1}.{field}"
+booleans = true
+[[sources.subscriptions]]
+topic = "zigbee2mqtt/+"
+payload = "flatten"
+timestamp = "/last_seen"
+[[sources.subscriptions]]
+topic = "count/#"
+payload = "json"
+timestamp = "/t"
+[[sources.subscriptions.fields]]
+name = "v"
+pointer = "/v"
+[[sources.subscriptions]]
+topic = "+/sensor/+/state"
+payload = "number"
+series = "{topic.0}.{topic.2}"
+
+[[sinks]]
+kind = "local"
+path = "/nonexistent/out"
+"#;
+
+fn sources() -> &'static Config {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    CONFIG.get_or_init(|| Config::parse(SOURCES, Path::new("fuzz.toml")).expect("valid"))
+}
+
+fn check(batch: &Batch) {
+    for sample in &batch.samples {
+        assert!(!sample.series.name.is_empty(), "a series without a name");
+    }
+}
+
+/// An HTTP response body, as the `http` source reads it.
+pub fn http_body(body: &[u8]) {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return;
+    };
+    let config = &sources().sources[0];
+    let SourceKind::Http(http) = &config.kind else {
+        unreachable!("the first source is http");
+    };
+    let mut source = crate::source::http::HttpSource::new(&config.name, http, config.timeout)
+        .expect("the source builds");
+    let mut batch = Batch {
+        now_ms: 1_767_322_800_000,
+        ..Batch::default()
+    };
+    let _ = source.read(&doc, &mut batch);
+    check(&batch);
+}
+
+/// An MQTT message: a topic (up to the first NUL of the input) and a payload.
+pub fn mqtt_message(data: &[u8]) {
+    let (topic, payload) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (&b"count/a"[..], data),
+    };
+    let Ok(topic) = std::str::from_utf8(topic) else {
+        return;
+    };
+    let config = &sources().sources[1];
+    let SourceKind::Mqtt(mqtt) = &config.kind else {
+        unreachable!("the second source is mqtt");
+    };
+    let batch = crate::source::mqtt::read_message(&config.name, mqtt, topic, payload);
+    check(&batch);
+}
+
+/// A sysfs file (`w1_slave`, or one number).
+pub fn sysfs_file(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new("/sys/bus/w1/devices/28-0/w1_slave");
+    if let Ok(raw) = crate::source::parse_file(text, FileFormat::W1Slave, path) {
+        assert!(raw.is_finite() && raw.fract() == 0.0, "{raw} from {text:?}");
+    }
+    let _ = crate::source::parse_file(text, FileFormat::Number, path);
+}
+
+/// A configuration file: it parses, or the error names a line and column inside it.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Config::parse(text, Path::new("fuzz.toml")) {
+        Ok(_) => {}
+        Err(ConfigError::Invalid {
+            line,
+            column,
+            message,
+            ..
+        }) => {
+            let lines = text.split('\n').count();
+            assert!(
+                line >= 1 && line <= lines && column >= 1,
+                "{line}:{column} outside the text ({lines} lines): {message}"
+            );
+            assert!(!message.is_empty());
+        }
+        Err(other) => panic!("an error without a place: {other}"),
+    }
+}
