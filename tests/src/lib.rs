@@ -1310,3 +1310,33 @@ fn serve(client: std::net::TcpStream, upstream: u16, fault: Fault, chaotic: &Ato
     let _ = up.join();
     let _ = down.join();
 }
+
+/// A fake thermal zone reading 48.312 °C under `dir/device`, and the `sysfs` source
+/// `board` (series `board.cpu`) that samples it every `interval`.
+pub fn thermal_source(dir: &Path, interval: &str) -> String {
+    let root = dir.join("device");
+    write_file(&root, "sys/class/thermal/thermal_zone0/temp", "48312\n");
+    format!(
+        "[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\ninterval = \"{interval}\"\n[[sources.files]]\nfield = \"cpu\"\npath = \"/sys/class/thermal/thermal_zone0/temp\"\nscale = 0.001\n",
+        root.display()
+    )
+}
+
+/// A `local` sink writing to `dir/out`.
+pub fn out_sink(dir: &Path) -> String {
+    format!(
+        "[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
+        dir.join("out").display()
+    )
+}
+
+/// The MQTT subscription the tests count with: `count/#`, JSON `{"t": seconds, "v": 1}`.
+pub const COUNT_SUBSCRIPTION: &str = r#"
+[[sources.subscriptions]]
+topic = "count/#"
+payload = "json"
+timestamp = "/t"
+[[sources.subscriptions.fields]]
+name = "v"
+pointer = "/v"
+"#;

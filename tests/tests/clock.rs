@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use edgespool_tests::{Agent, read_tree, status_json, wait_for, write_file};
+use edgespool_tests::{Agent, out_sink, read_tree, status_json, thermal_source, wait_for};
 use serde_json::Value;
 
 /// libfaketime, which scripts/test.sh installs (Debian's `faketime`).
@@ -23,17 +23,23 @@ fn libfaketime() -> PathBuf {
 
 /// A sysfs source sampled every 200 ms, 1 s windows, a local folder; `agent` adds keys.
 fn config(dir: &Path, agent: &str) -> PathBuf {
-    let sys = dir.join("device");
-    write_file(&sys, "sys/class/thermal/thermal_zone0/temp", "48312\n");
     let text = format!(
-        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"0s\"\n{agent}\n\n[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\ninterval = \"200ms\"\n[[sources.files]]\nfield = \"cpu\"\npath = \"/sys/class/thermal/thermal_zone0/temp\"\n\n[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
+        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"0s\"\n{agent}\n\n{}\n{}",
         dir.join("spool.db").display(),
-        sys.display(),
-        dir.join("out").display()
+        thermal_source(dir, "200ms"),
+        out_sink(dir)
     );
     let path = dir.join("edgespool.toml");
     std::fs::write(&path, text).expect("write config");
     path
+}
+
+/// Sets the agent's clock offset ("+0", "-20s", "-1d") in one step: libfaketime reads
+/// the file at every clock reading, and must never see it half-written.
+fn set_offset(file: &Path, offset: &str) {
+    let next = file.with_extension("next");
+    std::fs::write(&next, format!("{offset}\n")).expect("write the offset");
+    std::fs::rename(&next, file).expect("rename the offset");
 }
 
 /// Starts the agent with its wall clock offset by what `offset_file` says ("+0", "-20s").
@@ -101,20 +107,22 @@ fn a_clock_jump_back_and_forth_writes_no_window_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), "");
     let offset = dir.path().join("faketime");
-    std::fs::write(&offset, "+0\n").expect("offset");
+    set_offset(&offset, "+0");
     let agent = start(&config, dir.path(), &offset, &[]);
     wait_for("the spool", Duration::from_secs(30), || {
         dir.path().join("spool.db").exists().then_some(())
     });
     flushes(&agent, 3);
-    std::fs::write(&offset, "-20s\n").expect("offset");
+    set_offset(&offset, "-20s");
     wait_for("the jump back seen", Duration::from_secs(30), || {
-        agent.log_text().contains("by_ms=-2").then_some(())
+        let jump = agent.status()["clock"]["last_jump_seconds"].as_f64();
+        jump.filter(|s| (s + 20.0).abs() < 1.0).map(|_| ())
     });
     flushes(&agent, 4);
-    std::fs::write(&offset, "+120s\n").expect("offset");
+    set_offset(&offset, "+120s");
     wait_for("the jump forward seen", Duration::from_secs(30), || {
-        agent.log_text().contains("by_ms=14").then_some(())
+        let jump = agent.status()["clock"]["last_jump_seconds"].as_f64();
+        jump.filter(|s| (s - 140.0).abs() < 1.0).map(|_| ())
     });
     flushes(&agent, 3);
     let status = agent.status();
@@ -159,7 +167,7 @@ fn samples_held_until_the_clock_is_synchronised_get_the_right_time() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), "clock_wait = \"10m\"");
     let offset = dir.path().join("faketime");
-    std::fs::write(&offset, "-1d\n").expect("offset");
+    set_offset(&offset, "-1d");
     let timesync = dir.path().join("timesync");
     std::fs::create_dir_all(&timesync).expect("mkdir");
     let timesync_env = timesync.display().to_string();
@@ -185,7 +193,7 @@ fn samples_held_until_the_clock_is_synchronised_get_the_right_time() {
     );
     // NTP answers: the clock is stepped to the right time and timesyncd says so.
     let synced_at = now_s();
-    std::fs::write(&offset, "+0\n").expect("offset");
+    set_offset(&offset, "+0");
     std::fs::write(timesync.join("synchronized"), "").expect("touch");
     wait_for("synchronised", Duration::from_secs(30), || {
         let status = agent.status();

@@ -814,12 +814,10 @@ fn sensors_lists_a_fake_tree_and_its_snippet_runs() {
 fn systemd_hears_ready_watchdog_and_stopping() {
     use std::os::unix::net::UnixDatagram;
     let dir = tempfile::tempdir().expect("tempdir");
-    let sys = dir.path().join("device");
-    write_file(&sys, "sys/class/thermal/thermal_zone0/temp", "48312\n");
     let body = format!(
-        "[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\n[[sources.files]]\nfield = \"cpu\"\npath = \"/sys/class/thermal/thermal_zone0/temp\"\n\n[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
-        sys.display(),
-        dir.path().join("out").display()
+        "{}\n{}",
+        edgespool_tests::thermal_source(dir.path(), "1s"),
+        edgespool_tests::out_sink(dir.path())
     );
     let config = edgespool_tests::write_agent_config(dir.path(), &body);
     let socket_path = dir.path().join("notify.sock");
@@ -873,12 +871,10 @@ fn systemd_hears_ready_watchdog_and_stopping() {
 #[test]
 fn a_corrupt_spool_is_moved_aside_loudly_and_sampling_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sys = dir.path().join("device");
-    write_file(&sys, "sys/class/thermal/thermal_zone0/temp", "48312\n");
     let body = format!(
-        "[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\n[[sources.files]]\nfield = \"cpu\"\npath = \"/sys/class/thermal/thermal_zone0/temp\"\n\n[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
-        sys.display(),
-        dir.path().join("out").display()
+        "{}\n{}",
+        edgespool_tests::thermal_source(dir.path(), "1s"),
+        edgespool_tests::out_sink(dir.path())
     );
     let config = edgespool_tests::write_agent_config(dir.path(), &body);
     let garbage = vec![0x5a_u8; 64 * 1024];
@@ -889,7 +885,14 @@ fn a_corrupt_spool_is_moved_aside_loudly_and_sampling_goes_on() {
         "a flush in the fresh spool",
         Duration::from_secs(30),
         || {
-            let status = status_json(&config);
+            // Until the agent has moved the garbage aside, status cannot read it.
+            let out = edgespool(&[
+                "status",
+                "--json",
+                "--config",
+                &config.display().to_string(),
+            ]);
+            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
             (status["counters"]["samples"].as_u64() > Some(0)).then_some(status)
         },
     );
@@ -953,14 +956,12 @@ fn a_full_file_system_loses_no_window_and_corrupts_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let small = dir.path().join("small");
     let _fs = SmallFs::mount(&small, "4m").expect("mount a 4 MiB tmpfs");
-    let sys = dir.path().join("device");
-    write_file(&sys, "sys/class/thermal/thermal_zone0/temp", "48312\n");
     let out = dir.path().join("out");
     let text = format!(
-        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"0s\"\n\n[[sources]]\nkind = \"sysfs\"\nname = \"board\"\nroot = \"{}\"\ninterval = \"200ms\"\n[[sources.files]]\nfield = \"cpu\"\npath = \"/sys/class/thermal/thermal_zone0/temp\"\n\n[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
+        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"0s\"\n\n{}\n{}",
         small.join("spool.db").display(),
-        sys.display(),
-        out.display()
+        edgespool_tests::thermal_source(dir.path(), "200ms"),
+        edgespool_tests::out_sink(dir.path())
     );
     let config = dir.path().join("edgespool.toml");
     std::fs::write(&config, text).expect("write config");

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, Chaos, FaultProxy, JsonServer, MqttBroker, PG_PASSWORD, PG_TOTALS_SQL, PgServer,
-    S3Server, T0, archive_sink, duckdb, fault_rounds, ndjson_totals, pg_sink_at, purpleair_body,
-    read_tree, s3_sink_at, status_json, table_source, wait_for, write_agent_config, write_file,
+    Agent, COUNT_SUBSCRIPTION, Chaos, FaultProxy, JsonServer, MqttBroker, PG_PASSWORD,
+    PG_TOTALS_SQL, PgServer, S3Server, T0, archive_sink, duckdb, fault_rounds, ndjson_totals,
+    pg_sink_at, purpleair_body, read_tree, s3_sink_at, status_json, table_source, wait_for,
+    write_agent_config, write_file,
 };
 use serde_json::Value;
 
@@ -197,15 +198,9 @@ name = "mqtt"
 url = "mqtt://127.0.0.1:{port}"
 client_id = "edgespool-faults"
 keep_alive = "5s"
-[[sources.subscriptions]]
-topic = "count/#"
-payload = "json"
-timestamp = "/t"
-[[sources.subscriptions.fields]]
-name = "v"
-pointer = "/v"
-"#,
-        port = mqtt_proxy.port
+{count}"#,
+        port = mqtt_proxy.port,
+        count = COUNT_SUBSCRIPTION,
     );
     let sinks = format!(
         "{}{}{}",

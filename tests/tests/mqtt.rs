@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use edgespool_tests::{Agent, MqttBroker, T0, read_tree, wait_for, write_agent_config};
+use edgespool_tests::{
+    Agent, COUNT_SUBSCRIPTION, MqttBroker, T0, read_tree, wait_for, write_agent_config,
+};
 use serde_json::Value;
 
 const TASMOTA: &str = include_str!("../../agent/testdata/tasmota-sensor.json");
@@ -37,14 +39,7 @@ payload = "number"
 series = "{{topic.1}}.temperature"
 unit = "celsius"
 
-[[sources.subscriptions]]
-topic = "count/#"
-payload = "json"
-timestamp = "/t"
-[[sources.subscriptions.fields]]
-name = "v"
-pointer = "/v"
-
+{count}
 [[sinks]]
 kind = "local"
 name = "archive"
@@ -52,6 +47,7 @@ path = "{out}"
 "#,
         port = broker.port,
         out = dir.join("out").display(),
+        count = COUNT_SUBSCRIPTION,
     );
     write_agent_config(dir, &body)
 }
@@ -199,14 +195,7 @@ name = "mqtt"
 url = "mqtt://127.0.0.1:{port}"
 client_id = "edgespool-e2e-in"
 interval = "200ms"
-[[sources.subscriptions]]
-topic = "count/#"
-payload = "json"
-timestamp = "/t"
-[[sources.subscriptions.fields]]
-name = "v"
-pointer = "/v"
-
+{count}
 {sysfs}
 [[sinks]]
 kind = "local"
@@ -222,6 +211,7 @@ max_age = "{max_age}"
 "#,
         port = broker.port,
         out = dir.join("out").display(),
+        count = COUNT_SUBSCRIPTION,
     );
     write_agent_config(dir, &body)
 }
