@@ -243,20 +243,27 @@ impl Aggregator {
         }
     }
 
-    /// Adds one sample to its window.
-    pub fn push(&mut self, sample: Sample) {
+    /// Adds one sample to its window. A sample on the agent's own clock never reopens a
+    /// window already written: after the clock went back, it moves to the window after
+    /// the last one written for its series (counted), so a jump creates no second row
+    /// for a window. A device's own timestamp is kept as it is (a late row).
+    pub fn push(&mut self, mut sample: Sample) {
         self.counts.samples += 1;
         if !sample.value.is_finite() {
             self.counts.non_finite += 1;
             return;
         }
-        let start = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms / 1000;
-        if self
-            .flushed
-            .get(&sample.series)
-            .is_some_and(|&last| start <= last)
+        let mut start = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms / 1000;
+        if let Some(&last) = self.flushed.get(&sample.series)
+            && start <= last
         {
-            self.counts.late += 1;
+            if sample.own_clock {
+                start = last + self.window_ms / 1000;
+                sample.timestamp_ms = start * 1000;
+                self.counts.clamped += 1;
+            } else {
+                self.counts.late += 1;
+            }
         }
         let key = (sample.series, start);
         if let Some(acc) = self.open.get_mut(&key) {
@@ -267,22 +274,6 @@ impl Aggregator {
             self.open
                 .insert(key, Accumulator::new(sample.timestamp_ms, sample.value));
         }
-    }
-
-    /// Adds a sample the agent stamped itself (not a device): the agent's clock never
-    /// reopens a window it already wrote. After the clock went back, such a sample moves
-    /// to the window after the last one written for its series (counted), so a jump
-    /// creates no second row for a window; a device's own timestamps are kept as they are
-    /// ([`Aggregator::push`]: late rows).
-    pub fn push_stamped(&mut self, mut sample: Sample) {
-        let start_ms = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms;
-        if let Some(&last) = self.flushed.get(&sample.series)
-            && start_ms / 1000 <= last
-        {
-            sample.timestamp_ms = last * 1000 + self.window_ms;
-            self.counts.clamped += 1;
-        }
-        self.push(sample);
     }
 
     /// Removes and returns every window that has closed by `now_ms`, ordered by start
@@ -420,36 +411,22 @@ impl AggregateTask {
 
     /// Takes one sampling in: the device's timestamps as they are; the agent's own
     /// stamps now, or held while the clock is not synchronised.
-    fn take(&mut self, batch: Sampled) {
+    fn take(&mut self, mut batch: Sampled) {
         self.clock.observe(batch.now_ms, batch.at);
-        let holding = self.clock.holding(clock::synchronised);
-        if !holding {
+        if !self.clock.holding(clock::synchronised) {
             self.release();
-        }
-        let Sampled {
-            samples,
-            now_ms,
-            at,
-        } = batch;
-        let mut own = Vec::new();
-        for sample in samples {
-            if sample.timestamp_ms == now_ms {
-                own.push(sample);
-            } else {
-                self.aggregator.push(sample);
-            }
-        }
-        if !holding {
-            own.into_iter()
-                .for_each(|s| self.aggregator.push_stamped(s));
+            batch
+                .samples
+                .into_iter()
+                .for_each(|s| self.aggregator.push(s));
             return;
         }
+        let (own, device): (Vec<Sample>, Vec<Sample>) =
+            batch.samples.drain(..).partition(|s| s.own_clock);
+        device.into_iter().for_each(|s| self.aggregator.push(s));
         self.held_samples += own.len();
-        self.held.push_back(Sampled {
-            samples: own,
-            now_ms,
-            at,
-        });
+        batch.samples = own;
+        self.held.push_back(batch);
         while self.held_samples > MAX_HELD {
             let Some(oldest) = self.held.pop_front() else {
                 break;
@@ -459,17 +436,19 @@ impl AggregateTask {
         }
     }
 
-    /// Stamps the held samples by the clock now, less how long ago each was taken.
+    /// Stamps the held samples by the clock now: each sampling moves to now less how
+    /// long ago it was taken (by the monotonic clock), its samples with it.
     fn release(&mut self) {
         if self.held.is_empty() {
             return;
         }
         let (now_ms, now) = (clock::now_ms(), std::time::Instant::now());
         for batch in std::mem::take(&mut self.held) {
-            let stamp = now_ms - now.saturating_duration_since(batch.at).as_millis() as i64;
+            let taken = now_ms - now.saturating_duration_since(batch.at).as_millis() as i64;
+            let shift = taken - batch.now_ms;
             for mut sample in batch.samples {
-                sample.timestamp_ms = stamp;
-                self.aggregator.push_stamped(sample);
+                sample.timestamp_ms += shift;
+                self.aggregator.push(sample);
             }
         }
         self.held_samples = 0;
@@ -576,6 +555,14 @@ mod tests {
             series: Arc::clone(series),
             timestamp_ms,
             value,
+            own_clock: false,
+        }
+    }
+
+    fn own(series: &Arc<Series>, timestamp_ms: i64, value: f64) -> Sample {
+        Sample {
+            own_clock: true,
+            ..sample(series, timestamp_ms, value)
         }
     }
 
@@ -595,13 +582,13 @@ mod tests {
         let series = Arc::new(Series::new("s.x", None));
         let mut agg = Aggregator::new(60);
         for t in [0, 20_000, 40_000] {
-            agg.push_stamped(sample(&series, t, 1.0));
+            agg.push(own(&series, t, 1.0));
         }
         let first = agg.take_closed(61_000);
         assert_eq!(first.len(), 1);
         // The clock goes back 30 s: the agent's stamps land in the next window instead.
-        agg.push_stamped(sample(&series, 35_000, 2.0));
-        agg.push_stamped(sample(&series, 70_000, 3.0));
+        agg.push(own(&series, 35_000, 2.0));
+        agg.push(own(&series, 70_000, 3.0));
         let counts = agg.take_counts();
         assert_eq!((counts.clamped, counts.late), (1, 0));
         let second = agg.take_closed(121_000);

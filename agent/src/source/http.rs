@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Batch, Series, Source, SourceError, parse_timestamp};
+use super::{Batch, Series, Source, SourceError, Stamp, parse_timestamp};
 use crate::config::{self, JsonField, TableConfig};
 
 /// The largest response body read; a larger one is an error, not an allocation.
@@ -135,7 +135,7 @@ impl HttpSource {
         let received = batch.now_ms;
         let stamp = match &self.timestamp {
             Some(pointer) => event_time(doc, pointer, received, batch),
-            None => received,
+            None => Stamp::Own(received),
         };
         for (field, series) in &self.fields {
             match doc.pointer(&field.pointer) {
@@ -155,20 +155,20 @@ impl HttpSource {
 }
 
 /// The sample time a pointer gives, or the receive time (counted invalid) when it is bad.
-pub(super) fn event_time(doc: &Value, pointer: &str, received: i64, batch: &mut Batch) -> i64 {
+pub(super) fn event_time(doc: &Value, pointer: &str, received: i64, batch: &mut Batch) -> Stamp {
     match doc.pointer(pointer).map(parse_timestamp) {
-        Some(Ok(ms)) => ms,
+        Some(Ok(ms)) => Stamp::Device(ms),
         Some(Err(why)) => {
             batch
                 .invalid
                 .push(format!("{why}; using the time received"));
-            received
+            Stamp::Own(received)
         }
         None => {
             batch.invalid.push(format!(
                 "no timestamp at {pointer}; using the time received"
             ));
-            received
+            Stamp::Own(received)
         }
     }
 }
@@ -255,14 +255,14 @@ fn read_table(
             }
         };
         let stamp = match time_at.and_then(|at| cells.get(at)) {
-            None => batch.now_ms,
+            None => Stamp::Own(batch.now_ms),
             Some(value) => match parse_timestamp(value) {
-                Ok(ms) => ms,
+                Ok(ms) => Stamp::Device(ms),
                 Err(why) => {
                     batch
                         .invalid
                         .push(format!("row {key}: {why}; using the time received"));
-                    batch.now_ms
+                    Stamp::Own(batch.now_ms)
                 }
             },
         };

@@ -55,11 +55,24 @@ pub struct Sample {
     pub timestamp_ms: i64,
     /// The value; non-finite values are counted and dropped by the aggregator.
     pub value: f64,
+    /// Whether `timestamp_ms` is this agent's clock (when it read or received the value)
+    /// rather than the device's own time: only such stamps are held while the clock is
+    /// not synchronised, and kept from reopening a written window (see [`crate::clock`]).
+    pub own_clock: bool,
 }
 
-/// One sampling's samples on their way to the aggregator, with when it was taken: the
-/// samples stamped `now_ms` are the agent's own stamps (the others carry the device's
-/// time), which the aggregator may hold and restamp from `at` (see [`crate::clock`]).
+/// Where a sample's time comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// This agent's clock, Unix ms: when it read or received the value.
+    Own(i64),
+    /// The device's own time, Unix ms (a timestamp in the payload).
+    Device(i64),
+}
+
+/// One sampling's samples on their way to the aggregator, with when it was taken (the
+/// wall and the monotonic clock at the same instant): the aggregator may hold the
+/// samples on the agent's own clock and restamp them from `at` (see [`crate::clock`]).
 #[derive(Debug)]
 pub struct Sampled {
     /// The samples.
@@ -84,11 +97,22 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, series: &Arc<Series>, timestamp_ms: i64, value: f64) {
+    /// A sample read now (stamped with the sampling's start).
+    fn push_now(&mut self, series: &Arc<Series>, value: f64) {
+        self.push(series, Stamp::Own(self.now_ms), value);
+    }
+
+    /// A sample with its own stamp.
+    fn push(&mut self, series: &Arc<Series>, stamp: Stamp, value: f64) {
+        let (timestamp_ms, own_clock) = match stamp {
+            Stamp::Own(ms) => (ms, true),
+            Stamp::Device(ms) => (ms, false),
+        };
         self.samples.push(Sample {
             series: Arc::clone(series),
             timestamp_ms,
             value,
+            own_clock,
         });
     }
 }

@@ -16,7 +16,7 @@ use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use serde_json::Value;
 
 use super::http::{event_time, number};
-use super::{Batch, Series, Source, SourceError};
+use super::{Batch, Series, Source, SourceError, Stamp};
 use crate::broker::{self, reconnect_delay};
 use crate::clock;
 use crate::config::{MqttSource as MqttConfig, MqttSubscription, Payload};
@@ -241,7 +241,7 @@ impl Reader {
             Payload::Number => match text.trim().parse::<f64>() {
                 Ok(value) => {
                     let series = names.get(topic, "", sub.unit.as_deref());
-                    batch.push(&series, now, value);
+                    batch.push(&series, Stamp::Own(now), value);
                 }
                 Err(_) => batch.invalid.push(format!(
                     "{filter}: message on {topic} is not a number: {:?}",
@@ -261,7 +261,7 @@ impl Reader {
                 };
                 let at = match &sub.timestamp {
                     Some(pointer) => event_time(&doc, pointer, now, batch),
-                    None => now,
+                    None => Stamp::Own(now),
                 };
                 if sub.payload == Payload::Json {
                     for field in &sub.fields {
@@ -418,6 +418,34 @@ pub(crate) fn read_message(name: &str, config: &MqttConfig, topic: &str, payload
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_payloads_own_time_is_the_devices() {
+        let text = "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"mqtt\"\nname = \"m\"\nurl = \"mqtt://127.0.0.1\"\n[[sources.subscriptions]]\ntopic = \"n/#\"\npayload = \"number\"\n[[sources.subscriptions]]\ntopic = \"j/#\"\npayload = \"json\"\ntimestamp = \"/t\"\n[[sources.subscriptions.fields]]\nname = \"v\"\npointer = \"/v\"\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n";
+        let config =
+            crate::config::Config::parse(text, std::path::Path::new("t.toml")).expect("valid");
+        let crate::config::SourceKind::Mqtt(mqtt) = &config.sources[0].kind else {
+            panic!("an mqtt source");
+        };
+        let stamps = |topic: &str, payload: &str| -> Vec<(i64, bool)> {
+            read_message("m", mqtt, topic, payload.as_bytes())
+                .samples
+                .iter()
+                .map(|s| (s.timestamp_ms, s.own_clock))
+                .collect()
+        };
+        // A plain number is stamped on arrival: the agent's clock.
+        let number = stamps("n/a", "21.5");
+        assert_eq!(number.len(), 1);
+        assert!(number[0].1, "{number:?}");
+        // A payload's own time is the device's; a bad one falls back to arrival.
+        assert_eq!(
+            stamps("j/a", "{\"t\": 1767322800, \"v\": 1}"),
+            vec![(1_767_322_800_000, false)]
+        );
+        let fallback = stamps("j/a", "{\"t\": \"yesterday\", \"v\": 1}");
+        assert!(fallback[0].1, "{fallback:?}");
+    }
 
     #[test]
     fn filters_match_as_mqtt_says() {

@@ -86,7 +86,7 @@ fn read_all(files: &[File], batch: &mut Batch) {
             continue;
         }
         match parse_file(&text, file.format, &file.path) {
-            Ok(raw) => batch.push(&file.series, batch.now_ms, raw * file.scale + file.offset),
+            Ok(raw) => batch.push_now(&file.series, raw * file.scale + file.offset),
             Err(reason) => batch.invalid.push(reason),
         }
     }

@@ -52,21 +52,20 @@ impl SystemSource {
 #[async_trait::async_trait]
 impl Source for SystemSource {
     async fn sample(&mut self, batch: &mut Batch) -> Result<(), SourceError> {
-        let now = batch.now_ms;
         let loadavg = read(&self.under_root("proc/loadavg")).await?;
         let loads = parse_loadavg(&loadavg).ok_or_else(|| SourceError::Parse {
             reason: format!("unexpected /proc/loadavg content {:?}", loadavg.trim()),
         })?;
         for (series, value) in self.load.iter().zip(loads) {
-            batch.push(series, now, value);
+            batch.push_now(series, value);
         }
 
         let meminfo = read(&self.under_root("proc/meminfo")).await?;
         match parse_meminfo(&meminfo) {
             Some((total, available)) => {
-                batch.push(&self.mem_available, now, available);
+                batch.push_now(&self.mem_available, available);
                 if total > 0.0 {
-                    batch.push(&self.mem_used, now, 100.0 * (total - available) / total);
+                    batch.push_now(&self.mem_used, 100.0 * (total - available) / total);
                 }
             }
             None => batch
@@ -77,7 +76,7 @@ impl Source for SystemSource {
         // Many virtual machines have no thermal zone: then the field is simply absent.
         if let Ok(text) = read(&self.under_root("sys/class/thermal/thermal_zone0/temp")).await {
             match text.trim().parse::<f64>() {
-                Ok(milli) => batch.push(&self.cpu_temp, now, milli / 1000.0),
+                Ok(milli) => batch.push_now(&self.cpu_temp, milli / 1000.0),
                 Err(_) => batch.invalid.push(format!(
                     "thermal_zone0/temp holds {:?}, not a number",
                     text.trim()
@@ -88,7 +87,7 @@ impl Source for SystemSource {
         match rustix::fs::statvfs(&self.spool_dir) {
             Ok(fs) => {
                 let free = fs.f_bavail as f64 * fs.f_frsize as f64;
-                batch.push(&self.spool_free, now, free);
+                batch.push_now(&self.spool_free, free);
             }
             Err(err) => batch.errors.push(format!(
                 "cannot stat the spool's filesystem at {}: {err}",
