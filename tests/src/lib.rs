@@ -58,6 +58,28 @@ fn stop_child(child: Option<Child>, signal: rustix::process::Signal, grace: Dura
     let _ = child.wait();
 }
 
+/// Starts a server with its output appended to `log` and waits (at most 60 s) until it
+/// listens on `port`; `what` names it in a failure.
+fn spawn_listening(mut command: Command, log: &Path, port: u16, what: &str) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("the server log opens");
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log clones"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    wait_for(
+        &format!("{what} to listen"),
+        Duration::from_secs(60),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
+    child
+}
+
 /// Runs `edgespool ARGS…` to completion.
 pub fn edgespool(args: &[&str]) -> Output {
     Command::new(binary())
@@ -449,24 +471,15 @@ impl S3Server {
     }
 
     fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("the server log opens");
-        let child = Command::new(python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log clones"))
-            .stderr(log)
-            .spawn()
-            .expect("moto starts (run the suite with scripts/test.sh, which installs it)");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for("the S3 server to listen", Duration::from_secs(60), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
+        let mut moto = Command::new(python());
+        moto.args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(self.port.to_string());
+        self.child = Some(spawn_listening(
+            moto,
+            &self.log,
+            self.port,
+            "moto (run the suite with scripts/test.sh, which installs it)",
+        ));
     }
 
     /// Stops the server (SIGKILL): connections are refused until [`S3Server::restart`].
@@ -845,24 +858,16 @@ impl MqttBroker {
     }
 
     fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("broker.log"))
-            .expect("log opens");
-        let child = Command::new("mosquitto")
+        let mut mosquitto = Command::new("mosquitto");
+        mosquitto
             .arg("-c")
-            .arg(self.dir.path().join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log clones"))
-            .stderr(log)
-            .spawn()
-            .expect("mosquitto starts (scripts/test.sh installs it)");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for("the broker to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
+            .arg(self.dir.path().join("mosquitto.conf"));
+        self.child = Some(spawn_listening(
+            mosquitto,
+            &self.dir.path().join("broker.log"),
+            self.port,
+            "mosquitto (scripts/test.sh installs it)",
+        ));
     }
 
     /// Stops the broker cleanly (SIGTERM: it saves its sessions and queues).

@@ -807,6 +807,16 @@ fn sensors_lists_a_fake_tree_and_its_snippet_runs() {
     assert_eq!(status["sources"][0]["invalid"], 0, "{status}");
 }
 
+/// The quick configuration: a fake thermal zone sampled every second into `dir/out`.
+fn thermal_config(dir: &Path) -> std::path::PathBuf {
+    let body = format!(
+        "{}\n{}",
+        edgespool_tests::thermal_source(dir, "1s"),
+        edgespool_tests::out_sink(dir)
+    );
+    edgespool_tests::write_agent_config(dir, &body)
+}
+
 /// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 once running, WATCHDOG=1 at half
 /// the watchdog period while flushes commit, STOPPING=1 at SIGTERM; read from a notify
 /// socket of the test's own, as systemd would.
@@ -814,12 +824,7 @@ fn sensors_lists_a_fake_tree_and_its_snippet_runs() {
 fn systemd_hears_ready_watchdog_and_stopping() {
     use std::os::unix::net::UnixDatagram;
     let dir = tempfile::tempdir().expect("tempdir");
-    let body = format!(
-        "{}\n{}",
-        edgespool_tests::thermal_source(dir.path(), "1s"),
-        edgespool_tests::out_sink(dir.path())
-    );
-    let config = edgespool_tests::write_agent_config(dir.path(), &body);
+    let config = thermal_config(dir.path());
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
     socket
@@ -871,12 +876,7 @@ fn systemd_hears_ready_watchdog_and_stopping() {
 #[test]
 fn a_corrupt_spool_is_moved_aside_loudly_and_sampling_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let body = format!(
-        "{}\n{}",
-        edgespool_tests::thermal_source(dir.path(), "1s"),
-        edgespool_tests::out_sink(dir.path())
-    );
-    let config = edgespool_tests::write_agent_config(dir.path(), &body);
+    let config = thermal_config(dir.path());
     let garbage = vec![0x5a_u8; 64 * 1024];
     std::fs::write(dir.path().join("spool.db"), &garbage).expect("write garbage");
     let log = dir.path().join("agent.log");
