@@ -53,18 +53,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-emulate() { # target args...: the target's binary under qemu (exec'd, so its pid is qemu's)
-    local target=$1; shift
-    case "$target" in
-        aarch64-*) env QEMU_LD_PREFIX=/usr/aarch64-linux-gnu qemu-aarch64-static "target/$target/release/edgespool" "$@" ;;
-        armv7-*) env QEMU_LD_PREFIX=/usr/arm-linux-gnueabihf qemu-arm-static "target/$target/release/edgespool" "$@" ;;
-    esac
-}
-emulator() { # target: the command line that emulate runs, for a background job
+emulator() { # target: the command that runs its build under qemu (one word per field)
     case "$1" in
         aarch64-*) echo "env QEMU_LD_PREFIX=/usr/aarch64-linux-gnu qemu-aarch64-static target/$1/release/edgespool" ;;
         armv7-*) echo "env QEMU_LD_PREFIX=/usr/arm-linux-gnueabihf qemu-arm-static target/$1/release/edgespool" ;;
     esac
+}
+emulate() { # target args...
+    local command
+    read -r -a command <<<"$(emulator "$1")"
+    shift
+    "${command[@]}" "$@"
 }
 
 for target in "${targets[@]}"; do
@@ -86,6 +85,8 @@ if [ "$second" -gt 50 ] || [ "$second" -lt 45 ]; then
 fi
 for target in "${targets[@]}"; do
     step "$target under qemu: a short run"
+    # Not through `emulate`: a backgrounded function is a subshell, and SIGTERM must
+    # reach qemu (which hands it to the agent) itself.
     read -r -a command <<<"$(emulator "$target")"
     "${command[@]}" run --config "$work/$target/edgespool.toml" >"$work/$target/agent.log" 2>&1 &
     pids+=($!)

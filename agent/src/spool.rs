@@ -548,7 +548,7 @@ impl Spool {
             live: options
                 .live
                 .iter()
-                .map(|(name, kind)| crate::sink::LiveStats::new(name, kind).report().state)
+                .map(|(name, kind)| LiveState::new(name, kind))
                 .collect(),
             clock: Default::default(),
         };

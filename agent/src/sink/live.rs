@@ -36,6 +36,21 @@ pub struct LiveState {
     pub last_problem: Option<Problem>,
 }
 
+impl LiveState {
+    /// A feed that has not connected yet.
+    pub fn new(name: &str, kind: &str) -> LiveState {
+        LiveState {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            connected: false,
+            since_ms: None,
+            queued: 0,
+            last_published_ms: None,
+            last_problem: None,
+        }
+    }
+}
+
 /// A feed's counts since the previous report, and its state now.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveReport {
@@ -61,15 +76,7 @@ impl LiveStats {
         LiveStats {
             published: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
-            state: Mutex::new(LiveState {
-                name: name.to_owned(),
-                kind: kind.to_owned(),
-                connected: false,
-                since_ms: None,
-                queued: 0,
-                last_published_ms: None,
-                last_problem: None,
-            }),
+            state: Mutex::new(LiveState::new(name, kind)),
         }
     }
 
