@@ -1620,6 +1620,27 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_kept_for_a_full_disk_takes_the_next_in_and_stays_bounded() {
+        let mut kept = flush(vec![row("s.a", 0, 1.0), row("s.a", 60, 2.0)]);
+        kept.aggregate.samples = 2;
+        let mut newer = flush(vec![row("s.a", 120, 3.0)]);
+        newer.aggregate.samples = 1;
+        newer.now_ms = 180_000;
+        newer.open_windows = 4;
+        kept.absorb(newer);
+        let starts: Vec<i64> = kept.rows.iter().map(|r| r.start).collect();
+        assert_eq!(starts, [0, 60, 120]);
+        assert_eq!(
+            (kept.aggregate.samples, kept.now_ms, kept.open_windows),
+            (3, 180_000, 4)
+        );
+        assert_eq!(kept.keep_newest(2), 1, "the oldest goes first");
+        let starts: Vec<i64> = kept.rows.iter().map(|r| r.start).collect();
+        assert_eq!(starts, [60, 120]);
+        assert_eq!(kept.keep_newest(2), 0);
+    }
+
+    #[test]
     fn a_damaged_spool_is_moved_aside_and_a_fresh_one_started() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("spool.db");
