@@ -17,13 +17,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
 use crate::clock::{self, ClockWatch};
-use crate::sink::LiveLink;
-use crate::source::{Sample, Sampled, Series, SourceStats};
+// Until the spool and the encoders import these from `flow` (temporary).
+pub use crate::flow::{AggregateCounts, Stats, WindowRow};
+use crate::flow::{LiveLink, Sample, Sampled, Series, SourceStats};
 use crate::spool::{Flush, SpoolHandle};
 
 /// How long after its end a window waits for samples still in flight.
@@ -42,72 +42,6 @@ pub const MAX_HELD: usize = 100_000;
 
 /// Values kept per window for the median; beyond it the median is of the first ones.
 pub const MAX_VALUES_PER_WINDOW: usize = 100_000;
-
-/// The aggregates of one series over one window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Stats {
-    /// Number of finite samples.
-    pub count: u64,
-    /// Smallest value.
-    pub min: f64,
-    /// Largest value.
-    pub max: f64,
-    /// Arithmetic mean.
-    pub mean: f64,
-    /// Sample standard deviation (n-1); `None` for a single sample.
-    pub stdev: Option<f64>,
-    /// Median; the mean of the middle two for an even count.
-    pub median: f64,
-    /// The value with the earliest timestamp.
-    pub first: f64,
-    /// The value with the latest timestamp.
-    pub last: f64,
-}
-
-impl Stats {
-    /// The statistics of two sets of samples of one window taken together (a window and
-    /// its late rows). Count, min, max, mean and standard deviation are exact (the
-    /// pooled variance); the median is the count-weighted mean of the two medians, an
-    /// approximation; `first` is this one's, `last` the other's.
-    pub fn merge(&self, other: &Stats) -> Stats {
-        let (na, nb) = (self.count as f64, other.count as f64);
-        let n = na + nb;
-        let mean = (self.mean * na + other.mean * nb) / n;
-        let m2 = |s: &Stats| s.stdev.map_or(0.0, |d| d * d * (s.count as f64 - 1.0));
-        let delta = other.mean - self.mean;
-        let pooled = m2(self) + m2(other) + delta * delta * na * nb / n;
-        Stats {
-            count: self.count + other.count,
-            min: self.min.min(other.min),
-            max: self.max.max(other.max),
-            mean,
-            stdev: (n > 1.0).then(|| (pooled.max(0.0) / (n - 1.0)).sqrt()),
-            median: (self.median * na + other.median * nb) / n,
-            first: self.first,
-            last: other.last,
-        }
-    }
-}
-
-/// One closed window of one series: a row of the spool and of every output.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WindowRow {
-    /// The series.
-    pub series: Arc<Series>,
-    /// Window start, Unix seconds (a multiple of `seconds`).
-    pub start: i64,
-    /// Window length in seconds.
-    pub seconds: u32,
-    /// The aggregates.
-    pub stats: Stats,
-}
-
-impl WindowRow {
-    /// Window end, Unix seconds (exclusive).
-    pub fn end(&self) -> i64 {
-        self.start + i64::from(self.seconds)
-    }
-}
 
 /// Running aggregates of one open window (Welford's method for mean and variance).
 #[derive(Debug, Clone)]
@@ -186,39 +120,6 @@ fn median(values: &mut [f64]) -> f64 {
             .copied()
             .fold(f64::NEG_INFINITY, f64::max);
         (lower + upper) / 2.0
-    }
-}
-
-/// Counters the aggregator keeps, taken at every flush.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct AggregateCounts {
-    /// Samples taken in.
-    pub samples: u64,
-    /// NaN or infinite values, dropped.
-    pub non_finite: u64,
-    /// Samples for windows already flushed (flushed again, as late rows).
-    pub late: u64,
-    /// Samples dropped because too many windows were open.
-    pub overflow: u64,
-    /// Closed windows dropped because the spool could not be written for too long.
-    pub lost: u64,
-    /// Samples the agent stamped into a window already written (the clock went back),
-    /// moved to the next open window of their series instead.
-    pub clamped: u64,
-    /// Samples held for a synchronised clock beyond [`MAX_HELD`], dropped.
-    pub held_dropped: u64,
-}
-
-impl AggregateCounts {
-    /// Adds another interval's counts.
-    pub fn add(&mut self, other: &AggregateCounts) {
-        self.samples += other.samples;
-        self.non_finite += other.non_finite;
-        self.late += other.late;
-        self.overflow += other.overflow;
-        self.lost += other.lost;
-        self.clamped += other.clamped;
-        self.held_dropped += other.held_dropped;
     }
 }
 

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod failpoint;
+pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod memory;
@@ -38,8 +39,9 @@ use tracing::{info, warn};
 use crate::aggregate::AggregateTask;
 use crate::config::Config;
 use crate::config::SinkKind;
-use crate::sink::{LiveLink, LiveStats, MqttFeed, Uploader};
-use crate::source::{SourceStats, SourceTask};
+use crate::flow::{LiveLink, LiveStats, SourceStats};
+use crate::sink::{MqttFeed, Uploader};
+use crate::source::SourceTask;
 use crate::spool::{Spool, SpoolHandle, SpoolOptions};
 
 /// How long the stages get to finish after shutdown is asked for.

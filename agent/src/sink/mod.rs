@@ -7,7 +7,6 @@
 
 mod encode;
 mod layout;
-mod live;
 mod mqtt;
 mod object;
 mod postgres;
@@ -18,15 +17,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::aggregate::WindowRow;
 use crate::clock;
 use crate::config::{SinkConfig, SinkKind};
-use crate::source::Series;
+use crate::flow::{Series, WindowRow};
 use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
 pub use encode::{Encoding, Part, content_type, encode, extension};
 pub use layout::object_key;
-pub use live::{LiveLink, LiveReport, LiveState, LiveStats};
+// Until the spool imports these from `flow` (temporary).
+pub use crate::flow::{LiveReport, LiveState};
 pub use mqtt::MqttFeed;
 pub use postgres::location as postgres_location;
 

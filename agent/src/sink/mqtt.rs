@@ -24,12 +24,10 @@ use tracing::{info, warn};
 
 use super::SinkError;
 use super::encode::json_record;
-use super::live::LiveStats;
-use crate::aggregate::WindowRow;
 use crate::broker::{self, reconnect_delay};
 use crate::clock;
 use crate::config::MqttSink as MqttConfig;
-use crate::source::{Problem, Series};
+use crate::flow::{LiveStats, Problem, Series, WindowRow};
 use crate::spool::SpoolHandle;
 
 /// Windows kept for a broker that is away, beyond which the oldest are skipped (about

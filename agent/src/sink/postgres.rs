@@ -24,9 +24,9 @@ use tokio_postgres::{Client, Config as PgConfig};
 
 use super::encode::{LongCsv, long_csv};
 use super::{Delivery, Sink, SinkError};
-use crate::aggregate::WindowRow;
 use crate::clock;
 use crate::config::{PostgresSink as PgSinkConfig, SslMode};
+use crate::flow::WindowRow;
 
 /// The table's columns, in order, with their SQL types as `information_schema` names them.
 const COLUMNS: [(&str, &str); 15] = [
@@ -487,8 +487,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Stats;
-    use crate::source::Series;
+    use crate::flow::{Series, Stats};
 
     fn row(series: &Arc<Series>, start: i64, value: f64) -> WindowRow {
         WindowRow {

@@ -11,10 +11,8 @@ mod sysfs;
 pub(crate) use sysfs::parse_file;
 mod system;
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -23,65 +21,9 @@ use tracing::{debug, warn};
 
 use crate::clock;
 use crate::config::{SourceConfig, SourceKind};
-
-/// A named stream of numbers: `source.field`, with optional tags and a unit.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Series {
-    /// `source.field`.
-    pub name: String,
-    /// Extra identifying labels (e.g. a sensor id of a table row).
-    pub tags: BTreeMap<String, String>,
-    /// The unit of the values, if known.
-    pub unit: Option<String>,
-}
-
-impl Series {
-    /// A series without tags.
-    pub fn new(name: impl Into<String>, unit: Option<&str>) -> Series {
-        Series {
-            name: name.into(),
-            tags: BTreeMap::new(),
-            unit: unit.map(str::to_owned),
-        }
-    }
-}
-
-/// One reading of one series.
-#[derive(Debug, Clone)]
-pub struct Sample {
-    /// What was read.
-    pub series: Arc<Series>,
-    /// When it was read (or when the device says it was), in Unix milliseconds.
-    pub timestamp_ms: i64,
-    /// The value; non-finite values are counted and dropped by the aggregator.
-    pub value: f64,
-    /// Whether `timestamp_ms` is this agent's clock (when it read or received the value)
-    /// rather than the device's own time: only such stamps are held while the clock is
-    /// not synchronised, and kept from reopening a written window (see [`crate::clock`]).
-    pub own_clock: bool,
-}
-
-/// Where a sample's time comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stamp {
-    /// This agent's clock, Unix ms: when it read or received the value.
-    Own(i64),
-    /// The device's own time, Unix ms (a timestamp in the payload).
-    Device(i64),
-}
-
-/// One sampling's samples on their way to the aggregator, with when it was taken (the
-/// wall and the monotonic clock at the same instant): the aggregator may hold the
-/// samples on the agent's own clock and restamp them from `at` (see [`crate::clock`]).
-#[derive(Debug)]
-pub struct Sampled {
-    /// The samples.
-    pub samples: Vec<Sample>,
-    /// The wall clock when the sampling started, Unix ms.
-    pub now_ms: i64,
-    /// The monotonic clock then.
-    pub at: std::time::Instant,
-}
+// Until the spool imports these from `flow` (temporary).
+pub use crate::flow::{Problem, Series, SourceDeltas, SourceStats};
+use crate::flow::{Sample, Sampled, Stamp};
 
 /// What one sampling produced: samples, and the problems met on the way.
 #[derive(Debug, Default)]
@@ -148,86 +90,6 @@ pub fn build(config: &SourceConfig, spool_path: &Path) -> Result<Box<dyn Source>
     })
 }
 
-/// Counters of one source, shared between its task and the flushes that persist them.
-#[derive(Debug)]
-pub struct SourceStats {
-    /// The source's name.
-    pub name: String,
-    /// Its `kind` word.
-    pub kind: &'static str,
-    samples: AtomicU64,
-    invalid: AtomicU64,
-    errors: AtomicU64,
-    last_problem: Mutex<Option<Problem>>,
-}
-
-/// The latest thing that went wrong with a source, for `status`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Problem {
-    /// When, in Unix milliseconds.
-    pub at_ms: i64,
-    /// What, without secrets.
-    pub message: String,
-}
-
-/// Counts gathered since the previous flush.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct SourceDeltas {
-    /// Samples produced.
-    pub samples: u64,
-    /// Unusable values.
-    pub invalid: u64,
-    /// Failed reads.
-    pub errors: u64,
-}
-
-impl SourceDeltas {
-    /// Adds another interval's counts.
-    pub fn add(&mut self, other: &SourceDeltas) {
-        self.samples += other.samples;
-        self.invalid += other.invalid;
-        self.errors += other.errors;
-    }
-}
-
-impl SourceStats {
-    /// Fresh counters for a source.
-    pub fn new(name: &str, kind: &'static str) -> SourceStats {
-        SourceStats {
-            name: name.to_owned(),
-            kind,
-            samples: AtomicU64::new(0),
-            invalid: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            last_problem: Mutex::new(None),
-        }
-    }
-
-    /// Takes the counts since the last call, resetting them.
-    pub fn take_deltas(&self) -> SourceDeltas {
-        SourceDeltas {
-            samples: self.samples.swap(0, Ordering::Relaxed),
-            invalid: self.invalid.swap(0, Ordering::Relaxed),
-            errors: self.errors.swap(0, Ordering::Relaxed),
-        }
-    }
-
-    /// The latest problem, if any.
-    pub fn last_problem(&self) -> Option<Problem> {
-        self.last_problem.lock().map(|p| p.clone()).unwrap_or(None)
-    }
-
-    /// Records a problem; says whether it is news worth a log line (a new message).
-    fn problem(&self, at_ms: i64, message: String) -> bool {
-        let Ok(mut last) = self.last_problem.lock() else {
-            return true;
-        };
-        let news = last.as_ref().is_none_or(|p| p.message != message);
-        *last = Some(Problem { at_ms, message });
-        news
-    }
-}
-
 /// The task that drives one source.
 pub struct SourceTask {
     source: Box<dyn Source>,
@@ -288,7 +150,7 @@ impl SourceTask {
             };
             let stats = &self.stats;
             if let Some(message) = failure {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.count_error();
                 if stats.problem(now_ms, message.clone()) || !failing {
                     warn!(source = %name, error = %message, "sampling failed");
                 }
@@ -298,20 +160,18 @@ impl SourceTask {
                 failing = false;
             }
             for message in batch.errors.drain(..) {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.count_error();
                 if stats.problem(now_ms, message.clone()) {
                     warn!(source = %name, error = %message, "read failed");
                 }
             }
             for message in batch.invalid.drain(..) {
-                stats.invalid.fetch_add(1, Ordering::Relaxed);
+                stats.count_invalid();
                 if stats.problem(now_ms, message.clone()) {
                     warn!(source = %name, error = %message, "invalid value");
                 }
             }
-            stats
-                .samples
-                .fetch_add(batch.samples.len() as u64, Ordering::Relaxed);
+            stats.count_samples(batch.samples.len() as u64);
             // Design: a batch travels whole, so one response is aggregated in one flush.
             if !batch.samples.is_empty() {
                 let sampled = Sampled {

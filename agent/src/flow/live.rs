@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::aggregate::WindowRow;
-use crate::source::Problem;
+use super::{Problem, WindowRow};
 
 /// Flushes a feed may have waiting in its channel before the aggregator skips one for it.
 const LINK_CAPACITY: usize = 16;
@@ -141,8 +140,7 @@ impl LiveLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Stats;
-    use crate::source::Series;
+    use crate::flow::{Series, Stats};
 
     fn rows(n: usize) -> Arc<Vec<WindowRow>> {
         let series = Arc::new(Series::new("s.x", None));

@@ -1,0 +1,163 @@
+//! The flow's shared types: what the stages hand each other, and nothing of the stages.
+//!
+//! ```text
+//!  source ──Sampled (Sample of a Series)──▶ aggregate ──Flush (WindowRow, counts)──▶ spool
+//!                                               │                                    │
+//!                                               └──committed WindowRows──▶ live feeds └──▶ sinks
+//! ```
+//!
+//! Every stage may use this module; it uses none of them (only [`crate::clock`]'s report
+//! type). What crosses a stage boundary is defined here, so imports point one way:
+//! `source` ← `aggregate` ← `spool` ← `sink`, each stage knowing only those upstream
+//! of itself and this module.
+//!
+//! - this file: [`Series`], [`Sample`] and [`Sampled`] (sources to the aggregator),
+//!   [`Stats`] and [`WindowRow`] (a closed window, from the aggregator to every output),
+//!   [`Problem`];
+//! - [`flush`]: the counters a flush carries to the spool;
+//! - [`live`]: the plumbing from the aggregator to live feeds, and their reports.
+
+pub mod flush;
+pub mod live;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use flush::{AggregateCounts, SourceDeltas, SourceStats};
+pub use live::{LiveLink, LiveReport, LiveState, LiveStats};
+
+/// A named stream of numbers: `source.field`, with optional tags and a unit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Series {
+    /// `source.field`.
+    pub name: String,
+    /// Extra identifying labels (e.g. a sensor id of a table row).
+    pub tags: BTreeMap<String, String>,
+    /// The unit of the values, if known.
+    pub unit: Option<String>,
+}
+
+impl Series {
+    /// A series without tags.
+    pub fn new(name: impl Into<String>, unit: Option<&str>) -> Series {
+        Series {
+            name: name.into(),
+            tags: BTreeMap::new(),
+            unit: unit.map(str::to_owned),
+        }
+    }
+}
+
+/// One reading of one series.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// What was read.
+    pub series: Arc<Series>,
+    /// When it was read (or when the device says it was), in Unix milliseconds.
+    pub timestamp_ms: i64,
+    /// The value; non-finite values are counted and dropped by the aggregator.
+    pub value: f64,
+    /// Whether `timestamp_ms` is this agent's clock (when it read or received the value)
+    /// rather than the device's own time: only such stamps are held while the clock is
+    /// not synchronised, and kept from reopening a written window (see [`crate::clock`]).
+    pub own_clock: bool,
+}
+
+/// Where a sample's time comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// This agent's clock, Unix ms: when it read or received the value.
+    Own(i64),
+    /// The device's own time, Unix ms (a timestamp in the payload).
+    Device(i64),
+}
+
+/// One sampling's samples on their way to the aggregator, with when it was taken (the
+/// wall and the monotonic clock at the same instant): the aggregator may hold the
+/// samples on the agent's own clock and restamp them from `at` (see [`crate::clock`]).
+#[derive(Debug)]
+pub struct Sampled {
+    /// The samples.
+    pub samples: Vec<Sample>,
+    /// The wall clock when the sampling started, Unix ms.
+    pub now_ms: i64,
+    /// The monotonic clock then.
+    pub at: std::time::Instant,
+}
+
+/// The latest thing that went wrong with a source, for `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    /// When, in Unix milliseconds.
+    pub at_ms: i64,
+    /// What, without secrets.
+    pub message: String,
+}
+
+/// The aggregates of one series over one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Number of finite samples.
+    pub count: u64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Sample standard deviation (n-1); `None` for a single sample.
+    pub stdev: Option<f64>,
+    /// Median; the mean of the middle two for an even count.
+    pub median: f64,
+    /// The value with the earliest timestamp.
+    pub first: f64,
+    /// The value with the latest timestamp.
+    pub last: f64,
+}
+
+impl Stats {
+    /// The statistics of two sets of samples of one window taken together (a window and
+    /// its late rows). Count, min, max, mean and standard deviation are exact (the
+    /// pooled variance); the median is the count-weighted mean of the two medians, an
+    /// approximation; `first` is this one's, `last` the other's.
+    pub fn merge(&self, other: &Stats) -> Stats {
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let n = na + nb;
+        let mean = (self.mean * na + other.mean * nb) / n;
+        let m2 = |s: &Stats| s.stdev.map_or(0.0, |d| d * d * (s.count as f64 - 1.0));
+        let delta = other.mean - self.mean;
+        let pooled = m2(self) + m2(other) + delta * delta * na * nb / n;
+        Stats {
+            count: self.count + other.count,
+            min: self.min.min(other.min),
+            max: self.max.max(other.max),
+            mean,
+            stdev: (n > 1.0).then(|| (pooled.max(0.0) / (n - 1.0)).sqrt()),
+            median: (self.median * na + other.median * nb) / n,
+            first: self.first,
+            last: other.last,
+        }
+    }
+}
+
+/// One closed window of one series: a row of the spool and of every output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowRow {
+    /// The series.
+    pub series: Arc<Series>,
+    /// Window start, Unix seconds (a multiple of `seconds`).
+    pub start: i64,
+    /// Window length in seconds.
+    pub seconds: u32,
+    /// The aggregates.
+    pub stats: Stats,
+}
+
+impl WindowRow {
+    /// Window end, Unix seconds (exclusive).
+    pub fn end(&self) -> i64 {
+        self.start + i64::from(self.seconds)
+    }
+}
