@@ -1,0 +1,136 @@
+//! CSV, in the long and the wide layout, and the long layout as PostgreSQL's COPY reads it.
+//! (The module is named `csv`; the crate is spelled `::csv`.)
+
+use std::collections::HashMap;
+
+use crate::aggregate::WindowRow;
+use crate::clock;
+use crate::source::Series;
+
+use super::{LONG_COLUMNS, Part, STATS, stat, wide_columns, wide_rows};
+
+fn csv_writer() -> ::csv::Writer<Vec<u8>> {
+    ::csv::WriterBuilder::new()
+        .terminator(::csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new())
+}
+
+fn csv_finish(writer: ::csv::Writer<Vec<u8>>) -> Result<Vec<u8>, String> {
+    writer.into_inner().map_err(|e| e.to_string())
+}
+
+fn number(buffer: &mut ryu::Buffer, value: Option<f64>) -> &str {
+    match value {
+        Some(v) => buffer.format_finite(v),
+        None => "",
+    }
+}
+
+pub(super) fn csv_long(device: &str, rows: &[WindowRow]) -> Result<Vec<u8>, String> {
+    long_csv(device, rows, LongCsv::File).map_err(|e| e.to_string())
+}
+
+/// The two spellings of the long layout as CSV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LongCsv {
+    /// The `csv` file format: a header, `window_end`, empty `tags` when there are none.
+    File,
+    /// PostgreSQL's `COPY … (FORMAT csv)` of the table's columns: no header,
+    /// `window_seconds` for `window_end`, `{}` for no tags (the column is NOT NULL).
+    Copy,
+}
+
+/// Long-layout rows as CSV; an empty unquoted field is a missing value (NULL for COPY).
+/// Tags and window times are formatted once per series and per window, not per row.
+pub fn long_csv(
+    device: &str,
+    rows: &[WindowRow],
+    flavour: LongCsv,
+) -> Result<Vec<u8>, ::csv::Error> {
+    let mut w = ::csv::WriterBuilder::new()
+        .terminator(::csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::with_capacity(rows.len() * 160));
+    if flavour == LongCsv::File {
+        w.write_record(LONG_COLUMNS)?;
+    }
+    let mut tags: HashMap<&Series, String> = HashMap::new();
+    let mut window: Option<(i64, String, String)> = None;
+    let mut floats: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
+    let mut ints: [itoa::Buffer; 2] = std::array::from_fn(|_| itoa::Buffer::new());
+    for row in rows {
+        let s = &row.stats;
+        let tags = tags.entry(row.series.as_ref()).or_insert_with(|| {
+            match (flavour, row.series.tags.is_empty()) {
+                (LongCsv::File, true) => String::new(),
+                _ => serde_json::to_string(&row.series.tags).unwrap_or_else(|_| "{}".to_owned()),
+            }
+        });
+        if window
+            .as_ref()
+            .is_none_or(|(start, _, _)| *start != row.start)
+        {
+            window = Some((
+                row.start,
+                clock::rfc3339(row.start),
+                clock::rfc3339(row.end()),
+            ));
+        }
+        let (_, start, end) = window.as_ref().expect("set above");
+        let [f1, f2, f3, f4, f5, f6, f7] = &mut floats;
+        let [i1, i2] = &mut ints;
+        let end = match flavour {
+            LongCsv::File => end.as_str(),
+            LongCsv::Copy => i1.format(row.seconds),
+        };
+        w.write_record([
+            device,
+            &row.series.name,
+            row.series.unit.as_deref().unwrap_or(""),
+            tags,
+            start,
+            end,
+            i2.format(s.count),
+            f1.format_finite(s.min),
+            f2.format_finite(s.max),
+            f3.format_finite(s.mean),
+            s.stdev.map_or("", |v| f4.format_finite(v)),
+            f5.format_finite(s.median),
+            f6.format_finite(s.first),
+            f7.format_finite(s.last),
+        ])?;
+    }
+    w.into_inner().map_err(|e| e.into_error().into())
+}
+
+pub(super) fn csv_wide(part: &Part<'_>) -> Result<Vec<u8>, String> {
+    let columns = wide_columns(part);
+    let mut w = csv_writer();
+    let mut header = vec![
+        "device".to_owned(),
+        "window_start".to_owned(),
+        "window_end".to_owned(),
+    ];
+    for stem in &columns.stems {
+        header.extend(STATS.iter().map(|stat| format!("{stat}_{stem}")));
+    }
+    w.write_record(&header).map_err(|e| e.to_string())?;
+    let mut record: Vec<String> = Vec::with_capacity(header.len());
+    let mut buffer = ryu::Buffer::new();
+    for (start, end, cells) in wide_rows(&columns, part.rows) {
+        record.clear();
+        record.push(part.device.to_owned());
+        record.push(clock::rfc3339(start));
+        record.push(clock::rfc3339(end));
+        for cell in cells {
+            for i in 0..STATS.len() {
+                record.push(match cell {
+                    Some(stats) if i == 0 => stats.count.to_string(),
+                    Some(stats) => number(&mut buffer, stat(stats, i)).to_owned(),
+                    None => String::new(),
+                });
+            }
+        }
+        w.write_record(&record).map_err(|e| e.to_string())?;
+    }
+    csv_finish(w)
+}

@@ -1,0 +1,114 @@
+//! NDJSON and JSON Text Sequences (RFC 7464), in the long and the wide layout.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::aggregate::WindowRow;
+use crate::clock;
+use crate::config::Format;
+
+use super::{Part, STATS, stat, wide_columns, wide_rows};
+
+/// One long-layout row, as the JSON formats spell it.
+#[derive(Serialize)]
+struct Record<'a> {
+    device: &'a str,
+    series: &'a str,
+    unit: Option<&'a str>,
+    tags: &'a BTreeMap<String, String>,
+    window_start: String,
+    window_end: String,
+    count: u64,
+    min: f64,
+    max: f64,
+    mean: f64,
+    stdev: Option<f64>,
+    median: f64,
+    first: f64,
+    last: f64,
+}
+
+pub(super) fn json_long(format: Format, device: &str, rows: &[WindowRow]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * 256);
+    for row in rows {
+        if format == Format::JsonSeq {
+            // RFC 7464: each text starts with RS (0x1E) and ends with LF.
+            out.push(0x1e);
+        }
+        json_record(&mut out, device, row);
+        out.push(b'\n');
+    }
+    out
+}
+
+/// One row as a JSON object (a line of NDJSON, the payload of an MQTT message).
+pub fn json_record(out: &mut Vec<u8>, device: &str, row: &WindowRow) {
+    let record = Record {
+        device,
+        series: &row.series.name,
+        unit: row.series.unit.as_deref(),
+        tags: &row.series.tags,
+        window_start: clock::rfc3339(row.start),
+        window_end: clock::rfc3339(row.end()),
+        count: row.stats.count,
+        min: row.stats.min,
+        max: row.stats.max,
+        mean: row.stats.mean,
+        stdev: row.stats.stdev,
+        median: row.stats.median,
+        first: row.stats.first,
+        last: row.stats.last,
+    };
+    // Plain structs of strings and finite numbers always serialize.
+    serde_json::to_writer(out, &record).expect("a record serializes");
+}
+
+pub(super) fn json_wide(format: Format, part: &Part<'_>) -> Vec<u8> {
+    let columns = wide_columns(part);
+    let keys: Vec<Vec<String>> = columns
+        .stems
+        .iter()
+        .map(|stem| {
+            STATS
+                .iter()
+                .map(|stat| serde_json::to_string(&format!("{stat}_{stem}")).unwrap_or_default())
+                .collect()
+        })
+        .collect();
+    let device = serde_json::to_string(part.device).unwrap_or_default();
+    let mut out = Vec::new();
+    for (start, end, cells) in wide_rows(&columns, part.rows) {
+        if format == Format::JsonSeq {
+            out.push(0x1e);
+        }
+        let _ = write!(
+            out,
+            "{{\"device\":{device},\"window_start\":\"{}\",\"window_end\":\"{}\"",
+            clock::rfc3339(start),
+            clock::rfc3339(end)
+        );
+        for (cell, keys) in cells.iter().zip(&keys) {
+            for (i, key) in keys.iter().enumerate() {
+                out.push(b',');
+                out.extend_from_slice(key.as_bytes());
+                out.push(b':');
+                match cell {
+                    Some(stats) if i == 0 => {
+                        let _ = write!(out, "{}", stats.count);
+                    }
+                    Some(stats) => match stat(stats, i) {
+                        Some(v) => {
+                            out.extend_from_slice(ryu::Buffer::new().format_finite(v).as_bytes())
+                        }
+                        None => out.extend_from_slice(b"null"),
+                    },
+                    None => out.extend_from_slice(b"null"),
+                }
+            }
+        }
+        out.extend_from_slice(b"}\n");
+    }
+    out
+}

@@ -1,0 +1,206 @@
+//! Encoding a part's rows into file bytes. Pure and deterministic: the same rows give
+//! byte-identical output, so a retried upload writes the same object.
+//!
+//! Two layouts:
+//! - `long`: one row per series and window: device, series, unit, tags, window_start,
+//!   window_end, count, min, max, mean, stdev, median, first, last.
+//! - `wide`: one row per window: device, window_start, window_end, then `{stat}_{series}`
+//!   for every series of the part's column set (see [`wide_columns`]), empty where a series
+//!   has no window.
+//!
+//! Text formats spell times as RFC 3339 UTC; Parquet stores them as UTC timestamps in
+//! microseconds, counts as int64, statistics as float64, strings dictionary-encoded.
+//!
+//! Files:
+//! - `mod.rs`: [`Encoding`], [`Part`], the format dispatcher [`encode`], and what the
+//!   formats share: the statistic names, the long layout's columns and the wide column set.
+//! - `json.rs`: NDJSON and JSON Text Sequences.
+//! - `csv.rs`: CSV, including the long-layout CSV that PostgreSQL's COPY reads.
+//! - `parquet.rs`: Parquet, through the parquet crate's column writers.
+
+mod csv;
+mod json;
+mod parquet;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::aggregate::{Stats, WindowRow};
+use crate::config::{Compression, Format, Layout};
+use crate::source::Series;
+
+use self::csv::{csv_long, csv_wide};
+use self::json::{json_long, json_wide};
+use self::parquet::{parquet_long, parquet_wide};
+
+pub use self::csv::{LongCsv, long_csv};
+pub use self::json::json_record;
+
+/// How a sink writes its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    /// File format.
+    pub format: Format,
+    /// Row layout.
+    pub layout: Layout,
+    /// Parquet compression.
+    pub compression: Compression,
+}
+
+/// What one file holds.
+pub struct Part<'a> {
+    /// The device id.
+    pub device: &'a str,
+    /// The rows, ordered by window start and series.
+    pub rows: &'a [WindowRow],
+    /// For the wide layout: the series that get columns (the rows' own series are
+    /// always added).
+    pub series: &'a [Arc<Series>],
+}
+
+/// The names of the statistics, in column order.
+const STATS: [&str; 8] = [
+    "count", "min", "max", "mean", "stdev", "median", "first", "last",
+];
+
+/// The long layout's columns, in order.
+const LONG_COLUMNS: [&str; 14] = [
+    "device",
+    "series",
+    "unit",
+    "tags",
+    "window_start",
+    "window_end",
+    "count",
+    "min",
+    "max",
+    "mean",
+    "stdev",
+    "median",
+    "first",
+    "last",
+];
+
+/// The file extension of a format.
+pub fn extension(format: Format) -> &'static str {
+    match format {
+        Format::Ndjson => "ndjson",
+        Format::JsonSeq => "json-seq",
+        Format::Csv => "csv",
+        Format::Parquet => "parquet",
+    }
+}
+
+/// The Content-Type of a format.
+pub fn content_type(format: Format) -> &'static str {
+    match format {
+        Format::Ndjson => "application/x-ndjson",
+        Format::JsonSeq => "application/json-seq",
+        Format::Csv => "text/csv; charset=utf-8; header=present",
+        Format::Parquet => "application/vnd.apache.parquet",
+    }
+}
+
+/// Encodes a part.
+pub fn encode(encoding: Encoding, part: &Part<'_>) -> Result<Vec<u8>, String> {
+    match (encoding.format, encoding.layout) {
+        (Format::Ndjson | Format::JsonSeq, Layout::Long) => {
+            Ok(json_long(encoding.format, part.device, part.rows))
+        }
+        (Format::Ndjson | Format::JsonSeq, Layout::Wide) => Ok(json_wide(encoding.format, part)),
+        (Format::Csv, Layout::Long) => csv_long(part.device, part.rows),
+        (Format::Csv, Layout::Wide) => csv_wide(part),
+        (Format::Parquet, Layout::Long) => {
+            parquet_long(encoding.compression, part.device, part.rows).map_err(|e| e.to_string())
+        }
+        (Format::Parquet, Layout::Wide) => {
+            parquet_wide(encoding.compression, part).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// A statistic as a JSON or CSV value; `None` for a missing standard deviation.
+fn stat(stats: &Stats, index: usize) -> Option<f64> {
+    match index {
+        0 => Some(stats.count as f64),
+        1 => Some(stats.min),
+        2 => Some(stats.max),
+        3 => Some(stats.mean),
+        4 => stats.stdev,
+        5 => Some(stats.median),
+        6 => Some(stats.first),
+        _ => Some(stats.last),
+    }
+}
+
+/// The wide layout's series, in column order, with their column stems.
+struct WideColumns<'a> {
+    series: Vec<&'a Series>,
+    stems: Vec<String>,
+    index: HashMap<&'a Series, usize>,
+}
+
+/// The series that get columns in a wide file: the part's column set and the rows' own
+/// series, ordered by name and tags. A stem is the series name with every character
+/// other than ASCII letters, digits and `_` replaced by `_`; series that share a name
+/// get their tag values appended, and stems that still clash get `_2`, `_3`, …
+fn wide_columns<'a>(part: &'a Part<'_>) -> WideColumns<'a> {
+    let all: BTreeSet<&Series> = part
+        .series
+        .iter()
+        .map(|s| s.as_ref())
+        .chain(part.rows.iter().map(|r| r.series.as_ref()))
+        .collect();
+    let series: Vec<&Series> = all.into_iter().collect();
+    let mut name_count: HashMap<&str, usize> = HashMap::new();
+    for s in &series {
+        *name_count.entry(s.name.as_str()).or_default() += 1;
+    }
+    let mut used: HashMap<String, usize> = HashMap::new();
+    let mut stems = Vec::with_capacity(series.len());
+    for s in &series {
+        let mut stem = s.name.clone();
+        if name_count[s.name.as_str()] > 1 {
+            for value in s.tags.values() {
+                stem.push('_');
+                stem.push_str(value);
+            }
+        }
+        let mut stem: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let seen = used.entry(stem.clone()).or_default();
+        *seen += 1;
+        if *seen > 1 {
+            stem = format!("{stem}_{seen}");
+        }
+        stems.push(stem);
+    }
+    let index = series.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    WideColumns {
+        series,
+        stems,
+        index,
+    }
+}
+
+/// The rows of a wide file: per window start, one optional stats per column.
+fn wide_rows<'a>(
+    columns: &WideColumns<'_>,
+    rows: &'a [WindowRow],
+) -> Vec<(i64, i64, Vec<Option<&'a Stats>>)> {
+    let mut out: Vec<(i64, i64, Vec<Option<&Stats>>)> = Vec::new();
+    for row in rows {
+        if out.last().is_none_or(|(start, _, _)| *start != row.start) {
+            out.push((row.start, row.end(), vec![None; columns.series.len()]));
+        }
+        let slot = columns.index[row.series.as_ref()];
+        if let Some((_, _, cells)) = out.last_mut() {
+            cells[slot] = Some(&row.stats);
+        }
+    }
+    out
+}

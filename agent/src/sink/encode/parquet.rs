@@ -1,0 +1,319 @@
+//! Parquet, through the parquet crate's column writers (no Arrow: a smaller binary).
+//! (The module is named `parquet`; the crate is spelled `::parquet`.)
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ::parquet::basic::{LogicalType, Repetition, TimeUnit, Type as Physical, ZstdLevel};
+use ::parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int64Type};
+use ::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use ::parquet::file::writer::SerializedFileWriter;
+use ::parquet::schema::types::{ColumnPath, Type};
+
+use crate::aggregate::WindowRow;
+use crate::config::Compression;
+use crate::source::Series;
+
+use super::{Part, STATS, stat, wide_columns, wide_rows};
+
+/// The values of one leaf column, with its definition and repetition levels.
+enum Leaf {
+    Bytes(Vec<ByteArray>),
+    Int64(Vec<i64>),
+    Double(Vec<f64>),
+}
+
+struct Column {
+    leaf: Leaf,
+    defs: Option<Vec<i16>>,
+    reps: Option<Vec<i16>>,
+}
+
+impl Column {
+    fn required(leaf: Leaf) -> Column {
+        Column {
+            leaf,
+            defs: None,
+            reps: None,
+        }
+    }
+}
+
+fn micros(seconds: i64) -> i64 {
+    seconds.saturating_mul(1_000_000)
+}
+
+fn field(name: &str, physical: Physical, repetition: Repetition) -> Type {
+    Type::primitive_type_builder(name, physical)
+        .with_repetition(repetition)
+        .build()
+        .expect("a valid primitive column")
+}
+
+fn string_field(name: &str, repetition: Repetition) -> Type {
+    Type::primitive_type_builder(name, Physical::BYTE_ARRAY)
+        .with_repetition(repetition)
+        .with_logical_type(Some(LogicalType::String))
+        .build()
+        .expect("a valid string column")
+}
+
+fn timestamp_field(name: &str) -> Type {
+    Type::primitive_type_builder(name, Physical::INT64)
+        .with_repetition(Repetition::REQUIRED)
+        .with_logical_type(Some(LogicalType::timestamp(true, TimeUnit::MICROS)))
+        .build()
+        .expect("a valid timestamp column")
+}
+
+fn properties(compression: Compression, strings: &[ColumnPath]) -> WriterProperties {
+    let codec = match compression {
+        Compression::Zstd => {
+            ::parquet::basic::Compression::ZSTD(ZstdLevel::try_new(3).expect("level 3 is valid"))
+        }
+        Compression::Snappy => ::parquet::basic::Compression::SNAPPY,
+        Compression::None => ::parquet::basic::Compression::UNCOMPRESSED,
+    };
+    let mut builder = WriterProperties::builder()
+        .set_created_by(format!("edgespool version {}", env!("CARGO_PKG_VERSION")))
+        .set_compression(codec)
+        .set_dictionary_enabled(false)
+        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_max_row_group_row_count(None);
+    for path in strings {
+        builder = builder.set_column_dictionary_enabled(path.clone(), true);
+    }
+    builder.build()
+}
+
+/// Writes one row group of `columns` (in schema leaf order) and returns the file.
+fn write_parquet(
+    schema: Type,
+    props: WriterProperties,
+    columns: Vec<Column>,
+) -> ::parquet::errors::Result<Vec<u8>> {
+    let mut writer = SerializedFileWriter::new(Vec::new(), Arc::new(schema), Arc::new(props))?;
+    let mut group = writer.next_row_group()?;
+    let mut columns = columns.into_iter();
+    while let Some(mut column) = group.next_column()? {
+        let Some(data) = columns.next() else {
+            return Err(::parquet::errors::ParquetError::General(
+                "more schema columns than data".into(),
+            ));
+        };
+        let (defs, reps) = (data.defs.as_deref(), data.reps.as_deref());
+        match data.leaf {
+            Leaf::Bytes(values) => {
+                column
+                    .typed::<ByteArrayType>()
+                    .write_batch(&values, defs, reps)?;
+            }
+            Leaf::Int64(values) => {
+                column
+                    .typed::<Int64Type>()
+                    .write_batch(&values, defs, reps)?;
+            }
+            Leaf::Double(values) => {
+                column
+                    .typed::<DoubleType>()
+                    .write_batch(&values, defs, reps)?;
+            }
+        }
+        column.close()?;
+    }
+    group.close()?;
+    writer.into_inner()
+}
+
+pub(super) fn parquet_long(
+    compression: Compression,
+    device: &str,
+    rows: &[WindowRow],
+) -> ::parquet::errors::Result<Vec<u8>> {
+    const OPTIONAL: Repetition = Repetition::OPTIONAL;
+    const REPEATED: Repetition = Repetition::REPEATED;
+    const REQUIRED: Repetition = Repetition::REQUIRED;
+    let key_value = Type::group_type_builder("key_value")
+        .with_repetition(REPEATED)
+        .with_fields(vec![
+            Arc::new(string_field("key", REQUIRED)),
+            Arc::new(string_field("value", REQUIRED)),
+        ])
+        .build()?;
+    let tags = Type::group_type_builder("tags")
+        .with_repetition(OPTIONAL)
+        .with_logical_type(Some(LogicalType::Map))
+        .with_fields(vec![Arc::new(key_value)])
+        .build()?;
+    let mut fields = vec![
+        string_field("device", REQUIRED),
+        string_field("series", REQUIRED),
+        string_field("unit", OPTIONAL),
+        tags,
+        timestamp_field("window_start"),
+        timestamp_field("window_end"),
+        field("count", Physical::INT64, REQUIRED),
+    ];
+    for name in &STATS[1..] {
+        let repetition = if *name == "stdev" { OPTIONAL } else { REQUIRED };
+        fields.push(field(name, Physical::DOUBLE, repetition));
+    }
+    let schema = Type::group_type_builder("edgespool")
+        .with_fields(fields.into_iter().map(Arc::new).collect())
+        .build()?;
+
+    let n = rows.len();
+    let mut device_col = Vec::with_capacity(n);
+    let mut series_col = Vec::with_capacity(n);
+    let (mut unit_col, mut unit_defs) = (Vec::new(), Vec::with_capacity(n));
+    let (mut keys, mut values, mut tag_defs, mut tag_reps) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut starts, mut ends, mut counts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut stats: [Vec<f64>; 7] = std::array::from_fn(|_| Vec::with_capacity(n));
+    let mut stdev_defs = Vec::with_capacity(n);
+    let device = ByteArray::from(device);
+    let mut names: HashMap<&Series, (ByteArray, Option<ByteArray>)> = HashMap::new();
+    for row in rows {
+        let (name, unit) = names.entry(row.series.as_ref()).or_insert_with(|| {
+            (
+                ByteArray::from(row.series.name.as_str()),
+                row.series.unit.as_deref().map(ByteArray::from),
+            )
+        });
+        device_col.push(device.clone());
+        series_col.push(name.clone());
+        match unit {
+            Some(unit) => {
+                unit_col.push(unit.clone());
+                unit_defs.push(1);
+            }
+            None => unit_defs.push(0),
+        }
+        if row.series.tags.is_empty() {
+            // An empty map, present (def 1 of 2).
+            tag_defs.push(1);
+            tag_reps.push(0);
+        } else {
+            for (i, (k, v)) in row.series.tags.iter().enumerate() {
+                keys.push(ByteArray::from(k.as_str()));
+                values.push(ByteArray::from(v.as_str()));
+                tag_defs.push(2);
+                tag_reps.push(i16::from(i > 0));
+            }
+        }
+        starts.push(micros(row.start));
+        ends.push(micros(row.end()));
+        let s = &row.stats;
+        counts.push(i64::try_from(s.count).unwrap_or(i64::MAX));
+        for (i, column) in stats.iter_mut().enumerate() {
+            // Index 3 is stdev: only present values are written.
+            if let Some(v) = stat(s, i + 1) {
+                column.push(v);
+            }
+        }
+        stdev_defs.push(i16::from(s.stdev.is_some()));
+    }
+    let mut columns = vec![
+        Column::required(Leaf::Bytes(device_col)),
+        Column::required(Leaf::Bytes(series_col)),
+        Column {
+            leaf: Leaf::Bytes(unit_col),
+            defs: Some(unit_defs),
+            reps: None,
+        },
+        Column {
+            leaf: Leaf::Bytes(keys),
+            defs: Some(tag_defs.clone()),
+            reps: Some(tag_reps.clone()),
+        },
+        Column {
+            leaf: Leaf::Bytes(values),
+            defs: Some(tag_defs),
+            reps: Some(tag_reps),
+        },
+        Column::required(Leaf::Int64(starts)),
+        Column::required(Leaf::Int64(ends)),
+        Column::required(Leaf::Int64(counts)),
+    ];
+    for (i, values) in stats.into_iter().enumerate() {
+        columns.push(Column {
+            leaf: Leaf::Double(values),
+            defs: (i == 3).then(|| stdev_defs.clone()),
+            reps: None,
+        });
+    }
+    let strings =
+        ["device", "series", "unit"]
+            .iter()
+            .map(|c| ColumnPath::from(*c))
+            .chain(["key", "value"].iter().map(|leaf| {
+                ColumnPath::new(vec!["tags".into(), "key_value".into(), (*leaf).into()])
+            }))
+            .collect::<Vec<_>>();
+    write_parquet(schema, properties(compression, &strings), columns)
+}
+
+pub(super) fn parquet_wide(
+    compression: Compression,
+    part: &Part<'_>,
+) -> ::parquet::errors::Result<Vec<u8>> {
+    const OPTIONAL: Repetition = Repetition::OPTIONAL;
+    const REQUIRED: Repetition = Repetition::REQUIRED;
+    let columns = wide_columns(part);
+    let mut fields = vec![
+        string_field("device", REQUIRED),
+        timestamp_field("window_start"),
+        timestamp_field("window_end"),
+    ];
+    for stem in &columns.stems {
+        fields.push(field(&format!("count_{stem}"), Physical::INT64, OPTIONAL));
+        for stat in &STATS[1..] {
+            fields.push(field(&format!("{stat}_{stem}"), Physical::DOUBLE, OPTIONAL));
+        }
+    }
+    let schema = Type::group_type_builder("edgespool")
+        .with_fields(fields.into_iter().map(Arc::new).collect())
+        .build()?;
+
+    let rows = wide_rows(&columns, part.rows);
+    let n = rows.len();
+    let device = ByteArray::from(part.device);
+    let mut data = vec![
+        Column::required(Leaf::Bytes(vec![device; n])),
+        Column::required(Leaf::Int64(rows.iter().map(|r| micros(r.0)).collect())),
+        Column::required(Leaf::Int64(rows.iter().map(|r| micros(r.1)).collect())),
+    ];
+    for slot in 0..columns.series.len() {
+        let cells = rows.iter().map(|r| r.2[slot]);
+        let defs: Vec<i16> = cells.clone().map(|c| i16::from(c.is_some())).collect();
+        data.push(Column {
+            leaf: Leaf::Int64(
+                cells
+                    .clone()
+                    .flatten()
+                    .map(|s| i64::try_from(s.count).unwrap_or(i64::MAX))
+                    .collect(),
+            ),
+            defs: Some(defs),
+            reps: None,
+        });
+        for i in 1..STATS.len() {
+            let values: Vec<Option<f64>> =
+                cells.clone().map(|c| c.and_then(|s| stat(s, i))).collect();
+            data.push(Column {
+                defs: Some(values.iter().map(|v| i16::from(v.is_some())).collect()),
+                leaf: Leaf::Double(values.into_iter().flatten().collect()),
+                reps: None,
+            });
+        }
+    }
+    write_parquet(
+        schema,
+        properties(compression, &[ColumnPath::from("device")]),
+        data,
+    )
+}

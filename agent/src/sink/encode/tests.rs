@@ -1,0 +1,238 @@
+use std::sync::Arc;
+
+use crate::aggregate::{Stats, WindowRow};
+use crate::config::{Compression, Format, Layout};
+use crate::source::Series;
+
+use super::{Encoding, Part, encode};
+
+fn stats(count: u64, value: f64) -> Stats {
+    Stats {
+        count,
+        min: value,
+        max: value,
+        mean: value,
+        stdev: (count > 1).then_some(0.0),
+        median: value,
+        first: value,
+        last: value,
+    }
+}
+
+fn series(name: &str, unit: Option<&str>, tags: &[(&str, &str)]) -> Arc<Series> {
+    let mut s = Series::new(name, unit);
+    for (k, v) in tags {
+        s.tags.insert((*k).into(), (*v).into());
+    }
+    Arc::new(s)
+}
+
+fn rows() -> Vec<WindowRow> {
+    vec![WindowRow {
+        series: series("pa.44071.pm", Some("ug/m3"), &[("id", "44071")]),
+        start: 1_795_269_900,
+        seconds: 60,
+        stats: Stats {
+            count: 2,
+            min: 1.0,
+            max: 3.0,
+            mean: 2.0,
+            stdev: Some(std::f64::consts::SQRT_2),
+            median: 2.0,
+            first: 1.0,
+            last: 3.0,
+        },
+    }]
+}
+
+fn encode_as(format: Format, layout: Layout, part: &Part<'_>) -> String {
+    let encoding = Encoding {
+        format,
+        layout,
+        compression: Compression::Zstd,
+    };
+    String::from_utf8(encode(encoding, part).expect("encodes")).expect("utf-8")
+}
+
+fn part<'a>(rows: &'a [WindowRow], series: &'a [Arc<Series>]) -> Part<'a> {
+    Part {
+        device: "pi-1",
+        rows,
+        series,
+    }
+}
+
+#[test]
+fn ndjson_is_one_object_per_line() {
+    let rows = rows();
+    assert_eq!(
+        encode_as(Format::Ndjson, Layout::Long, &part(&rows, &[])),
+        "{\"device\":\"pi-1\",\"series\":\"pa.44071.pm\",\"unit\":\"ug/m3\",\"tags\":{\"id\":\"44071\"},\"window_start\":\"2026-11-21T14:05:00Z\",\"window_end\":\"2026-11-21T14:06:00Z\",\"count\":2,\"min\":1.0,\"max\":3.0,\"mean\":2.0,\"stdev\":1.4142135623730951,\"median\":2.0,\"first\":1.0,\"last\":3.0}\n"
+    );
+}
+
+#[test]
+fn json_seq_starts_each_text_with_a_record_separator() {
+    let rows = rows();
+    let seq = encode_as(Format::JsonSeq, Layout::Long, &part(&rows, &[]));
+    let nd = encode_as(Format::Ndjson, Layout::Long, &part(&rows, &[]));
+    assert_eq!(seq.as_bytes()[0], 0x1e);
+    assert_eq!(&seq[1..], nd);
+}
+
+#[test]
+fn csv_has_a_header_and_empty_cells_for_missing_values() {
+    let mut rows = rows();
+    rows.push(WindowRow {
+        series: series("sys.load1", None, &[]),
+        start: 1_795_269_900,
+        seconds: 60,
+        stats: stats(1, 0.5),
+    });
+    assert_eq!(
+        encode_as(Format::Csv, Layout::Long, &part(&rows, &[])),
+        "device,series,unit,tags,window_start,window_end,count,min,max,mean,stdev,median,first,last\n\
+         pi-1,pa.44071.pm,ug/m3,\"{\"\"id\"\":\"\"44071\"\"}\",2026-11-21T14:05:00Z,2026-11-21T14:06:00Z,2,1.0,3.0,2.0,1.4142135623730951,2.0,1.0,3.0\n\
+         pi-1,sys.load1,,,2026-11-21T14:05:00Z,2026-11-21T14:06:00Z,1,0.5,0.5,0.5,,0.5,0.5,0.5\n"
+    );
+}
+
+fn wide_fixture() -> (Vec<WindowRow>, Vec<Arc<Series>>) {
+    let a = series("hw.t-1", Some("celsius"), &[]);
+    let b = series("hw.t.1", None, &[]);
+    let silent = series("hw.door", None, &[]);
+    let rows = vec![
+        WindowRow {
+            series: Arc::clone(&a),
+            start: 60,
+            seconds: 60,
+            stats: stats(3, 1.5),
+        },
+        WindowRow {
+            series: Arc::clone(&a),
+            start: 120,
+            seconds: 60,
+            stats: stats(1, 2.0),
+        },
+        WindowRow {
+            series: Arc::clone(&b),
+            start: 120,
+            seconds: 60,
+            stats: stats(2, 7.0),
+        },
+    ];
+    (rows, vec![silent, a])
+}
+
+#[test]
+fn wide_csv_has_a_column_per_stat_and_series_and_a_row_per_window() {
+    let (rows, known) = wide_fixture();
+    let text = encode_as(Format::Csv, Layout::Wide, &part(&rows, &known));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "device,window_start,window_end,\
+         count_hw_door,min_hw_door,max_hw_door,mean_hw_door,stdev_hw_door,median_hw_door,first_hw_door,last_hw_door,\
+         count_hw_t_1,min_hw_t_1,max_hw_t_1,mean_hw_t_1,stdev_hw_t_1,median_hw_t_1,first_hw_t_1,last_hw_t_1,\
+         count_hw_t_1_2,min_hw_t_1_2,max_hw_t_1_2,mean_hw_t_1_2,stdev_hw_t_1_2,median_hw_t_1_2,first_hw_t_1_2,last_hw_t_1_2"
+    );
+    assert_eq!(
+        lines[1],
+        "pi-1,1970-01-01T00:01:00Z,1970-01-01T00:02:00Z,,,,,,,,,3,1.5,1.5,1.5,0.0,1.5,1.5,1.5,,,,,,,,"
+    );
+    assert_eq!(
+        lines[2],
+        "pi-1,1970-01-01T00:02:00Z,1970-01-01T00:03:00Z,,,,,,,,,1,2.0,2.0,2.0,,2.0,2.0,2.0,2,7.0,7.0,7.0,0.0,7.0,7.0,7.0"
+    );
+    assert_eq!(lines.len(), 3);
+}
+
+#[test]
+fn wide_json_uses_null_for_missing_cells() {
+    let (rows, known) = wide_fixture();
+    let text = encode_as(Format::Ndjson, Layout::Wide, &part(&rows, &known));
+    let first: serde_json::Value =
+        serde_json::from_str(text.lines().next().expect("a line")).expect("json");
+    assert_eq!(first["count_hw_t_1"], 3);
+    assert_eq!(first["mean_hw_t_1"], 1.5);
+    assert!(first["count_hw_door"].is_null() && first["last_hw_t_1_2"].is_null());
+    assert_eq!(first["window_start"], "1970-01-01T00:01:00Z");
+}
+
+#[test]
+fn series_sharing_a_name_are_told_apart_by_their_tags() {
+    let rows = vec![
+        WindowRow {
+            series: series("pa.pm", None, &[("id", "7")]),
+            start: 0,
+            seconds: 60,
+            stats: stats(1, 1.0),
+        },
+        WindowRow {
+            series: series("pa.pm", None, &[("id", "9")]),
+            start: 0,
+            seconds: 60,
+            stats: stats(1, 2.0),
+        },
+    ];
+    let text = encode_as(Format::Csv, Layout::Wide, &part(&rows, &[]));
+    let header = text.lines().next().expect("header");
+    assert!(header.contains(",count_pa_pm_7,") && header.contains(",count_pa_pm_9,"));
+}
+
+#[test]
+fn parquet_is_deterministic_and_sized_sensibly() {
+    let (rows, known) = wide_fixture();
+    for layout in [Layout::Long, Layout::Wide] {
+        for compression in [Compression::Zstd, Compression::Snappy, Compression::None] {
+            let encoding = Encoding {
+                format: Format::Parquet,
+                layout,
+                compression,
+            };
+            let one = encode(encoding, &part(&rows, &known)).expect("encodes");
+            let two = encode(encoding, &part(&rows, &known)).expect("encodes");
+            assert_eq!(one, two, "{layout:?} {compression:?}");
+            assert_eq!(&one[..4], b"PAR1");
+            assert_eq!(&one[one.len() - 4..], b"PAR1");
+        }
+    }
+}
+
+#[test]
+fn parquet_columns_read_back_with_their_values() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let mut rows = rows();
+    rows.push(WindowRow {
+        series: series("sys.load1", None, &[]),
+        start: 1_795_269_960,
+        seconds: 60,
+        stats: stats(1, 0.25),
+    });
+    let encoding = Encoding {
+        format: Format::Parquet,
+        layout: Layout::Long,
+        compression: Compression::Zstd,
+    };
+    let bytes = encode(encoding, &part(&rows, &[])).expect("encodes");
+    let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).expect("reads");
+    let meta = reader.metadata();
+    assert_eq!(meta.file_metadata().num_rows(), 2);
+    let text: Vec<String> = reader
+        .get_row_iter(None)
+        .expect("rows")
+        .map(|r| r.expect("row").to_string())
+        .collect();
+    assert!(
+        text[0].contains("series: \"pa.44071.pm\"")
+            && text[0].contains("tags: {\"id\" -> \"44071\"}")
+            && text[0].contains("stdev: 1.4142135623730951"),
+        "{}",
+        text[0]
+    );
+    assert!(
+        text[1].contains("unit: null") && text[1].contains("stdev: null"),
+        "{}",
+        text[1]
+    );
+}

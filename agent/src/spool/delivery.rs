@@ -1,0 +1,266 @@
+//! Delivery bookkeeping: planning a sink's next part (its rows fixed before it is sent),
+//! recording a delivery (and deleting what every active sink has), recording a failure.
+
+use std::sync::Arc;
+
+use rusqlite::{OptionalExtension, params};
+
+use crate::aggregate::WindowRow;
+use crate::source::Series;
+
+use super::{Spool, SpoolError, sqlite};
+
+/// How many closed partitions one planning transaction fixes parts for.
+const PLAN_AHEAD: usize = 16;
+
+/// The most rows one part holds; a larger backlog of one partition becomes more parts.
+pub const MAX_PART_ROWS: i64 = 200_000;
+
+/// A part planned for a sink: the rows it holds are fixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartPlan {
+    /// The sink.
+    pub sink: String,
+    /// Partition start, Unix seconds.
+    pub partition: i64,
+    /// Partition length, seconds.
+    pub seconds: u32,
+    /// Part number, from 0.
+    pub part: u32,
+    /// Rows with ids above this…
+    pub after_id: i64,
+    /// …up to and including this.
+    pub last_id: i64,
+    /// How many rows that was when planned.
+    pub rows: i64,
+}
+
+/// What a planned part holds.
+#[derive(Debug)]
+pub struct PartRows {
+    /// The rows, ordered by window start and series.
+    pub rows: Vec<WindowRow>,
+    /// The series that get columns in a wide file of this part (sorted).
+    pub series: Vec<Arc<Series>>,
+}
+
+/// What a sink should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Send this part.
+    Ready(PartPlan),
+    /// Nothing to send before this instant (Unix ms), or before new data if `None`.
+    Wait(Option<i64>),
+}
+
+impl Spool {
+    /// Plans the next part for `sink`, or says how long there is nothing to send.
+    pub fn plan(&mut self, sink: &str, now_ms: i64) -> Result<Plan, SpoolError> {
+        let err = sqlite(&self.path);
+        let pending = self
+            .conn
+            .query_row(
+                "SELECT p.partition, p.seconds, t.part, t.after_id, t.last_id, t.rows
+                 FROM parts t JOIN partitions p ON p.partition = t.partition
+                 WHERE t.sink = ?1 AND t.delivered_ms IS NULL
+                 ORDER BY t.partition, t.part LIMIT 1",
+                [sink],
+                |r| {
+                    Ok(PartPlan {
+                        sink: sink.to_owned(),
+                        partition: r.get(0)?,
+                        seconds: r.get(1)?,
+                        part: r.get(2)?,
+                        after_id: r.get(3)?,
+                        last_id: r.get(4)?,
+                        rows: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(&err)?;
+        if let Some(plan) = pending {
+            return Ok(Plan::Ready(plan));
+        }
+        // A planned part whose partition was dropped for the budget: nothing to send.
+        self.conn
+            .execute(
+                "UPDATE parts SET delivered_ms = ?2 WHERE sink = ?1 AND delivered_ms IS NULL",
+                params![sink, now_ms],
+            )
+            .map_err(&err)?;
+
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT p.partition, p.seconds, d.done, d.next_part FROM partitions p
+                 LEFT JOIN (SELECT partition, MAX(last_id) AS done, MAX(part) + 1 AS next_part
+                            FROM parts WHERE sink = ?1 GROUP BY partition) d
+                   ON d.partition = p.partition
+                 WHERE p.max_id > COALESCE(d.done, 0)
+                 ORDER BY p.partition",
+            )
+            .map_err(&err)?;
+        let grace = self.options.grace_ms;
+        let mut candidates = stmt
+            .query_map([sink], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, Option<i64>>(2)?.unwrap_or(0),
+                    r.get::<_, Option<u32>>(3)?.unwrap_or(0),
+                ))
+            })
+            .map_err(&err)?;
+        let mut wait_until: Option<i64> = None;
+        let mut chosen = Vec::new();
+        for candidate in &mut candidates {
+            let (partition, seconds, done, next_part) = candidate.map_err(&err)?;
+            let ready_ms = (partition + i64::from(seconds)) * 1000 + grace;
+            if ready_ms <= now_ms {
+                chosen.push((partition, seconds, done, next_part));
+                if chosen.len() == PLAN_AHEAD {
+                    break;
+                }
+            } else {
+                wait_until = Some(wait_until.map_or(ready_ms, |w: i64| w.min(ready_ms)));
+            }
+        }
+        drop(candidates);
+        drop(stmt);
+        // Several closed partitions are planned in one transaction (one fsync), then
+        // sent one by one, oldest first.
+        let tx = self.conn.transaction().map_err(&err)?;
+        let mut first = None;
+        for (partition, seconds, after_id, part) in chosen {
+            // Whole batches, up to MAX_PART_ROWS windows (at least one batch).
+            let (mut rows, mut last_id) = (0i64, None);
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT id, rows FROM batches WHERE partition = ?1 AND id > ?2 ORDER BY id",
+                    )
+                    .map_err(&err)?;
+                let mut batches = stmt.query(params![partition, after_id]).map_err(&err)?;
+                while let Some(batch) = batches.next().map_err(&err)? {
+                    let (id, n): (i64, i64) =
+                        (batch.get(0).map_err(&err)?, batch.get(1).map_err(&err)?);
+                    if last_id.is_some() && rows + n > MAX_PART_ROWS {
+                        break;
+                    }
+                    rows += n;
+                    last_id = Some(id);
+                }
+            }
+            let Some(last_id) = last_id else {
+                continue;
+            };
+            tx.execute(
+                "INSERT INTO parts (sink, partition, part, after_id, last_id, rows, planned_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![sink, partition, part, after_id, last_id, rows, now_ms],
+            )
+            .map_err(&err)?;
+            first.get_or_insert(PartPlan {
+                sink: sink.to_owned(),
+                partition,
+                seconds,
+                part,
+                after_id,
+                last_id,
+                rows,
+            });
+        }
+        tx.commit().map_err(&err)?;
+        Ok(first.map_or(Plan::Wait(wait_until), Plan::Ready))
+    }
+
+    /// Records that a part was delivered, and deletes rows every active sink now has.
+    pub fn delivered(&mut self, plan: &PartPlan, now_ms: i64) -> Result<(), SpoolError> {
+        // Without an fsync of its own: a delivery record lost to a power cut only makes
+        // the (durably planned) part go again, which every sink takes as a no-op; the
+        // next synced commit makes it durable with everything before it in the WAL.
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(&err)?;
+        let result = self.record_delivery(plan, now_ms);
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(&err)?;
+        result
+    }
+
+    fn record_delivery(&mut self, plan: &PartPlan, now_ms: i64) -> Result<(), SpoolError> {
+        let err = sqlite(&self.path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        tx.execute(
+            "UPDATE parts SET delivered_ms = ?4 WHERE sink = ?1 AND partition = ?2 AND part = ?3",
+            params![plan.sink, plan.partition, plan.part, now_ms],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "UPDATE sinks SET last_success_ms = ?2, retrying_since_ms = NULL, next_attempt_ms = NULL
+             WHERE name = ?1",
+            params![plan.sink, now_ms],
+        )
+        .map_err(&err)?;
+        // The id up to which every active sink has this partition.
+        let everyone_has: Option<i64> = tx
+            .query_row(
+                "SELECT MIN(COALESCE((SELECT MAX(last_id) FROM parts t
+                                      WHERE t.sink = s.name AND t.partition = ?1
+                                        AND t.delivered_ms IS NOT NULL), 0))
+                 FROM sinks s WHERE s.active = 1",
+                [plan.partition],
+                |r| r.get(0),
+            )
+            .map_err(&err)?;
+        if let Some(upto) = everyone_has.filter(|&id| id > 0) {
+            let deleted: i64 = tx
+                .query_row(
+                    "SELECT COALESCE(SUM(rows), 0) FROM batches WHERE partition = ?1 AND id <= ?2",
+                    params![plan.partition, upto],
+                    |r| r.get(0),
+                )
+                .map_err(&err)?;
+            tx.execute(
+                "DELETE FROM batches WHERE partition = ?1 AND id <= ?2",
+                params![plan.partition, upto],
+            )
+            .map_err(&err)?;
+            tx.execute(
+                "UPDATE partitions SET rows = rows - ?2 WHERE partition = ?1",
+                params![plan.partition, deleted],
+            )
+            .map_err(&err)?;
+            tx.execute(
+                "DELETE FROM partitions WHERE partition = ?1 AND rows <= 0",
+                [plan.partition],
+            )
+            .map_err(&err)?;
+        }
+        tx.commit().map_err(&err)?;
+        Ok(())
+    }
+
+    /// Records a failed attempt of a sink, for `status`.
+    pub fn failed(
+        &mut self,
+        sink: &str,
+        error: &str,
+        now_ms: i64,
+        next_attempt_ms: i64,
+    ) -> Result<(), SpoolError> {
+        self.conn
+            .execute(
+                "UPDATE sinks SET last_error = ?2, last_error_ms = ?3,
+                   retrying_since_ms = COALESCE(retrying_since_ms, ?3), next_attempt_ms = ?4
+                 WHERE name = ?1",
+                params![sink, error, now_ms, next_attempt_ms],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+}

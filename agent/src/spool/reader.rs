@@ -1,0 +1,358 @@
+//! The read-only side: [`SpoolReader`], the uploaders' and `status`'s connection, and what
+//! it reads (a part's rows, the agent's state, counters, totals, sinks).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::WindowRow;
+use crate::sink::LiveState;
+use crate::source::{Problem, Series};
+
+use super::budget::used_bytes;
+use super::schema::APPLICATION_ID;
+use super::writer::StoredWindow;
+use super::{CACHE_KIB, PartPlan, PartRows, Recovery, SpoolError, sqlite};
+
+/// The agent's state as `status` reads it, rewritten at every flush.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentState {
+    /// Device id.
+    pub device: String,
+    /// edgespool version.
+    pub version: String,
+    /// Process id of the daemon.
+    pub pid: u32,
+    /// When the daemon started, Unix ms.
+    pub started_ms: i64,
+    /// The last flush, Unix ms.
+    pub heartbeat_ms: i64,
+    /// Set when the daemon stopped cleanly.
+    pub stopped: bool,
+    /// Window length, seconds.
+    pub window_seconds: u32,
+    /// Partition length, seconds.
+    pub partition_seconds: u32,
+    /// Grace period, ms.
+    pub grace_ms: i64,
+    /// Disk budget, bytes.
+    pub budget_bytes: u64,
+    /// Full-disk policy word.
+    pub when_full: String,
+    /// Samples per second over the last flush interval.
+    pub samples_per_second: f64,
+    /// Series seen in the last flush interval.
+    pub series: usize,
+    /// Windows open in memory at the last flush.
+    pub open_windows: usize,
+    /// Each source's latest problem.
+    pub sources: Vec<SourceState>,
+    /// Each live feed's state.
+    #[serde(default)]
+    pub live: Vec<LiveState>,
+    /// The clock's state at the last flush.
+    #[serde(default)]
+    pub clock: crate::clock::ClockReport,
+}
+
+/// One source as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceState {
+    /// Name.
+    pub name: String,
+    /// Kind word.
+    pub kind: String,
+    /// The latest problem, if any.
+    pub last_problem: Option<Problem>,
+}
+
+/// A read-only connection: the uploaders' and `status`'s.
+pub struct SpoolReader {
+    conn: Connection,
+    path: PathBuf,
+    series: HashMap<i64, Arc<Series>>,
+}
+
+/// One sink as the spool sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkRecord {
+    /// Name.
+    pub name: String,
+    /// Kind word.
+    pub kind: String,
+    /// Last delivery, Unix ms.
+    pub last_success_ms: Option<i64>,
+    /// Last error text.
+    pub last_error: Option<String>,
+    /// When it happened, Unix ms.
+    pub last_error_ms: Option<i64>,
+    /// Failing since, Unix ms; `None` when the last attempt succeeded.
+    pub retrying_since_ms: Option<i64>,
+    /// When the next attempt is due, Unix ms.
+    pub next_attempt_ms: Option<i64>,
+    /// Rows not yet delivered to it.
+    pub pending_rows: i64,
+    /// Partitions with rows not yet delivered to it.
+    pub pending_partitions: i64,
+    /// The oldest of those, Unix seconds.
+    pub oldest_pending: Option<i64>,
+    /// Parts delivered.
+    pub delivered_parts: i64,
+}
+
+impl SpoolReader {
+    /// Opens the spool read-only.
+    pub fn open(path: &Path) -> Result<SpoolReader, SpoolError> {
+        let err = sqlite(path);
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(&err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(&err)?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)
+            .map_err(&err)?;
+        let found: i32 = conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(&err)?;
+        if found != APPLICATION_ID {
+            let version: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(&err)?;
+            return Err(if found == 0 && version == 0 {
+                SpoolError::NotReady {
+                    path: path.to_owned(),
+                }
+            } else {
+                SpoolError::Foreign {
+                    path: path.to_owned(),
+                    found,
+                }
+            });
+        }
+        Ok(SpoolReader {
+            conn,
+            path: path.to_owned(),
+            series: HashMap::new(),
+        })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> SpoolError + '_ {
+        sqlite(&self.path)
+    }
+
+    /// The rows of a planned part, ordered by window start, series and id, and the series
+    /// a wide file of it gives columns to: every series first seen in this partition or
+    /// an earlier one, in a flush this part includes. That set is the same for every
+    /// partition while the configured series are, and the same for a retried part.
+    /// The set is read only `with_series` (for a wide layout); otherwise it is empty.
+    pub fn read_part(
+        &mut self,
+        plan: &PartPlan,
+        with_series: bool,
+    ) -> Result<PartRows, SpoolError> {
+        let rows = self.read_rows(plan)?;
+        if !with_series {
+            return Ok(PartRows {
+                rows,
+                series: Vec::new(),
+            });
+        }
+        let ids: Vec<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM series
+                 WHERE COALESCE(first_partition, 0) <= ?1 AND COALESCE(first_id, 0) <= ?2
+                 ORDER BY id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map(params![plan.partition, plan.last_id], |r| r.get(0))?
+                    .collect()
+            })
+            .map_err(self.err())?;
+        let mut series = Vec::with_capacity(ids.len());
+        for id in ids {
+            series.push(self.series(id)?);
+        }
+        series.sort();
+        Ok(PartRows { rows, series })
+    }
+
+    fn read_rows(&mut self, plan: &PartPlan) -> Result<Vec<WindowRow>, SpoolError> {
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, rows, record FROM batches
+                 WHERE partition = ?1 AND id > ?2 AND id <= ?3 ORDER BY id",
+            )
+            .map_err(&err)?;
+        let raw: Vec<(i64, i64, Vec<u8>)> = stmt
+            .query_map(params![plan.partition, plan.after_id, plan.last_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(&err)?
+            .collect::<Result<_, _>>()
+            .map_err(&err)?;
+        drop(stmt);
+        let mut rows = Vec::new();
+        for (last_id, count, record) in raw {
+            let windows: Vec<StoredWindow> =
+                postcard::from_bytes(&record).map_err(|e| SpoolError::Record {
+                    path: self.path.clone(),
+                    id: last_id,
+                    reason: e.to_string(),
+                })?;
+            let first_id = last_id - count + 1;
+            for (id, window) in (first_id..).zip(windows) {
+                let series = self.series(window.series)?;
+                let row = WindowRow {
+                    series,
+                    start: plan.partition + i64::from(window.offset),
+                    seconds: window.seconds,
+                    stats: window.stats,
+                };
+                rows.push((id, row));
+            }
+        }
+        rows.sort_by(|(ia, a), (ib, b)| (a.start, &a.series, ia).cmp(&(b.start, &b.series, ib)));
+        Ok(rows.into_iter().map(|(_, row)| row).collect())
+    }
+
+    fn series(&mut self, id: i64) -> Result<Arc<Series>, SpoolError> {
+        if let Some(series) = self.series.get(&id) {
+            return Ok(Arc::clone(series));
+        }
+        let (name, unit, tags): (String, Option<String>, String) = self
+            .conn
+            .query_row(
+                "SELECT name, unit, tags FROM series WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(self.err())?;
+        let series = Arc::new(Series {
+            name,
+            unit,
+            tags: serde_json::from_str(&tags).unwrap_or_default(),
+        });
+        self.series.insert(id, Arc::clone(&series));
+        Ok(series)
+    }
+
+    /// The agent's state as last flushed, if the daemon ever ran.
+    pub fn agent_state(&self) -> Result<Option<AgentState>, SpoolError> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'agent'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// The last corrupt spool moved aside at start, if any.
+    pub fn recovery(&self) -> Result<Option<Recovery>, SpoolError> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'recovered'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// Every lifetime counter.
+    pub fn counters(&self) -> Result<BTreeMap<String, u64>, SpoolError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, value FROM counters ORDER BY name")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Rows and series held, and used bytes.
+    pub fn totals(&self) -> Result<(i64, i64, u64), SpoolError> {
+        let rows = self
+            .conn
+            .query_row("SELECT COALESCE(SUM(rows), 0) FROM partitions", [], |r| {
+                r.get(0)
+            })
+            .map_err(self.err())?;
+        let series = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM series", [], |r| r.get(0))
+            .map_err(self.err())?;
+        let used = used_bytes(&self.conn).map_err(self.err())?;
+        Ok((rows, series, used))
+    }
+
+    /// Every active sink with its backlog.
+    pub fn sinks(&self) -> Result<Vec<SinkRecord>, SpoolError> {
+        let err = self.err();
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name, kind, last_success_ms, last_error, last_error_ms, retrying_since_ms,
+                        next_attempt_ms,
+                        (SELECT COUNT(*) FROM parts t WHERE t.sink = s.name AND t.delivered_ms IS NOT NULL)
+                 FROM sinks s WHERE active = 1 ORDER BY name",
+            )
+            .map_err(&err)?;
+        let mut sinks: Vec<SinkRecord> = stmt
+            .query_map([], |r| {
+                Ok(SinkRecord {
+                    name: r.get(0)?,
+                    kind: r.get(1)?,
+                    last_success_ms: r.get(2)?,
+                    last_error: r.get(3)?,
+                    last_error_ms: r.get(4)?,
+                    retrying_since_ms: r.get(5)?,
+                    next_attempt_ms: r.get(6)?,
+                    pending_rows: 0,
+                    pending_partitions: 0,
+                    oldest_pending: None,
+                    delivered_parts: r.get(7)?,
+                })
+            })
+            .map_err(&err)?
+            .collect::<Result<_, _>>()
+            .map_err(&err)?;
+        let mut pending = self
+            .conn
+            .prepare(
+                "SELECT p.partition,
+                        (SELECT COALESCE(SUM(rows), 0) FROM batches w WHERE w.partition = p.partition
+                           AND w.id > COALESCE((SELECT MAX(last_id) FROM parts t
+                               WHERE t.sink = ?1 AND t.partition = p.partition
+                                 AND t.delivered_ms IS NOT NULL), 0)) AS n
+                 FROM partitions p ORDER BY p.partition",
+            )
+            .map_err(&err)?;
+        for sink in &mut sinks {
+            let per_partition = pending
+                .query_map([&sink.name], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .map_err(&err)?;
+            for item in per_partition {
+                let (partition, n) = item.map_err(&err)?;
+                if n > 0 {
+                    sink.pending_rows += n;
+                    sink.pending_partitions += 1;
+                    sink.oldest_pending.get_or_insert(partition);
+                }
+            }
+        }
+        Ok(sinks)
+    }
+}

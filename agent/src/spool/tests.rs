@@ -1,0 +1,429 @@
+//! The spool's unit tests: delivery, recovery, the budget, and a model-based proptest.
+
+use super::*;
+use crate::aggregate::{AggregateCounts, Stats, WindowRow};
+
+fn options(sinks: &[&str]) -> SpoolOptions {
+    SpoolOptions {
+        device: "pi-test".into(),
+        window_seconds: 60,
+        partition_seconds: 3600,
+        grace_ms: 0,
+        budget_bytes: 64 * 1024 * 1024,
+        when_full: WhenFull::DropOldest,
+        sources: Vec::new(),
+        sinks: sinks.iter().map(|s| (s.to_string(), "local")).collect(),
+        live: Vec::new(),
+    }
+}
+
+fn row(series: &str, start: i64, value: f64) -> WindowRow {
+    WindowRow {
+        series: Arc::new(Series::new(series, Some("celsius"))),
+        start,
+        seconds: 60,
+        stats: Stats {
+            count: 1,
+            min: value,
+            max: value,
+            mean: value,
+            stdev: None,
+            median: value,
+            first: value,
+            last: value,
+        },
+    }
+}
+
+fn flush(rows: Vec<WindowRow>) -> Flush {
+    Flush {
+        rows,
+        now_ms: 0,
+        aggregate: AggregateCounts::default(),
+        sources: Vec::new(),
+        open_windows: 0,
+        live: Vec::new(),
+        clock: Default::default(),
+    }
+}
+
+/// Delivers every ready part of `sink`, returning (partition, part, values) per part.
+fn drain(
+    spool: &mut Spool,
+    reader: &mut SpoolReader,
+    sink: &str,
+    now_ms: i64,
+) -> Vec<(i64, u32, Vec<f64>)> {
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        match spool.plan(sink, now_ms).expect("plan") {
+            Plan::Ready(plan) => {
+                let rows = reader.read_part(&plan, false).expect("read").rows;
+                out.push((
+                    plan.partition,
+                    plan.part,
+                    rows.iter().map(|r| r.stats.mean).collect(),
+                ));
+                spool.delivered(&plan, now_ms).expect("deliver");
+            }
+            Plan::Wait(_) => return out,
+        }
+    }
+    panic!("drain did not finish");
+}
+
+#[test]
+fn a_flush_kept_for_a_full_disk_takes_the_next_in_and_stays_bounded() {
+    let mut kept = flush(vec![row("s.a", 0, 1.0), row("s.a", 60, 2.0)]);
+    kept.aggregate.samples = 2;
+    let mut newer = flush(vec![row("s.a", 120, 3.0)]);
+    newer.aggregate.samples = 1;
+    newer.now_ms = 180_000;
+    newer.open_windows = 4;
+    kept.absorb(newer);
+    let starts: Vec<i64> = kept.rows.iter().map(|r| r.start).collect();
+    assert_eq!(starts, [0, 60, 120]);
+    assert_eq!(
+        (kept.aggregate.samples, kept.now_ms, kept.open_windows),
+        (3, 180_000, 4)
+    );
+    assert_eq!(kept.keep_newest(2), 1, "the oldest goes first");
+    let starts: Vec<i64> = kept.rows.iter().map(|r| r.start).collect();
+    assert_eq!(starts, [60, 120]);
+    assert_eq!(kept.keep_newest(2), 0);
+}
+
+#[test]
+fn a_damaged_spool_is_moved_aside_and_a_fresh_one_started() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    {
+        let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+        for hour in 0..40 {
+            let rows = (0..60)
+                .map(|m| row(&format!("s.{m}"), hour * 3600 + m * 60, 1.0))
+                .collect();
+            spool.commit(&flush(rows)).expect("commit");
+        }
+    }
+    // Dropping the writer checkpointed the WAL: damage pages 4 to 12 of the file.
+    let mut bytes = std::fs::read(&path).expect("read");
+    let size = bytes.len();
+    assert!(size > 16 * 1024, "{size} bytes");
+    bytes[3 * 1024..12 * 1024].fill(0xAA);
+    std::fs::write(&path, &bytes).expect("write");
+
+    let spool = Spool::open(&path, options(&["a"])).expect("a fresh spool");
+    drop(spool);
+    let reader = SpoolReader::open(&path).expect("reader");
+    let recovery = reader.recovery().expect("read").expect("recorded");
+    assert!(
+        recovery.reason == "database disk image is malformed"
+            || recovery.reason.starts_with("integrity check: "),
+        "{}",
+        recovery.reason
+    );
+    assert_eq!(
+        std::fs::metadata(&recovery.moved_to).expect("kept").len(),
+        size as u64
+    );
+    assert!(
+        recovery
+            .moved_to
+            .display()
+            .to_string()
+            .starts_with(&format!("{}.corrupt-", path.display()))
+    );
+    assert_eq!(reader.totals().expect("totals").0, 0, "a fresh spool");
+}
+
+#[test]
+fn a_file_that_is_no_database_is_moved_aside_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    std::fs::write(&path, "half-written garbage ".repeat(500)).expect("write");
+    Spool::open(&path, options(&["a"])).expect("a fresh spool");
+    let recovery = SpoolReader::open(&path)
+        .and_then(|r| r.recovery())
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(recovery.reason, "file is not a database");
+    let kept = std::fs::read_to_string(&recovery.moved_to).expect("kept");
+    assert!(kept.starts_with("half-written garbage"));
+}
+
+#[test]
+fn a_partition_waits_for_its_end_plus_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut opts = options(&["a"]);
+    opts.grace_ms = 30_000;
+    let mut spool = Spool::open(&path, opts).expect("open");
+    spool
+        .commit(&flush(vec![row("s.t", 3600, 1.0)]))
+        .expect("commit");
+    assert_eq!(
+        spool.plan("a", 7_200_000 + 29_999).expect("plan"),
+        Plan::Wait(Some(7_230_000))
+    );
+    assert!(matches!(
+        spool.plan("a", 7_230_000).expect("plan"),
+        Plan::Ready(_)
+    ));
+}
+
+#[test]
+fn late_rows_go_to_a_new_part_not_over_the_old_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush(vec![row("s.t", 0, 1.0), row("s.t", 60, 2.0)]))
+        .expect("commit");
+    assert_eq!(
+        drain(&mut spool, &mut reader, "a", i64::MAX / 4),
+        vec![(0, 0, vec![1.0, 2.0])]
+    );
+    spool
+        .commit(&flush(vec![row("s.t", 120, 3.0)]))
+        .expect("late commit");
+    assert_eq!(
+        drain(&mut spool, &mut reader, "a", i64::MAX / 4),
+        vec![(0, 1, vec![3.0])]
+    );
+}
+
+#[test]
+fn a_part_planned_before_a_crash_is_sent_again_with_the_same_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let first = {
+        let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+        spool
+            .commit(&flush(vec![row("s.t", 0, 1.0)]))
+            .expect("commit");
+        let Plan::Ready(plan) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+            panic!("a part is ready");
+        };
+        plan
+    }; // dropped without `delivered`: the crash
+    let mut spool = Spool::open(&path, options(&["a"])).expect("reopen");
+    spool
+        .commit(&flush(vec![row("s.t", 60, 2.0)]))
+        .expect("a late row meanwhile");
+    let Plan::Ready(again) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+        panic!("the planned part is still due");
+    };
+    assert_eq!(again, first);
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    assert_eq!(reader.read_part(&again, false).expect("read").rows.len(), 1);
+}
+
+#[test]
+fn a_wide_column_set_holds_earlier_series_and_is_the_same_on_retry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    let names =
+        |rows: &PartRows| -> Vec<String> { rows.series.iter().map(|s| s.name.clone()).collect() };
+    // Hour 0 holds s.a; s.b first appears in hour 1, s.c in hour 2.
+    spool
+        .commit(&flush(vec![row("s.a", 0, 1.0), row("s.b", 3600, 2.0)]))
+        .expect("commit");
+    let Plan::Ready(hour0) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+        panic!("hour 0 is ready");
+    };
+    // Planned, not delivered; meanwhile s.c appears, with a late row for hour 0.
+    spool
+        .commit(&flush(vec![row("s.c", 0, 3.0), row("s.c", 7200, 3.0)]))
+        .expect("commit");
+    let first_try = reader.read_part(&hour0, true).expect("read");
+    assert_eq!(
+        names(&first_try),
+        ["s.a"],
+        "s.b starts later; s.c came after the plan"
+    );
+    spool.delivered(&hour0, 0).expect("deliver");
+    // Hour 1 was planned together with hour 0, before s.c existed.
+    let Plan::Ready(hour1) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+        panic!("hour 1");
+    };
+    let hour1_rows = reader.read_part(&hour1, true).expect("read");
+    assert_eq!(
+        names(&hour1_rows),
+        ["s.a", "s.b"],
+        "hour 1 was committed before s.c existed"
+    );
+    assert_eq!(hour1_rows.rows.len(), 1);
+    spool.delivered(&hour1, 0).expect("deliver");
+    let Plan::Ready(hour0_late) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+        panic!("the late part of hour 0");
+    };
+    assert_eq!((hour0_late.partition, hour0_late.part), (0, 1));
+    assert_eq!(
+        names(&reader.read_part(&hour0_late, true).expect("read")),
+        ["s.a", "s.c"]
+    );
+    spool.delivered(&hour0_late, 0).expect("deliver");
+    let Plan::Ready(hour2) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+        panic!("hour 2");
+    };
+    assert_eq!(
+        names(&reader.read_part(&hour2, true).expect("read")),
+        ["s.a", "s.b", "s.c"],
+        "series keep their columns in later partitions"
+    );
+}
+
+#[test]
+fn rows_are_deleted_only_once_every_sink_has_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a", "b"])).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush(vec![row("s.t", 0, 1.0)]))
+        .expect("commit");
+    drain(&mut spool, &mut reader, "a", i64::MAX / 4);
+    assert_eq!(reader.totals().expect("totals").0, 1, "b still wants it");
+    let b = reader
+        .sinks()
+        .expect("sinks")
+        .into_iter()
+        .find(|s| s.name == "b")
+        .expect("b");
+    assert_eq!((b.pending_rows, b.oldest_pending), (1, Some(0)));
+    drain(&mut spool, &mut reader, "b", i64::MAX / 4);
+    assert_eq!(reader.totals().expect("totals").0, 0);
+}
+
+#[test]
+fn reopening_keeps_windows_counters_and_series() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    {
+        let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+        let mut f = flush(vec![row("s.t", 0, 1.0)]);
+        f.aggregate.non_finite = 3;
+        spool.commit(&f).expect("commit");
+    }
+    let mut spool = Spool::open(&path, options(&["a"])).expect("reopen");
+    let mut f = flush(vec![row("s.t", 60, 2.0)]);
+    f.aggregate.non_finite = 2;
+    spool.commit(&f).expect("commit");
+    let reader = SpoolReader::open(&path).expect("reader");
+    assert_eq!(reader.totals().expect("totals").0, 2);
+    assert_eq!(
+        reader.counters().expect("counters")["samples.non_finite"],
+        5
+    );
+    assert_eq!(spool.series_ids.len(), 1);
+}
+
+#[test]
+fn a_foreign_database_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("other.db");
+    let conn = Connection::open(&path).expect("create");
+    conn.execute_batch("PRAGMA application_id = 7; CREATE TABLE t (x);")
+        .expect("schema");
+    drop(conn);
+    let err = Spool::open(&path, options(&["a"])).err().expect("refused");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} is not an edgespool spool (application id 0x7)",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn drop_oldest_keeps_the_spool_under_its_budget_and_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut opts = options(&["a"]);
+    opts.budget_bytes = 128 * 1024;
+    let mut spool = Spool::open(&path, opts).expect("open");
+    for hour in 0..100 {
+        let rows = (0..60)
+            .map(|m| row(&format!("s.{}", m % 10), hour * 3600 + m * 60, m as f64))
+            .collect();
+        spool.commit(&flush(rows)).expect("commit");
+    }
+    assert!(spool.used_bytes().expect("used") <= 128 * 1024);
+    let reader = SpoolReader::open(&path).expect("reader");
+    let dropped = reader.counters().expect("counters")["rows.dropped"];
+    let (held, _, _) = reader.totals().expect("totals");
+    assert_eq!(
+        dropped as i64 + held,
+        100 * 60,
+        "every row is either held or counted as dropped"
+    );
+    assert!(dropped > 0);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Commit(Vec<(u8, u16)>),
+    Deliver(u8),
+    Reopen,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        proptest::collection::vec((0u8..3, 0u16..600), 0..8).prop_map(Op::Commit),
+        (0u8..2).prop_map(Op::Deliver),
+        Just(Op::Reopen),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Beside a model that is just a list of committed rows: every sink receives each
+    /// committed row exactly once, whatever the interleaving of commits, deliveries
+    /// and restarts.
+    #[test]
+    fn every_committed_row_reaches_every_sink_once(ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spool.db");
+        let mut spool = Spool::open(&path, options(&["a", "b"])).expect("open");
+        let mut reader = SpoolReader::open(&path).expect("reader");
+        let mut model: Vec<f64> = Vec::new();
+        let mut received: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut next_value = 0.0;
+        for op in ops {
+            match op {
+                Op::Commit(rows) => {
+                    let rows: Vec<WindowRow> = rows.into_iter().map(|(s, minute)| {
+                        next_value += 1.0;
+                        model.push(next_value);
+                        row(&format!("s.{s}"), i64::from(minute) * 60, next_value)
+                    }).collect();
+                    spool.commit(&flush(rows)).expect("commit");
+                }
+                Op::Deliver(sink) => {
+                    let name = ["a", "b"][sink as usize];
+                    for (_, _, values) in drain(&mut spool, &mut reader, name, i64::MAX / 4) {
+                        received[sink as usize].extend(values);
+                    }
+                }
+                Op::Reopen => {
+                    drop(spool);
+                    spool = Spool::open(&path, options(&["a", "b"])).expect("reopen");
+                }
+            }
+        }
+        for (sink, got) in received.iter_mut().enumerate() {
+            for (_, _, values) in drain(&mut spool, &mut reader, ["a", "b"][sink], i64::MAX / 4) {
+                got.extend(values);
+            }
+            got.sort_by(f64::total_cmp);
+            proptest::prop_assert_eq!(&*got, &model[..]);
+        }
+        proptest::prop_assert_eq!(reader.totals().expect("totals").0, 0);
+    }
+}

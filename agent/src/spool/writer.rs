@@ -1,0 +1,320 @@
+//! The writer's flush: what one flush holds, and committing it in one transaction
+//! (windows as batches, the series they name, counters, the agent's state).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::aggregate::{AggregateCounts, Stats, WindowRow};
+use crate::config::WhenFull;
+use crate::sink::LiveReport;
+use crate::source::{Series, SourceDeltas, SourceStats};
+
+use super::{SourceState, Spool, SpoolError, sqlite};
+
+/// One flush: closed windows and the counters gathered since the previous flush.
+pub struct Flush {
+    /// Closed windows.
+    pub rows: Vec<WindowRow>,
+    /// When, Unix ms.
+    pub now_ms: i64,
+    /// The aggregator's counters since the previous flush.
+    pub aggregate: AggregateCounts,
+    /// Each source's counters since the previous flush.
+    pub sources: Vec<(Arc<SourceStats>, SourceDeltas)>,
+    /// Windows still open in memory.
+    pub open_windows: usize,
+    /// Each live feed's counts since the previous flush, and its state.
+    pub live: Vec<LiveReport>,
+    /// The clock's state.
+    pub clock: crate::clock::ClockReport,
+}
+
+impl Flush {
+    /// Takes a newer flush into one that could not be committed: its rows after these,
+    /// its counts added, its state.
+    pub fn absorb(&mut self, newer: Flush) {
+        self.rows.extend(newer.rows);
+        self.now_ms = newer.now_ms;
+        self.aggregate.add(&newer.aggregate);
+        for (stats, deltas) in newer.sources {
+            match self
+                .sources
+                .iter_mut()
+                .find(|(s, _)| Arc::ptr_eq(s, &stats))
+            {
+                Some((_, kept)) => kept.add(&deltas),
+                None => self.sources.push((stats, deltas)),
+            }
+        }
+        for report in newer.live {
+            match self
+                .live
+                .iter_mut()
+                .find(|r| r.state.name == report.state.name)
+            {
+                Some(kept) => {
+                    kept.published += report.published;
+                    kept.skipped += report.skipped;
+                    kept.state = report.state;
+                }
+                None => self.live.push(report),
+            }
+        }
+        self.open_windows = newer.open_windows;
+        self.clock = newer.clock;
+    }
+
+    /// Drops the oldest windows beyond `max`; returns how many.
+    pub fn keep_newest(&mut self, max: usize) -> usize {
+        let excess = self.rows.len().saturating_sub(max);
+        self.rows.drain(..excess);
+        excess
+    }
+}
+
+/// One window as a batch stores it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct StoredWindow {
+    /// `series.id`.
+    pub(super) series: i64,
+    /// Window start minus partition start, seconds.
+    pub(super) offset: u32,
+    /// Window length, seconds.
+    pub(super) seconds: u32,
+    /// The aggregates.
+    pub(super) stats: Stats,
+}
+
+impl Spool {
+    pub(super) fn write_state(&self) -> Result<(), SpoolError> {
+        let json = serde_json::to_string(&self.state).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('agent', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = ?1",
+                [json],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Commits one flush in one transaction: windows, counters and the heartbeat. On
+    /// failure nothing of it is stored, and the writer's own bookkeeping (window ids, the
+    /// series cache) is as before.
+    pub fn commit(&mut self, flush: &Flush) -> Result<(), SpoolError> {
+        let next_id = self.next_id;
+        let result = self.commit_flush(flush);
+        if result.is_err() {
+            self.next_id = next_id;
+            // Series registered in the rolled-back transaction are not in the file.
+            self.series_ids.clear();
+        }
+        result
+    }
+
+    fn commit_flush(&mut self, flush: &Flush) -> Result<(), SpoolError> {
+        let over = self.used_bytes()? > self.options.budget_bytes;
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        let partition_seconds = i64::from(self.options.partition_seconds);
+        let tx = self.conn.transaction().map_err(&err)?;
+        let mut counters: Vec<(String, u64)> = vec![
+            ("samples".into(), flush.aggregate.samples),
+            ("samples.non_finite".into(), flush.aggregate.non_finite),
+            ("samples.late".into(), flush.aggregate.late),
+            ("samples.overflow".into(), flush.aggregate.overflow),
+            ("rows.lost".into(), flush.aggregate.lost),
+            ("samples.clamped".into(), flush.aggregate.clamped),
+            ("samples.held_dropped".into(), flush.aggregate.held_dropped),
+        ];
+        if over && self.options.when_full == WhenFull::StopSampling {
+            counters.push(("rows.dropped".into(), flush.rows.len() as u64));
+            if !flush.rows.is_empty() {
+                warn!(
+                    rows = flush.rows.len(),
+                    budget = self.options.budget_bytes,
+                    "spool is at its disk budget: new windows discarded (when_full = stop_sampling)"
+                );
+            }
+        } else {
+            let mut by_partition: BTreeMap<i64, Vec<StoredWindow>> = BTreeMap::new();
+            // Series this process had not met yet, by the partition of their first row:
+            // a new one gets that batch's id as `first_id` below.
+            let mut met: Vec<(i64, i64)> = Vec::new();
+            for row in &flush.rows {
+                let partition = row.start.div_euclid(partition_seconds) * partition_seconds;
+                let series = match self.series_ids.get(&row.series) {
+                    Some(&id) => id,
+                    None => {
+                        let id = series_id(&tx, &mut self.series_ids, &row.series, partition)
+                            .map_err(&err)?;
+                        met.push((id, partition));
+                        id
+                    }
+                };
+                by_partition
+                    .entry(partition)
+                    .or_default()
+                    .push(StoredWindow {
+                        series,
+                        offset: (row.start - partition) as u32,
+                        seconds: row.seconds,
+                        stats: row.stats.clone(),
+                    });
+            }
+            for (partition, windows) in by_partition {
+                let rows = windows.len() as i64;
+                let id = self.next_id + rows - 1;
+                self.next_id += rows;
+                let record = postcard::to_allocvec(&windows).unwrap_or_default();
+                tx.prepare_cached(
+                    "INSERT INTO batches (id, partition, rows, record) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut insert| insert.execute(params![id, partition, rows, record]))
+                .map_err(&err)?;
+                tx.execute(
+                    "INSERT INTO partitions (partition, seconds, max_id, rows) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (partition) DO UPDATE SET max_id = ?3, rows = rows + ?4",
+                    params![partition, partition_seconds, id, rows],
+                )
+                .map_err(&err)?;
+                for (series, _) in met.iter().filter(|(_, p)| *p == partition) {
+                    // Only a series registered just now has no first_id yet.
+                    tx.execute(
+                        "UPDATE series SET first_id = ?1 WHERE id = ?2 AND first_id IS NULL
+                         AND first_partition = ?3",
+                        params![id, series, partition],
+                    )
+                    .map_err(&err)?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('next_id', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = ?1",
+                [self.next_id.to_string()],
+            )
+            .map_err(&err)?;
+        }
+        for (stats, deltas) in &flush.sources {
+            let name = &stats.name;
+            counters.push((format!("source.{name}.samples"), deltas.samples));
+            counters.push((format!("source.{name}.invalid"), deltas.invalid));
+            counters.push((format!("source.{name}.errors"), deltas.errors));
+        }
+        live_counters(&flush.live, &mut counters);
+        add_counters(&tx, &counters).map_err(&err)?;
+
+        let elapsed_ms = (flush.now_ms - self.state.heartbeat_ms).max(1);
+        let state = &mut self.state;
+        state.samples_per_second = flush.aggregate.samples as f64 * 1000.0 / elapsed_ms as f64;
+        state.heartbeat_ms = flush.now_ms;
+        let mut seen: Vec<&Arc<Series>> = flush.rows.iter().map(|r| &r.series).collect();
+        seen.sort();
+        seen.dedup();
+        state.series = seen.len();
+        state.open_windows = flush.open_windows;
+        state.sources = flush
+            .sources
+            .iter()
+            .map(|(s, _)| SourceState {
+                name: s.name.clone(),
+                kind: s.kind.to_owned(),
+                last_problem: s.last_problem(),
+            })
+            .collect();
+        state.live = flush.live.iter().map(|r| r.state.clone()).collect();
+        state.clock = flush.clock.clone();
+        let json = serde_json::to_string(&self.state).unwrap_or_default();
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'agent'", [json])
+            .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+
+        if self.options.when_full == WhenFull::DropOldest {
+            self.enforce_budget()?;
+        }
+        Ok(())
+    }
+
+    /// Records live feeds' last counts and states (a feed's final report, after the last
+    /// flush).
+    pub fn report(&mut self, reports: &[LiveReport]) -> Result<(), SpoolError> {
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        let mut counters = Vec::new();
+        live_counters(reports, &mut counters);
+        for report in reports {
+            match self
+                .state
+                .live
+                .iter_mut()
+                .find(|s| s.name == report.state.name)
+            {
+                Some(state) => *state = report.state.clone(),
+                None => self.state.live.push(report.state.clone()),
+            }
+        }
+        let json = serde_json::to_string(&self.state).unwrap_or_default();
+        let tx = self.conn.transaction().map_err(&err)?;
+        add_counters(&tx, &counters).map_err(&err)?;
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'agent'", [json])
+            .map_err(&err)?;
+        tx.commit().map_err(&err)
+    }
+
+    /// Marks a clean stop, so that `status` says "stopped" rather than "not responding".
+    pub fn mark_stopped(&mut self) -> Result<(), SpoolError> {
+        self.state.stopped = true;
+        self.write_state()
+    }
+}
+
+/// Registers a series this process has not met (once per series and process) with the
+/// partition of its first window (its `first_id` is set once that window's batch has an
+/// id), and caches its id.
+fn series_id(
+    tx: &rusqlite::Transaction<'_>,
+    cache: &mut HashMap<Arc<Series>, i64>,
+    series: &Arc<Series>,
+    first_partition: i64,
+) -> rusqlite::Result<i64> {
+    let tags = serde_json::to_string(&series.tags).unwrap_or_else(|_| "{}".to_owned());
+    tx.execute(
+        "INSERT INTO series (name, unit, tags, first_partition) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (name, tags) DO UPDATE SET unit = ?2",
+        params![series.name, series.unit, tags, first_partition],
+    )?;
+    let id = tx.query_row(
+        "SELECT id FROM series WHERE name = ?1 AND tags = ?2",
+        params![series.name, tags],
+        |r| r.get(0),
+    )?;
+    cache.insert(Arc::clone(series), id);
+    Ok(id)
+}
+
+/// The counters of live feeds' reports: `sink.{name}.published` and `.skipped`.
+fn live_counters(reports: &[LiveReport], counters: &mut Vec<(String, u64)>) {
+    for report in reports {
+        let name = &report.state.name;
+        counters.push((format!("sink.{name}.published"), report.published));
+        counters.push((format!("sink.{name}.skipped"), report.skipped));
+    }
+}
+
+pub(super) fn add_counters(
+    tx: &rusqlite::Transaction<'_>,
+    counters: &[(String, u64)],
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO counters (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = value + ?2",
+    )?;
+    for (name, delta) in counters.iter().filter(|(_, d)| *d > 0) {
+        stmt.execute(params![name, *delta as i64])?;
+    }
+    Ok(())
+}
