@@ -1,0 +1,631 @@
+//! The `[[sinks]]`: object stores, PostgreSQL and the MQTT feed, the file formats,
+//! their checks and their parsing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::DeValue;
+
+use super::broker::{MqttConnection, default_qos, validate_broker};
+use super::durations::duration;
+use super::located::{Located, kind_value_span};
+use super::secret::{Secret, SecretFile, one_secret};
+use super::tables::{field_names, kind_of, split_table, without_kind};
+
+/// One `[[sinks]]` entry.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Names the sink in the spool's delivery records and in `status`.
+    pub name: String,
+    /// The kind and its settings.
+    pub kind: SinkKind,
+}
+
+/// The kinds of sink.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    /// Objects in a store: a local folder, S3, GCS or Azure.
+    Object(Box<ObjectSink>),
+    /// Rows in a PostgreSQL table.
+    Postgres(Box<PostgresSink>),
+    /// A live feed of closed windows to an MQTT broker (not fed from partitions).
+    Mqtt(Box<MqttSink>),
+}
+
+impl SinkKind {
+    /// The `kind = "…"` word of this sink.
+    pub fn word(&self) -> &'static str {
+        match self {
+            SinkKind::Object(object) => object.store.word(),
+            SinkKind::Postgres(_) => "postgres",
+            SinkKind::Mqtt(_) => "mqtt",
+        }
+    }
+
+    /// Longest wait between two retries.
+    pub fn retry_max(&self) -> Duration {
+        match self {
+            SinkKind::Object(object) => object.retry_max,
+            SinkKind::Postgres(pg) => pg.retry_max,
+            SinkKind::Mqtt(_) => Duration::from_secs(30),
+        }
+    }
+
+    /// Whether the sink is a live feed of windows as they close rather than a receiver of
+    /// closed partitions: the spool keeps no delivery records for it and holds nothing
+    /// back for it.
+    pub fn is_live(&self) -> bool {
+        matches!(self, SinkKind::Mqtt(_))
+    }
+}
+
+/// An object-store sink (`kind = "local"`, `"s3"`, `"gcs"` or `"azure"`): what every
+/// backend shares, and the backend.
+#[derive(Debug, Clone)]
+pub struct ObjectSink {
+    /// Key prefix inside the folder, bucket or container (default none).
+    pub prefix: String,
+    /// File format.
+    pub format: Format,
+    /// One row per series and window, or one per window.
+    pub layout: Layout,
+    /// Parquet compression.
+    pub compression: Compression,
+    /// Longest wait between two retries.
+    pub retry_max: Duration,
+    /// Timeout of one request to a remote store.
+    pub timeout: Duration,
+    /// Objects larger than this go up as multipart uploads, in parts of this size.
+    pub part_size: u64,
+    /// Where the objects go.
+    pub store: Store,
+}
+
+/// The object stores.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// A folder of this machine.
+    Local(LocalStore),
+    /// Amazon S3 or an S3-compatible store.
+    S3(S3Store),
+    /// Google Cloud Storage.
+    Gcs(GcsStore),
+    /// Azure Blob Storage.
+    Azure(AzureStore),
+}
+
+impl Store {
+    /// The `kind = "…"` word.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Store::Local(_) => "local",
+            Store::S3(_) => "s3",
+            Store::Gcs(_) => "gcs",
+            Store::Azure(_) => "azure",
+        }
+    }
+}
+
+/// The keys every object-store sink has.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectCommon {
+    /// Sink name; defaults to the kind.
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    /// Default: "ndjson" for `local`, "parquet" for the cloud stores.
+    #[serde(default)]
+    format: Option<Format>,
+    #[serde(default)]
+    layout: Layout,
+    /// Only for Parquet (default "zstd").
+    #[serde(default)]
+    compression: Option<Compression>,
+    /// Default 5m.
+    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    retry_max: Duration,
+}
+
+/// The keys of the remote stores only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Transfer {
+    /// Default 30s.
+    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    timeout: Duration,
+    /// Default 8 MiB.
+    #[serde(default = "default_part_size")]
+    part_size: bytesize::ByteSize,
+}
+
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_part_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(8)
+}
+
+/// `kind = "local"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalStore {
+    /// The folder the object tree is written under (created when missing).
+    pub path: PathBuf,
+}
+
+/// `kind = "s3"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Store {
+    /// The bucket.
+    pub bucket: String,
+    /// The region (default: `AWS_REGION` / `AWS_DEFAULT_REGION`, else "us-east-1").
+    #[serde(default)]
+    pub region: Option<String>,
+    /// The endpoint of an S3-compatible store (`https://…`, or `http://…` for plain HTTP).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `https://endpoint/bucket/key` (true, the default) rather than
+    /// `https://bucket.endpoint/key`.
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    /// Access key; without one, the standard AWS environment variables, web identity or
+    /// the instance profile are used.
+    #[serde(default)]
+    pub access_key_id: Option<Secret>,
+    #[serde(default)]
+    pub access_key_id_file: Option<SecretFile>,
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    #[serde(default)]
+    pub secret_access_key_file: Option<SecretFile>,
+    #[serde(default)]
+    pub session_token: Option<Secret>,
+    #[serde(default)]
+    pub session_token_file: Option<SecretFile>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `kind = "gcs"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcsStore {
+    /// The bucket.
+    pub bucket: String,
+    /// A service account key (JSON) given inline, usually as `${ENV_VAR}`.
+    #[serde(default)]
+    pub service_account_key: Option<Secret>,
+    /// A service account key file; without either, application default credentials
+    /// (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file, the metadata server) are used.
+    #[serde(default)]
+    pub service_account_key_file: Option<SecretFile>,
+}
+
+/// `kind = "azure"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureStore {
+    /// The storage account.
+    pub account: String,
+    /// The container.
+    pub container: String,
+    /// The account's access key.
+    #[serde(default)]
+    pub access_key: Option<Secret>,
+    #[serde(default)]
+    pub access_key_file: Option<SecretFile>,
+    /// A shared access signature (the query string, without `?`).
+    #[serde(default)]
+    pub sas_token: Option<Secret>,
+    #[serde(default)]
+    pub sas_token_file: Option<SecretFile>,
+    /// A service principal: client id, secret and tenant. Without any credential, the
+    /// `AZURE_*` environment variables or the managed identity are used.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    #[serde(default)]
+    pub client_secret_file: Option<SecretFile>,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// The blob endpoint, for Azurite or a sovereign cloud (`http://…` for plain HTTP).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+/// `kind = "mqtt"` among the sinks: each closed window's aggregates as a JSON message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSink {
+    /// Sink name; defaults to "mqtt".
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The broker and how to connect to it (split from the same table).
+    #[serde(skip)]
+    pub connection: MqttConnection,
+    /// Topic of each window's message: `{device}` and `{series}` are replaced (default
+    /// `edgespool/{device}/{series}`).
+    #[serde(default = "default_feed_topic")]
+    pub topic: String,
+    /// 0 or 1 (default 1).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Whether the broker keeps each series' latest window for new subscribers
+    /// (default false).
+    #[serde(default)]
+    pub retain: bool,
+    /// Retained `online` / `offline` (the last will) topic; `{device}` is replaced
+    /// (default `edgespool/{device}/availability`; "" for none).
+    #[serde(default = "default_availability_topic")]
+    pub availability_topic: String,
+    /// Windows that ended longer ago than this are skipped (counted), not published:
+    /// after an outage the feed resumes with the present, not with history (default 10m).
+    #[serde(default = "default_max_age", deserialize_with = "duration")]
+    pub max_age: Duration,
+}
+
+fn default_feed_topic() -> String {
+    "edgespool/{device}/{series}".to_owned()
+}
+fn default_availability_topic() -> String {
+    "edgespool/{device}/availability".to_owned()
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// `kind = "postgres"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSink {
+    /// Sink name; defaults to "postgres".
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A connection URL (`postgres://user@host:5432/db`) or key/value string
+    /// (`host=… dbname=…`); a secret, since it may hold the password.
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// Server host name or address (overrides the URL's).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Server port (default 5432).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// User name.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Database name (default: the user name).
+    #[serde(default)]
+    pub dbname: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<SecretFile>,
+    /// TLS: "disable", "prefer" (the default), "require" or "verify-full".
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) for "verify-full"; default: the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Schema of the table (created when missing; default "public").
+    #[serde(default = "default_pg_schema")]
+    pub schema: String,
+    /// The table (created when missing; default "edgespool_windows").
+    #[serde(default = "default_pg_table")]
+    pub table: String,
+    /// Make a new table a TimescaleDB hypertable (needs the extension; default false).
+    #[serde(default)]
+    pub timescaledb: bool,
+    /// Timeout of connecting (default 10s) and of each statement (6 × that).
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Longest wait between two retries (default 5m).
+    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    pub retry_max: Duration,
+}
+
+fn default_pg_schema() -> String {
+    "public".to_owned()
+}
+fn default_pg_table() -> String {
+    "edgespool_windows".to_owned()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// How a PostgreSQL connection uses TLS, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, without checking its certificate.
+    #[default]
+    Prefer,
+    /// TLS or no connection, without checking the certificate.
+    Require,
+    /// TLS with the certificate checked against the CA and the host name.
+    VerifyFull,
+}
+
+/// Output file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON object per line (`.ndjson`).
+    Ndjson,
+    /// JSON Text Sequences, RFC 7464 (`.json-seq`).
+    JsonSeq,
+    /// Comma-separated values with a header line (`.csv`).
+    Csv,
+    /// Apache Parquet (`.parquet`).
+    Parquet,
+}
+
+impl Format {
+    /// The `format = "…"` word.
+    pub fn word(self) -> &'static str {
+        match self {
+            Format::Ndjson => "ndjson",
+            Format::JsonSeq => "json_seq",
+            Format::Csv => "csv",
+            Format::Parquet => "parquet",
+        }
+    }
+}
+
+/// How rows are laid out in a file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// One row per series and window.
+    #[default]
+    Long,
+    /// One row per window, columns `{stat}_{series}`.
+    Wide,
+}
+
+/// Parquet compression codecs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Zstandard (level 3).
+    #[default]
+    Zstd,
+    /// Snappy.
+    Snappy,
+    /// No compression.
+    None,
+}
+
+/// The checks on one sink that its types cannot make.
+pub(super) fn validate_sink(sink: &SinkConfig) -> Result<(), String> {
+    let name = &sink.name;
+    let object = match &sink.kind {
+        SinkKind::Object(object) => object,
+        SinkKind::Postgres(pg) => return validate_postgres(name, pg),
+        SinkKind::Mqtt(mqtt) => return validate_mqtt_sink(name, mqtt),
+    };
+    let endpoint = |url: &Option<String>| -> Result<(), String> {
+        match url {
+            Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => Err(
+                format!("sink {name:?}: endpoint {url:?} must start with https:// or http://"),
+            ),
+            _ => Ok(()),
+        }
+    };
+    match &object.store {
+        Store::Local(_) => {}
+        Store::S3(s3) => {
+            endpoint(&s3.endpoint)?;
+            let id = one_secret("access_key_id", &s3.access_key_id, &s3.access_key_id_file)?;
+            let key = one_secret(
+                "secret_access_key",
+                &s3.secret_access_key,
+                &s3.secret_access_key_file,
+            )?;
+            one_secret("session_token", &s3.session_token, &s3.session_token_file)?;
+            if id.is_some() != key.is_some() {
+                return Err(format!(
+                    "sink {name:?}: give both access_key_id and secret_access_key, or neither (to use the environment or the instance profile)"
+                ));
+            }
+        }
+        Store::Gcs(gcs) => {
+            one_secret(
+                "service_account_key",
+                &gcs.service_account_key,
+                &gcs.service_account_key_file,
+            )?;
+        }
+        Store::Azure(azure) => {
+            endpoint(&azure.endpoint)?;
+            one_secret("access_key", &azure.access_key, &azure.access_key_file)?;
+            one_secret("sas_token", &azure.sas_token, &azure.sas_token_file)?;
+            let secret = one_secret(
+                "client_secret",
+                &azure.client_secret,
+                &azure.client_secret_file,
+            )?;
+            let principal = [
+                azure.client_id.is_some(),
+                secret.is_some(),
+                azure.tenant_id.is_some(),
+            ];
+            if principal.contains(&true) && principal.contains(&false) {
+                return Err(format!(
+                    "sink {name:?}: a service principal needs client_id, client_secret and tenant_id"
+                ));
+            }
+        }
+    }
+    if !matches!(object.store, Store::Local(_)) && object.part_size < 5 * 1024 * 1024 {
+        return Err(format!(
+            "sink {name:?}: part_size must be at least 5 MiB (the smallest part S3 accepts)"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_postgres(name: &str, pg: &PostgresSink) -> Result<(), String> {
+    one_secret("password", &pg.password, &pg.password_file)?;
+    if pg.url.is_none() && pg.host.is_none() {
+        return Err(format!("sink {name:?}: give `url` or `host`"));
+    }
+    for (key, ident) in [("schema", &pg.schema), ("table", &pg.table)] {
+        let mut chars = ident.chars();
+        let valid = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && ident.len() <= 63;
+        if !valid {
+            return Err(format!(
+                "sink {name:?}: {key} {ident:?} must be a lower-case SQL name: letters, digits and _, not starting with a digit"
+            ));
+        }
+    }
+    if pg.ca_file.is_some() && pg.sslmode != SslMode::VerifyFull {
+        return Err(format!(
+            "sink {name:?}: ca_file is used only with sslmode = \"verify-full\""
+        ));
+    }
+    Ok(())
+}
+
+fn validate_mqtt_sink(name: &str, mqtt: &MqttSink) -> Result<(), String> {
+    validate_broker("sink", name, &mqtt.connection, mqtt.qos)?;
+    for (key, template, vars) in [
+        ("topic", &mqtt.topic, &["device", "series"][..]),
+        (
+            "availability_topic",
+            &mqtt.availability_topic,
+            &["device"][..],
+        ),
+    ] {
+        if template.contains(['+', '#']) {
+            return Err(format!(
+                "sink {name:?}: {key} {template:?}: a topic to publish to has no wildcards"
+            ));
+        }
+        let mut rest = template.as_str();
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("sink {name:?}: {key} {template:?}: unclosed {{"))?;
+            let var = &rest[open + 1..open + close];
+            if !vars.contains(&var) {
+                let known: Vec<String> = vars.iter().map(|v| format!("{{{v}}}")).collect();
+                return Err(format!(
+                    "sink {name:?}: {key} {template:?}: unknown {{{var}}}; use {}",
+                    known.join(" or ")
+                ));
+            }
+            rest = &rest[open + close + 1..];
+        }
+    }
+    if mqtt.topic.is_empty() {
+        return Err(format!("sink {name:?}: topic must not be empty"));
+    }
+    Ok(())
+}
+
+pub(super) fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
+    let span = table.span();
+    let kinds = "\"local\", \"s3\", \"gcs\", \"azure\", \"postgres\", \"mqtt\"";
+    let kind = kind_of(&table, "sinks", kinds)?;
+    let kind_span = kind_value_span(&table).unwrap_or(span.clone());
+    if kind == "postgres" {
+        let pg: PostgresSink = without_kind(table)?;
+        return Ok(SinkConfig {
+            name: pg.name.clone().unwrap_or_else(|| kind.clone()),
+            kind: SinkKind::Postgres(Box::new(pg)),
+        });
+    }
+    if kind == "mqtt" {
+        let fields = [field_names::<MqttConnection>(), field_names::<MqttSink>()];
+        let [connection, rest] = split_table(table, fields, "sink", &kind)?;
+        let mut mqtt: MqttSink = without_kind(rest)?;
+        mqtt.connection = without_kind(connection)?;
+        return Ok(SinkConfig {
+            name: mqtt.name.clone().unwrap_or_else(|| kind.clone()),
+            kind: SinkKind::Mqtt(Box::new(mqtt)),
+        });
+    }
+    let remote = kind != "local";
+    let backend_fields = match kind.as_str() {
+        "local" => field_names::<LocalStore>(),
+        "s3" => field_names::<S3Store>(),
+        "gcs" => field_names::<GcsStore>(),
+        "azure" => field_names::<AzureStore>(),
+        other => {
+            return Err((
+                Some(kind_span),
+                format!("unknown sink kind {other:?}; expected one of {kinds}"),
+            ));
+        }
+    };
+    let transfer_fields = if remote {
+        field_names::<Transfer>()
+    } else {
+        &[]
+    };
+    let [common, transfer, backend] = split_table(
+        table,
+        [
+            field_names::<ObjectCommon>(),
+            transfer_fields,
+            backend_fields,
+        ],
+        "sink",
+        &kind,
+    )?;
+    let common: ObjectCommon = without_kind(common)?;
+    let transfer: Transfer = without_kind(transfer)?;
+    let store = match kind.as_str() {
+        "local" => Store::Local(without_kind(backend)?),
+        "s3" => Store::S3(without_kind(backend)?),
+        "gcs" => Store::Gcs(without_kind(backend)?),
+        _ => Store::Azure(without_kind(backend)?),
+    };
+    let format = common.format.unwrap_or(if remote {
+        Format::Parquet
+    } else {
+        Format::Ndjson
+    });
+    if common.compression.is_some() && format != Format::Parquet {
+        return Err((
+            Some(span),
+            format!(
+                "`compression` applies to format = \"parquet\" only (this sink writes {})",
+                format.word()
+            ),
+        ));
+    }
+    Ok(SinkConfig {
+        name: common.name.unwrap_or_else(|| kind.clone()),
+        kind: SinkKind::Object(Box::new(ObjectSink {
+            prefix: common.prefix,
+            format,
+            layout: common.layout,
+            compression: common.compression.unwrap_or_default(),
+            retry_max: common.retry_max,
+            timeout: transfer.timeout,
+            part_size: transfer.part_size.as_u64(),
+            store,
+        })),
+    })
+}

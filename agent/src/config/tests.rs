@@ -1,0 +1,377 @@
+//! The configuration tests: parsing, defaults, checks and located errors.
+
+use std::time::Duration;
+
+use super::secret::expand_env;
+use super::*;
+
+const MINIMAL: &str = r#"
+[agent]
+device_id = "pi-1"
+spool = "/tmp/x/spool.db"
+
+[[sources]]
+kind = "system"
+
+[[sinks]]
+kind = "local"
+path = "/tmp/x/out"
+"#;
+
+fn error_of(text: &str) -> String {
+    Config::parse(text, Path::new("edgespool.toml"))
+        .expect_err("this configuration must be rejected")
+        .to_string()
+}
+
+fn with_sink(sink: &str) -> String {
+    MINIMAL.replace("[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\n", sink)
+}
+
+#[test]
+fn an_s3_sink_gets_the_lake_defaults() {
+    let text = with_sink("[[sinks]]\nkind = \"s3\"\nbucket = \"lake\"\n");
+    let config = Config::parse(&text, Path::new("x.toml")).expect("valid");
+    let sink = &config.sinks[0];
+    assert_eq!(sink.name, "s3");
+    let SinkKind::Object(object) = &sink.kind else {
+        panic!("an object sink");
+    };
+    assert_eq!(
+        (object.format, object.layout, object.compression),
+        (Format::Parquet, Layout::Long, Compression::Zstd)
+    );
+    assert_eq!(object.part_size, 8 * 1024 * 1024);
+    assert_eq!(object.timeout, Duration::from_secs(30));
+    let Store::S3(s3) = &object.store else {
+        panic!("an s3 store: {object:?}");
+    };
+    assert!(s3.path_style && s3.endpoint.is_none() && s3.access_key_id.is_none());
+}
+
+#[test]
+fn an_unknown_sink_key_lists_what_that_kind_accepts() {
+    let text = with_sink("[[sinks]]\nkind = \"gcs\"\nbucket = \"b\"\n  endpoint = \"x\"\n");
+    assert_eq!(
+        error_of(&text),
+        "edgespool.toml:12:3: unknown key `endpoint` for a sink of kind \"gcs\"; expected one of \
+         `bucket`, `compression`, `format`, `layout`, `name`, `part_size`, `prefix`, `retry_max`, \
+         `service_account_key`, `service_account_key_file`, `timeout`"
+    );
+    let text = with_sink("[[sinks]]\nkind = \"local\"\npath = \"/o\"\ntimeout = \"1s\"\n");
+    assert!(
+        error_of(&text)
+            .starts_with("edgespool.toml:12:1: unknown key `timeout` for a sink of kind \"local\""),
+        "a local folder has no request timeout"
+    );
+}
+
+#[test]
+fn sink_settings_that_cannot_work_are_refused() {
+    let cases = [
+        (
+            "kind = \"local\"\npath = \"/o\"\ncompression = \"snappy\"",
+            "`compression` applies to format = \"parquet\" only (this sink writes ndjson)",
+        ),
+        (
+            "kind = \"s3\"\nbucket = \"b\"\nendpoint = \"minio:9000\"",
+            "sink \"s3\": endpoint \"minio:9000\" must start with https:// or http://",
+        ),
+        (
+            "kind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"a\"",
+            "sink \"s3\": give both access_key_id and secret_access_key, or neither (to use the environment or the instance profile)",
+        ),
+        (
+            "kind = \"azure\"\naccount = \"a\"\ncontainer = \"c\"\nclient_id = \"i\"",
+            "sink \"azure\": a service principal needs client_id, client_secret and tenant_id",
+        ),
+        (
+            "kind = \"s3\"\nbucket = \"b\"\npart_size = \"1 MiB\"",
+            "sink \"s3\": part_size must be at least 5 MiB (the smallest part S3 accepts)",
+        ),
+    ];
+    for (sink, message) in cases {
+        let error = error_of(&with_sink(&format!("[[sinks]]\n{sink}\n")));
+        assert!(error.ends_with(message), "{error}");
+    }
+}
+
+#[test]
+fn an_mqtt_sink_is_a_live_feed_and_is_checked() {
+    let local = "[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\n";
+    let feed = "[[sinks]]\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"\n";
+    let config =
+        Config::parse(&with_sink(&format!("{local}{feed}")), Path::new("x.toml")).expect("valid");
+    let SinkKind::Mqtt(mqtt) = &config.sinks[1].kind else {
+        panic!("an mqtt sink");
+    };
+    assert_eq!(config.sinks[1].name, "mqtt");
+    assert!(config.sinks[1].kind.is_live() && !config.sinks[0].kind.is_live());
+    assert_eq!(
+        (mqtt.topic.as_str(), mqtt.availability_topic.as_str()),
+        (
+            "edgespool/{device}/{series}",
+            "edgespool/{device}/availability"
+        )
+    );
+    assert_eq!(
+        (mqtt.qos, mqtt.retain, mqtt.max_age.as_secs()),
+        (1, false, 600)
+    );
+    assert!(
+        error_of(&with_sink(feed)).ends_with(
+            "an mqtt sink is a live feed that keeps nothing: add a sink that keeps the windows, e.g. kind = \"local\""
+        )
+    );
+    let cases = [
+        (
+            "topic = \"pi/{host}/{series}\"",
+            "sink \"mqtt\": topic \"pi/{host}/{series}\": unknown {host}; use {device} or {series}",
+        ),
+        (
+            "availability_topic = \"pi/{series}/up\"",
+            "sink \"mqtt\": availability_topic \"pi/{series}/up\": unknown {series}; use {device}",
+        ),
+        (
+            "topic = \"pi/+/{series}\"",
+            "sink \"mqtt\": topic \"pi/+/{series}\": a topic to publish to has no wildcards",
+        ),
+        ("qos = 2", "sink \"mqtt\": qos must be 0 or 1"),
+    ];
+    for (keys, message) in cases {
+        let error = error_of(&with_sink(&format!("{local}{feed}{keys}\n")));
+        assert!(error.ends_with(message), "{error}");
+    }
+    let url = error_of(&with_sink(&format!(
+        "{local}[[sinks]]\nkind = \"mqtt\"\nurl = \"tcp://broker\"\n"
+    )));
+    assert!(
+        url.ends_with("sink \"mqtt\": url must be mqtt://host[:port] or mqtts://host[:port]"),
+        "{url}"
+    );
+}
+
+#[test]
+fn a_postgres_sink_is_checked() {
+    let ok = with_sink("[[sinks]]\nkind = \"postgres\"\nurl = \"postgres://pi@db/sensors\"\n");
+    let config = Config::parse(&ok, Path::new("x.toml")).expect("valid");
+    let SinkKind::Postgres(pg) = &config.sinks[0].kind else {
+        panic!("a postgres sink");
+    };
+    assert_eq!(
+        (pg.schema.as_str(), pg.table.as_str(), pg.sslmode),
+        ("public", "edgespool_windows", SslMode::Prefer)
+    );
+    let cases = [
+        (
+            "host = \"db\"\ntable = \"Windows\"",
+            "table \"Windows\" must be a lower-case SQL name: letters, digits and _, not starting with a digit",
+        ),
+        ("dbname = \"x\"", "sink \"postgres\": give `url` or `host`"),
+        (
+            "host = \"db\"\nca_file = \"/ca.pem\"",
+            "sink \"postgres\": ca_file is used only with sslmode = \"verify-full\"",
+        ),
+    ];
+    for (keys, message) in cases {
+        let error = error_of(&with_sink(&format!(
+            "[[sinks]]\nkind = \"postgres\"\n{keys}\n"
+        )));
+        assert!(error.ends_with(message), "{error}");
+    }
+    let bad = with_sink("[[sinks]]\nkind = \"postgres\"\nhost = \"db\"\nsslmode = \"verify-ca\"\n");
+    assert!(
+        error_of(&bad).contains("unknown variant `verify-ca`"),
+        "{}",
+        error_of(&bad)
+    );
+}
+
+#[test]
+fn mqtt_subscriptions_are_checked() {
+    let source = |sub: &str| {
+        MINIMAL.replace(
+            "kind = \"system\"",
+            &format!("kind = \"mqtt\"\nname = \"m\"\nurl = \"mqtt://127.0.0.1\"\n[[sources.subscriptions]]\n{sub}"),
+        )
+    };
+    let ok =
+        source("topic = \"tele/+/SENSOR\"\npayload = \"flatten\"\nseries = \"{topic.1}.{field}\"");
+    Config::parse(&ok, Path::new("x.toml")).expect("valid");
+    let cases = [
+        (
+            "topic = \"a/#/b\"\npayload = \"number\"",
+            "topic filter \"a/#/b\": `+` must be a whole level and `#` the whole last level",
+        ),
+        (
+            "topic = \"a/b+\"\npayload = \"number\"",
+            "topic filter \"a/b+\": `+` must be a whole level and `#` the whole last level",
+        ),
+        (
+            "topic = \"a\"\npayload = \"json\"",
+            "topic \"a\": payload = \"json\" needs [[sources.subscriptions.fields]]",
+        ),
+        (
+            "topic = \"a\"\npayload = \"number\"\nseries = \"{device}\"",
+            "series \"{device}\": unknown {device}; use {topic}, {topic.N} or {field}",
+        ),
+    ];
+    for (sub, message) in cases {
+        let error = error_of(&source(sub));
+        assert!(error.ends_with(message), "{error}");
+    }
+    let http = MINIMAL.replace(
+        "kind = \"system\"",
+        "kind = \"mqtt\"\nname = \"m\"\nurl = \"http://x\"\nsubscriptions = []",
+    );
+    assert!(error_of(&http).ends_with("url must be mqtt://host[:port] or mqtts://host[:port]"));
+}
+
+#[test]
+fn a_secret_given_twice_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("key");
+    std::fs::write(&file, "k\n").expect("write");
+    let sink = format!(
+        "[[sinks]]\nkind = \"azure\"\naccount = \"a\"\ncontainer = \"c\"\naccess_key = \"x\"\naccess_key_file = \"{}\"\n",
+        file.display()
+    );
+    assert!(
+        error_of(&with_sink(&sink)).ends_with("give `access_key` or `access_key_file`, not both")
+    );
+}
+
+#[test]
+fn a_minimal_config_gets_its_defaults() {
+    let config = Config::parse(MINIMAL, Path::new("x.toml")).expect("valid");
+    assert_eq!(config.agent.window.get(), 60);
+    assert_eq!(config.agent.partition.get(), 3600);
+    assert_eq!(config.agent.grace, Duration::from_secs(60));
+    assert_eq!(config.agent.when_full, WhenFull::DropOldest);
+    assert_eq!(config.sources[0].name, "system");
+    assert_eq!(config.sources[0].interval, Duration::from_secs(1));
+    assert_eq!(config.sinks[0].name, "local");
+    assert_eq!(config.device_id(), "pi-1");
+}
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let config = Config::parse(EXAMPLE, Path::new("quickstart.toml")).expect("valid");
+    assert_eq!(config.agent.window.get(), 10);
+    assert_eq!(config.agent.partition.get(), 60);
+}
+
+#[test]
+fn an_unknown_key_names_file_line_and_column() {
+    let text = MINIMAL.replace(
+        "kind = \"system\"",
+        "kind = \"system\"\n  intreval = \"2s\"",
+    );
+    assert_eq!(
+        error_of(&text),
+        "edgespool.toml:8:3: unknown field `intreval`, expected one of `name`, `interval`, `timeout`, `root`"
+    );
+}
+
+#[test]
+fn an_unknown_agent_key_is_located_too() {
+    let text = MINIMAL.replace("device_id", "devise_id");
+    let err = error_of(&text);
+    assert!(
+        err.starts_with("edgespool.toml:3:1: unknown field `devise_id`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_duration_is_explained() {
+    let text = MINIMAL.replace("spool =", "window = \"10 parsecs\"\nspool =");
+    let err = error_of(&text);
+    assert!(
+        err.starts_with("edgespool.toml:4:10: invalid duration \"10 parsecs\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_window_must_be_whole_seconds() {
+    let text = MINIMAL.replace("spool =", "window = \"1500ms\"\nspool =");
+    assert_eq!(
+        error_of(&text),
+        "edgespool.toml:4:10: expected a whole number of seconds of at least 1s, got 1s 500ms"
+    );
+}
+
+#[test]
+fn a_partition_must_hold_whole_windows() {
+    let text = MINIMAL.replace("spool =", "window = \"7s\"\nspool =");
+    assert_eq!(
+        error_of(&text),
+        "edgespool.toml:2:1: agent.partition (3600s) must be a whole multiple of agent.window (7s)"
+    );
+}
+
+#[test]
+fn a_partition_is_a_whole_number_of_minutes() {
+    let text = MINIMAL.replace("spool =", "window = \"10s\"\npartition = \"30s\"\nspool =");
+    assert_eq!(
+        error_of(&text),
+        "edgespool.toml:2:1: agent.partition (30s) must be a whole number of minutes: object keys name partitions to the minute"
+    );
+}
+
+#[test]
+fn an_unknown_kind_points_at_the_kind() {
+    let text = MINIMAL.replace("kind = \"system\"", "kind = \"sistem\"");
+    assert_eq!(
+        error_of(&text),
+        "edgespool.toml:7:8: unknown source kind \"sistem\"; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\""
+    );
+}
+
+#[test]
+fn a_missing_secret_file_is_an_error_naming_it() {
+    let text = format!(
+        "{MINIMAL}\n[[sources]]\nkind = \"http\"\nname = \"api\"\nurl = \"http://127.0.0.1:1/\"\nheader_files = {{ \"X-API-Key\" = \"/nonexistent/edgespool-key\" }}\n[[sources.fields]]\nname = \"a\"\npointer = \"/a\"\n"
+    );
+    let err = error_of(&text);
+    assert!(
+        err.starts_with(
+            "edgespool.toml:17:32: cannot read secret file /nonexistent/edgespool-key: No such file"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn secrets_expand_from_the_environment_and_never_print() {
+    let lookup = |name: &str| (name == "API_KEY").then(|| "s3cr3t".to_owned());
+    assert_eq!(
+        expand_env("Bearer ${API_KEY}", lookup).as_deref(),
+        Ok("Bearer s3cr3t")
+    );
+    assert_eq!(
+        expand_env("cost $5 $${X}", lookup).as_deref(),
+        Ok("cost $5 ${X}")
+    );
+    assert_eq!(
+        expand_env("${MISSING}", lookup),
+        Err("environment variable MISSING is not set".to_owned())
+    );
+    assert_eq!(format!("{:?}", Secret("s3cr3t".into())), "<secret>");
+}
+
+#[test]
+fn a_broken_toml_file_is_located() {
+    let err = error_of("[agent\ndevice_id = 1");
+    assert!(err.starts_with("edgespool.toml:1:"), "{err}");
+}
+
+#[test]
+fn two_sources_may_not_share_a_name() {
+    let text = format!("{MINIMAL}\n[[sources]]\nkind = \"system\"\n");
+    assert_eq!(
+        error_of(&text),
+        "edgespool.toml:13:1: two sources are named \"system\"; give each its own name"
+    );
+}
