@@ -6,10 +6,9 @@
 
 use std::sync::Arc;
 
-use edgespool::aggregate::{AggregateCounts, Stats, WindowRow};
 use edgespool::config::WhenFull;
-use edgespool::source::Series;
-use edgespool::spool::{Flush, Spool, SpoolOptions};
+use edgespool::flow::{AggregateCounts, Flush, Series, Stats, WindowRow};
+use edgespool::spool::{Spool, SpoolOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

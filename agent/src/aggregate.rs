@@ -21,10 +21,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
 use crate::clock::{self, ClockWatch};
-// Until the spool and the encoders import these from `flow` (temporary).
-pub use crate::flow::{AggregateCounts, Stats, WindowRow};
-use crate::flow::{LiveLink, Sample, Sampled, Series, SourceStats};
-use crate::spool::{Flush, SpoolHandle};
+use crate::flow::{
+    AggregateCounts, Commit, CommitFailed, Flush, LiveLink, Sample, Sampled, Series, SourceStats,
+    Stats, WindowRow,
+};
 
 /// How long after its end a window waits for samples still in flight.
 pub const SETTLE_MS: i64 = 1_000;
@@ -238,7 +238,7 @@ pub struct AggregateTask {
     held: VecDeque<Sampled>,
     held_samples: usize,
     samples: mpsc::Receiver<Sampled>,
-    spool: SpoolHandle,
+    spool: Box<dyn Commit>,
     sources: Vec<Arc<SourceStats>>,
     live: Vec<LiveLink>,
     /// A flush the spool could not commit, tried again with the next one.
@@ -252,7 +252,7 @@ impl AggregateTask {
         window_seconds: u32,
         clock: ClockWatch,
         samples: mpsc::Receiver<Sampled>,
-        spool: SpoolHandle,
+        spool: Box<dyn Commit>,
         sources: Vec<Arc<SourceStats>>,
         live: Vec<LiveLink>,
         shutdown: watch::Receiver<bool>,
@@ -388,7 +388,10 @@ impl AggregateTask {
                     for_feeds.iter().for_each(|rows| link.send(rows));
                 }
             }
-            Err((err, Some(mut flush))) => {
+            Err(CommitFailed {
+                error: err,
+                flush: Some(mut flush),
+            }) => {
                 let lost = flush.keep_newest(MAX_UNWRITTEN);
                 flush.aggregate.lost += lost as u64;
                 error!(
@@ -399,7 +402,10 @@ impl AggregateTask {
                 );
                 self.unwritten = Some(flush);
             }
-            Err((err, None)) => {
+            Err(CommitFailed {
+                error: err,
+                flush: None,
+            }) => {
                 error!(error = %err, rows, "spool commit failed: these windows are lost")
             }
         }

@@ -152,7 +152,7 @@ impl ClockWatch {
     }
 
     /// Notes a sampling's wall time and monotonic instant; a change of their difference
-    /// beyond [`JUMP_MS`] is a jump (logged, counted). Returns the jump in ms, if any.
+    /// beyond `JUMP_MS` is a jump (logged, counted). Returns the jump in ms, if any.
     pub fn observe(&mut self, wall_ms: i64, at: std::time::Instant) -> Option<i64> {
         let mono_ms = at.saturating_duration_since(self.origin).as_millis() as i64;
         let offset = wall_ms - mono_ms;

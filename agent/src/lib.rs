@@ -148,7 +148,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         agent.window.get(),
         clock::ClockWatch::new(agent.clock, agent.clock_wait),
         samples_rx,
-        spool.clone(),
+        Box::new(spool.clone()),
         stats,
         live,
         stopping,

@@ -6,7 +6,7 @@
 //! here, once, and only ever printed as `<secret>`.
 //!
 //! The files: `agent.rs` the `[agent]` table, `source.rs` the `[[sources]]`, `sink.rs` the
-//! `[[sinks]]`, `broker.rs` the MQTT connection both share, `secret.rs` secrets,
+//! `[[sinks]]`, `store.rs` each object store's keys and the file formats, `broker.rs` the MQTT connection both share, `secret.rs` secrets,
 //! `durations.rs` durations, `located.rs` errors and their positions, `tables.rs` the
 //! splitting of `[[sources]]` and `[[sinks]]` tables.
 
@@ -17,6 +17,7 @@ mod located;
 mod secret;
 mod sink;
 mod source;
+mod store;
 mod tables;
 
 use std::collections::BTreeMap;
@@ -32,14 +33,12 @@ pub use self::broker::MqttConnection;
 pub use self::durations::Seconds;
 pub use self::located::ConfigError;
 pub use self::secret::{Secret, SecretFile, one_secret};
-pub use self::sink::{
-    AzureStore, Compression, Format, GcsStore, Layout, LocalStore, MqttSink, ObjectSink,
-    PostgresSink, S3Store, SinkConfig, SinkKind, SslMode, Store,
-};
+pub use self::sink::{MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store};
 pub use self::source::{
     FileFormat, HttpSource, JsonField, MqttSource, MqttSubscription, Payload, SourceConfig,
     SourceKind, SysfsFile, SysfsSource, SystemSource, TableConfig,
 };
+pub use self::store::{AzureStore, Compression, Format, GcsStore, Layout, LocalStore, S3Store};
 
 use self::located::{key_span, line_column};
 use self::sink::{parse_sink, validate_sink};

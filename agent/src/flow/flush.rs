@@ -1,10 +1,89 @@
-//! What a flush carries from the aggregator to the spool besides its windows: the
-//! aggregator's counters and each source's, gathered since the previous flush.
+//! What a flush carries from the aggregator to the spool: the closed windows, the
+//! aggregator's counters and each source's gathered since the previous flush, and the
+//! live feeds' reports; and [`Commit`], the aggregator's end of the spool.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use super::Problem;
+use super::{LiveReport, Problem, WindowRow};
+
+/// One flush: closed windows and the counters gathered since the previous flush.
+pub struct Flush {
+    /// Closed windows.
+    pub rows: Vec<WindowRow>,
+    /// When, Unix ms.
+    pub now_ms: i64,
+    /// The aggregator's counters since the previous flush.
+    pub aggregate: AggregateCounts,
+    /// Each source's counters since the previous flush.
+    pub sources: Vec<(Arc<SourceStats>, SourceDeltas)>,
+    /// Windows still open in memory.
+    pub open_windows: usize,
+    /// Each live feed's counts since the previous flush, and its state.
+    pub live: Vec<LiveReport>,
+    /// The clock's state.
+    pub clock: crate::clock::ClockReport,
+}
+
+impl Flush {
+    /// Takes a newer flush into one that could not be committed: its rows after these,
+    /// its counts added, its state.
+    pub fn absorb(&mut self, newer: Flush) {
+        self.rows.extend(newer.rows);
+        self.now_ms = newer.now_ms;
+        self.aggregate.add(&newer.aggregate);
+        for (stats, deltas) in newer.sources {
+            match self
+                .sources
+                .iter_mut()
+                .find(|(s, _)| Arc::ptr_eq(s, &stats))
+            {
+                Some((_, kept)) => kept.add(&deltas),
+                None => self.sources.push((stats, deltas)),
+            }
+        }
+        for report in newer.live {
+            match self
+                .live
+                .iter_mut()
+                .find(|r| r.state.name == report.state.name)
+            {
+                Some(kept) => {
+                    kept.published += report.published;
+                    kept.skipped += report.skipped;
+                    kept.state = report.state;
+                }
+                None => self.live.push(report),
+            }
+        }
+        self.open_windows = newer.open_windows;
+        self.clock = newer.clock;
+    }
+
+    /// Drops the oldest windows beyond `max`; returns how many.
+    pub fn keep_newest(&mut self, max: usize) -> usize {
+        let excess = self.rows.len().saturating_sub(max);
+        self.rows.drain(..excess);
+        excess
+    }
+}
+
+/// Why a flush was not committed, with the flush given back when it still exists (the
+/// spool could not write it) so that it can be tried again with the next one.
+pub struct CommitFailed {
+    /// What went wrong.
+    pub error: Box<dyn std::error::Error + Send + Sync>,
+    /// The flush, unless it went with a spool that is gone.
+    pub flush: Option<Flush>,
+}
+
+/// Where the aggregator commits its flushes: the spool's writer in the agent.
+// Design: a trait so that the aggregator, upstream of the spool, names no spool type.
+#[async_trait::async_trait]
+pub trait Commit: Send + Sync {
+    /// Commits a flush in one transaction.
+    async fn commit(&self, flush: Flush) -> Result<(), CommitFailed>;
+}
 
 /// Counters of one source, shared between its task and the flushes that persist them.
 #[derive(Debug)]
@@ -108,7 +187,7 @@ pub struct AggregateCounts {
     /// Samples the agent stamped into a window already written (the clock went back),
     /// moved to the next open window of their series instead.
     pub clamped: u64,
-    /// Samples held for a synchronised clock beyond [`MAX_HELD`], dropped.
+    /// Samples held for a synchronised clock beyond [`MAX_HELD`](crate::aggregate::MAX_HELD), dropped.
     pub held_dropped: u64,
 }
 

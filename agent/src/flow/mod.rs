@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use flush::{AggregateCounts, SourceDeltas, SourceStats};
+pub use flush::{AggregateCounts, Commit, CommitFailed, Flush, SourceDeltas, SourceStats};
 pub use live::{LiveLink, LiveReport, LiveState, LiveStats};
 
 /// A named stream of numbers: `source.field`, with optional tags and a unit.

@@ -24,8 +24,6 @@ use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
 pub use encode::{Encoding, Part, content_type, encode, extension};
 pub use layout::object_key;
-// Until the spool imports these from `flow` (temporary).
-pub use crate::flow::{LiveReport, LiveState};
 pub use mqtt::MqttFeed;
 pub use postgres::location as postgres_location;
 

@@ -21,9 +21,7 @@ use tracing::{debug, warn};
 
 use crate::clock;
 use crate::config::{SourceConfig, SourceKind};
-// Until the spool imports these from `flow` (temporary).
-pub use crate::flow::{Problem, Series, SourceDeltas, SourceStats};
-use crate::flow::{Sample, Sampled, Stamp};
+use crate::flow::{Sample, Sampled, Series, SourceStats, Stamp};
 
 /// What one sampling produced: samples, and the problems met on the way.
 #[derive(Debug, Default)]

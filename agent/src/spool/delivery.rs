@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use rusqlite::{OptionalExtension, params};
 
-use crate::aggregate::WindowRow;
-use crate::source::Series;
+use crate::flow::{Series, WindowRow};
 
 use super::{Spool, SpoolError, sqlite};
 

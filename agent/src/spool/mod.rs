@@ -68,7 +68,7 @@
 //! - `mod.rs`: this design, [`SpoolError`], [`SpoolOptions`], the [`Spool`] writer itself.
 //! - `schema.rs`: the schema and its migrations; opening the file (checks, pragmas,
 //!   migrating) and moving a corrupt one aside ([`Recovery`]).
-//! - `writer.rs`: a [`Flush`] and committing it: batches, series, counters, the agent's
+//! - `writer.rs`: a [`Flush`](crate::flow::Flush) and committing it: batches, series, counters, the agent's
 //!   state; live feeds' reports; the clean stop.
 //! - `delivery.rs`: planning a sink's parts ([`Plan`], [`PartPlan`]), recording
 //!   deliveries (deleting what every sink has) and failures.
@@ -89,7 +89,6 @@ pub use delivery::{MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use reader::{AgentState, SinkRecord, SourceState, SpoolReader};
 pub use schema::Recovery;
 pub use thread::{SpoolHandle, SpoolThread};
-pub use writer::Flush;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -98,7 +97,7 @@ use std::sync::Arc;
 use rusqlite::Connection;
 
 use crate::config::WhenFull;
-use crate::source::Series;
+use crate::flow::Series;
 
 /// SQLite's page cache per connection, in KiB (kept small for the Pi).
 const CACHE_KIB: i64 = 512;
@@ -171,7 +170,7 @@ pub struct SpoolOptions {
     pub sources: Vec<(String, &'static str)>,
     /// The configured sinks that receive partitions: (name, kind word).
     pub sinks: Vec<(String, &'static str)>,
-    /// The configured live feeds (see [`crate::sink::LiveStats`]): (name, kind word).
+    /// The configured live feeds (see [`crate::flow::LiveStats`]): (name, kind word).
     pub live: Vec<(String, &'static str)>,
 }
 

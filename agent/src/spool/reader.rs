@@ -8,9 +8,7 @@ use std::sync::Arc;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::WindowRow;
-use crate::sink::LiveState;
-use crate::source::{Problem, Series};
+use crate::flow::{LiveState, Problem, Series, WindowRow};
 
 use super::budget::used_bytes;
 use super::schema::APPLICATION_ID;

@@ -8,7 +8,7 @@ use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 
 use crate::config::WhenFull;
-use crate::sink::LiveState;
+use crate::flow::LiveState;
 
 use super::{AgentState, CACHE_KIB, SourceState, Spool, SpoolError, SpoolOptions};
 

@@ -1,7 +1,7 @@
 //! The spool's unit tests: delivery, recovery, the budget, and a model-based proptest.
 
 use super::*;
-use crate::aggregate::{AggregateCounts, Stats, WindowRow};
+use crate::flow::{AggregateCounts, Flush, Stats, WindowRow};
 
 fn options(sinks: &[&str]) -> SpoolOptions {
     SpoolOptions {

@@ -7,9 +7,9 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::sink::LiveReport;
+use crate::flow::{Commit, CommitFailed, Flush, LiveReport};
 
-use super::{Flush, PartPlan, Plan, Spool, SpoolError};
+use super::{PartPlan, Plan, Spool, SpoolError};
 
 enum Command {
     Commit(
@@ -119,27 +119,6 @@ impl SpoolHandle {
         rx.await.map_err(|_| SpoolError::Stopped)?
     }
 
-    /// Commits a flush; on failure gives it back (unless the spool thread is gone).
-    pub async fn commit(&self, flush: Flush) -> Result<(), (SpoolError, Option<Flush>)> {
-        let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(command)) = self
-            .commands
-            .send(Command::Commit(Box::new(flush), tx))
-            .await
-        {
-            let flush = match command {
-                Command::Commit(flush, _) => Some(*flush),
-                _ => None,
-            };
-            return Err((SpoolError::Stopped, flush));
-        }
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err((err, flush))) => Err((err, Some(*flush))),
-            Err(_) => Err((SpoolError::Stopped, None)),
-        }
-    }
-
     /// Plans the next part of a sink.
     pub async fn plan(&self, sink: &str, now_ms: i64) -> Result<Plan, SpoolError> {
         self.ask(|tx| Command::Plan(sink.to_owned(), now_ms, tx))
@@ -161,5 +140,33 @@ impl SpoolHandle {
     pub async fn failed(&self, sink: &str, error: &str, now_ms: i64, next_attempt_ms: i64) {
         let command = Command::Failed(sink.to_owned(), error.to_owned(), now_ms, next_attempt_ms);
         let _ = self.commands.send(command).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Commit for SpoolHandle {
+    /// Commits a flush; on failure gives it back (unless the spool thread is gone).
+    async fn commit(&self, flush: Flush) -> Result<(), CommitFailed> {
+        let failed = |error: SpoolError, flush: Option<Flush>| CommitFailed {
+            error: Box::new(error),
+            flush,
+        };
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(command)) = self
+            .commands
+            .send(Command::Commit(Box::new(flush), tx))
+            .await
+        {
+            let flush = match command {
+                Command::Commit(flush, _) => Some(*flush),
+                _ => None,
+            };
+            return Err(failed(SpoolError::Stopped, flush));
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((err, flush))) => Err(failed(err, Some(*flush))),
+            Err(_) => Err(failed(SpoolError::Stopped, None)),
+        }
     }
 }

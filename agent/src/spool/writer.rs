@@ -8,73 +8,10 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::aggregate::{AggregateCounts, Stats, WindowRow};
 use crate::config::WhenFull;
-use crate::sink::LiveReport;
-use crate::source::{Series, SourceDeltas, SourceStats};
+use crate::flow::{Flush, LiveReport, Series, Stats};
 
 use super::{SourceState, Spool, SpoolError, sqlite};
-
-/// One flush: closed windows and the counters gathered since the previous flush.
-pub struct Flush {
-    /// Closed windows.
-    pub rows: Vec<WindowRow>,
-    /// When, Unix ms.
-    pub now_ms: i64,
-    /// The aggregator's counters since the previous flush.
-    pub aggregate: AggregateCounts,
-    /// Each source's counters since the previous flush.
-    pub sources: Vec<(Arc<SourceStats>, SourceDeltas)>,
-    /// Windows still open in memory.
-    pub open_windows: usize,
-    /// Each live feed's counts since the previous flush, and its state.
-    pub live: Vec<LiveReport>,
-    /// The clock's state.
-    pub clock: crate::clock::ClockReport,
-}
-
-impl Flush {
-    /// Takes a newer flush into one that could not be committed: its rows after these,
-    /// its counts added, its state.
-    pub fn absorb(&mut self, newer: Flush) {
-        self.rows.extend(newer.rows);
-        self.now_ms = newer.now_ms;
-        self.aggregate.add(&newer.aggregate);
-        for (stats, deltas) in newer.sources {
-            match self
-                .sources
-                .iter_mut()
-                .find(|(s, _)| Arc::ptr_eq(s, &stats))
-            {
-                Some((_, kept)) => kept.add(&deltas),
-                None => self.sources.push((stats, deltas)),
-            }
-        }
-        for report in newer.live {
-            match self
-                .live
-                .iter_mut()
-                .find(|r| r.state.name == report.state.name)
-            {
-                Some(kept) => {
-                    kept.published += report.published;
-                    kept.skipped += report.skipped;
-                    kept.state = report.state;
-                }
-                None => self.live.push(report),
-            }
-        }
-        self.open_windows = newer.open_windows;
-        self.clock = newer.clock;
-    }
-
-    /// Drops the oldest windows beyond `max`; returns how many.
-    pub fn keep_newest(&mut self, max: usize) -> usize {
-        let excess = self.rows.len().saturating_sub(max);
-        self.rows.drain(..excess);
-        excess
-    }
-}
 
 /// One window as a batch stores it.
 #[derive(Debug, Serialize, Deserialize)]

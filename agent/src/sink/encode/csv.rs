@@ -3,9 +3,8 @@
 
 use std::collections::HashMap;
 
-use crate::aggregate::WindowRow;
 use crate::clock;
-use crate::source::Series;
+use crate::flow::{Series, WindowRow};
 
 use super::{LONG_COLUMNS, Part, STATS, stat, wide_columns, wide_rows};
 

@@ -5,9 +5,9 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::aggregate::WindowRow;
 use crate::clock;
 use crate::config::Format;
+use crate::flow::WindowRow;
 
 use super::{Part, STATS, stat, wide_columns, wide_rows};
 

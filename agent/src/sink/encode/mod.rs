@@ -27,9 +27,8 @@ mod tests;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::aggregate::{Stats, WindowRow};
 use crate::config::{Compression, Format, Layout};
-use crate::source::Series;
+use crate::flow::{Series, Stats, WindowRow};
 
 use self::csv::{csv_long, csv_wide};
 use self::json::{json_long, json_wide};

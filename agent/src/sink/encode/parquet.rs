@@ -10,9 +10,8 @@ use ::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use ::parquet::file::writer::SerializedFileWriter;
 use ::parquet::schema::types::{ColumnPath, Type};
 
-use crate::aggregate::WindowRow;
 use crate::config::Compression;
-use crate::source::Series;
+use crate::flow::{Series, WindowRow};
 
 use super::{Part, STATS, stat, wide_columns, wide_rows};
 

@@ -1,8 +1,7 @@
 use std::sync::Arc;
 
-use crate::aggregate::{Stats, WindowRow};
 use crate::config::{Compression, Format, Layout};
-use crate::source::Series;
+use crate::flow::{Series, Stats, WindowRow};
 
 use super::{Encoding, Part, encode};
 
