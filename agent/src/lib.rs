@@ -9,7 +9,9 @@
 //!    a live feed (the `mqtt` sink) gets each flush's windows as they are committed;
 //! 5. [`status`]: reads the spool read-only and tells a person what is going on.
 //!
-//! [`config`] reads the one TOML file; [`run`] wires the stages and waits for shutdown.
+//! What the stages hand each other lives in [`flow`], which every stage may use and
+//! which uses none of them: imports point upstream only. [`config`] reads the one TOML
+//! file; [`run`] wires the stages and waits for shutdown.
 
 pub mod aggregate;
 pub mod broker;
