@@ -11,6 +11,8 @@
 # /proc/PID/status) and the system source's samples per second during and after the
 # drain (equal when sampling kept its pace). Needs the venv of scripts/test.sh.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 RUNS=${BENCH_RUNS:-3}
@@ -19,22 +21,15 @@ SERIES=100
 PY="$PWD/target/test-python/bin/python"
 [ -x "$PY" ] || { echo "run scripts/test.sh once first: it makes $PY with moto" >&2; exit 1; }
 
-cargo build --release --locked -p edgespool --bin edgespool --example backlog >&2
-BIN="$PWD/target/release/edgespool"
-BACKLOG="$PWD/target/release/examples/backlog"
+release_build --bin edgespool --example backlog
+BACKLOG="$RELEASE/examples/backlog"
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-drain.XXXXXX")
-agent=""; moto=""
-cleanup() {
-    for p in $agent $moto; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+remove_at_exit "$work"
 
-port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 endpoint="http://127.0.0.1:$port"
-"$PY" -m moto.server -H 127.0.0.1 -p "$port" > "$work/moto.log" 2>&1 &
-moto=$!
+start_server moto "$port" "$work/moto.log" "$PY" -m moto.server -H 127.0.0.1 -p "$port"
 s3() { "$PY" -c '
 import boto3, sys
 s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
@@ -47,20 +42,19 @@ else:
         total += sum(o["Size"] for o in page.get("Contents", []))
     print(total)
 ' "$endpoint" "$@"; }
-for _ in $(seq 1 100); do s3 mkbucket setup >/dev/null 2>&1 && break; sleep 0.2; done
 
-status_field() { # $1: python expression on the status JSON `s`
-    "$BIN" status --config "$work/drain.toml" --json 2>/dev/null |
-        "$PY" -c "import json, sys; s = json.load(sys.stdin); print($1)"
-}
 # "samples heartbeat started": the system source's samples at the last flush, the time of
-# that flush and the agent's start, in Unix seconds.
-since() { "$PY" -c 'import datetime, sys; print(datetime.datetime.fromisoformat(sys.argv[1].replace("Z", "+00:00")).timestamp())' "$1"; }
+# that flush and the agent's start (RFC 3339).
 samples() {
-    status_field '" ".join([str(next(x["samples"] for x in s["sources"] if x["name"] == "system")), s["daemon"]["heartbeat"], s["daemon"]["started"]])'
+    status_field "$work/drain.toml" '" ".join([str(next(x["samples"] for x in s["sources"] if x["name"] == "system")), s["daemon"]["heartbeat"], s["daemon"]["started"]])'
 }
-pending() { status_field 'next(x["pending_rows"] for x in s["sinks"] if x["name"] == "lake")'; }
-median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+# Whether the last flush came after the drain's end; sets n1 (the samples then), h1 (the
+# flush's time) and started (the agent's start), the times in Unix seconds.
+flushed_after_drain() {
+    read -r n1 h1 started < <(samples) || return 1
+    h1=$(utc_seconds "$h1") && started=$(utc_seconds "$started") &&
+        awk -v h="$h1" -v e="$end" 'BEGIN {exit !(h > e)}'
+}
 
 rates=(); bytes=(); peaks=(); during=(); after=()
 for run in $(seq 1 "$RUNS"); do
@@ -86,30 +80,18 @@ endpoint = "$endpoint"
 access_key_id = "bench"
 secret_access_key = "bench"
 TOML
-    start=$(date +%s.%N)
-    "$BIN" run --config "$work/drain.toml" 2>> "$work/agent.log" &
-    agent=$!
+    start=$(now)
+    start_agent "$work/drain.toml" "$work/agent.log"
     peak=0
-    while :; do
-        hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$agent/status")
-        [ "$hwm" -gt "$peak" ] && peak=$hwm
-        left=$(pending 2>/dev/null || echo "?")
-        # Only the backlog is pending at first; done when what is left is the live hour.
-        if [ "$left" != "?" ] && [ "$left" -lt 1000 ]; then break; fi
-        sleep 0.2
-    done
-    end=$(date +%s.%N)
+    wait_until --alive "$agent" 3600 "the backlog drained" \
+        backlog_drained "$work/drain.toml" lake
+    end=$(now)
     # Sampling pace: from the start to the first flush after the drain, then over 20 s.
-    while :; do
-        read -r n1 h1 started < <(samples)
-        h1=$(since "$h1"); started=$(since "$started")
-        awk -v h="$h1" -v e="$end" 'BEGIN {exit !(h > e)}' && break
-        sleep 0.5
-    done
+    wait_until --every 0.5 --alive "$agent" 120 "a flush after the drain" flushed_after_drain
     sleep 20
     read -r n2 h2 _ < <(samples)
-    h2=$(since "$h2")
-    kill -TERM "$agent"; wait "$agent" || true; agent=""
+    h2=$(utc_seconds "$h2")
+    stop_agent
     secs=$(awk -v a="$start" -v b="$end" 'BEGIN {print b - a}')
     rate=$(awk -v r="$rows" -v s="$secs" 'BEGIN {printf "%d", r / s}')
     size=$(s3 size "$bucket")
@@ -122,7 +104,7 @@ done
 
 echo
 echo "drain of $DAYS days x $SERIES series (60 s windows) to Parquet on S3 (moto), medians of $RUNS run(s):"
-echo "  rows per second: $(printf '%s\n' "${rates[@]}" | median)"
-echo "  bytes per row in the bucket: $(printf '%s\n' "${bytes[@]}" | median)"
-echo "  peak resident memory: $(printf '%s\n' "${peaks[@]}" | median) KiB"
-echo "  system source samples/s during the drain: $(printf '%s\n' "${during[@]}" | median), after: $(printf '%s\n' "${after[@]}" | median)"
+echo "  rows per second: $(median "${rates[@]}")"
+echo "  bytes per row in the bucket: $(median "${bytes[@]}")"
+echo "  peak resident memory: $(median "${peaks[@]}") KiB"
+echo "  system source samples/s during the drain: $(median "${during[@]}"), after: $(median "${after[@]}")"

@@ -10,6 +10,8 @@
 #   scripts/bench-mqtt.sh            # N = 200000, 3 runs, medians
 #   BENCH_RUNS=1 BENCH_MESSAGES=50000 scripts/bench-mqtt.sh
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
 
@@ -20,23 +22,15 @@ PER=$((N / TOPICS))
 N=$((PER * TOPICS))
 command -v mosquitto >/dev/null || { echo "Mosquitto is missing: run scripts/test.sh once" >&2; exit 1; }
 
-cargo build --release --locked -p edgespool --bin edgespool >&2
-BIN="$PWD/target/release/edgespool"
+release_build --bin edgespool
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-mqtt.XXXXXX")
 shm=$(mktemp -d /dev/shm/edgespool-mqtt.XXXXXX)
-broker=""; agent=""
-cleanup() {
-    for p in $agent $broker; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-    rm -rf "$work" "$shm"
-}
-trap cleanup EXIT
+remove_at_exit "$work" "$shm"
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 1000\n' "$port" > "$work/mosquitto.conf"
 [ "$(id -u)" -eq 0 ] && echo "user root" >> "$work/mosquitto.conf"
-mosquitto -c "$work/mosquitto.conf" > "$work/broker.log" 2>&1 &
-broker=$!
-for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+start_server broker "$port" "$work/broker.log" mosquitto -c "$work/mosquitto.conf"
 seq 1 "$PER" | awk '{print 20 + ($1 % 100) / 10}' > "$work/values"
 
 publish() {
@@ -47,11 +41,10 @@ publish() {
     done
     wait "${pids[@]}"
 }
-now() { date +%s.%N; }
-median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
-samples() {
-    "$BIN" status --config "$work/agent.toml" --json 2>/dev/null |
-        python3 -c 'import json, sys; s = json.load(sys.stdin); print(next(x["samples"] for x in s["sources"] if x["name"] == "mqtt"))' 2>/dev/null || echo 0
+connected() { grep -q "connected to the MQTT broker" "$work/agent.log" 2>/dev/null; }
+all_counted() {
+    local n
+    n=$(source_samples "$work/agent.toml" mqtt) && [ "$n" -ge "$N" ]
 }
 
 ceilings=(); rates=(); cpus=(); peaks=()
@@ -85,27 +78,25 @@ series = "{topic.1}"
 kind = "local"
 path = "$shm/out"
 TOML
-    "$BIN" run --config "$work/agent.toml" 2>> "$work/agent.log" &
-    agent=$!
-    for _ in $(seq 1 100); do grep -q "connected to the MQTT broker" "$work/agent.log" 2>/dev/null && break; sleep 0.1; done
+    start_agent "$work/agent.toml" "$work/agent.log"
+    wait_until --every 0.1 --alive "$agent" 30 "the agent connected" connected
     sleep 4 # past start-up and the code-page trim
-    ticks=$(getconf CLK_TCK)
-    c0=$(awk '{print $14 + $15}' "/proc/$agent/stat")
+    c0=$(cpu_ticks "$agent")
     t0=$(now); publish
-    while [ "$(samples)" -lt "$N" ]; do sleep 0.5; done
+    wait_until --every 0.5 --alive "$agent" 1800 "$N samples counted" all_counted
     t1=$(now)
-    c1=$(awk '{print $14 + $15}' "/proc/$agent/stat")
-    peak=$(awk '/^VmHWM/ {print $2}' "/proc/$agent/status")
-    kill -TERM "$agent"; wait "$agent" || true; agent=""
+    c1=$(cpu_ticks "$agent")
+    peak=$(proc_kib "$agent" VmHWM)
+    stop_agent
     : > "$work/agent.log"
     rate=$(awk -v n="$N" -v a="$t0" -v b="$t1" 'BEGIN {printf "%d", n / (b - a)}')
-    cpu=$(awk -v d=$((c1 - c0)) -v t="$ticks" -v n="$N" 'BEGIN {printf "%.2f", d / t / n * 1e6}')
+    cpu=$(awk -v d=$((c1 - c0)) -v t="$CLK_TCK" -v n="$N" 'BEGIN {printf "%.2f", d / t / n * 1e6}')
     echo "run $run: broker alone $ceiling msg/s; edgespool $rate msg/s, $cpu us CPU per message, peak RSS $peak KiB" >&2
     ceilings+=("$ceiling"); rates+=("$rate"); cpus+=("$cpu"); peaks+=("$peak")
 done
 
 echo
 echo "MQTT ingest of $N messages (QoS 1, 10 publishers, 10 topics), medians of $RUNS run(s):"
-echo "  broker alone (mosquitto_sub to /dev/null): $(printf '%s\n' "${ceilings[@]}" | median) msg/s"
-echo "  edgespool: $(printf '%s\n' "${rates[@]}" | median) msg/s (counted when its samples counter reaches N; 1 s windows)"
-echo "  CPU: $(printf '%s\n' "${cpus[@]}" | median) us per message; peak RSS $(printf '%s\n' "${peaks[@]}" | median) KiB"
+echo "  broker alone (mosquitto_sub to /dev/null): $(median "${ceilings[@]}") msg/s"
+echo "  edgespool: $(median "${rates[@]}") msg/s (counted when its samples counter reaches N; 1 s windows)"
+echo "  CPU: $(median "${cpus[@]}") us per message; peak RSS $(median "${peaks[@]}") KiB"

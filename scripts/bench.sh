@@ -18,6 +18,8 @@
 #    hourly figure for 60 s windows.
 # 3. fsync calls per flush, counted with strace over ten 2 s flushes.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 RUNS=${BENCH_RUNS:-3}
@@ -25,17 +27,11 @@ MINUTES=${BENCH_MINUTES:-10}
 DISK_SECONDS=${BENCH_DISK_SECONDS:-300}
 SERIES=100
 
-cargo build --release --locked -p edgespool >&2
-BIN="$PWD/target/release/edgespool"
+release_build --bin edgespool
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-bench.XXXXXX")
 shm=$(mktemp -d /dev/shm/edgespool-bench.XXXXXX)
-agent=""
-cleanup() {
-    if [ -n "$agent" ]; then kill "$agent" 2>/dev/null || true; wait "$agent" 2>/dev/null || true; fi
-    rm -rf "$work" "$shm"
-}
-trap cleanup EXIT
+remove_at_exit "$work" "$shm"
 
 # A fake hwmon tree with one input per series.
 for i in $(seq 1 $SERIES); do
@@ -43,7 +39,7 @@ for i in $(seq 1 $SERIES); do
     echo $((40000 + i)) > "$work/sys/class/hwmon/hwmon$i/temp1_input"
 done
 
-start_agent() { # $1: window length; sets $agent
+start_bench_agent() { # $1: window length; sets $agent
     rm -rf "$work/spool" "$shm/out"
     mkdir -p "$work/spool"
     {
@@ -54,45 +50,32 @@ start_agent() { # $1: window length; sets $agent
         done
         printf '\n[[sinks]]\nkind = "local"\nname = "archive"\npath = "%s/out"\n' "$shm"
     } > "$work/bench.toml"
-    "$BIN" run --config "$work/bench.toml" 2>> "$work/agent.log" &
-    agent=$!
+    start_agent "$work/bench.toml" "$work/agent.log"
 }
-
-stop_agent() {
-    kill -TERM "$agent"
-    wait "$agent" || true
-    agent=""
-}
-
-# utime + stime: fields 14 and 15 of /proc/PID/stat (the command name has no spaces).
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io"; }
-median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
-ticks=$(getconf CLK_TCK)
 
 echo "== resources: $RUNS run(s) of $MINUTES min, 60 s windows" >&2
 rss_runs=(); peak_runs=(); cpu_runs=()
 for run in $(seq 1 "$RUNS"); do
-    start_agent 60s
+    start_bench_agent 60s
     sleep 5 # skip start-up: loading the binary, creating the spool
     c0=$(cpu_ticks "$agent")
     samples=()
     end=$((SECONDS + MINUTES * 60))
     while [ $SECONDS -lt $end ]; do
         sleep 10
-        samples+=("$(awk '/^VmRSS/ {print $2}' "/proc/$agent/status")")
+        samples+=("$(proc_kib "$agent" VmRSS)")
     done
     c1=$(cpu_ticks "$agent")
-    peak=$(awk '/^VmHWM/ {print $2}' "/proc/$agent/status")
+    peak=$(proc_kib "$agent" VmHWM)
     stop_agent
-    rss=$(printf '%s\n' "${samples[@]}" | median)
-    cpu=$(awk -v d=$((c1 - c0)) -v t="$ticks" -v s=$((MINUTES * 60)) 'BEGIN {printf "%.2f", d / t * 3600 / s}')
+    rss=$(median "${samples[@]}")
+    cpu=$(awk -v d=$((c1 - c0)) -v t="$CLK_TCK" -v s=$((MINUTES * 60)) 'BEGIN {printf "%.2f", d / t * 3600 / s}')
     echo "run $run: rss median ${rss} KiB, peak ${peak} KiB, cpu ${cpu} s/h" >&2
     rss_runs+=("$rss"); peak_runs+=("$peak"); cpu_runs+=("$cpu")
 done
 
 echo "== disk: 2 s windows for $DISK_SECONDS s" >&2
-start_agent 2s
+start_bench_agent 2s
 sleep 7
 w0=$(write_bytes "$agent")
 sleep "$DISK_SECONDS"
@@ -115,8 +98,8 @@ fi
 rows_per_hour=$((SERIES * 60))
 echo
 echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz, 60 s windows, medians of $RUNS run(s):"
-echo "  resident memory: $(printf '%s\n' "${rss_runs[@]}" | median) KiB (VmRSS every 10 s), peak $(printf '%s\n' "${peak_runs[@]}" | median) KiB (VmHWM)"
-echo "  CPU: $(printf '%s\n' "${cpu_runs[@]}" | median) s per hour"
+echo "  resident memory: $(median "${rss_runs[@]}") KiB (VmRSS every 10 s), peak $(median "${peak_runs[@]}") KiB (VmHWM)"
+echo "  CPU: $(median "${cpu_runs[@]}") s per hour"
 echo "  spool disk writes: $per_flush bytes per flush of $SERIES windows = $((per_flush * 60)) bytes per hour"
 echo "  aggregates: $rows_per_hour windows per hour = $((rows_per_hour * 8 * 8)) bytes per hour of raw statistics (8 numbers of 8 bytes)"
 echo "  fsync calls: $syncs"

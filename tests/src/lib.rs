@@ -90,6 +90,10 @@ pub fn edgespool(args: &[&str]) -> Output {
 }
 
 /// Polls `check` every 100 ms until it gives a value or `timeout` passes.
+///
+/// `None` means "not there yet": `check` must never fail the test for what the agent
+/// has not written yet (no spool, no state, a file still being written), so it uses the
+/// `try_…` and `find_…` helpers; the assertions after the wait check the value it gave.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -187,14 +191,17 @@ impl Agent {
     }
 
     /// `status --json` of this agent's spool, once the agent has created it (≤ 10 s).
+    /// Not for a `wait_for` poll: there, [`Agent::try_status`].
     pub fn status(&self) -> Value {
-        let config = self.config.to_str().expect("utf-8 path");
         wait_for("a readable spool", Duration::from_secs(10), || {
-            let out = edgespool(&["status", "--config", config, "--json"]);
-            out.status
-                .success()
-                .then(|| serde_json::from_slice(&out.stdout).expect("status --json prints JSON"))
+            self.try_status()
         })
+    }
+
+    /// `status --json` of this agent's spool, or `None` while it cannot be read yet (see
+    /// [`try_status_json`]); for polls.
+    pub fn try_status(&self) -> Option<Value> {
+        try_status_json(&self.config)
     }
 
     /// The log so far.
@@ -212,16 +219,71 @@ impl Drop for Agent {
     }
 }
 
-/// `edgespool status --config CONFIG --json`, parsed.
-pub fn status_json(config: &Path) -> Value {
+fn run_status(config: &Path) -> Output {
     let config = config.to_str().expect("utf-8 path");
-    let out = edgespool(&["status", "--config", config, "--json"]);
+    edgespool(&["status", "--config", config, "--json"])
+}
+
+/// `edgespool status --config CONFIG --json`, parsed; fails the test if status fails.
+/// Not for a `wait_for` poll: there, [`try_status_json`].
+pub fn status_json(config: &Path) -> Value {
+    let out = run_status(config);
     assert!(
         out.status.success(),
         "status failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
+/// [`status_json`], or `None` while status fails: the agent is still starting (no spool
+/// yet, one not created to the end, a corrupt one not moved aside yet). A status that
+/// succeeds prints JSON, or the test fails.
+pub fn try_status_json(config: &Path) -> Option<Value> {
+    let out = run_status(config);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("status --json prints JSON"))
+}
+
+fn find_named<'a>(status: &'a Value, list: &str, name: &str) -> Option<&'a Value> {
+    status[list]
+        .as_array()?
+        .iter()
+        .find(|item| item["name"] == name)
+}
+
+/// The source `name` of a `status --json`, or `None` before the agent has written its
+/// state (`"daemon": {"state": "never ran"}` lists no source); for polls.
+pub fn find_source<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    find_named(status, "sources", name)
+}
+
+/// The source `name` of a `status --json`; fails the test if it is not there.
+pub fn source_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+    find_source(status, name).unwrap_or_else(|| panic!("no source {name} in {status}"))
+}
+
+/// The sink `name` of a `status --json`, or `None` before the agent has recorded it;
+/// for polls.
+pub fn find_sink<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    find_named(status, "sinks", name)
+}
+
+/// The sink `name` of a `status --json`; fails the test if it is not there.
+pub fn sink_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+    find_sink(status, name).unwrap_or_else(|| panic!("no sink {name} in {status}"))
+}
+
+/// The live sink `name` of a `status --json`, or `None` before the agent has written its
+/// state; for polls.
+pub fn find_live_sink<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    find_named(status, "live_sinks", name)
+}
+
+/// The live sink `name` of a `status --json`; fails the test if it is not there.
+pub fn live_sink_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+    find_live_sink(status, name).unwrap_or_else(|| panic!("no live sink {name} in {status}"))
 }
 
 /// One output file: its path below the tree's root and its rows.
@@ -234,7 +296,9 @@ pub struct OutputFile {
 }
 
 /// Every `.ndjson` file below `root`, sorted by key; other files are reported as keys
-/// with no rows so that a stray temporary file shows up in assertions.
+/// with no rows so that a stray temporary file shows up in assertions. A local sink
+/// writes each file under a staging name (`….ndjson#N`) and renames it when complete:
+/// a poll that counts files counts [`ndjson_count`], not every key.
 pub fn read_tree(root: &Path) -> Vec<OutputFile> {
     let mut files = Vec::new();
     let mut stack = vec![root.to_owned()];
@@ -269,6 +333,12 @@ pub fn read_tree(root: &Path) -> Vec<OutputFile> {
     }
     files.sort_by(|a, b| a.key.cmp(&b.key));
     files
+}
+
+/// How many of `files` are finished NDJSON files: one still being written (under its
+/// staging name) is not there yet.
+pub fn ndjson_count(files: &[OutputFile]) -> usize {
+    files.iter().filter(|f| f.key.ends_with(".ndjson")).count()
 }
 
 /// A loopback HTTP server that answers each request with the next queued body, and with
@@ -497,18 +567,22 @@ impl S3Server {
     }
 
     fn client(&self, args: &[&str]) -> Value {
+        self.try_client(args)
+            .unwrap_or_else(|error| panic!("S3 client {args:?} failed: {error}"))
+    }
+
+    /// What the S3 client printed, or what it said on standard error if it failed.
+    fn try_client(&self, args: &[&str]) -> Result<Value, String> {
         let out = Command::new(python())
             .args(["-c", S3_CLIENT, &self.endpoint])
             .args(args)
             .stdin(Stdio::null())
             .output()
             .expect("python runs");
-        assert!(
-            out.status.success(),
-            "S3 client {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("the S3 client prints JSON")
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice(&out.stdout).expect("the S3 client prints JSON"))
     }
 
     /// Creates a bucket.
@@ -516,28 +590,41 @@ impl S3Server {
         self.client(&["mkbucket", bucket]);
     }
 
-    /// Every object of a bucket, sorted by key.
+    /// Every object of a bucket, sorted by key; fails the test if the server cannot list.
+    /// Not for a `wait_for` poll: there, [`S3Server::try_list`].
     pub fn list(&self, bucket: &str) -> Vec<S3Object> {
-        let listed = self.client(&["list", bucket]);
-        let mut objects: Vec<S3Object> = listed
-            .as_array()
-            .expect("a list")
-            .iter()
-            .map(|o| S3Object {
-                key: o["key"].as_str().expect("key").to_owned(),
-                size: o["size"].as_u64().expect("size"),
-                etag: o["etag"].as_str().expect("etag").to_owned(),
-                content_type: o["content_type"].as_str().unwrap_or("").to_owned(),
-            })
-            .collect();
-        objects.sort_by(|a, b| a.key.cmp(&b.key));
-        objects
+        objects_of(&self.client(&["list", bucket]))
+    }
+
+    /// [`S3Server::list`], or `None` while the server cannot list the bucket (still
+    /// starting after a restart, the bucket not made yet); for polls.
+    pub fn try_list(&self, bucket: &str) -> Option<Vec<S3Object>> {
+        self.try_client(&["list", bucket])
+            .ok()
+            .map(|listed| objects_of(&listed))
     }
 
     /// Downloads every object of a bucket below `dir`, keys as paths.
     pub fn mirror(&self, bucket: &str, dir: &Path) {
         self.client(&["mirror", bucket, dir.to_str().expect("utf-8 path")]);
     }
+}
+
+/// The objects the S3 client listed, sorted by key.
+fn objects_of(listed: &Value) -> Vec<S3Object> {
+    let mut objects: Vec<S3Object> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|o| S3Object {
+            key: o["key"].as_str().expect("key").to_owned(),
+            size: o["size"].as_u64().expect("size"),
+            etag: o["etag"].as_str().expect("etag").to_owned(),
+            content_type: o["content_type"].as_str().unwrap_or("").to_owned(),
+        })
+        .collect();
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    objects
 }
 
 impl Drop for S3Server {
@@ -817,14 +904,6 @@ pub fn minute(i: i64) -> String {
     ])
 }
 
-/// The sink `name` of a `status --json`.
-pub fn sink_status<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["sinks"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no sink {name} in {status}"))
-}
-
 /// A real Mosquitto broker on a free loopback port, with persistence in a temp dir (so
 /// that sessions and queued QoS 1 messages survive a restart); stopped on drop.
 pub struct MqttBroker {
@@ -933,7 +1012,9 @@ impl MqttBroker {
             "the subscriber to subscribe",
             Duration::from_secs(30),
             || {
-                self.publish(&marker, 1, &["1"]);
+                if !self.try_publish(&marker, 1, &["1"]) {
+                    return None;
+                }
                 subscriber
                     .messages()
                     .iter()
@@ -945,8 +1026,17 @@ impl MqttBroker {
     }
 
     /// Publishes each of `messages` to `topic` with mosquitto_pub (one connection,
-    /// QoS `qos`); the messages must not hold line breaks.
+    /// QoS `qos`); the messages must not hold line breaks. Fails the test if
+    /// mosquitto_pub fails; not for a `wait_for` poll: there, [`MqttBroker::try_publish`].
     pub fn publish(&self, topic: &str, qos: u8, messages: &[&str]) {
+        assert!(
+            self.try_publish(topic, qos, messages),
+            "mosquitto_pub to {topic} failed"
+        );
+    }
+
+    /// [`MqttBroker::publish`], saying whether mosquitto_pub succeeded; for polls.
+    pub fn try_publish(&self, topic: &str, qos: u8, messages: &[&str]) -> bool {
         let mut child = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic])
             .args(["-q", &qos.to_string(), "-l"])
@@ -954,15 +1044,16 @@ impl MqttBroker {
             .stdout(Stdio::null())
             .spawn()
             .expect("mosquitto_pub starts");
-        {
+        // A write fails only if mosquitto_pub has gone (it could not connect).
+        let written = {
             use std::io::Write;
             let mut stdin = child.stdin.take().expect("stdin");
-            for message in messages {
-                writeln!(stdin, "{message}").expect("write message");
-            }
-        }
-        let status = child.wait().expect("mosquitto_pub ends");
-        assert!(status.success(), "mosquitto_pub to {topic} failed");
+            messages
+                .iter()
+                .all(|message| writeln!(stdin, "{message}").is_ok())
+        };
+        let ended = child.wait().expect("mosquitto_pub ends");
+        written && ended.success()
     }
 
     /// Publishes one message of arbitrary bytes.
@@ -995,10 +1086,12 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    /// Every (topic, payload) received so far, in order.
+    /// Every (topic, payload) received so far, in order: the lines mosquitto_sub has
+    /// finished writing (a last line without its line break is not there yet).
     pub fn messages(&self) -> Vec<(String, String)> {
-        fs::read_to_string(&self.path)
-            .unwrap_or_default()
+        let bytes = fs::read(&self.path).unwrap_or_default();
+        let finished = bytes.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+        String::from_utf8_lossy(&bytes[..finished])
             .lines()
             .filter_map(|line| line.split_once(' '))
             .map(|(topic, payload)| (topic.to_owned(), payload.to_owned()))

@@ -92,7 +92,7 @@ fn windows(dir: &Path) -> Vec<(i64, u64)> {
 fn flushes(agent: &Agent, n: usize) {
     let mut seen: Vec<Value> = Vec::new();
     wait_for("flushes", Duration::from_secs(30), || {
-        let heartbeat = agent.status()["daemon"]["heartbeat"].clone();
+        let heartbeat = agent.try_status()?["daemon"]["heartbeat"].clone();
         if seen.last() != Some(&heartbeat) {
             seen.push(heartbeat);
         }
@@ -115,13 +115,13 @@ fn a_clock_jump_back_and_forth_writes_no_window_twice() {
     flushes(&agent, 3);
     set_offset(&offset, "-20s");
     wait_for("the jump back seen", Duration::from_secs(30), || {
-        let jump = agent.status()["clock"]["last_jump_seconds"].as_f64();
+        let jump = agent.try_status()?["clock"]["last_jump_seconds"].as_f64();
         jump.filter(|s| (s + 20.0).abs() < 1.0).map(|_| ())
     });
     flushes(&agent, 4);
     set_offset(&offset, "+120s");
     wait_for("the jump forward seen", Duration::from_secs(30), || {
-        let jump = agent.status()["clock"]["last_jump_seconds"].as_f64();
+        let jump = agent.try_status()?["clock"]["last_jump_seconds"].as_f64();
         jump.filter(|s| (s - 140.0).abs() < 1.0).map(|_| ())
     });
     flushes(&agent, 3);
@@ -181,7 +181,7 @@ fn samples_held_until_the_clock_is_synchronised_get_the_right_time() {
         dir.path().join("spool.db").exists().then_some(())
     });
     let waiting = wait_for("samples held", Duration::from_secs(30), || {
-        let status = agent.status();
+        let status = agent.try_status()?;
         (status["clock"]["state"] == "waiting"
             && status["clock"]["held_samples"].as_u64() >= Some(15))
         .then_some(status)
@@ -196,7 +196,7 @@ fn samples_held_until_the_clock_is_synchronised_get_the_right_time() {
     set_offset(&offset, "+0");
     std::fs::write(timesync.join("synchronized"), "").expect("touch");
     wait_for("synchronised", Duration::from_secs(30), || {
-        let status = agent.status();
+        let status = agent.try_status()?;
         (status["clock"]["state"] == "synchronised" && status["clock"]["held_samples"] == 0)
             .then_some(())
     });

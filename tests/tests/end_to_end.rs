@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, T0, edgespool, purpleair_body, read_tree, status_json, table_source,
-    wait_for, write_file,
+    Agent, JsonServer, T0, edgespool, find_source, ndjson_count, purpleair_body, read_tree,
+    source_status, status_json, table_source, try_status_json, wait_for, write_file,
 };
 use serde_json::Value;
 
@@ -77,13 +77,6 @@ fn row<'a>(rows: &'a [Value], series: &str) -> &'a Value {
     rows.iter()
         .find(|r| r["series"] == series)
         .unwrap_or_else(|| panic!("no row for {series} in {rows:?}"))
-}
-
-fn source<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["sources"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no source {name} in {status}"))
 }
 
 #[test]
@@ -261,14 +254,14 @@ unit = "percent"
     let status = agent.status();
     assert_eq!(status["daemon"]["state"], "running", "{status}");
     assert_eq!(status["device"], "e2e");
-    let pa = source(&status, "pa");
+    let pa = source_status(&status, "pa");
     assert_eq!(
         (pa["errors"].as_u64(), pa["invalid"].as_u64()),
         (Some(0), Some(0)),
         "{pa}"
     );
     assert_eq!(pa["samples"].as_u64(), Some(4 + 4 + 2 + 2), "{pa}");
-    let bme = source(&status, "bme");
+    let bme = source_status(&status, "bme");
     assert_eq!(bme["errors"].as_u64(), Some(0), "{bme}");
     assert!(bme["samples"].as_u64() >= Some(3), "{bme}");
     assert_eq!(
@@ -307,7 +300,7 @@ fn kill_9_mid_stream_then_restart_delivers_every_committed_window_once() {
     for files_before_kill in [8, 20, 35] {
         let agent = Agent::start(&config, &log);
         wait_for("files before the kill", Duration::from_secs(60), || {
-            (read_tree(&out).len() >= files_before_kill).then_some(())
+            (ndjson_count(&read_tree(&out)) >= files_before_kill).then_some(())
         });
         agent.kill9();
         assert_eq!(status_json(&config)["daemon"]["state"], "not running");
@@ -322,7 +315,7 @@ fn kill_9_mid_stream_then_restart_delivers_every_committed_window_once() {
         "two more flushes and every partition delivered",
         Duration::from_secs(60),
         || {
-            let status = agent.status();
+            let status = agent.try_status()?;
             let heartbeat = status["daemon"]["heartbeat"].clone();
             if heartbeats.last() != Some(&heartbeat) {
                 heartbeats.push(heartbeat);
@@ -408,23 +401,24 @@ path = "sys/class/hwmon/hwmon0/temp1_input"
     let mut agent = Agent::start(&config, &dir.path().join("agent.log"));
 
     wait_for("hw samples flushed", Duration::from_secs(30), || {
-        (source(&agent.status(), "hw")["samples"].as_u64() > Some(0)).then_some(())
+        let status = agent.try_status()?;
+        (find_source(&status, "hw")?["samples"].as_u64() > Some(0)).then_some(())
     });
     std::fs::remove_file(&vanishing).expect("the sensor goes away");
     let status = wait_for(
         "the three bad bodies and the vanished file counted",
         Duration::from_secs(30),
         || {
-            let status = agent.status();
-            let pa = source(&status, "pa");
-            let hw = source(&status, "hw");
+            let status = agent.try_status()?;
+            let pa = find_source(&status, "pa")?;
+            let hw = find_source(&status, "hw")?;
             (pa["errors"].as_u64() == Some(3)
                 && hw["errors"].as_u64() >= Some(1)
                 && server.exhausted())
             .then_some(status)
         },
     );
-    let hw = source(&status, "hw");
+    let hw = source_status(&status, "hw");
     let hw_error = hw["last_error"].as_str().expect("hw last error");
     assert_eq!(
         hw_error,
@@ -433,7 +427,7 @@ path = "sys/class/hwmon/hwmon0/temp1_input"
             vanishing.display()
         )
     );
-    let pa = source(&status, "pa");
+    let pa = source_status(&status, "pa");
     assert!(
         pa["last_error"]
             .as_str()
@@ -582,7 +576,9 @@ fn sigint_flushes_the_open_windows_before_exit() {
         after["spool"]["rows"], 2,
         "both open windows were flushed: {after}"
     );
-    let samples = source(&after, "hw")["samples"].as_u64().expect("samples");
+    let samples = source_status(&after, "hw")["samples"]
+        .as_u64()
+        .expect("samples");
     assert!(samples >= 2, "{after}");
     assert_eq!(
         after["counters"]["samples"].as_u64(),
@@ -616,18 +612,18 @@ pointer = "/x"
         "three timeouts of the hung source",
         Duration::from_secs(30),
         || {
-            let status = agent.status();
-            (source(&status, "hung")["errors"].as_u64() >= Some(3)).then_some(status)
+            let status = agent.try_status()?;
+            (find_source(&status, "hung")?["errors"].as_u64() >= Some(3)).then_some(status)
         },
     );
-    let hung = source(&status, "hung");
+    let hung = source_status(&status, "hung");
     let error = hung["last_error"].as_str().expect("a last error");
     assert!(
         error.contains("timed out") || error.contains("timeout"),
         "{error}"
     );
     // Three hung seconds or more: the 200 ms sysfs source kept its pace meanwhile.
-    let hw = source(&status, "hw")["samples"]
+    let hw = source_status(&status, "hw")["samples"]
         .as_u64()
         .expect("hw samples");
     assert!(
@@ -661,7 +657,7 @@ fn a_failing_sink_retries_and_catches_up_without_losing_a_window() {
         "the sink retrying with partitions pending",
         Duration::from_secs(30),
         || {
-            let status = agent.status();
+            let status = agent.try_status()?;
             let sink = &status["sinks"][0];
             (sink["state"] == "retrying" && sink["pending_partitions"].as_u64() >= Some(5))
                 .then_some(status)
@@ -678,7 +674,7 @@ fn a_failing_sink_retries_and_catches_up_without_losing_a_window() {
         "{error}"
     );
     assert_eq!(
-        source(&status, "hw")["errors"].as_u64(),
+        source_status(&status, "hw")["errors"].as_u64(),
         Some(0),
         "sampling goes on"
     );
@@ -686,7 +682,7 @@ fn a_failing_sink_retries_and_catches_up_without_losing_a_window() {
     std::fs::remove_file(&blocker).expect("the disk comes back");
     let files = wait_for("the backlog delivered", Duration::from_secs(30), || {
         let files = read_tree(&out);
-        (files.len() >= 5).then_some(files)
+        (ndjson_count(&files) >= 5).then_some(files)
     });
     let pa: Vec<f64> = files
         .iter()
@@ -886,13 +882,7 @@ fn a_corrupt_spool_is_moved_aside_loudly_and_sampling_goes_on() {
         Duration::from_secs(30),
         || {
             // Until the agent has moved the garbage aside, status cannot read it.
-            let out = edgespool(&[
-                "status",
-                "--json",
-                "--config",
-                &config.display().to_string(),
-            ]);
-            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let status = try_status_json(&config)?;
             (status["counters"]["samples"].as_u64() > Some(0)).then_some(status)
         },
     );
@@ -971,7 +961,7 @@ fn a_full_file_system_loses_no_window_and_corrupts_nothing() {
         spool.exists().then_some(())
     });
     wait_for("a first flush", Duration::from_secs(30), || {
-        (status_json(&config)["counters"]["samples"].as_u64() > Some(0)).then_some(())
+        (try_status_json(&config)?["counters"]["samples"].as_u64() > Some(0)).then_some(())
     });
 
     // Fill the file system to the last byte.

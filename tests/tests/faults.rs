@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use edgespool_tests::{
     Agent, COUNT_SUBSCRIPTION, Chaos, FaultProxy, JsonServer, MqttBroker, PG_PASSWORD,
-    PG_TOTALS_SQL, PgServer, S3Server, T0, archive_sink, duckdb, fault_rounds, ndjson_totals,
-    pg_sink_at, purpleair_body, read_tree, s3_sink_at, status_json, table_source, wait_for,
-    write_agent_config, write_file,
+    PG_TOTALS_SQL, PgServer, S3Server, T0, archive_sink, duckdb, fault_rounds, find_sink,
+    ndjson_totals, pg_sink_at, purpleair_body, read_tree, s3_sink_at, status_json, table_source,
+    wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
 
@@ -45,7 +45,7 @@ fn write_config(dir: &Path, url: &str, sources: &str, sinks: &str) -> PathBuf {
 fn settle(agent: Agent, timeout: Duration, mut drained: impl FnMut() -> bool) {
     let mut heartbeats: Vec<Value> = Vec::new();
     wait_for("everything delivered", timeout, || {
-        let status = agent.status();
+        let status = agent.try_status()?;
         let heartbeat = status["daemon"]["heartbeat"].clone();
         if heartbeats.last() != Some(&heartbeat) {
             heartbeats.push(heartbeat);
@@ -300,12 +300,8 @@ fn a_day_long_outage_is_delivered_completely_once_the_sink_returns() {
     std::fs::write(&config, text).expect("write config");
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
     let waiting = wait_for("24 partitions waiting", Duration::from_secs(120), || {
-        let status = agent.status();
-        let lake = status["sinks"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["name"] == "lake"))
-            .cloned()
-            .expect("the lake sink");
+        let status = agent.try_status()?;
+        let lake = find_sink(&status, "lake")?.clone();
         (server.exhausted() && lake["pending_partitions"] == 24 && lake["state"] == "retrying")
             .then_some(lake)
     });

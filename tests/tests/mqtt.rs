@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, COUNT_SUBSCRIPTION, MqttBroker, T0, read_tree, wait_for, write_agent_config,
+    Agent, COUNT_SUBSCRIPTION, MqttBroker, T0, find_live_sink, live_sink_status, read_tree,
+    source_status, wait_for, write_agent_config,
 };
 use serde_json::Value;
 
@@ -156,11 +157,7 @@ fn payload_shapes_restarts_and_garbage() {
     );
 
     let status = agent.status();
-    let source = status["sources"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "mqtt"))
-        .expect("the mqtt source")
-        .clone();
+    let source = source_status(&status, "mqtt").clone();
     assert_eq!(source["invalid"], 3, "not JSON, binary, huge: {source}");
     assert_eq!(status["counters"]["non_finite"], 1, "NaN: {status}");
     let log = std::fs::read_to_string(&log).expect("log");
@@ -216,12 +213,15 @@ max_age = "{max_age}"
     write_agent_config(dir, &body)
 }
 
+/// The live feed `dashboard` of a status; fails the test if it is not there.
 fn feed_status(status: &Value) -> Value {
-    status["live_sinks"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "dashboard"))
-        .unwrap_or_else(|| panic!("no live sink in {status}"))
-        .clone()
+    live_sink_status(status, "dashboard").clone()
+}
+
+/// The live feed `dashboard` of the agent's status, or `None` while the agent has not
+/// reported it yet; for polls.
+fn try_feed_status(agent: &Agent) -> Option<Value> {
+    find_live_sink(&agent.try_status()?, "dashboard").cloned()
 }
 
 fn now_s() -> i64 {
@@ -307,7 +307,7 @@ fn live_feed_publishes_windows_skips_old_ones_and_leaves_a_last_will() {
     assert_eq!(broker.retained(topic), Some(message.clone()));
 
     let feed = wait_for("the counts in status", Duration::from_secs(30), || {
-        let feed = feed_status(&agent.status());
+        let feed = try_feed_status(&agent)?;
         (feed["skipped"] == 1 && feed["published"] == 1).then_some(feed)
     });
     assert_eq!(feed["state"], "connected", "{feed}");
@@ -352,7 +352,7 @@ fn live_feed_after_an_outage_skips_what_grew_old_and_accounts_for_every_window()
     let log = dir.path().join("agent.log");
     let agent = Agent::start(&config, &log);
     let published_before = wait_for("a few windows published", Duration::from_secs(30), || {
-        let feed = feed_status(&agent.status());
+        let feed = try_feed_status(&agent)?;
         let published = feed["published"].as_u64().unwrap_or(0);
         (published >= 3).then_some(published)
     });
@@ -363,7 +363,7 @@ fn live_feed_after_an_outage_skips_what_grew_old_and_accounts_for_every_window()
         "windows skipped in the outage",
         Duration::from_secs(60),
         || {
-            let feed = feed_status(&agent.status());
+            let feed = try_feed_status(&agent)?;
             (feed["state"] == "disconnected" && feed["skipped"].as_u64() >= Some(4)).then_some(())
         },
     );
@@ -376,7 +376,7 @@ fn live_feed_after_an_outage_skips_what_grew_old_and_accounts_for_every_window()
     );
     broker.start_again();
     wait_for("publishing again", Duration::from_secs(60), || {
-        let feed = feed_status(&agent.status());
+        let feed = try_feed_status(&agent)?;
         (feed["state"] == "connected" && feed["published"].as_u64() >= Some(published_before + 3))
             .then_some(())
     });

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, S3Object, S3Server, T0, duckdb, minute, purpleair_body, read_tree, s3_sink,
-    sink_status, status_json, table_source, wait_for, write_agent_config, write_file,
+    Agent, JsonServer, S3Object, S3Server, T0, duckdb, find_sink, minute, ndjson_count,
+    purpleair_body, read_tree, s3_sink, sink_status, status_json, table_source, wait_for,
+    write_agent_config, write_file,
 };
 use serde_json::Value;
 
@@ -73,7 +74,7 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
 
     // Minutes 0-2 go up while the store is there.
     let before = wait_for("minutes 0-2 in the bucket", Duration::from_secs(60), || {
-        let objects = s3.list("lake");
+        let objects = s3.try_list("lake")?;
         (objects.len() == 9).then_some(objects)
     });
     for (prefix, ext) in [("parquet", "parquet"), ("csv", "csv"), ("wide", "ndjson")] {
@@ -111,12 +112,12 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
         "the bucket sinks retrying with minutes 3-5 pending",
         Duration::from_secs(60),
         || {
-            let status = agent.status();
+            let status = agent.try_status()?;
             ["lake", "table", "wide"]
                 .iter()
                 .all(|name| {
-                    let s = sink_status(&status, name);
-                    s["state"] == "retrying" && s["pending_partitions"] == 3
+                    find_sink(&status, name)
+                        .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 3)
                 })
                 .then_some(status)
         },
@@ -135,7 +136,7 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
     wait_for(
         "minutes 0-5 in the archive",
         Duration::from_secs(30),
-        || (read_tree(&archive).len() == 6).then_some(()),
+        || (ndjson_count(&read_tree(&archive)) == 6).then_some(()),
     );
     assert_eq!(sink_status(&agent.status(), "archive")["state"], "ok");
 
@@ -144,7 +145,7 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
     s3.restart();
     s3.create_bucket("lake");
     let after = wait_for("minutes 3-5 in the bucket", Duration::from_secs(60), || {
-        let objects = s3.list("lake");
+        let objects = s3.try_list("lake")?;
         (objects.len() == 9).then_some(objects)
     });
     for (prefix, ext) in [("parquet", "parquet"), ("csv", "csv"), ("wide", "ndjson")] {
@@ -159,7 +160,7 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
     // Late rows for minute 1 go to its next part, never over part-0000.
     server.push(purpleair_body(&[(7, T0 + 60 + 15, 100.0, 0.0)]));
     let late = wait_for("the late part of minute 1", Duration::from_secs(30), || {
-        let objects = s3.list("lake");
+        let objects = s3.try_list("lake")?;
         (objects.len() == 12).then_some(objects)
     });
     assert!(
@@ -167,7 +168,7 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
         "{late:?}"
     );
     let status = wait_for("every sink caught up", Duration::from_secs(30), || {
-        let status = agent.status();
+        let status = agent.try_status()?;
         status["sinks"]
             .as_array()
             .expect("sinks")
@@ -318,8 +319,8 @@ fn a_crash_between_upload_and_bookkeeping_leaves_exactly_one_copy() {
         "the part recorded as delivered",
         Duration::from_secs(60),
         || {
-            let status = agent.status();
-            (sink_status(&status, "lake")["delivered_parts"] == 1).then_some(())
+            let status = agent.try_status()?;
+            (find_sink(&status, "lake")?["delivered_parts"] == 1).then_some(())
         },
     );
     let second = s3.list("lake");
@@ -344,7 +345,7 @@ fn a_large_partition_goes_up_as_a_multipart_upload() {
     let config = write_config(dir.path(), &server.url, &sinks);
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
     let objects = wait_for("the large object", Duration::from_secs(120), || {
-        let objects = s3.list("lake");
+        let objects = s3.try_list("lake")?;
         (!objects.is_empty()).then_some(objects)
     });
     assert_eq!(objects.len(), 1, "{objects:?}");

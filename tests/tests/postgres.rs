@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, PG_PASSWORD, PG_TOTALS_SQL, PgServer, T0, archive_sink, minute,
-    ndjson_totals, pg_sink, purpleair_body, read_tree, sink_status, status_json, table_source,
-    wait_for, write_agent_config, write_file,
+    Agent, JsonServer, PG_PASSWORD, PG_TOTALS_SQL, PgServer, T0, archive_sink, find_sink, minute,
+    ndjson_count, ndjson_totals, pg_sink, purpleair_body, read_tree, sink_status, status_json,
+    table_source, wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
 
@@ -71,8 +71,8 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
         "the sink retrying with minutes 3-5 pending",
         Duration::from_secs(60),
         || {
-            let status = agent.status();
-            let db = sink_status(&status, "db");
+            let status = agent.try_status()?;
+            let db = find_sink(&status, "db")?;
             (db["state"] == "retrying" && db["pending_partitions"] == 3).then_some(status)
         },
     );
@@ -87,7 +87,7 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
         "{error}"
     );
     wait_for("the archive not held back", Duration::from_secs(30), || {
-        (read_tree(&dir.path().join("archive")).len() == 6).then_some(())
+        (ndjson_count(&read_tree(&dir.path().join("archive"))) == 6).then_some(())
     });
     pg.restart();
     wait_for("minutes 3-5 in PostgreSQL", Duration::from_secs(60), || {
@@ -109,11 +109,11 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
         "the load waiting for the lock",
         Duration::from_secs(30),
         || {
-            let waiting = pg.psql(
+            let waiting = pg.try_psql(
                 "postgres",
                 "SELECT count(*) FROM pg_stat_activity
              WHERE application_name = 'edgespool' AND wait_event_type = 'Lock'",
-            );
+            )?;
             (waiting == "1").then_some(())
         },
     );
@@ -135,10 +135,10 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
     // not duplicated.
     server.push(purpleair_body(&[(7, T0 + 60, 100.0, 0.0)]));
     wait_for("the late part loaded", Duration::from_secs(30), || {
-        let loads = pg.psql(
+        let loads = pg.try_psql(
             "postgres",
             "SELECT count(*) FROM edgespool_loads WHERE part = 1",
-        );
+        )?;
         (loads == "1").then_some(())
     });
     assert_eq!(count(&pg), 28, "merged, not added");
@@ -150,7 +150,7 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
     assert_eq!(merged, "2|1|100|50.5|70.003571");
 
     wait_for("every sink caught up", Duration::from_secs(30), || {
-        let status = agent.status();
+        let status = agent.try_status()?;
         status["sinks"]
             .as_array()
             .expect("sinks")
@@ -216,7 +216,7 @@ fn a_crash_after_the_commit_and_kills_at_random_points_never_duplicate_rows() {
         "everything spooled delivered",
         Duration::from_secs(60),
         || {
-            let status = agent.status();
+            let status = agent.try_status()?;
             (server.exhausted() && pending(&status) == 0).then_some(())
         },
     );
@@ -263,7 +263,7 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
     let config = write_config(dir.path(), &server.url, &sinks);
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
     let status = wait_for("four sinks failing", Duration::from_secs(60), || {
-        let status = agent.status();
+        let status = agent.try_status()?;
         [
             "wrong_password",
             "no_such_host",
@@ -272,8 +272,8 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
         ]
         .iter()
         .all(|name| {
-            let s = sink_status(&status, name);
-            s["state"] == "retrying" && s["pending_partitions"] == 1
+            find_sink(&status, name)
+                .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 1)
         })
         .then_some(status)
     });
