@@ -40,7 +40,9 @@ pub use self::source::{
 };
 pub use self::store::{AzureStore, Compression, Format, GcsStore, Layout, LocalStore, S3Store};
 
-use self::located::{key_span, line_column};
+use self::agent::{device_id, validate_agent};
+use self::located::{byte_line_column, key_span, line_column, read_file, text_of, value_span};
+use self::secret::env_error_offset;
 use self::sink::{parse_sink, validate_sink};
 use self::source::{parse_source, validate_source};
 use self::tables::take_array;
@@ -60,6 +62,8 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// The `[[sinks]]`, in file order.
     pub sinks: Vec<SinkConfig>,
+    /// `agent.device_id`, or the host name it defaults to, checked.
+    device: String,
 }
 
 /// The `[agent]` part of the file as written (sources and sinks are read one by one).
@@ -72,17 +76,41 @@ struct Root {
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        Config::parse_bytes(&read_file(path)?, path)
+    }
+
+    /// Parses and validates the bytes of a configuration file, which must be UTF-8 text;
+    /// `path` only names it in errors.
+    pub fn parse_bytes(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
+        let text = text_of(bytes).map_err(|(offset, message)| {
+            let (line, column) = byte_line_column(bytes, offset);
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
         })?;
-        Config::parse(&text, path)
+        Config::parse(text, path)
     }
 
     /// Parses and validates configuration text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_as(text, path, host_name)
+    }
+
+    /// [`Config::parse`], with `host` giving the host name (tests give their own).
+    fn parse_as(
+        text: &str,
+        path: &Path,
+        host: impl FnOnce() -> String,
+    ) -> Result<Config, ConfigError> {
         let at = |span: Option<Range<usize>>, message: String| {
-            let (line, column) = line_column(text, span.map_or(0, |s| s.start));
+            let offset = span.map_or(0, |span| {
+                let raw = text.get(span.clone()).unwrap_or_default();
+                span.start + env_error_offset(raw, &message).unwrap_or(0)
+            });
+            let (line, column) = line_column(text, offset);
             ConfigError::Invalid {
                 path: path.to_owned(),
                 line,
@@ -95,6 +123,7 @@ impl Config {
         let mut root = DeTable::parse(text).map_err(from_toml)?.into_inner();
         let sources = take_array(&mut root, "sources").map_err(|(span, msg)| at(span, msg))?;
         let sinks = take_array(&mut root, "sinks").map_err(|(span, msg)| at(span, msg))?;
+        let agent_table = root.get("agent").cloned();
         let agent = Root::deserialize(toml::de::Deserializer::from(Spanned::new(
             0..text.len(),
             root,
@@ -102,11 +131,19 @@ impl Config {
         .map_err(from_toml)?
         .agent
         .ok_or_else(|| at(None, "missing [agent] table".to_owned()))?;
+        // An error of the agent table points at the value at fault, or at `[agent]`.
+        let agent_at = |key: Option<&str>, message: String| {
+            let value = key.and_then(|key| agent_table.as_ref().and_then(|t| value_span(t, key)));
+            at(value.or_else(|| key_span(text, "[agent]")), message)
+        };
+        let device = device_id(&agent, host).map_err(|(key, msg)| agent_at(key, msg))?;
+        validate_agent(&agent).map_err(|(key, msg)| agent_at(key, msg))?;
 
         let mut config = Config {
             agent,
             sources: Vec::new(),
             sinks: Vec::new(),
+            device,
         };
         let mut names: BTreeMap<String, ()> = BTreeMap::new();
         for table in sources {
@@ -146,39 +183,14 @@ impl Config {
         Ok(config)
     }
 
-    /// The device id, or this machine's host name when none is configured.
+    /// The device id: `agent.device_id`, or this machine's host name when none is
+    /// configured.
     pub fn device_id(&self) -> String {
-        self.agent.device_id.clone().unwrap_or_else(host_name)
+        self.device.clone()
     }
 
-    /// Checks what the types alone cannot.
+    /// Checks what the types alone cannot, across the tables.
     fn validate(&self) -> Result<(), String> {
-        let agent = &self.agent;
-        if let Some(id) = &agent.device_id {
-            valid_key_part(id).map_err(|why| format!("agent.device_id {id:?} {why}"))?;
-        }
-        let (window, partition) = (agent.window.get(), agent.partition.get());
-        if partition % window != 0 {
-            return Err(format!(
-                "agent.partition ({partition}s) must be a whole multiple of agent.window ({window}s)"
-            ));
-        }
-        if partition % 60 != 0 {
-            return Err(format!(
-                "agent.partition ({partition}s) must be a whole number of minutes: object keys name partitions to the minute"
-            ));
-        }
-        if 86_400 % partition != 0 {
-            return Err(format!(
-                "agent.partition ({partition}s) must divide a day evenly (e.g. 1m, 10m, 1h, 6h, 24h)"
-            ));
-        }
-        if agent.disk_budget.as_u64() < 1024 * 1024 {
-            return Err(format!(
-                "agent.disk_budget ({}) must be at least 1 MiB",
-                agent.disk_budget
-            ));
-        }
         if self.sources.is_empty() {
             return Err("no [[sources]]: add at least one, e.g. kind = \"system\"".to_owned());
         }
@@ -195,21 +207,34 @@ impl Config {
     }
 }
 
-/// Names that end up in object keys and series names stay plain.
+/// What a name that ends up in object keys, folder names, series names or `status` must
+/// be: the device id and the names of sources and sinks.
+const NAME_RULE: &str = "must be 1 to 64 characters: letters, digits, '-', '_' and '.', starting with a letter or digit";
+
+/// Names that end up in object keys and series names stay plain: never `.` or `..` (a
+/// folder of its own), never a leading `.` or `_` (files that readers of a data lake,
+/// pyarrow or Spark, skip as hidden), never `/` or `#`.
 fn valid_key_part(text: &str) -> Result<(), &'static str> {
-    let ok = !text.is_empty()
-        && text.len() <= 128
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
+    let mut chars = text.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && text.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok { Ok(()) } else { Err(NAME_RULE) }
+}
+
+/// A name as an error quotes it: the first 40 characters of a long one.
+fn quoted(name: &str) -> String {
+    let count = name.chars().count();
+    if count <= 40 {
+        format!("{name:?}")
     } else {
-        Err("must be 1 to 128 characters of letters, digits, '-', '_' and '.'")
+        let head: String = name.chars().take(40).collect();
+        format!("{head:?}… ({count} characters)")
     }
 }
 
-/// This machine's host name, for the default device id.
+/// This machine's host name, for the default device id, with what a device id may not
+/// hold replaced by `_`.
 pub fn host_name() -> String {
     let name = rustix::system::uname()
         .nodename()

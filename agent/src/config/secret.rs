@@ -40,37 +40,64 @@ impl fmt::Debug for Secret {
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        expand_env(&text, |name| std::env::var(name).ok())
+        expand_env(&text, environment)
             .map(Secret)
-            .map_err(de::Error::custom)
+            .map_err(|(_, message)| de::Error::custom(message))
+    }
+}
+
+fn environment(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Where in `raw`, the source text of a value, the `${` is that `message` is about: the
+/// error of a secret names its whole value, the file names the variable.
+pub(super) fn env_error_offset(raw: &str, message: &str) -> Option<usize> {
+    match expand_env(raw, environment) {
+        Err((at, again)) if again == message => Some(at),
+        _ => None,
     }
 }
 
 /// Replaces every `${NAME}` by the variable's value; `$${` stands for a literal `${`.
+/// An error comes with the byte offset of its `${`.
 pub(super) fn expand_env(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, String> {
+) -> Result<String, (usize, String)> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
+        let offset = text.len() - rest.len() + at;
         let tail = &rest[at..];
         if let Some(after) = tail.strip_prefix("$${") {
             out.push_str("${");
             rest = after;
         } else if let Some(after) = tail.strip_prefix("${") {
-            let end = after
-                .find('}')
-                .ok_or_else(|| "unterminated ${ in value".to_owned())?;
+            let end = after.find('}').ok_or_else(|| {
+                (
+                    offset,
+                    "unterminated ${ in value; write ${NAME}, or $${ for a literal ${".to_owned(),
+                )
+            })?;
             let name = &after[..end];
             let valid =
                 !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
-                return Err(format!("invalid environment variable name {name:?}"));
+                return Err((
+                    offset,
+                    format!("invalid environment variable name {name:?}: letters, digits and _"),
+                ));
             }
-            let value =
-                lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            let value = lookup(name).ok_or_else(|| {
+                (
+                    offset,
+                    format!(
+                        "environment variable {name} is not set; set it for the agent (systemd: Environment= or EnvironmentFile=), or write $${{ for a literal ${{"
+                    ),
+                )
+            })?;
             out.push_str(&value);
             rest = &after[end + 1..];
         } else {

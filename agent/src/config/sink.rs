@@ -10,10 +10,11 @@ use toml::de::DeValue;
 
 use super::broker::{MqttConnection, default_qos, validate_broker};
 use super::durations::duration;
-use super::located::{Located, kind_value_span};
+use super::located::{Located, value_span};
 use super::secret::{Secret, SecretFile, one_secret};
 use super::store::{AzureStore, Compression, Format, GcsStore, Layout, LocalStore, S3Store};
 use super::tables::{field_names, kind_of, split_table, without_kind};
+use super::{quoted, valid_key_part};
 
 /// One `[[sinks]]` entry.
 #[derive(Debug, Clone)]
@@ -402,11 +403,59 @@ fn validate_mqtt_sink(name: &str, mqtt: &MqttSink) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses one `[[sinks]]` table and checks its name and prefix, at their values.
 pub(super) fn parse_sink(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
+    let at = |key: &str| value_span(&table, key).or(Some(table.span()));
+    let (name_at, prefix_at) = (at("name"), at("prefix"));
+    let sink = parse_kind(table)?;
+    let name = &sink.name;
+    valid_key_part(name).map_err(|why| (name_at, format!("sink name {} {why}", quoted(name))))?;
+    if let SinkKind::Object(object) = &sink.kind {
+        check_prefix(&object.prefix).map_err(|why| {
+            (
+                prefix_at,
+                format!(
+                    "sink {name:?}: prefix {} {why}; a prefix is plain segments separated by '/', e.g. \"lake/raw\": no leading '/', no empty, \".\" or \"..\" segment, no '\\' and no control characters",
+                    quoted(&object.prefix)
+                ),
+            )
+        })?;
+    }
+    Ok(sink)
+}
+
+/// What object_store's `Path::parse` would refuse in an object key made under `prefix`
+/// (the sink would then fail every upload), and what would step out of it.
+fn check_prefix(prefix: &str) -> Result<(), &'static str> {
+    if prefix.starts_with('/') {
+        return Err("starts with '/'");
+    }
+    if prefix.contains('\\') {
+        return Err("holds a '\\'");
+    }
+    if prefix.chars().any(char::is_control) {
+        return Err("holds a control character");
+    }
+    let path = prefix.strip_suffix('/').unwrap_or(prefix);
+    if path.is_empty() {
+        return Ok(());
+    }
+    for segment in path.split('/') {
+        match segment {
+            "" => return Err("has an empty segment (\"//\")"),
+            "." => return Err("has a \".\" segment"),
+            ".." => return Err("has a \"..\" segment"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
     let span = table.span();
     let kinds = "\"local\", \"s3\", \"gcs\", \"azure\", \"postgres\", \"mqtt\"";
     let kind = kind_of(&table, "sinks", kinds)?;
-    let kind_span = kind_value_span(&table).unwrap_or(span.clone());
+    let kind_span = value_span(&table, "kind").unwrap_or(span.clone());
     if kind == "postgres" {
         let pg: PostgresSink = without_kind(table)?;
         return Ok(SinkConfig {

@@ -11,10 +11,10 @@ use toml::de::DeValue;
 
 use super::broker::{MqttConnection, default_qos, validate_broker};
 use super::durations::duration;
-use super::located::{Located, kind_value_span};
+use super::located::{Located, value_span};
 use super::secret::{Secret, SecretFile};
 use super::tables::{field_names, kind_of, split_table, without_kind};
-use super::valid_key_part;
+use super::{quoted, valid_key_part};
 
 fn default_interval() -> Duration {
     Duration::from_secs(1)
@@ -297,7 +297,6 @@ fn default_rows_pointer() -> String {
 /// The checks on one source that its types cannot make.
 pub(super) fn validate_source(source: &SourceConfig) -> Result<(), String> {
     let name = &source.name;
-    valid_key_part(name).map_err(|why| format!("source name {name:?} {why}"))?;
     if source.interval.is_zero() || source.timeout.is_zero() {
         return Err(format!(
             "source {name:?}: interval and timeout must be above zero"
@@ -405,14 +404,23 @@ fn validate_mqtt(name: &str, mqtt: &MqttSource) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses one `[[sources]]` table and checks its name, at its value.
 pub(super) fn parse_source(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
+    let name_at = value_span(&table, "name").or(Some(table.span()));
+    let source = parse_kind(table)?;
+    let name = &source.name;
+    valid_key_part(name).map_err(|why| (name_at, format!("source name {} {why}", quoted(name))))?;
+    Ok(source)
+}
+
+fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
     let span = table.span();
     let kind = kind_of(
         &table,
         "sources",
         "\"system\", \"sysfs\", \"http\", \"mqtt\"",
     )?;
-    let kind_span = kind_value_span(&table).unwrap_or(span);
+    let kind_span = value_span(&table, "kind").unwrap_or(span);
     Ok(match kind.as_str() {
         "system" => {
             let s: SystemSource = without_kind(table)?;

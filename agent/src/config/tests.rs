@@ -355,8 +355,12 @@ fn secrets_expand_from_the_environment_and_never_print() {
         Ok("cost $5 ${X}")
     );
     assert_eq!(
-        expand_env("${MISSING}", lookup),
-        Err("environment variable MISSING is not set".to_owned())
+        expand_env("a ${MISSING}", lookup),
+        Err((
+            2,
+            "environment variable MISSING is not set; set it for the agent (systemd: Environment= or EnvironmentFile=), or write $${ for a literal ${"
+                .to_owned()
+        ))
     );
     assert_eq!(format!("{:?}", Secret("s3cr3t".into())), "<secret>");
 }
@@ -373,5 +377,214 @@ fn two_sources_may_not_share_a_name() {
     assert_eq!(
         error_of(&text),
         "edgespool.toml:13:1: two sources are named \"system\"; give each its own name"
+    );
+}
+
+fn with_agent(keys: &str) -> String {
+    MINIMAL.replace("spool = \"/tmp/x/spool.db\"\n", keys)
+}
+
+#[test]
+fn a_prefix_must_stay_inside_its_folder() {
+    let rule = "a prefix is plain segments separated by '/', e.g. \"lake/raw\": no leading '/', \
+                no empty, \".\" or \"..\" segment, no '\\' and no control characters";
+    let text = format!("{MINIMAL}prefix = \"../../escape\"\n");
+    assert_eq!(
+        error_of(&text),
+        format!(
+            "edgespool.toml:12:10: sink \"local\": prefix \"../../escape\" has a \"..\" segment; {rule}"
+        )
+    );
+    let cases = [
+        ("/lake", "starts with '/'"),
+        ("lake//raw", "has an empty segment (\"//\")"),
+        ("lake/./raw", "has a \".\" segment"),
+        ("lake\\\\raw", "holds a '\\'"),
+        ("lake\\traw", "holds a control character"),
+    ];
+    for (prefix, why) in cases {
+        let error = error_of(&format!("{MINIMAL}prefix = \"{prefix}\"\n"));
+        assert!(
+            error.starts_with("edgespool.toml:12:10: ") && error.contains(why),
+            "{prefix}: {error}"
+        );
+    }
+    for prefix in ["lake/raw", "lake/raw/", "", "année=2026/x.y"] {
+        Config::parse(
+            &format!("{MINIMAL}prefix = \"{prefix}\"\n"),
+            Path::new("x.toml"),
+        )
+        .expect("a plain prefix");
+    }
+}
+
+#[test]
+fn a_spool_that_is_not_a_regular_file_is_refused() {
+    let what = "not a regular file: the spool is an SQLite file (with -wal and -shm files beside \
+                it); give a path that is a regular file or does not exist yet";
+    assert_eq!(
+        error_of(&with_agent("spool = \"/dev/null\"\n")),
+        format!("edgespool.toml:4:9: agent.spool \"/dev/null\" is a character device, {what}")
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().display().to_string();
+    assert_eq!(
+        error_of(&with_agent(&format!("spool = \"{folder}\"\n"))),
+        format!(
+            "edgespool.toml:4:9: agent.spool \"{folder}\" is a folder; give the path of a file in it, e.g. \"{folder}/spool.db\""
+        )
+    );
+    let file = dir.path().join("plain");
+    std::fs::write(&file, "").expect("write");
+    let under = format!("{}/sub/spool.db", file.display());
+    assert_eq!(
+        error_of(&with_agent(&format!("spool = \"{under}\"\n"))),
+        format!(
+            "edgespool.toml:4:9: agent.spool \"{under}\" cannot be created: {} is a file, not a folder",
+            file.display()
+        )
+    );
+    assert!(
+        error_of(&with_agent("spool = \"/var/lib/edgespool/\"\n"))
+            .ends_with("agent.spool \"/var/lib/edgespool/\" names a folder; give the path of a file in it, e.g. \"/var/lib/edgespool/spool.db\"")
+    );
+    let fresh = dir.path().join("a/b/spool.db");
+    Config::parse(
+        &with_agent(&format!("spool = \"{}\"\n", fresh.display())),
+        Path::new("x.toml"),
+    )
+    .expect("a spool that does not exist yet");
+    assert!(!dir.path().join("a").exists(), "checking creates nothing");
+}
+
+#[test]
+fn a_device_id_is_a_plain_name() {
+    let rule = "must be 1 to 64 characters: letters, digits, '-', '_' and '.', starting with a \
+                letter or digit";
+    for id in ["..", ".", "", "a/b", "_pi", "pi 1"] {
+        let text = MINIMAL.replace("\"pi-1\"", &format!("{id:?}"));
+        assert_eq!(
+            error_of(&text),
+            format!("edgespool.toml:3:13: agent.device_id {id:?} {rule}")
+        );
+    }
+    let long = "p".repeat(65);
+    assert_eq!(
+        error_of(&MINIMAL.replace("\"pi-1\"", &format!("{long:?}"))),
+        format!(
+            "edgespool.toml:3:13: agent.device_id \"{}\"… (65 characters) {rule}",
+            "p".repeat(40)
+        )
+    );
+}
+
+#[test]
+fn a_host_name_that_is_no_device_id_is_explained() {
+    let text = MINIMAL.replace("device_id = \"pi-1\"\n", "");
+    let err = Config::parse_as(&text, Path::new("edgespool.toml"), || "..".to_owned())
+        .expect_err("refused")
+        .to_string();
+    assert_eq!(
+        err,
+        "edgespool.toml:2:1: agent.device_id is not set and the host name \"..\" cannot stand for \
+         it: a device id must be 1 to 64 characters: letters, digits, '-', '_' and '.', starting \
+         with a letter or digit; set agent.device_id"
+    );
+    let config = Config::parse_as(&text, Path::new("x.toml"), || "pi-7".to_owned()).expect("valid");
+    assert_eq!(config.device_id(), "pi-7");
+}
+
+#[test]
+fn a_disk_budget_is_within_what_the_spool_can_hold() {
+    let bounds = "must be at least 1 MiB and at most 4 TiB (the most an SQLite spool of 1 KiB \
+                  pages can hold)";
+    let text = with_agent("spool = \"/tmp/x/spool.db\"\ndisk_budget = \"16 EiB\"\n");
+    assert_eq!(
+        error_of(&text),
+        format!("edgespool.toml:5:15: agent.disk_budget (16.0 EiB) {bounds}")
+    );
+    let text = with_agent("spool = \"/tmp/x/spool.db\"\ndisk_budget = \"512 KiB\"\n");
+    assert_eq!(
+        error_of(&text),
+        format!("edgespool.toml:5:15: agent.disk_budget (512.0 KiB) {bounds}")
+    );
+    let text = with_agent("spool = \"/tmp/x/spool.db\"\ndisk_budget = \"4 TiB\"\n");
+    Config::parse(&text, Path::new("x.toml")).expect("the largest budget");
+}
+
+#[test]
+fn names_of_sources_and_sinks_are_short_and_plain() {
+    let rule = "must be 1 to 64 characters: letters, digits, '-', '_' and '.', starting with a \
+                letter or digit";
+    let huge = "n".repeat(1 << 20);
+    let text = format!("{MINIMAL}name = \"{huge}\"\n");
+    assert_eq!(
+        error_of(&text),
+        format!(
+            "edgespool.toml:12:8: sink name \"{}\"… (1048576 characters) {rule}",
+            "n".repeat(40)
+        )
+    );
+    let text = MINIMAL.replace("kind = \"system\"", "kind = \"system\"\nname = \"cpu/0\"");
+    assert_eq!(
+        error_of(&text),
+        format!("edgespool.toml:8:8: source name \"cpu/0\" {rule}")
+    );
+}
+
+#[test]
+fn a_file_that_is_not_utf8_text_is_located() {
+    let parse = |bytes: &[u8]| {
+        Config::parse_bytes(bytes, Path::new("edgespool.toml"))
+            .expect_err("refused")
+            .to_string()
+    };
+    // "café" in Latin-1: the é is byte 0xE9, the 17th character of line 3.
+    let mut latin1 = MINIMAL.replace("pi-1", "caf#").into_bytes();
+    let at = latin1.iter().position(|&b| b == b'#').expect("a #");
+    latin1[at] = 0xE9;
+    assert_eq!(
+        parse(&latin1),
+        "edgespool.toml:3:17: invalid UTF-8 (byte 0xE9); save the file as UTF-8"
+    );
+    assert_eq!(
+        parse(b"SQLite format 3\0\x10\x00"),
+        "edgespool.toml:1:16: is not a text file (it holds a NUL byte here); give the path of the TOML file"
+    );
+    assert_eq!(
+        parse(b"\xFF\xFE[\0a\0"),
+        "edgespool.toml:1:1: the file is UTF-16 text; save it as UTF-8"
+    );
+    Config::parse_bytes(MINIMAL.as_bytes(), Path::new("x.toml")).expect("valid");
+}
+
+#[test]
+fn a_folder_is_not_a_configuration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = Config::load(dir.path()).expect_err("refused").to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: is a folder; give the path of the TOML file",
+            dir.path().display()
+        )
+    );
+}
+
+#[test]
+fn an_unset_variable_is_located_at_its_name() {
+    let text = format!(
+        "{MINIMAL}\n[[sources]]\nkind = \"http\"\nname = \"api\"\nurl = \"http://127.0.0.1:1/\"\nheaders = {{ Authorization = \"Bearer ${{EDGESPOOL_NEVER_SET_3F9}}\" }}\n[[sources.fields]]\nname = \"a\"\npointer = \"/a\"\n"
+    );
+    assert_eq!(
+        error_of(&text),
+        "edgespool.toml:17:37: environment variable EDGESPOOL_NEVER_SET_3F9 is not set; set it \
+         for the agent (systemd: Environment= or EnvironmentFile=), or write $${ for a literal ${"
+    );
+    let sink = "[[sinks]]\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"${EDGESPOOL_NEVER_SET_3F9}\"\nsecret_access_key = \"k\"\n";
+    let err = error_of(&with_sink(sink));
+    assert!(
+        err.starts_with("edgespool.toml:12:18: environment variable EDGESPOOL_NEVER_SET_3F9"),
+        "{err}"
     );
 }
