@@ -64,6 +64,9 @@ pub enum RunError {
     /// A sink could not be set up.
     #[error(transparent)]
     Sink(#[from] sink::SinkError),
+    /// Another edgespool took the spool over while this one ran.
+    #[error("another edgespool took the spool over, so this one stopped ({message})")]
+    TakenOver { message: String },
 }
 
 /// Runs the agent until `shutdown` completes, then flushes the open windows and stops.
@@ -157,6 +160,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     tasks.spawn(aggregator.run());
     let commits = spool.commits();
+    let mut taken_over = spool.taken_over();
     drop(spool);
     info!(
         device = %device,
@@ -182,7 +186,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let stale_after = Duration::from_secs(2 * u64::from(agent.window.get()) + 10);
     let watchdog = tokio::spawn(systemd::watchdog(commits, stale_after));
 
-    shutdown.await;
+    // Another edgespool that took the spool's lock (its lock file deleted under this one)
+    // owns the spool now: this agent, which can no longer commit, stops.
+    let taken_over = async move {
+        match taken_over.wait_for(Option::is_some).await {
+            Ok(message) => message.clone(),
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let lost = tokio::select! {
+        () = shutdown => None,
+        message = taken_over => message,
+    };
     systemd::stopping();
     info!("shutting down: flushing open windows");
     let _ = stop.send(true);
@@ -199,7 +214,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
     watchdog.abort();
     info!("edgespool stopped");
-    Ok(())
+    match lost {
+        Some(message) => Err(RunError::TakenOver { message }),
+        None => Ok(()),
+    }
 }
 
 /// An error and its causes, "error sending request: connection refused", since the

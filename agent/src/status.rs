@@ -71,6 +71,22 @@ pub struct SpoolStatus {
     pub series_known: i64,
     /// A corrupt spool found at start and moved aside (the last time it happened).
     pub recovered: Option<RecoveryStatus>,
+    /// The spool file found deleted or replaced under the running agent and rewritten
+    /// from its open database (the last time it happened).
+    pub restored: Option<RestoredStatus>,
+}
+
+/// The spool file deleted or replaced under the running agent, and put back.
+#[derive(Debug, Serialize)]
+pub struct RestoredStatus {
+    /// When it was found and put back (RFC 3339).
+    pub at: String,
+    /// "deleted" or "replaced".
+    pub found: String,
+    /// Where the file that had replaced it went (kept, as found).
+    pub moved_to: Option<String>,
+    /// Windows the rewritten spool held.
+    pub rows: i64,
 }
 
 /// A corrupt spool moved aside.
@@ -226,6 +242,12 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
         moved_to: r.moved_to.display().to_string(),
         reason: r.reason,
     });
+    let restored = reader.restored()?.map(|r| RestoredStatus {
+        at: clock::rfc3339_ms(r.at_ms),
+        found: r.found,
+        moved_to: r.moved_to.map(|p| p.display().to_string()),
+        rows: r.rows,
+    });
     let file_bytes = [path.to_owned(), wal_path(path)]
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
@@ -310,6 +332,7 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             rows,
             series_known,
             recovered,
+            restored,
         },
         sampling: Sampling {
             series: state.as_ref().map_or(0, |s| s.series),
@@ -452,6 +475,17 @@ pub fn render(status: &Status, now_ms: i64) -> String {
             out,
             "spool     RECOVERED {}: the spool was corrupt ({}); moved to {}, with the windows it held; a fresh spool started",
             r.at, r.reason, r.moved_to
+        );
+    }
+    if let Some(r) = &s.restored {
+        let replaced = match &r.moved_to {
+            Some(moved) => format!("replaced by another file (moved to {moved})"),
+            None => "deleted".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "spool     RESTORED {}: the spool file was {replaced} while the agent ran; rewritten from the open database with the {} windows it held",
+            r.at, r.rows
         );
     }
     let m = &status.sampling;

@@ -181,7 +181,10 @@ impl Uploader {
     /// Reads, sends and acknowledges one part.
     async fn send(&self, plan: &PartPlan, reader: &mut Option<SpoolReader>) -> Result<(), String> {
         let path = self.spool.path().to_owned();
-        let taken = reader.take();
+        // Design: the writer's file, read after the plan came back, so a plan made in a
+        // spool put back after a deletion (spool/follow.rs) is read from that file.
+        let writer_file = self.spool.file();
+        let taken = reader.take().filter(|r| r.file() == Some(writer_file));
         let query = plan.clone();
         let with_series = self.sink.wants_series();
         let (back, rows) = tokio::task::spawn_blocking(move || {
@@ -189,6 +192,9 @@ impl Uploader {
                 Some(r) => r,
                 None => SpoolReader::open(&path)?,
             };
+            if reader.file() != Some(writer_file) {
+                return Err(crate::spool::SpoolError::NotTheWriters { path });
+            }
             let rows = reader.read_part(&query, with_series);
             Ok::<_, crate::spool::SpoolError>((reader, rows))
         })

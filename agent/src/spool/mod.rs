@@ -10,6 +10,8 @@
 //!   so a commit is one append to the WAL and one fsync.
 //! - One writer: [`Spool`] lives on its own thread behind [`SpoolHandle`]; the uploaders
 //!   and `edgespool status` read through their own connections ([`SpoolReader`]).
+//! - One agent per spool: the writer holds an exclusive `flock` on `NAME.lock`
+//!   ([`SpoolLock`]), taken before anything opens, migrates or moves the spool.
 //! - Nothing is delivered twice in effect, nothing is overwritten: a part of a partition
 //!   is *planned* (its row range fixed and committed) before it is sent, so a retry after
 //!   a crash sends exactly the same rows under the same key.
@@ -17,7 +19,9 @@
 //! # Schema (version 2)
 //! ```text
 //! meta(key TEXT PK, value TEXT)                  'agent': state as JSON (heartbeat, pid, config);
-//!                                                'next_id': the next window id
+//!                                                'next_id': the next window id;
+//!                                                'recovered', 'restored': the last corrupt
+//!                                                file moved aside, the last file put back
 //! counters(name TEXT PK, value INTEGER)          lifetime counters, added to at each flush
 //! series(id INTEGER PK, name, unit, tags,       tags as canonical JSON; UNIQUE(name, tags);
 //!        first_partition, first_id)              where and in which flush it was first
@@ -59,6 +63,29 @@
 //! WAL, kept, logged as an error, and a fresh spool takes its place; the event stays in
 //! `meta('recovered')` for `status`. Another program's SQLite file is refused instead.
 //!
+//! # One agent per spool
+//! `Spool::open` first takes an exclusive, non-blocking `flock(2)` on `NAME.lock` beside
+//! the spool and writes its pid into it; a second agent gets
+//! [`SpoolError::InUse`] ("the spool NAME is in use by another edgespool (pid N); stop it
+//! first") before it opens, migrates or moves aside anything. The kernel releases the
+//! lock when the holder dies, so `kill -9` leaves no stale lock; the file stays, naming
+//! the last holder. `status` and `check-config` never take it. The lock file is not the
+//! spool's: a corrupt spool is moved aside without it. Why a file of its own and not the
+//! spool: see `lock.rs`.
+//!
+//! # The file deleted or replaced under the agent
+//! At every flush (and at the stop) the writer compares, with one `stat` each, what the
+//! spool's path and the lock file's path name with the files it holds (device and
+//! inode). The lock file is taken again if it went. A spool path naming nothing (deleted)
+//! or another file (replaced: that file is moved aside as `NAME.replaced-MILLIS` with its
+//! `-wal`/`-shm`, kept) gets a fresh copy of the open database (`VACUUM INTO`), which the
+//! writer then opens; the event is logged as an error and kept in `meta('restored')` for
+//! `status` (`spool RESTORED …`). Nothing committed is lost, nothing delivered goes again
+//! (the parts are in the copy). Uploaders' readers check that they read the writer's
+//! file ([`SpoolHandle::file`]) and open it again when it changed. If another agent
+//! took the lock meanwhile (the lock file deleted, then taken), this one commits nothing
+//! more and stops with an error. Details in `follow.rs`.
+//!
 //! # Full disk
 //! The spool's used pages are held under `disk_budget` by a [`WhenFull`] policy:
 //! `DropOldest` deletes the oldest partitions whatever their delivery state,
@@ -73,6 +100,9 @@
 //! - `delivery.rs`: planning a sink's parts ([`Plan`], [`PartPlan`]), recording
 //!   deliveries (deleting what every sink has) and failures.
 //! - `budget.rs`: the bytes used, and dropping the oldest partitions at the budget.
+//! - `lock.rs`: [`SpoolLock`], one agent per spool; [`FileId`], which file a path names.
+//! - `follow.rs`: the spool file deleted or replaced under the agent, put back
+//!   ([`Restored`]).
 //! - `thread.rs`: the single writer thread behind [`SpoolHandle`].
 //! - `reader.rs`: [`SpoolReader`] and what it reads: parts, [`AgentState`], counters,
 //!   totals, [`SinkRecord`]s.
@@ -80,12 +110,16 @@
 
 mod budget;
 mod delivery;
+mod follow;
+mod lock;
 mod reader;
 mod schema;
 mod thread;
 mod writer;
 
 pub use delivery::{MAX_PART_ROWS, PartPlan, PartRows, Plan};
+pub use follow::Restored;
+pub use lock::{AtPath, FileId, SpoolLock, lock_path};
 pub use reader::{AgentState, SinkRecord, SourceState, SpoolReader};
 pub use schema::Recovery;
 pub use thread::{SpoolHandle, SpoolThread};
@@ -149,6 +183,33 @@ pub enum SpoolError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Another process holds the spool's lock: one agent per spool.
+    #[error(
+        "the spool {path} is in use by another edgespool ({}); stop it first",
+        holder(.pid)
+    )]
+    InUse { path: PathBuf, pid: Option<u32> },
+    /// The lock file could not be made, locked or written.
+    #[error("cannot lock the spool with {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The path does not name the file the writer has open (yet): a reader waits.
+    #[error(
+        "the spool {path} is not the file the agent writes (deleted or replaced): waiting for the agent to put it back"
+    )]
+    NotTheWriters { path: PathBuf },
+    /// The spool file was deleted or replaced under the agent and could not be put back.
+    #[error("cannot put the spool back at {path}: {reason}")]
+    Restore { path: PathBuf, reason: String },
+}
+
+fn holder(pid: &Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("pid {pid}"),
+        None => "pid unknown".to_owned(),
+    }
 }
 
 /// What the spool needs to know of the configuration.
@@ -178,6 +239,10 @@ pub struct SpoolOptions {
 pub struct Spool {
     conn: Connection,
     path: PathBuf,
+    /// The file `conn` has open (compared with what `path` names at every flush).
+    file: FileId,
+    /// This agent's claim on the spool.
+    lock: SpoolLock,
     options: SpoolOptions,
     series_ids: HashMap<Arc<Series>, i64>,
     /// The id the next window gets (persisted in `meta` with every flush).

@@ -13,7 +13,7 @@ use crate::flow::{LiveState, Problem, Series, WindowRow};
 use super::budget::used_bytes;
 use super::schema::APPLICATION_ID;
 use super::writer::StoredWindow;
-use super::{CACHE_KIB, PartPlan, PartRows, Recovery, SpoolError, sqlite};
+use super::{CACHE_KIB, FileId, PartPlan, PartRows, Recovery, Restored, SpoolError, sqlite};
 
 /// The agent's state as `status` reads it, rewritten at every flush.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +71,8 @@ pub struct SourceState {
 pub struct SpoolReader {
     conn: Connection,
     path: PathBuf,
+    /// The file opened, if the path named the same one before and after.
+    file: Option<FileId>,
     series: HashMap<i64, Arc<Series>>,
 }
 
@@ -105,6 +107,7 @@ impl SpoolReader {
     /// Opens the spool read-only.
     pub fn open(path: &Path) -> Result<SpoolReader, SpoolError> {
         let err = sqlite(path);
+        let before = FileId::of_path(path).ok().flatten();
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(&err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -129,11 +132,18 @@ impl SpoolReader {
                 }
             });
         }
+        let after = FileId::of_path(path).ok().flatten();
         Ok(SpoolReader {
             conn,
             path: path.to_owned(),
+            file: before.filter(|_| before == after),
             series: HashMap::new(),
         })
+    }
+
+    /// The file this reader has open (`None` if the path changed while it opened).
+    pub fn file(&self) -> Option<FileId> {
+        self.file
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> SpoolError + '_ {
@@ -257,6 +267,19 @@ impl SpoolReader {
         let json: Option<String> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'recovered'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// The last time the spool file was found deleted or replaced under the running
+    /// agent and rewritten from its open database, if ever.
+    pub fn restored(&self) -> Result<Option<Restored>, SpoolError> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'restored'", [], |r| {
                 r.get(0)
             })
             .optional()

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::WhenFull;
 use crate::flow::LiveState;
 
-use super::{AgentState, CACHE_KIB, SourceState, Spool, SpoolError, SpoolOptions};
+use super::{
+    AgentState, CACHE_KIB, FileId, SourceState, Spool, SpoolError, SpoolLock, SpoolOptions, sqlite,
+};
 
 /// Identifies our files (`PRAGMA application_id`, "ESP1").
 pub(super) const APPLICATION_ID: i32 = 0x4553_5031;
@@ -82,165 +84,198 @@ pub struct Recovery {
 }
 
 impl Spool {
-    /// Opens (creating or migrating) the spool and registers the configured sinks. A
-    /// corrupt file is moved aside (with its WAL), kept for forensics, and a fresh spool
-    /// started in its place; `status` shows the event from then on.
+    /// Takes the spool's lock ([`SpoolLock`]), then opens (creating or migrating) the
+    /// spool and registers the configured sinks. A corrupt file is moved aside (with its
+    /// WAL), kept for forensics, and a fresh spool started in its place; `status` shows
+    /// the event from then on. A spool another process holds is refused
+    /// ([`SpoolError::InUse`]) before anything is opened, migrated or moved.
     pub fn open(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
-        match Spool::open_checked(path, options.clone()) {
+        let lock = SpoolLock::take(path)?;
+        let (conn, recovery) = match open_file(path, &options) {
             Err(SpoolError::Corrupt { reason, .. }) => {
-                let moved_to = move_aside(path, crate::clock::now_ms())?;
+                let moved_to = move_aside(path, "corrupt", crate::clock::now_ms())?;
                 tracing::error!(
                     spool = %path.display(),
                     moved_to = %moved_to.display(),
                     reason = %reason,
                     "the spool is corrupt: moved aside, starting a fresh one (windows it held are in the moved file)"
                 );
-                let spool = Spool::open_checked(path, options)?;
+                let conn = open_file(path, &options)?;
                 let recovery = Recovery {
                     at_ms: crate::clock::now_ms(),
                     moved_to,
                     reason,
                 };
-                spool
-                    .conn
-                    .execute(
-                        "INSERT INTO meta (key, value) VALUES ('recovered', ?1)
-                         ON CONFLICT (key) DO UPDATE SET value = ?1",
-                        [serde_json::to_string(&recovery).unwrap_or_default()],
-                    )
-                    .map_err(spool.err())?;
-                Ok(spool)
+                (conn, Some(recovery))
             }
-            other => other,
+            other => (other?, None),
+        };
+        let spool = Spool::new(conn, path, options, lock)?;
+        if let Some(recovery) = recovery {
+            spool.set_meta("recovered", &recovery)?;
         }
+        Ok(spool)
     }
 
-    fn open_checked(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| SpoolError::Folder {
-                path: dir.to_owned(),
-                source,
-            })?;
-        }
-        let err = |source: rusqlite::Error| corrupt_or(path, source);
-        let conn = Connection::open(path).map_err(&err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(&err)?;
-        let found: i32 = conn
-            .pragma_query_value(None, "application_id", |r| r.get(0))
-            .map_err(&err)?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(&err)?;
-        if found != APPLICATION_ID && (found != 0 || version != 0) {
-            return Err(SpoolError::Foreign {
-                path: path.to_owned(),
-                found,
-            });
-        }
-        if version as usize > MIGRATIONS.len() {
-            return Err(SpoolError::TooNew {
-                path: path.to_owned(),
-                found: version,
-                known: MIGRATIONS.len(),
-            });
-        }
-        if version == 0 {
-            conn.pragma_update(None, "page_size", PAGE_SIZE)
-                .map_err(&err)?;
-        } else {
-            // Every page once (a few seconds for a spool of hundreds of MB on an SD card):
-            // damage found now is moved aside instead of failing a flush later.
-            let verdict: String = conn
-                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-                .map_err(&err)?;
-            if verdict != "ok" {
-                return Err(SpoolError::Corrupt {
-                    path: path.to_owned(),
-                    reason: format!("integrity check: {verdict}"),
-                });
-            }
-        }
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(&err)?;
-        conn.pragma_update(None, "cache_size", -CACHE_KIB)
-            .map_err(&err)?;
-        let mut conn = conn;
-        let tx = conn.transaction().map_err(&err)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(sql).map_err(&err)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1)
-                .map_err(&err)?;
-        }
-        tx.pragma_update(None, "application_id", APPLICATION_ID)
-            .map_err(&err)?;
-        tx.execute("UPDATE sinks SET active = 0", [])
-            .map_err(&err)?;
-        for (name, kind) in &options.sinks {
-            tx.execute(
-                "INSERT INTO sinks (name, kind, active) VALUES (?1, ?2, 1)
-                 ON CONFLICT (name) DO UPDATE SET kind = ?2, active = 1",
-                params![name, kind],
-            )
-            .map_err(&err)?;
-        }
-        tx.commit().map_err(&err)?;
-
-        let now = crate::clock::now_ms();
-        let state = AgentState {
-            device: options.device.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            pid: std::process::id(),
-            started_ms: now,
-            heartbeat_ms: now,
-            stopped: false,
-            window_seconds: options.window_seconds,
-            partition_seconds: options.partition_seconds,
-            grace_ms: options.grace_ms,
-            budget_bytes: options.budget_bytes,
-            when_full: match options.when_full {
-                WhenFull::DropOldest => "drop_oldest".to_owned(),
-                WhenFull::StopSampling => "stop_sampling".to_owned(),
-            },
-            samples_per_second: 0.0,
-            series: 0,
-            open_windows: 0,
-            sources: options
-                .sources
-                .iter()
-                .map(|(name, kind)| SourceState {
-                    name: name.clone(),
-                    kind: (*kind).to_owned(),
-                    last_problem: None,
-                })
-                .collect(),
-            live: options
-                .live
-                .iter()
-                .map(|(name, kind)| LiveState::new(name, kind))
-                .collect(),
-            clock: Default::default(),
-        };
-        let next_id: i64 = conn
-            .query_row(
-                "SELECT MAX(COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_id'), 1),
-                            COALESCE((SELECT MAX(id) + 1 FROM batches), 1))",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(&err)?;
+    fn new(
+        conn: Connection,
+        path: &Path,
+        options: SpoolOptions,
+        lock: SpoolLock,
+    ) -> Result<Spool, SpoolError> {
+        let next_id = next_id(&conn).map_err(sqlite(path))?;
+        // Unknown (it vanished this instant): the next flush finds the path changed.
+        let file = FileId::of_path(path).ok().flatten().unwrap_or_default();
         let spool = Spool {
             conn,
             path: path.to_owned(),
+            file,
+            lock,
+            state: new_state(&options),
             options,
             series_ids: HashMap::new(),
             next_id,
-            state,
         };
         spool.write_state()?;
         Ok(spool)
+    }
+
+    /// Writes `meta(key)` as JSON.
+    pub(super) fn set_meta(&self, key: &str, value: &impl Serialize) -> Result<(), SpoolError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = ?2",
+                [key, &serde_json::to_string(value).unwrap_or_default()],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+}
+
+/// The id the next window gets: past every id issued, stored or not.
+pub(super) fn next_id(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT MAX(COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_id'), 1),
+                    COALESCE((SELECT MAX(id) + 1 FROM batches), 1))",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Opens the file: checks (application id, version, integrity), pragmas, migrations,
+/// the configured sinks.
+pub(super) fn open_file(path: &Path, options: &SpoolOptions) -> Result<Connection, SpoolError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| SpoolError::Folder {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    let err = |source: rusqlite::Error| corrupt_or(path, source);
+    let conn = Connection::open(path).map_err(&err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(&err)?;
+    let found: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(&err)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(&err)?;
+    if found != APPLICATION_ID && (found != 0 || version != 0) {
+        return Err(SpoolError::Foreign {
+            path: path.to_owned(),
+            found,
+        });
+    }
+    if version as usize > MIGRATIONS.len() {
+        return Err(SpoolError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    if version == 0 {
+        conn.pragma_update(None, "page_size", PAGE_SIZE)
+            .map_err(&err)?;
+    } else {
+        // Every page once (a few seconds for a spool of hundreds of MB on an SD card):
+        // damage found now is moved aside instead of failing a flush later.
+        let verdict: String = conn
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(&err)?;
+        if verdict != "ok" {
+            return Err(SpoolError::Corrupt {
+                path: path.to_owned(),
+                reason: format!("integrity check: {verdict}"),
+            });
+        }
+    }
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(&err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(&err)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)
+        .map_err(&err)?;
+    let mut conn = conn;
+    let tx = conn.transaction().map_err(&err)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql).map_err(&err)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(&err)?;
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID)
+        .map_err(&err)?;
+    tx.execute("UPDATE sinks SET active = 0", [])
+        .map_err(&err)?;
+    for (name, kind) in &options.sinks {
+        tx.execute(
+            "INSERT INTO sinks (name, kind, active) VALUES (?1, ?2, 1)
+             ON CONFLICT (name) DO UPDATE SET kind = ?2, active = 1",
+            params![name, kind],
+        )
+        .map_err(&err)?;
+    }
+    tx.commit().map_err(&err)?;
+    Ok(conn)
+}
+
+/// The agent's state as it starts.
+fn new_state(options: &SpoolOptions) -> AgentState {
+    let now = crate::clock::now_ms();
+    AgentState {
+        device: options.device.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        started_ms: now,
+        heartbeat_ms: now,
+        stopped: false,
+        window_seconds: options.window_seconds,
+        partition_seconds: options.partition_seconds,
+        grace_ms: options.grace_ms,
+        budget_bytes: options.budget_bytes,
+        when_full: match options.when_full {
+            WhenFull::DropOldest => "drop_oldest".to_owned(),
+            WhenFull::StopSampling => "stop_sampling".to_owned(),
+        },
+        samples_per_second: 0.0,
+        series: 0,
+        open_windows: 0,
+        sources: options
+            .sources
+            .iter()
+            .map(|(name, kind)| SourceState {
+                name: name.clone(),
+                kind: (*kind).to_owned(),
+                last_problem: None,
+            })
+            .collect(),
+        live: options
+            .live
+            .iter()
+            .map(|(name, kind)| LiveState::new(name, kind))
+            .collect(),
+        clock: Default::default(),
     }
 }
 
@@ -259,11 +294,11 @@ fn corrupt_or(path: &Path, source: rusqlite::Error) -> SpoolError {
     }
 }
 
-/// Renames the spool and its WAL and shared-memory files to `NAME.corrupt-MILLIS`
-/// (`-wal`, `-shm`); returns the new name of the spool.
-fn move_aside(path: &Path, now_ms: i64) -> Result<PathBuf, SpoolError> {
+/// Renames the spool and its WAL and shared-memory files to `NAME.WHY-MILLIS`
+/// (`-wal`, `-shm`); returns the new name of the spool. The lock file stays.
+pub(super) fn move_aside(path: &Path, why: &str, now_ms: i64) -> Result<PathBuf, SpoolError> {
     let mut moved = path.as_os_str().to_owned();
-    moved.push(format!(".corrupt-{now_ms}"));
+    moved.push(format!(".{why}-{now_ms}"));
     let moved = PathBuf::from(moved);
     for suffix in ["", "-wal", "-shm"] {
         let with = |p: &Path| {

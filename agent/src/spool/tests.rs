@@ -427,3 +427,133 @@ proptest::proptest! {
         proptest::prop_assert_eq!(reader.totals().expect("totals").0, 0);
     }
 }
+
+#[test]
+fn a_second_writer_is_refused_before_it_opens_or_moves_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let _first = SpoolLock::take(&path).expect("the first writer's lock");
+    // Garbage that a writer would move aside as corrupt: the second must not touch it.
+    std::fs::write(&path, "in use, not corrupt ".repeat(100)).expect("write");
+    let err = Spool::open(&path, options(&["a"])).err().expect("refused");
+    assert!(
+        matches!(&err, SpoolError::InUse { path: p, pid: Some(pid) } if p == &path && *pid == std::process::id()),
+        "{err}"
+    );
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter()
+            .all(|name| name == "spool.db" || name == "spool.db.lock"),
+        "{left:?}"
+    );
+    assert!(
+        std::fs::read_to_string(&path)
+            .expect("still there")
+            .starts_with("in use")
+    );
+}
+
+/// Every row of `sink` still to deliver, read through a fresh reader at `path`.
+fn drain_fresh(spool: &mut Spool, path: &Path, sink: &str) -> Vec<f64> {
+    let mut reader = SpoolReader::open(path).expect("a reader on the path");
+    let mut values: Vec<f64> = drain(spool, &mut reader, sink, i64::MAX / 4)
+        .into_iter()
+        .flat_map(|(_, _, v)| v)
+        .collect();
+    values.sort_by(f64::total_cmp);
+    values
+}
+
+#[test]
+fn a_spool_deleted_under_the_writer_is_put_back_at_the_next_flush_with_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush(vec![row("s.x", 0, 1.0), row("s.x", 60, 2.0)]))
+        .expect("commit");
+    let delivered = drain(&mut spool, &mut reader, "a", i64::MAX / 4);
+    assert_eq!(delivered.len(), 1);
+    spool
+        .commit(&flush(vec![row("s.x", 3600, 3.0), row("s.y", 3660, 4.0)]))
+        .expect("commit");
+    let before = spool.file;
+    for suffix in ["", "-wal", "-shm"] {
+        std::fs::remove_file(format!("{}{suffix}", path.display())).expect("rm");
+    }
+    spool
+        .commit(&flush(vec![row("s.y", 7200, 5.0)]))
+        .expect("the next flush puts the spool back");
+    assert_ne!(spool.file, before);
+    assert_eq!(FileId::of_path(&path).expect("stat"), Some(spool.file));
+    assert_eq!(
+        drain_fresh(&mut spool, &path, "a"),
+        [3.0, 4.0, 5.0],
+        "the undelivered rows, and the new one, once; the delivered ones not again"
+    );
+    let restored = SpoolReader::open(&path)
+        .and_then(|r| r.restored())
+        .expect("read")
+        .expect("recorded for status");
+    assert_eq!((restored.found.as_str(), restored.rows), ("deleted", 2));
+    assert_eq!(restored.moved_to, None);
+    // The put-back file is the spool from now on: reopening it keeps the ids growing.
+    drop(spool);
+    let mut spool = Spool::open(&path, options(&["a"])).expect("reopen");
+    spool
+        .commit(&flush(vec![row("s.x", 7260, 6.0)]))
+        .expect("commit");
+    assert_eq!(drain_fresh(&mut spool, &path, "a"), [6.0]);
+}
+
+#[test]
+fn a_spool_replaced_under_the_writer_is_moved_aside_and_the_open_one_put_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    spool
+        .commit(&flush(vec![row("s.x", 0, 1.0)]))
+        .expect("commit");
+    let other = dir.path().join("other");
+    std::fs::write(&other, "someone else's file").expect("write");
+    std::fs::rename(&other, &path).expect("replace the spool");
+    spool
+        .commit(&flush(vec![row("s.x", 60, 2.0)]))
+        .expect("commit");
+    let restored = SpoolReader::open(&path)
+        .and_then(|r| r.restored())
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(restored.found, "replaced");
+    let moved = restored.moved_to.expect("where the other file went");
+    assert!(
+        moved
+            .display()
+            .to_string()
+            .starts_with(&format!("{}.replaced-", path.display()))
+    );
+    assert_eq!(
+        std::fs::read_to_string(&moved).expect("kept"),
+        "someone else's file"
+    );
+    assert_eq!(drain_fresh(&mut spool, &path, "a"), [1.0, 2.0]);
+}
+
+#[test]
+fn a_writer_whose_lock_another_took_commits_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    std::fs::remove_file(lock_path(&path)).expect("rm the lock file");
+    let _other = SpoolLock::take(&path).expect("another agent takes the new lock file");
+    let err = spool
+        .commit(&flush(vec![row("s.x", 0, 1.0)]))
+        .expect_err("the spool is the other agent's now");
+    assert!(matches!(err, SpoolError::InUse { .. }), "{err}");
+    let reader = SpoolReader::open(&path).expect("reader");
+    assert_eq!(reader.totals().expect("totals").0, 0);
+}

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::flow::{Commit, CommitFailed, Flush, LiveReport};
 
-use super::{PartPlan, Plan, Spool, SpoolError};
+use super::{FileId, PartPlan, Plan, Spool, SpoolError};
 
 enum Command {
     Commit(
@@ -27,6 +27,8 @@ enum Command {
 pub struct SpoolHandle {
     commands: mpsc::Sender<Command>,
     commits: watch::Receiver<u64>,
+    file: watch::Receiver<FileId>,
+    taken_over: watch::Receiver<Option<String>>,
     path: PathBuf,
 }
 
@@ -47,6 +49,8 @@ impl SpoolHandle {
     pub fn spawn(mut spool: Spool) -> (SpoolHandle, SpoolThread) {
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         let (commits_tx, commits) = watch::channel(0u64);
+        let (file_tx, file) = watch::channel(spool.file);
+        let (taken_tx, taken_over) = watch::channel(None);
         let path = spool.path.clone();
         let thread = std::thread::Builder::new()
             .name("spool".into())
@@ -59,8 +63,17 @@ impl SpoolHandle {
                                     commits_tx.send_modify(|n| *n += 1);
                                     Ok(())
                                 }
-                                Err(err) => Err((err, flush)),
+                                Err(err) => {
+                                    if let SpoolError::InUse { .. } = err {
+                                        taken_tx.send_replace(Some(err.to_string()));
+                                    }
+                                    Err((err, flush))
+                                }
                             };
+                            // After a restore the readers must open the new file.
+                            file_tx.send_if_modified(|id| {
+                                std::mem::replace(id, spool.file) != spool.file
+                            });
                             let _ = reply.send(result);
                         }
                         Command::Plan(sink, now, reply) => {
@@ -91,6 +104,8 @@ impl SpoolHandle {
             SpoolHandle {
                 commands: tx,
                 commits,
+                file,
+                taken_over,
                 path,
             },
             SpoolThread(thread),
@@ -100,6 +115,18 @@ impl SpoolHandle {
     /// The spool file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file the writer has open; a [`super::SpoolReader`] on another one (the path
+    /// was deleted or replaced under the agent) must be opened again.
+    pub fn file(&self) -> FileId {
+        *self.file.borrow()
+    }
+
+    /// Becomes `Some(message)` when another edgespool took the spool's lock (its lock
+    /// file deleted, then taken): this agent writes no more and should stop.
+    pub fn taken_over(&self) -> watch::Receiver<Option<String>> {
+        self.taken_over.clone()
     }
 
     /// Increments at every successful commit.

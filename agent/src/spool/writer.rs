@@ -41,8 +41,11 @@ impl Spool {
 
     /// Commits one flush in one transaction: windows, counters and the heartbeat. On
     /// failure nothing of it is stored, and the writer's own bookkeeping (window ids, the
-    /// series cache) is as before.
+    /// series cache) is as before. First checks that the spool file and its lock are still
+    /// this writer's (see `follow.rs`): a flush is never committed into a spool another
+    /// agent took over ([`SpoolError::InUse`]).
     pub fn commit(&mut self, flush: &Flush) -> Result<(), SpoolError> {
+        self.follow()?;
         let next_id = self.next_id;
         let result = self.commit_flush(flush);
         if result.is_err() {
@@ -204,6 +207,7 @@ impl Spool {
 
     /// Marks a clean stop, so that `status` says "stopped" rather than "not responding".
     pub fn mark_stopped(&mut self) -> Result<(), SpoolError> {
+        self.follow()?;
         self.state.stopped = true;
         self.write_state()
     }
