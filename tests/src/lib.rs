@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod hostile;
+
 /// The `edgespool` binary: `$EDGESPOOL_BIN`, else the one built beside this test.
 pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("EDGESPOOL_BIN") {

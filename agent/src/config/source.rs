@@ -170,6 +170,30 @@ pub struct HttpSource {
     /// A table response: a header of field names and rows of positional values.
     #[serde(default)]
     pub table: Option<TableConfig>,
+    /// Which redirects are followed (default "same_origin": those that stay on the
+    /// URL's scheme, host and port).
+    #[serde(default)]
+    pub redirects: Redirects,
+}
+
+/// Which HTTP redirects a source follows, at most [`Redirects::MAX`] in a row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Redirects {
+    /// Those to the same scheme, host and port as `url`; one elsewhere is an error, so
+    /// that the headers and the query never reach another server.
+    #[default]
+    SameOrigin,
+    /// None: a redirect is an error of the source.
+    None,
+    /// Any, to any host: the configured headers go along (only `Authorization` and
+    /// cookies are dropped on the way to another host).
+    Any,
+}
+
+impl Redirects {
+    /// The most redirects followed in a row.
+    pub const MAX: usize = 5;
 }
 
 /// `kind = "mqtt"`.

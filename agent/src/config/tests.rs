@@ -588,3 +588,31 @@ fn an_unset_variable_is_located_at_its_name() {
         "{err}"
     );
 }
+
+#[test]
+fn an_http_source_follows_only_redirects_that_stay_home_unless_told() {
+    let http = |extra: &str| {
+        MINIMAL.replace(
+            "kind = \"system\"\n",
+            &format!(
+                "kind = \"http\"\nname = \"pa\"\nurl = \"http://10.0.0.9/json\"\n{extra}\
+                 [[sources.fields]]\nname = \"pm\"\npointer = \"/pm\"\n"
+            ),
+        )
+    };
+    let redirects = |text: &str| {
+        let config = Config::parse(text, Path::new("x.toml")).expect("valid");
+        match &config.sources[0].kind {
+            SourceKind::Http(http) => http.redirects,
+            other => panic!("an http source: {other:?}"),
+        }
+    };
+    assert_eq!(redirects(&http("")), Redirects::SameOrigin);
+    assert_eq!(redirects(&http("redirects = \"any\"\n")), Redirects::Any);
+    assert_eq!(redirects(&http("redirects = \"none\"\n")), Redirects::None);
+    let err = error_of(&http("redirects = \"sometimes\"\n"));
+    assert!(
+        err.contains("unknown variant `sometimes`, expected one of `same_origin`, `none`, `any`"),
+        "{err}"
+    );
+}

@@ -13,6 +13,15 @@
 //!
 //! A connection lost anywhere before the commit (a server restart mid-COPY) rolls the
 //! whole part back; the retry loads it whole.
+//!
+//! Unless `sslmode = "disable"` says plaintext is fine, the password never goes out
+//! unencrypted in clear text or as an MD5 hash ([`plaintext`]); SCRAM proves it without
+//! sending it and is allowed either way.
+//!
+//! Creating the tables takes an advisory lock first, so that agents starting together
+//! against an empty database do not trip over each other's `CREATE … IF NOT EXISTS`.
+
+mod plaintext;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,7 +144,7 @@ impl PostgresSink {
     async fn connect(&self) -> Result<Client, SinkError> {
         let pg = pg_config(&self.config).map_err(|e| self.setup(e))?;
         let fail = |e: tokio_postgres::Error| self.setup(crate::with_causes(&e));
-        let client = if self.config.sslmode == SslMode::Disable {
+        let mut client = if self.config.sslmode == SslMode::Disable {
             let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
             tokio::spawn(connection);
             client
@@ -143,9 +152,9 @@ impl PostgresSink {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
                 self.tls_config().map_err(|e| self.setup(e))?,
             );
-            let (client, connection) = pg.connect(tls).await.map_err(fail)?;
-            tokio::spawn(connection);
-            client
+            plaintext::connect(&pg, tls)
+                .await
+                .map_err(|e| self.setup(e))?
         };
         let statement_timeout = self.config.connect_timeout.saturating_mul(6);
         client
@@ -155,7 +164,7 @@ impl PostgresSink {
             ))
             .await
             .map_err(fail)?;
-        self.ensure_table(&client).await?;
+        self.ensure_table(&mut client).await?;
         Ok(client)
     }
 
@@ -175,10 +184,22 @@ impl PostgresSink {
 
     /// Creates the schema, the table, its index and the loads table when missing; an
     /// existing table of another shape is an error that says what differs.
-    async fn ensure_table(&self, client: &Client) -> Result<(), SinkError> {
+    async fn ensure_table(&self, client: &mut Client) -> Result<(), SinkError> {
         let fail = |e: tokio_postgres::Error| self.setup(crate::with_causes(&e));
         let (schema, table) = (&self.config.schema, &self.config.table);
-        let found = client
+        // Design: `CREATE … IF NOT EXISTS` is no lock: two sessions that both see no table
+        // both create one, and the second fails on a unique index of the catalog. One
+        // advisory lock per schema (the loads table is shared by every table in it),
+        // held to the end of this transaction, lets one agent create and the others
+        // find what it made.
+        let tx = client.transaction().await.map_err(fail)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&setup_lock_key(schema)],
+        )
+        .await
+        .map_err(fail)?;
+        let found = tx
             .query(
                 "SELECT column_name::text, data_type::text FROM information_schema.columns
                  WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
@@ -214,7 +235,7 @@ impl PostgresSink {
                     t = self.table().replace('\'', "''"),
                 ));
             }
-            client.batch_execute(&sql).await.map_err(fail)?;
+            tx.batch_execute(&sql).await.map_err(fail)?;
             tracing::info!(sink = %self.name, table = %self.table(), "created the table");
         } else {
             let found: Vec<(String, String)> = found.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -235,9 +256,8 @@ impl PostgresSink {
                 )));
             }
         }
-        client
-            .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS \"{schema}\".{LOADS_TABLE} (
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS \"{schema}\".{LOADS_TABLE} (
                      target text NOT NULL,
                      device text NOT NULL,
                      partition_start timestamptz NOT NULL,
@@ -245,9 +265,10 @@ impl PostgresSink {
                      rows integer NOT NULL,
                      loaded_at timestamptz NOT NULL DEFAULT now(),
                      PRIMARY KEY (target, device, partition_start, part))"
-            ))
-            .await
-            .map_err(fail)?;
+        ))
+        .await
+        .map_err(fail)?;
+        tx.commit().await.map_err(fail)?;
         Ok(())
     }
 
@@ -345,6 +366,18 @@ impl PostgresSink {
         tx.commit().await?;
         Ok(true)
     }
+}
+
+/// The advisory lock that serialises creating tables in `schema`: the same for every
+/// agent of every version (FNV-1a of a fixed prefix and the name), so that they all
+/// wait for each other.
+fn setup_lock_key(schema: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"edgespool setup\0".iter().chain(schema.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
 }
 
 /// Why a load failed.
@@ -522,6 +555,14 @@ mod tests {
                 "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,1.0,3.0"
             )
         );
+    }
+
+    #[test]
+    fn the_setup_lock_is_per_schema_and_never_changes() {
+        // Agents of different versions must agree on it: a changed key is a race again.
+        assert_eq!(setup_lock_key("public"), setup_lock_key("public"));
+        assert_ne!(setup_lock_key("public"), setup_lock_key("lake"));
+        assert_eq!(setup_lock_key("public"), 6_977_781_110_670_214_159);
     }
 
     #[test]

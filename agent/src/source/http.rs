@@ -4,6 +4,10 @@
 //! of column names and rows of positional values, as PurpleAir's `data.json` returns —
 //! where a key column makes one series per row. `null` is a channel the device lacks and
 //! is skipped; anything else that is not a number is counted as invalid.
+//!
+//! The headers and the query may carry an API key, so by default a redirect is followed
+//! only when it stays on the scheme, host and port of `url` (see [`Redirects`]), and no
+//! request carries a `Referer`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{Batch, Series, Source, SourceError, Stamp, parse_timestamp};
-use crate::config::{self, JsonField, TableConfig};
+use crate::config::{self, JsonField, Redirects, TableConfig};
 
 /// The largest response body read; a larger one is an error, not an allocation.
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -60,6 +64,10 @@ impl HttpSource {
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("edgespool/", env!("CARGO_PKG_VERSION")))
+            // Design: a Referer would carry the URL, query and key included, to wherever
+            // the server sends us.
+            .referer(false)
+            .redirect(redirect_policy(config.redirects, url.clone()))
             .build()
             .map_err(|err| fail(err.without_url().to_string()))?;
         let fields = config
@@ -90,7 +98,10 @@ impl HttpSource {
     async fn fetch(&self) -> Result<Value, SourceError> {
         // Design: errors are stripped of their URL, which may carry an API key in its query.
         let fail = |err: reqwest::Error| SourceError::Http {
-            reason: crate::with_causes(&err.without_url()),
+            reason: match refusal(&err) {
+                Some(refused) => refused.to_string(),
+                None => crate::with_causes(&err.without_url()),
+            },
         };
         let mut response = self
             .client
@@ -152,6 +163,73 @@ impl HttpSource {
         }
         Ok(())
     }
+}
+
+/// Why a redirect was not followed. The URLs shown have no user, query or fragment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RedirectRefused {
+    #[error("redirect to {to} refused: it leaves {origin} (set redirects = \"any\" to follow it)")]
+    OtherOrigin { to: String, origin: String },
+    #[error("redirect to {to} refused: the source has redirects = \"none\"")]
+    NotFollowed { to: String },
+    #[error("more than {max} redirects in a row")]
+    TooMany { max: usize },
+}
+
+/// Whether to follow a redirect from `configured` (the source's `url`) to `next` after
+/// `followed` redirects.
+pub(crate) fn judge_redirect(
+    mode: Redirects,
+    configured: &reqwest::Url,
+    next: &reqwest::Url,
+    followed: usize,
+) -> Result<(), RedirectRefused> {
+    match mode {
+        Redirects::None => Err(RedirectRefused::NotFollowed { to: shown(next) }),
+        _ if followed >= Redirects::MAX => Err(RedirectRefused::TooMany {
+            max: Redirects::MAX,
+        }),
+        Redirects::SameOrigin if next.origin() != configured.origin() => {
+            Err(RedirectRefused::OtherOrigin {
+                to: shown(next),
+                origin: configured.origin().ascii_serialization(),
+            })
+        }
+        Redirects::SameOrigin | Redirects::Any => Ok(()),
+    }
+}
+
+fn redirect_policy(mode: Redirects, configured: reqwest::Url) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        // `previous` starts with the first request, which was no redirect.
+        let followed = attempt.previous().len().saturating_sub(1);
+        match judge_redirect(mode, &configured, attempt.url(), followed) {
+            Ok(()) => attempt.follow(),
+            Err(refused) => attempt.error(refused),
+        }
+    })
+}
+
+/// A URL as an error may show it: scheme, host, port and path.
+fn shown(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    url.to_string()
+}
+
+/// The refusal inside an error of a request, if a redirect was refused.
+fn refusal(err: &reqwest::Error) -> Option<&RedirectRefused> {
+    let mut cause = std::error::Error::source(err);
+    while let Some(inner) = cause {
+        if let Some(refused) = inner.downcast_ref::<RedirectRefused>() {
+            return Some(refused);
+        }
+        cause = inner.source();
+    }
+    None
 }
 
 /// The sample time a pointer gives, or the receive time (counted invalid) when it is bad.
@@ -355,6 +433,58 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "column \"pm25_cf1\" is not in the header at /fields"
+        );
+    }
+
+    fn url(text: &str) -> reqwest::Url {
+        reqwest::Url::parse(text).expect("a valid URL")
+    }
+
+    #[test]
+    fn a_redirect_elsewhere_is_refused_without_showing_the_query() {
+        let configured = url("http://127.0.0.1:8080/data.json?api_key=s3cret");
+        let judge = |mode, next: &str, followed| {
+            judge_redirect(mode, &configured, &url(next), followed).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            judge(
+                Redirects::SameOrigin,
+                "http://127.0.0.2:8080/x?api_key=s3cret",
+                0
+            ),
+            Err(
+                "redirect to http://127.0.0.2:8080/x refused: it leaves http://127.0.0.1:8080 \
+                 (set redirects = \"any\" to follow it)"
+                    .to_owned()
+            )
+        );
+        // Another port, another scheme, a user in the URL: all leave the origin.
+        for next in [
+            "http://127.0.0.1:8081/data.json",
+            "https://127.0.0.1:8080/data.json",
+            "http://user:pw@evil.example/",
+        ] {
+            let refused = judge(Redirects::SameOrigin, next, 0).expect_err(next);
+            assert!(
+                !refused.contains("pw") && !refused.contains("s3cret"),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            judge(Redirects::SameOrigin, "http://127.0.0.1:8080/v2/data", 0),
+            Ok(())
+        );
+        assert_eq!(
+            judge(Redirects::SameOrigin, "http://127.0.0.1:8080/v2/data", 5),
+            Err("more than 5 redirects in a row".to_owned())
+        );
+        assert_eq!(judge(Redirects::Any, "http://127.0.0.2:9/", 4), Ok(()));
+        assert_eq!(
+            judge(Redirects::None, "http://127.0.0.1:8080/v2?k=s3cret", 0),
+            Err(
+                "redirect to http://127.0.0.1:8080/v2 refused: the source has redirects = \"none\""
+                    .to_owned()
+            )
         );
     }
 
