@@ -1,21 +1,17 @@
 //! Helpers for the tests of hostile or careless servers (`tests/hostile.rs`): an HTTP
-//! server on any loopback address that records what it is sent, a PostgreSQL server
-//! whose `pg_hba.conf` the test writes, and a proxy in front of PostgreSQL that records
-//! what clients send and can hold their `CREATE TABLE` statements to release them at once.
+//! server on any loopback address that records what it is sent, and a proxy in front of
+//! PostgreSQL ([`crate::PgServer`], whose `set_method` picks what it asks clients for)
+//! that records what clients send and can hold their `CREATE TABLE` statements to release them at once.
 //!
 //! Everything started here is stopped on drop.
 
-use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use crate::{PG_PASSWORD, free_port, wait_for};
 
 /// How an [`HttpStub`] answers one request.
 pub enum Answer {
@@ -122,199 +118,6 @@ impl Drop for HttpStub {
             let _ = thread.join();
         }
     }
-}
-
-/// A PostgreSQL server in a temp dir on a free loopback port, TLS off, whose
-/// `pg_hba.conf` asks TCP clients for `method`; the role `edgespool` has the password
-/// [`PG_PASSWORD`]. The test's own `psql` goes through the Unix socket (trust).
-pub struct PgHbaServer {
-    /// The port.
-    pub port: u16,
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    owner: Option<(u32, u32)>,
-    child: Option<Child>,
-}
-
-impl PgHbaServer {
-    /// initdb, `pg_hba.conf` for `method` (`password`, `md5`, `scram-sha-256`), start.
-    pub fn start(method: &str) -> PgHbaServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let owner = rustix::process::geteuid().is_root().then(|| {
-            let id = |flag: &str| -> u32 {
-                let out = Command::new("id")
-                    .args([flag, "postgres"])
-                    .output()
-                    .expect("id runs");
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse()
-                    .expect("the postgres user exists")
-            };
-            (id("-u"), id("-g"))
-        });
-        let mut server = PgHbaServer {
-            port: free_port(),
-            bin: pg_bin(),
-            dir,
-            owner,
-            child: None,
-        };
-        let pwfile = server.dir.path().join("pw");
-        fs::write(&pwfile, PG_PASSWORD).expect("write pwfile");
-        if let Some((uid, gid)) = owner {
-            for path in [server.dir.path(), pwfile.as_path()] {
-                rustix::fs::chown(
-                    path,
-                    Some(rustix::process::Uid::from_raw(uid)),
-                    Some(rustix::process::Gid::from_raw(gid)),
-                )
-                .expect("chown to postgres");
-            }
-        }
-        let out = server
-            .command("initdb")
-            .arg("-D")
-            .arg(server.data())
-            .args(["-U", "edgespool", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .output()
-            .expect("initdb runs");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        server.write_hba(method);
-        let log = fs::File::create(server.dir.path().join("server.log")).expect("log opens");
-        let child = server
-            .command("postgres")
-            .arg("-D")
-            .arg(server.data())
-            .args(["-p", &server.port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=off"])
-            .args(["-c", "fsync=off", "-c", "log_connections=on"])
-            .arg("-k")
-            .arg(server.dir.path())
-            .stdout(log.try_clone().expect("log clones"))
-            .stderr(log)
-            .spawn()
-            .expect("postgres starts");
-        server.child = Some(child);
-        wait_for(
-            "PostgreSQL to accept connections",
-            Duration::from_secs(60),
-            || server.try_psql("SELECT 1"),
-        );
-        server
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(self.bin.join(program));
-        command.stdin(Stdio::null()).current_dir(self.dir.path());
-        if let Some((uid, gid)) = self.owner {
-            use std::os::unix::process::CommandExt;
-            command.uid(uid).gid(gid);
-        }
-        command
-    }
-
-    fn write_hba(&self, method: &str) {
-        let text = format!(
-            "local all all trust\nhost all all 127.0.0.1/32 {method}\nhost all all ::1/128 {method}\n"
-        );
-        // Overwriting keeps the file's owner (postgres, when run as root).
-        fs::write(self.data().join("pg_hba.conf"), text).expect("write pg_hba.conf");
-    }
-
-    /// Asks TCP clients for `method` from now on (the password stored as `encryption`,
-    /// `md5` or `scram-sha-256`).
-    pub fn set_method(&self, method: &str, encryption: &str) {
-        self.write_hba(method);
-        self.psql(&format!(
-            "SET password_encryption = '{encryption}'; \
-             ALTER ROLE edgespool PASSWORD '{PG_PASSWORD}'; SELECT pg_reload_conf()"
-        ));
-    }
-
-    fn psql_command(&self, sql: &str) -> Command {
-        let mut command = Command::new("psql");
-        command
-            .arg("-h")
-            .arg(self.dir.path())
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "edgespool",
-                "-d",
-                "postgres",
-            ])
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .stdin(Stdio::null());
-        command
-    }
-
-    /// Runs SQL with psql; rows as lines, columns `|`-separated.
-    pub fn psql(&self, sql: &str) -> String {
-        let out = self.psql_command(sql).output().expect("psql runs");
-        assert!(
-            out.status.success(),
-            "psql {sql:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
-    }
-
-    /// [`PgHbaServer::psql`] that gives `None` when it fails.
-    pub fn try_psql(&self, sql: &str) -> Option<String> {
-        let out = self.psql_command(sql).output().ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
-    }
-
-    /// The server's log.
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PgHbaServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
-            }
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The folder of PostgreSQL's server programs (the newest installed).
-fn pg_bin() -> PathBuf {
-    let mut found: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path().join("bin"))
-                .filter(|p| p.join("postgres").exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort();
-    found
-        .pop()
-        .expect("a PostgreSQL server under /usr/lib/postgresql (scripts/test.sh installs it)")
 }
 
 /// Holds the first wave of `CREATE TABLE` statements until `wave` of them wait, or

@@ -828,6 +828,27 @@ impl PgServer {
             .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
     }
 
+    /// Asks TCP clients for `method` (`password`, `md5`, `scram-sha-256`) from now on,
+    /// the role's password stored as `encryption` (`md5` or `scram-sha-256`). The
+    /// server has TLS off, so `password` and `md5` are the clear-text methods a hostile
+    /// server would ask for. The test's own psql keeps working: it sends the password
+    /// whatever the method.
+    pub fn set_method(&self, method: &str, encryption: &str) {
+        self.psql(
+            "postgres",
+            &format!(
+                "SET password_encryption = '{encryption}'; \
+                 ALTER ROLE edgespool PASSWORD '{PG_PASSWORD}'"
+            ),
+        );
+        let text = format!(
+            "local all all trust\nhost all all 127.0.0.1/32 {method}\nhost all all ::1/128 {method}\n"
+        );
+        // Overwriting keeps the file's owner (postgres, when run as root).
+        fs::write(self.dir.path().join("data/pg_hba.conf"), text).expect("write pg_hba.conf");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
     /// A psql session kept open, fed statements on its standard input.
     pub fn session(&self, db: &str) -> Child {
         Command::new("psql")

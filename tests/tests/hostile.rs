@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use edgespool_tests::hostile::{Answer, HttpStub, PgHbaServer, PgTap, pg_sink_via};
+use edgespool_tests::hostile::{Answer, HttpStub, PgTap, pg_sink_via};
 use edgespool_tests::{
     Agent, JsonServer, PG_PASSWORD, PgServer, minute, out_sink, sink_status, table_source,
     wait_for, write_agent_config, write_file,
@@ -143,10 +143,11 @@ fn pg_agent_config(dir: &Path, device: &str, url: &str, port: u16, extra: &str) 
 }
 
 /// Rows of `device` in the table; `None` while there is no table.
-fn rows_of(pg: &PgHbaServer, device: &str) -> Option<usize> {
-    pg.try_psql(&format!(
-        "SELECT count(*) FROM edgespool_windows WHERE device = '{device}'"
-    ))
+fn rows_of(pg: &PgServer, device: &str) -> Option<usize> {
+    pg.try_psql(
+        "postgres",
+        &format!("SELECT count(*) FROM edgespool_windows WHERE device = '{device}'"),
+    )
     .map(|n| n.parse().expect("a count"))
 }
 
@@ -175,7 +176,8 @@ fn refusal_with(agent: &Agent, tap: &PgTap, part: &str) -> String {
 
 #[test]
 fn a_server_that_asks_for_the_password_in_the_clear_gets_none_unless_sslmode_disable() {
-    let pg = PgHbaServer::start("password");
+    let pg = PgServer::start();
+    pg.set_method("password", "scram-sha-256");
     let server = JsonServer::start(Vec::new(), minute(0));
     let (prefer_dir, disable_dir) = (
         tempfile::tempdir().expect("tempdir"),
