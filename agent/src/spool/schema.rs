@@ -117,7 +117,9 @@ impl Spool {
 
     fn open_checked(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| SpoolError::Folder {
+            // Durably: SQLite syncs the spool's folder when it creates the WAL, but not
+            // the folders above it, which hold the spool folder's own entry.
+            crate::durable::create_dir_all(dir).map_err(|source| SpoolError::Folder {
                 path: dir.to_owned(),
                 source,
             })?;
