@@ -48,6 +48,12 @@ use rustix::fs::OFlags;
 /// file system, and a cut mounts afresh, so caching never shows stale state.
 const TTL: Duration = Duration::from_secs(1);
 
+/// Files keep their page cache when opened again, as on a disk. Without it an open
+/// (by `edgespool status`, say) drops the pages of a file another program has mapped
+/// (SQLite's `-shm`), and once the medium is gone their dirty contents cannot be
+/// written back and are lost.
+const OPENED: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
 type Ino = u64;
 
 /// What a node holds: a file's bytes or a folder's entries.
@@ -652,13 +658,7 @@ impl Filesystem for Fs {
             Ok((ino, fh))
         })();
         match result.and_then(|(ino, fh)| Ok((state.node(INodeNo(ino))?.attr(ino), fh))) {
-            Ok((attr, fh)) => reply.created(
-                &TTL,
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((attr, fh)) => reply.created(&TTL, &attr, Generation(0), FileHandle(fh), OPENED),
             Err(errno) => reply.error(errno),
         }
     }
@@ -673,7 +673,7 @@ impl Filesystem for Fs {
             })
             .and_then(|()| state.open(ino.0, flags.0));
         match result {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), OPENED),
             Err(errno) => reply.error(errno),
         }
     }

@@ -166,21 +166,30 @@ fn a_power_cut_at_random_instants_loses_no_committed_window_and_leaves_no_short_
         // committing and delivering; half the time a change that matters to the medium
         // (a name made, moved or removed, an fsync), which lands inside deliveries and
         // commits far more often.
-        let instant = if chaos.between(0, 2) == 0 {
+        // `before`: what the spool said it had committed, read wholly before the cut.
+        // Never after: a commit whose fsync the cut refused has its frames in the WAL
+        // all the same, and a reader recovering the WAL would count it.
+        let (instant, before) = if chaos.between(0, 2) == 0 {
             let ms = chaos.between(50, 2_500);
             std::thread::sleep(Duration::from_millis(ms));
-            format!("{ms} ms in, at change {}", fs.changes())
+            let before = committed_samples(&config).ok();
+            (format!("{ms} ms in, at change {}", fs.changes()), before)
         } else {
             let change = chaos.between(1, 80);
+            let mut before = None;
             fs.freeze_after(change);
             wait_for("the armed change", Duration::from_secs(60), || {
-                fs.frozen().then_some(())
+                if fs.frozen() {
+                    return Some(());
+                }
+                let seen = committed_samples(&config).ok();
+                if !fs.frozen() {
+                    before = seen.or(before);
+                }
+                None
             });
-            format!("at change {change}")
+            (format!("at change {change}"), before)
         };
-        // After an armed change the medium holds still: what status reads was committed
-        // before the cut.
-        let before = committed_samples(&config).ok();
         // What the kernel wrote back on its own before the cut: in a third of the cuts a
         // journal commit took every folder's names, and each file's bytes one time in four.
         let folders = chaos.between(0, 3) == 0;
@@ -204,13 +213,17 @@ fn a_power_cut_at_random_instants_loses_no_committed_window_and_leaves_no_short_
         );
         let after = committed_samples(&config);
         if let Some(before) = before.filter(|&n| n > 0) {
+            let spool: Vec<(String, usize)> = files(&fs.path().join("spool"))
+                .into_iter()
+                .map(|(name, bytes)| (name, bytes.len()))
+                .collect();
             match &after {
                 Ok(after) => assert!(
                     *after >= before,
-                    "after cut {round} the spool holds {after} samples, it said {before} before"
+                    "after cut {round} ({instant}) the spool holds {after} samples, it said {before} before; spool files {spool:?}"
                 ),
                 Err(err) => panic!(
-                    "after cut {round} the spool (which said {before} samples) does not open: {err}"
+                    "after cut {round} ({instant}) the spool (which said {before} samples) does not open: {err}; spool files {spool:?}"
                 ),
             }
         }
