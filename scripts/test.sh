@@ -4,8 +4,8 @@
 # It builds the agent once and the end-to-end tests reuse that build. Servers the tests
 # need are installed here when they are missing: into a venv under target/ from PyPI,
 # DuckDB and boto3 to read the output back and moto as the S3-compatible server; from
-# Debian, PostgreSQL, Mosquitto and libfaketime. Each test starts its own servers on free loopback ports in temp
-# dirs and stops them, even when it fails.
+# Debian, PostgreSQL, Mosquitto, libfaketime and fuse3. Each test starts its own servers
+# on free loopback ports in temp dirs and stops them, even when it fails.
 #
 #   scripts/test.sh            the suite as CI runs it (fault loops at a reduced count)
 #   scripts/test.sh --long     the fault loops at full count: 50 kill -9, 30 fault batches
@@ -66,6 +66,12 @@ export PATH="$PATH:/usr/sbin"
 # libfaketime: the clock tests move the agent's wall clock (and only the agent's).
 if ! compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null && [ ! -e /usr/lib/faketime/libfaketime.so.1 ]; then
     apt_install faketime
+fi
+
+# fusermount3: the power-cut test mounts its own FUSE file system (it says SKIPPED where
+# FUSE cannot work: no /dev/fuse, not root).
+if ! command -v fusermount3 >/dev/null 2>&1; then
+    apt_install fuse3 || echo "==> fuse3 could not be installed: the power-cut test will be skipped"
 fi
 
 echo "==> building edgespool"

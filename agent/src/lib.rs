@@ -18,6 +18,7 @@ pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod durable;
 pub mod failpoint;
 pub mod flow;
 #[doc(hidden)]

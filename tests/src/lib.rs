@@ -3,6 +3,8 @@
 //!
 //! Everything started here is stopped on drop, so a failing test leaves nothing behind.
 
+pub mod powercut;
+
 use std::collections::VecDeque;
 use std::fs;
 use std::path::{Path, PathBuf};

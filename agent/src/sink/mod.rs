@@ -58,7 +58,10 @@ pub struct Delivery<'a> {
 /// A destination. Writes must be idempotent: the same delivery twice leaves one copy.
 #[async_trait::async_trait]
 pub trait Sink: Send + Sync {
-    /// Writes one part; returns where it went (for the log).
+    /// Writes one part; returns where it went (for the log). It returns only once the
+    /// part is durable at the destination (a local file fsynced with its folders, an
+    /// object store's success answer, PostgreSQL's COMMIT): the uploader then records
+    /// the delivery, and the spool deletes rows that every sink has.
     async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError>;
 
     /// Whether a delivery needs [`Delivery::series`] (a wide layout does); reading that

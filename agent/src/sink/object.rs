@@ -1,7 +1,16 @@
 //! The object-store sink: one object per part, through `object_store`, so that every
 //! backend (a local folder, S3 and S3-compatible stores, GCS, Azure) shares the keys,
 //! the encodings and the idempotence.
+//!
+//! A delivery counts (is returned as done, so that the uploader records it and the spool
+//! may delete its rows) only once the object is durable at the destination. A remote
+//! store's success answer is that point. A local folder's is reached by fsync: the file
+//! is written under a staging name, fsynced, renamed into place, and its folder fsynced;
+//! so is every folder on the way up to the sink's root (a folder's entry lives in its
+//! parent). A power cut before that leaves the part undelivered in the spool, and it is
+//! written again, whole.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +24,9 @@ use super::encode::{self, Encoding, Part};
 use super::{Delivery, Sink, SinkError, layout};
 use crate::config::{self, AzureStore, GcsStore, ObjectSink as ObjectConfig, S3Store, Store};
 
-/// Opens the store; called until it succeeds (a folder on a disk not yet mounted, a
-/// credential file not yet written).
-type Opener = Box<dyn Fn() -> Result<Arc<dyn ObjectStore>, String> + Send + Sync>;
+/// Opens the store; called (on a blocking thread) until it succeeds (a folder on a disk
+/// not yet mounted, a credential file not yet written).
+type Opener = Arc<dyn Fn() -> Result<Arc<dyn ObjectStore>, String> + Send + Sync>;
 
 pub struct ObjectSink {
     name: String,
@@ -30,6 +39,8 @@ pub struct ObjectSink {
     part_size: usize,
     /// Where the store is, for log lines ("/data/out", "s3://bucket").
     location: String,
+    /// A local folder's root, whose folders are fsynced after each write.
+    local_root: Option<PathBuf>,
 }
 
 impl ObjectSink {
@@ -61,23 +72,29 @@ impl ObjectSink {
             remote: !matches!(config.store, Store::Local(_)),
             part_size: usize::try_from(config.part_size).unwrap_or(usize::MAX),
             location,
+            local_root: match &config.store {
+                Store::Local(local) => Some(local.path.clone()),
+                _ => None,
+            },
         }
     }
 }
 
-/// A local folder; objects appear by atomic rename, never half-written. The folder is
-/// created at the first delivery.
-fn local_opener(sink: &str, path: std::path::PathBuf) -> Opener {
+/// A local folder; objects appear by atomic rename, never half-written, and durably:
+/// `object_store` fsyncs the staged file before the rename and the folder after it (and
+/// the folders it creates). The folder is created (durably too) at the first delivery.
+fn local_opener(sink: &str, path: PathBuf) -> Opener {
     let sink = sink.to_owned();
-    Box::new(move || {
-        std::fs::create_dir_all(&path)
+    Arc::new(move || {
+        crate::durable::create_dir_all(&path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         let removed = remove_staging_files(&path);
         if removed > 0 {
             tracing::info!(sink = %sink, files = removed, "removed staging files left by an interrupted write");
         }
         let store = object_store::local::LocalFileSystem::new_with_prefix(&path)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_fsync(true);
         Ok(Arc::new(store) as Arc<dyn ObjectStore>)
     })
 }
@@ -108,7 +125,7 @@ fn s3_opener(s3: &S3Store, config: &ObjectConfig) -> Opener {
     let s3 = s3.clone();
     let options = client_options(config, s3.endpoint.as_deref());
     let retry = retry_config(config);
-    Box::new(move || {
+    Arc::new(move || {
         let pick = |key, inline, file| config::one_secret(key, inline, file).ok().flatten();
         let id = expose(pick(
             "access_key_id",
@@ -156,7 +173,7 @@ fn gcs_opener(gcs: &GcsStore, config: &ObjectConfig) -> Opener {
     let gcs = gcs.clone();
     let options = client_options(config, None);
     let retry = retry_config(config);
-    Box::new(move || {
+    Arc::new(move || {
         let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
             .with_bucket_name(&gcs.bucket)
             .with_client_options(options.clone())
@@ -180,7 +197,7 @@ fn azure_opener(azure: &AzureStore, config: &ObjectConfig) -> Opener {
     let azure = azure.clone();
     let options = client_options(config, azure.endpoint.as_deref());
     let retry = retry_config(config);
-    Box::new(move || {
+    Arc::new(move || {
         let pick = |key, inline, file| config::one_secret(key, inline, file).ok().flatten();
         let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
             .with_account(&azure.account)
@@ -273,7 +290,12 @@ impl Sink for ObjectSink {
         let path = ObjectPath::parse(&key).map_err(|e| fail(e.to_string()))?;
         let store = self
             .store
-            .get_or_try_init(|| async { (self.open)() })
+            .get_or_try_init(|| async {
+                let open = Arc::clone(&self.open);
+                tokio::task::spawn_blocking(move || open())
+                    .await
+                    .map_err(|e| format!("opening the store failed: {e}"))?
+            })
             .await
             .map_err(|reason| SinkError::Setup {
                 sink: self.name.clone(),
@@ -307,6 +329,16 @@ impl Sink for ObjectSink {
             }
         };
         written.map_err(|e| fail(e.to_string()))?;
+        if let Some(root) = &self.local_root {
+            // Design: object_store synced the file's folder and the folders it created;
+            // the ones above, up to the root, are synced as well, in case an earlier run
+            // created them and died before syncing them. Unchanged folders cost little.
+            let (root, file) = (root.clone(), root.join(&key));
+            tokio::task::spawn_blocking(move || crate::durable::sync_ancestors(&root, &file))
+                .await
+                .map_err(|e| fail(format!("syncing the folders failed: {e}")))?
+                .map_err(|e| fail(format!("cannot sync the folders: {e}")))?;
+        }
         Ok(format!("{}/{key}", self.location.trim_end_matches('/')))
     }
 }

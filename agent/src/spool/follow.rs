@@ -100,7 +100,7 @@ impl Spool {
             }
         };
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
+            crate::durable::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
         }
         let target = self
             .path

@@ -106,7 +106,7 @@ impl SpoolLock {
     /// waiting: [`SpoolError::InUse`] names the holder when another process has it.
     pub fn take(spool: &Path) -> Result<SpoolLock, SpoolError> {
         if let Some(dir) = spool.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| SpoolError::Folder {
+            crate::durable::create_dir_all(dir).map_err(|source| SpoolError::Folder {
                 path: dir.to_owned(),
                 source,
             })?;

@@ -46,8 +46,10 @@
 //!    there. Rows that arrive later (late data) have higher ids: they go to the next part.
 //! 2. *Send*: the uploader reads exactly the rows of the part and writes them under a key
 //!    made from the partition and part number.
-//! 3. *Acknowledge*: `delivered_ms` is set (without an fsync: if a power cut loses it,
-//!    the planned part is sent again and the sink takes it as a no-op). When every
+//! 3. *Acknowledge*: once the sink says the part is durable at the destination (a file
+//!    fsynced with its folders, a store's success answer, a COMMIT), `delivered_ms` is
+//!    set (without an fsync: if a power cut loses it, and the deletion below with it, the
+//!    planned part is sent again and the sink takes it as a no-op). When every
 //!    active sink has a partition's rows up to some id, the rows up to that id are
 //!    deleted. Part rows are kept, so numbering
 //!    never restarts and `part-0000` is never written twice with other content.

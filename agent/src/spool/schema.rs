@@ -167,7 +167,9 @@ pub(super) fn next_id(conn: &Connection) -> rusqlite::Result<i64> {
 /// the configured sinks.
 pub(super) fn open_file(path: &Path, options: &SpoolOptions) -> Result<Connection, SpoolError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| SpoolError::Folder {
+        // Durably: SQLite syncs the spool's folder when it creates the WAL, but not
+        // the folders above it, which hold the spool folder's own entry.
+        crate::durable::create_dir_all(dir).map_err(|source| SpoolError::Folder {
             path: dir.to_owned(),
             source,
         })?;
