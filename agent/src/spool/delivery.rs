@@ -7,6 +7,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::flow::{Series, WindowRow};
 
+use super::budget::part_bytes_cap;
 use super::{Spool, SpoolError, sqlite};
 
 /// How many closed partitions one planning transaction fixes parts for.
@@ -61,7 +62,7 @@ impl Spool {
             .query_row(
                 "SELECT p.partition, p.seconds, t.part, t.after_id, t.last_id, t.rows
                  FROM parts t JOIN partitions p ON p.partition = t.partition
-                 WHERE t.sink = ?1 AND t.delivered_ms IS NULL
+                 WHERE t.sink = ?1 AND t.delivered_ms IS NULL AND t.dropped_ms IS NULL
                  ORDER BY t.partition, t.part LIMIT 1",
                 [sink],
                 |r| {
@@ -81,10 +82,12 @@ impl Spool {
         if let Some(plan) = pending {
             return Ok(Plan::Ready(plan));
         }
-        // A planned part whose partition was dropped for the budget: nothing to send.
+        // A planned part whose partition is gone (dropped for the budget by an older
+        // edgespool, which did not mark its parts): nothing to send.
         self.conn
             .execute(
-                "UPDATE parts SET delivered_ms = ?2 WHERE sink = ?1 AND delivered_ms IS NULL",
+                "UPDATE parts SET dropped_ms = ?2
+                 WHERE sink = ?1 AND delivered_ms IS NULL AND dropped_ms IS NULL",
                 params![sink, now_ms],
             )
             .map_err(&err)?;
@@ -129,25 +132,33 @@ impl Spool {
         drop(stmt);
         // Several closed partitions are planned in one transaction (one fsync), then
         // sent one by one, oldest first.
+        let part_cap = part_bytes_cap(self.options.budget_bytes);
         let tx = self.conn.transaction().map_err(&err)?;
         let mut first = None;
         for (partition, seconds, after_id, part) in chosen {
-            // Whole batches, up to MAX_PART_ROWS windows (at least one batch).
-            let (mut rows, mut last_id) = (0i64, None);
+            // Whole batches, up to MAX_PART_ROWS windows and a sixteenth of the budget
+            // (at least one batch): a part the budget drops goes whole (budget.rs).
+            let (mut rows, mut bytes, mut last_id) = (0i64, 0u64, None);
             {
                 let mut stmt = tx
                     .prepare_cached(
-                        "SELECT id, rows FROM batches WHERE partition = ?1 AND id > ?2 ORDER BY id",
+                        "SELECT id, rows, length(record) FROM batches
+                         WHERE partition = ?1 AND id > ?2 ORDER BY id",
                     )
                     .map_err(&err)?;
                 let mut batches = stmt.query(params![partition, after_id]).map_err(&err)?;
                 while let Some(batch) = batches.next().map_err(&err)? {
-                    let (id, n): (i64, i64) =
-                        (batch.get(0).map_err(&err)?, batch.get(1).map_err(&err)?);
-                    if last_id.is_some() && rows + n > MAX_PART_ROWS {
+                    let (id, n, len): (i64, i64, i64) = (
+                        batch.get(0).map_err(&err)?,
+                        batch.get(1).map_err(&err)?,
+                        batch.get(2).map_err(&err)?,
+                    );
+                    let len = len.max(0) as u64;
+                    if last_id.is_some() && (rows + n > MAX_PART_ROWS || bytes + len > part_cap) {
                         break;
                     }
                     rows += n;
+                    bytes += len;
                     last_id = Some(id);
                 }
             }
@@ -195,7 +206,8 @@ impl Spool {
         let err = sqlite(&self.path);
         let tx = self.conn.transaction().map_err(&err)?;
         tx.execute(
-            "UPDATE parts SET delivered_ms = ?4 WHERE sink = ?1 AND partition = ?2 AND part = ?3",
+            "UPDATE parts SET delivered_ms = ?4
+             WHERE sink = ?1 AND partition = ?2 AND part = ?3 AND dropped_ms IS NULL",
             params![plan.sink, plan.partition, plan.part, now_ms],
         )
         .map_err(&err)?;

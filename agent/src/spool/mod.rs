@@ -16,7 +16,7 @@
 //!   is *planned* (its row range fixed and committed) before it is sent, so a retry after
 //!   a crash sends exactly the same rows under the same key.
 //!
-//! # Schema (version 2)
+//! # Schema (version 3)
 //! ```text
 //! meta(key TEXT PK, value TEXT)                  'agent': state as JSON (heartbeat, pid, config);
 //!                                                'next_id': the next window id;
@@ -34,9 +34,11 @@
 //! partitions(partition PK, seconds, max_id, rows) what each partition holds now
 //! sinks(name PK, kind, active, last_success_ms,  per-sink outcome, for status
 //!       last_error, last_error_ms, retrying_since_ms, next_attempt_ms)
-//! parts(sink, partition, part, after_id, last_id, rows, planned_ms, delivered_ms)
+//! parts(sink, partition, part, after_id, last_id, rows, planned_ms, delivered_ms,
+//!       dropped_ms)
 //!       PK(sink, partition, part): part N of a partition for a sink holds the windows
-//!       of that partition with after_id < id <= last_id
+//!       of that partition with after_id < id <= last_id; dropped_ms (v3): the disk
+//!       budget dropped it whole before it was delivered (see Full disk)
 //! ```
 //!
 //! # Delivery bookkeeping
@@ -89,9 +91,35 @@
 //! more and stops with an error. Details in `follow.rs`.
 //!
 //! # Full disk
-//! The spool's used pages are held under `disk_budget` by a [`WhenFull`] policy:
-//! `DropOldest` deletes the oldest partitions whatever their delivery state,
-//! `StopSampling` discards new windows; both count what they dropped.
+//! The spool's used pages (the file minus its free pages) are held under `disk_budget`
+//! by a [`WhenFull`] policy; both count what they dropped in `counters('rows.dropped')`
+//! (`status`: windows dropped by the disk budget).
+//! - `StopSampling`: a flush that finds the spool over its budget is discarded.
+//! - `DropOldest`: a flush that leaves the spool over its budget is followed by one
+//!   *drop step*, one transaction and one log line with its count: the oldest batches,
+//!   in order of partition then id (the oldest windows, whatever their delivery state;
+//!   the partition being written last), are deleted until the used pages are at most
+//!   90% of the budget ([`LOW_WATER_PERCENT`]). `partitions.rows` is lowered (a row at 0
+//!   is deleted, `max_id` stays). A part planned for a sink and not delivered is never
+//!   cut: the step widens to take it whole, marks it `dropped_ms`, and it is never sent
+//!   (its number and rows are never used again; the next part starts after its
+//!   `last_id`). It may have reached its sink already, its answer lost: then the sink
+//!   has it whole, and nothing else is ever written under its key, so no window is
+//!   delivered twice or overwritten. A reader checks the mark after reading a part's
+//!   rows (the mark and the deletion are one transaction): a dropped part reads as
+//!   empty, and the uploader sends nothing. Planned parts hold at most a sixteenth of
+//!   the budget of records, so a step stays small: at most 10% of the budget plus one
+//!   part.
+//! - The files: freed pages stay in the file (its free list) and the next flushes reuse
+//!   them, so the database never grows past the most its pages ever held: the budget
+//!   plus one flush. The writer checkpoints the WAL every eighth of the budget (64 to
+//!   1000 pages, `wal_autocheckpoint`) and cuts a WAL that grew past that back to it
+//!   (`journal_size_limit`). Database plus WAL stay within [`files_bound`]:
+//!   `budget + F + 32 KiB + (C + F/1024 + budget/1 MiB + 32) × 1048 + 32` bytes, with
+//!   F = 100 bytes per window of the largest flush and C the checkpoint pages. Nothing
+//!   is vacuumed in normal operation (SD cards); a file found at start more than an
+//!   eighth over its budget (the budget lowered, a spool of an older edgespool) is
+//!   compacted once (`VACUUM`) after the drop step.
 //!
 //! # Files
 //! - `mod.rs`: this design, [`SpoolError`], [`SpoolOptions`], the [`Spool`] writer itself.
@@ -101,7 +129,8 @@
 //!   state; live feeds' reports; the clean stop.
 //! - `delivery.rs`: planning a sink's parts ([`Plan`], [`PartPlan`]), recording
 //!   deliveries (deleting what every sink has) and failures.
-//! - `budget.rs`: the bytes used, and dropping the oldest partitions at the budget.
+//! - `budget.rs`: the bytes used, drop steps of the oldest windows at the budget, and
+//!   the bound on the files ([`files_bound`]).
 //! - `lock.rs`: [`SpoolLock`], one agent per spool; [`FileId`], which file a path names.
 //! - `follow.rs`: the spool file deleted or replaced under the agent, put back
 //!   ([`Restored`]).
@@ -119,6 +148,7 @@ mod schema;
 mod thread;
 mod writer;
 
+pub use budget::{LOW_WATER_PERCENT, WINDOW_BYTES, files_bound};
 pub use delivery::{MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use follow::Restored;
 pub use lock::{AtPath, FileId, SpoolLock, lock_path};

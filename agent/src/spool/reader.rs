@@ -161,6 +161,15 @@ impl SpoolReader {
         with_series: bool,
     ) -> Result<PartRows, SpoolError> {
         let rows = self.read_rows(plan)?;
+        // Design: checked after the rows were read. A drop deletes a part's rows and
+        // marks it dropped in one transaction, so a part not dropped now was whole
+        // when read; one dropped is read as empty, and the uploader sends nothing.
+        if self.dropped(plan)? {
+            return Ok(PartRows {
+                rows: Vec::new(),
+                series: Vec::new(),
+            });
+        }
         if !with_series {
             return Ok(PartRows {
                 rows,
@@ -185,6 +194,20 @@ impl SpoolReader {
         }
         series.sort();
         Ok(PartRows { rows, series })
+    }
+
+    /// Whether the disk budget dropped this part (see `budget.rs`).
+    fn dropped(&self, plan: &PartPlan) -> Result<bool, SpoolError> {
+        self.conn
+            .query_row(
+                "SELECT dropped_ms IS NOT NULL FROM parts
+                 WHERE sink = ?1 AND partition = ?2 AND part = ?3",
+                params![plan.sink, plan.partition, plan.part],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|dropped| dropped.unwrap_or(false))
+            .map_err(self.err())
     }
 
     fn read_rows(&mut self, plan: &PartPlan) -> Result<Vec<WindowRow>, SpoolError> {

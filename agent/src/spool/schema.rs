@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::WhenFull;
 use crate::flow::LiveState;
 
+use super::budget::{checkpoint_pages, wal_limit_bytes};
 use super::{
     AgentState, CACHE_KIB, FileId, SourceState, Spool, SpoolError, SpoolLock, SpoolOptions, sqlite,
 };
@@ -18,7 +19,7 @@ use super::{
 pub(super) const APPLICATION_ID: i32 = 0x4553_5031;
 
 /// Small pages: fewer bytes rewritten around each flush's few KiB of new data.
-const PAGE_SIZE: u32 = 1024;
+pub(super) const PAGE_SIZE: u32 = 1024;
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
@@ -70,6 +71,9 @@ CREATE TABLE parts (
 ALTER TABLE series ADD COLUMN first_partition INTEGER;
 ALTER TABLE series ADD COLUMN first_id INTEGER;
 "#,
+    r#"
+ALTER TABLE parts ADD COLUMN dropped_ms INTEGER;
+"#,
 ];
 
 /// A corrupt spool found at start and moved aside, as `status` shows it.
@@ -110,10 +114,11 @@ impl Spool {
             }
             other => (other?, None),
         };
-        let spool = Spool::new(conn, path, options, lock)?;
+        let mut spool = Spool::new(conn, path, options, lock)?;
         if let Some(recovery) = recovery {
             spool.set_meta("recovered", &recovery)?;
         }
+        spool.fit_at_open()?;
         Ok(spool)
     }
 
@@ -219,6 +224,17 @@ pub(super) fn open_file(path: &Path, options: &SpoolOptions) -> Result<Connectio
         .map_err(&err)?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)
         .map_err(&err)?;
+    // The WAL's share of the disk bound (see budget.rs): checkpoint after this many
+    // pages, and cut a WAL that outgrew it back to it once checkpointed.
+    let checkpoint = checkpoint_pages(options.budget_bytes);
+    conn.pragma_update(None, "wal_autocheckpoint", checkpoint as i64)
+        .map_err(&err)?;
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        wal_limit_bytes(checkpoint) as i64,
+    )
+    .map_err(&err)?;
     let mut conn = conn;
     let tx = conn.transaction().map_err(&err)?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {

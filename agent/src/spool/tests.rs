@@ -557,3 +557,104 @@ fn a_writer_whose_lock_another_took_commits_nothing() {
     let reader = SpoolReader::open(&path).expect("reader");
     assert_eq!(reader.totals().expect("totals").0, 0);
 }
+
+/// Bytes of the spool's files on disk: the database and its WAL.
+fn files_on_disk(path: &Path) -> u64 {
+    ["", "-wal"]
+        .iter()
+        .map(|suffix| {
+            std::fs::metadata(format!("{}{suffix}", path.display())).map_or(0, |m| m.len())
+        })
+        .sum()
+}
+
+#[test]
+fn a_long_outage_drops_the_oldest_windows_in_small_steps_and_the_rest_goes_once() {
+    const SERIES: i64 = 200;
+    const MINUTES: i64 = 420;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let budget = 1024 * 1024;
+    let mut opts = options(&["a"]);
+    opts.budget_bytes = budget;
+    let mut spool = Spool::open(&path, opts).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    let bound = files_bound(budget, SERIES as u64);
+    let value = |minute: i64, series: i64| (minute * 1000 + series) as f64;
+    let (mut dropped, mut largest_file, mut first_planned) = (0u64, 0u64, None);
+    for minute in 0..MINUTES {
+        // One flush: the minute's window of every series, all in one partition.
+        let rows = (0..SERIES)
+            .map(|s| row(&format!("s.{s}"), minute * 60, value(minute, s)))
+            .collect();
+        spool.commit(&flush(rows)).expect("commit");
+        let held_before = reader.totals().expect("totals").0 as u64 + SERIES as u64;
+        // The counter is absent until the first drop.
+        let now = reader
+            .counters()
+            .expect("counters")
+            .get("rows.dropped")
+            .copied()
+            .unwrap_or(0);
+        let step = now - dropped;
+        assert!(
+            step * 4 < held_before,
+            "a drop step of {step} windows out of {held_before} is not small"
+        );
+        dropped = now;
+        let size = files_on_disk(&path);
+        largest_file = largest_file.max(size);
+        assert!(
+            size <= bound,
+            "after minute {minute}: {size} bytes on disk, over the bound of {bound}"
+        );
+        // The sink is down: the uploader plans what is closed and never delivers it.
+        if let Plan::Ready(plan) = spool.plan("a", (minute + 1) * 60_000).expect("plan") {
+            first_planned.get_or_insert(plan);
+        }
+    }
+    assert!(
+        largest_file > budget * 9 / 10,
+        "the budget was reached ({largest_file} bytes)"
+    );
+    assert!(dropped > 0 && dropped % SERIES as u64 == 0, "{dropped}");
+    // Whole flushes went, oldest first: the first `cut` minutes.
+    let cut = (dropped / SERIES as u64) as i64;
+    assert!(
+        cut > MINUTES / 2,
+        "the outage outgrew the budget several times"
+    );
+    let first_planned = first_planned.expect("hour 0 was planned while the sink was down");
+    assert_eq!(
+        (first_planned.partition, first_planned.part),
+        (0, 0),
+        "the oldest part"
+    );
+    assert!(
+        reader
+            .read_part(&first_planned, false)
+            .expect("a dropped part reads")
+            .rows
+            .is_empty(),
+        "a planned part whose rows were dropped reads as empty: nothing goes out under its key"
+    );
+    // The sink is back: everything not dropped arrives, once.
+    let parts = drain(&mut spool, &mut reader, "a", i64::MAX / 4);
+    let mut got: Vec<f64> = parts.iter().flat_map(|(_, _, v)| v.clone()).collect();
+    got.sort_by(f64::total_cmp);
+    let mut expected: Vec<f64> = (cut..MINUTES)
+        .flat_map(|m| (0..SERIES).map(move |s| value(m, s)))
+        .collect();
+    expected.sort_by(f64::total_cmp);
+    assert_eq!(got.len(), expected.len(), "kept windows, each once");
+    assert!(got == expected, "exactly the newest windows arrive");
+    let mut keys: Vec<(i64, u32)> = parts.iter().map(|(p, n, _)| (*p, *n)).collect();
+    keys.dedup();
+    assert_eq!(keys.len(), parts.len(), "no part key twice");
+    assert!(
+        !keys.contains(&(0, 0)),
+        "the dropped part 0 of hour 0 is not sent"
+    );
+    assert_eq!(reader.totals().expect("totals").0, 0);
+    assert!(files_on_disk(&path) <= bound);
+}

@@ -174,7 +174,7 @@ impl Spool {
         tx.commit().map_err(&err)?;
 
         if self.options.when_full == WhenFull::DropOldest {
-            self.enforce_budget()?;
+            self.enforce_budget(crate::clock::now_ms())?;
         }
         Ok(())
     }
