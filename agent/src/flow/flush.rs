@@ -187,7 +187,7 @@ pub struct AggregateCounts {
     /// Samples the agent stamped into a window already written (the clock went back),
     /// moved to the next open window of their series instead.
     pub clamped: u64,
-    /// Samples held for a synchronised clock beyond [`MAX_HELD`](crate::aggregate::MAX_HELD), dropped.
+    /// Samples held for a synchronised clock beyond the aggregator's `MAX_HELD`, dropped.
     pub held_dropped: u64,
 }
 
