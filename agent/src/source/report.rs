@@ -1,11 +1,13 @@
-//! Rate-limited warnings of a source: at most one log line per kind of problem per
-//! period (a minute), carrying how many more there were since the previous line.
+//! Rate-limited warnings of a source: at most a few log lines per kind of problem per
+//! period (a minute), the next carrying how many more there were since the previous line.
 //!
 //! - A source that meets a bad value once a second, or a publisher sending a thousand
 //!   different bad payloads, must not fill the journal: every occurrence is counted
-//!   (the source's counters, `status`), one line a minute says what and how many.
-//! - The first occurrence of a kind is logged at once; later ones wait for the period to
-//!   end, and go out then even if no new problem comes (see [`Reports::due`]).
+//!   (the source's counters, `status`), a line a minute says what and how many.
+//! - The first occurrences of a kind in a period are logged at once, up to its burst
+//!   ([`Kind::burst`]: three different bad payloads in a row are each shown, dropped
+//!   series once); later ones wait for the period to end, and go out then in one line
+//!   even if no new problem comes (see [`Reports::due`]).
 //! - Pure: it takes `now` and does no I/O, so it is tested without a runtime.
 
 use std::time::{Duration, Instant};
@@ -29,6 +31,15 @@ impl Kind {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// How many lines of this kind a period may hold.
+    pub fn burst(self) -> u32 {
+        match self {
+            // One condition (the cap is reached), however many samples it drops.
+            Kind::SeriesDropped => 1,
+            _ => 3,
+        }
+    }
 }
 
 /// One line to log: a message standing for itself and `more` other occurrences since
@@ -47,9 +58,13 @@ pub struct Line {
 
 #[derive(Debug, Default)]
 struct Held {
-    /// When the last line of this kind was written.
-    last_line: Option<Instant>,
-    /// Occurrences since then, not logged.
+    /// When the current period of this kind began (with its first line).
+    period_start: Option<Instant>,
+    /// Lines written in it.
+    lines: u32,
+    /// Whether a line of this kind was ever written.
+    logged: bool,
+    /// Occurrences not logged since the last line.
     unlogged: u64,
     /// The latest of them.
     latest: Option<String>,
@@ -63,7 +78,7 @@ pub struct Reports {
 }
 
 impl Reports {
-    /// A limiter allowing one line per kind per `period`.
+    /// A limiter allowing [`Kind::burst`] lines per kind per `period`.
     pub fn new(period: Duration) -> Reports {
         Reports {
             period,
@@ -77,17 +92,22 @@ impl Reports {
         let period = self.period;
         let held = &mut self.held[kind.index()];
         let count = count.max(1);
-        let due = held
-            .last_line
-            .is_none_or(|last| now.saturating_duration_since(last) >= period);
-        if !due {
+        let over = held
+            .period_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= period);
+        if over {
+            held.period_start = Some(now);
+            held.lines = 0;
+        }
+        if held.lines >= kind.burst() {
             held.unlogged += count;
             held.latest = Some(message);
             return None;
         }
-        let first = held.last_line.is_none();
+        let first = !held.logged;
         let more = held.unlogged + count - 1;
-        held.last_line = Some(now);
+        held.lines += 1;
+        held.logged = true;
         held.unlogged = 0;
         held.latest = None;
         Some(Line {
@@ -103,13 +123,15 @@ impl Reports {
         let period = self.period;
         Kind::ALL.into_iter().filter_map(move |kind| {
             let held = &mut self.held[kind.index()];
-            let last = held.last_line?;
-            if held.unlogged == 0 || now.saturating_duration_since(last) < period {
+            let start = held.period_start?;
+            if held.unlogged == 0 || now.saturating_duration_since(start) < period {
                 return None;
             }
             let message = held.latest.take()?;
             let more = held.unlogged - 1;
-            held.last_line = Some(now);
+            // The line opens the next period.
+            held.period_start = Some(now);
+            held.lines = 1;
             held.unlogged = 0;
             Some(Line {
                 kind,
@@ -128,50 +150,55 @@ mod tests {
     const MINUTE: Duration = Duration::from_secs(60);
 
     #[test]
-    fn the_first_problem_is_logged_at_once_and_the_rest_once_a_minute_with_their_count() {
+    fn a_few_problems_are_logged_at_once_and_the_rest_once_a_minute_with_their_count() {
         let t0 = Instant::now();
         let mut reports = Reports::new(MINUTE);
-        let line = reports
-            .note(Kind::Invalid, t0, 1, "bad 0".into())
-            .expect("the first is logged");
-        assert_eq!(
-            (line.message.as_str(), line.more, line.first),
-            ("bad 0", 0, true)
-        );
-        for i in 1..=37 {
+        let mut logged = Vec::new();
+        for i in 0..40 {
             let at = t0 + Duration::from_millis(i * 100);
-            assert_eq!(reports.note(Kind::Invalid, at, 1, format!("bad {i}")), None);
+            if let Some(line) = reports.note(Kind::Invalid, at, 1, format!("bad {i}")) {
+                logged.push((line.message, line.more, line.first));
+            }
         }
+        assert_eq!(
+            logged,
+            [
+                ("bad 0".to_owned(), 0, true),
+                ("bad 1".to_owned(), 0, false),
+                ("bad 2".to_owned(), 0, false),
+            ]
+        );
         assert_eq!(reports.due(t0 + Duration::from_secs(59)).count(), 0);
         let lines: Vec<Line> = reports.due(t0 + MINUTE).collect();
         assert_eq!(
             lines,
             [Line {
                 kind: Kind::Invalid,
-                message: "bad 37".into(),
+                message: "bad 39".into(),
                 more: 36,
                 first: false,
             }]
         );
-        // Nothing held: nothing due; the next problem waits for its minute.
+        // Nothing held: nothing due. The summary opened a period: two more fit in it.
         assert_eq!(reports.due(t0 + 3 * MINUTE).count(), 0);
+        let next = |reports: &mut Reports, secs, text: &str| {
+            let at = t0 + MINUTE + Duration::from_secs(secs);
+            reports
+                .note(Kind::Invalid, at, 1, text.into())
+                .map(|l| l.more)
+        };
+        assert_eq!(next(&mut reports, 1, "x"), Some(0));
+        assert_eq!(next(&mut reports, 2, "y"), Some(0));
+        assert_eq!(next(&mut reports, 3, "z"), None);
         assert_eq!(
-            reports.note(
-                Kind::Invalid,
-                t0 + MINUTE + Duration::from_secs(1),
-                1,
-                "x".into()
-            ),
-            None
+            next(&mut reports, 60, "w"),
+            Some(1),
+            "a new period: z and w"
         );
-        let line = reports
-            .note(Kind::Invalid, t0 + 2 * MINUTE, 1, "y".into())
-            .expect("a minute after the last line");
-        assert_eq!((line.message.as_str(), line.more), ("y", 1));
     }
 
     #[test]
-    fn each_kind_has_its_own_minute_and_counts_add_up() {
+    fn each_kind_has_its_own_minute_and_dropped_series_one_line() {
         let t0 = Instant::now();
         let mut reports = Reports::new(MINUTE);
         assert!(reports.note(Kind::Invalid, t0, 1, "a".into()).is_some());
