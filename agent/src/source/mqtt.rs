@@ -31,11 +31,17 @@ use crate::broker::{self, reconnect_delay};
 use crate::clock;
 use crate::config::{MqttSource as MqttConfig, MqttSubscription, Payload};
 
+/// The most QoS 1 messages the broker may send before the agent acknowledges them
+/// (MQTT 5 Receive Maximum): per hand-over `interval` at most this many come.
+// Design: only their samples wait for the hand-over (their payloads are dropped once
+// read), so this bounds a hand-over's size, not the memory of the messages.
+const RECEIVE_MAXIMUM: u16 = 1000;
+
 /// What the connection task has received and not yet handed over.
 #[derive(Default)]
 struct Parked {
     batch: Batch,
-    /// Messages to acknowledge once their samples are handed over.
+    /// Messages to acknowledge once their samples are handed over (packet ids only).
     acks: Vec<Publish>,
     /// Connection problems since the last hand-over.
     errors: Vec<String>,
@@ -63,7 +69,8 @@ impl MqttSource {
             .set_manual_acks(true)
             // Design: the broker drops larger messages for this client (MQTT 5, 3.1.2.25);
             // smaller ones over `max_payload` are read, counted and acknowledged.
-            .set_max_packet_size(Some(config.max_packet_bytes()));
+            .set_max_packet_size(Some(config.max_packet_bytes()))
+            .set_receive_maximum(Some(RECEIVE_MAXIMUM));
         let (client, eventloop) = AsyncClient::new(options, 1024);
         let parked = Arc::new(Mutex::new(Parked::default()));
         let reader = Reader::new(name, config);
@@ -105,8 +112,8 @@ impl Source for MqttSource {
             batch.series_refused = taken.series_refused;
         }
         // The samples go to the aggregator when this returns: the broker may forget them.
-        // (The broker sends at most its `max_inflight_messages` unacknowledged messages,
-        // so this hand-over interval bounds the rate: 20 per interval by default.)
+        // (The broker sends at most RECEIVE_MAXIMUM unacknowledged messages, fewer if
+        // its own limit is lower, so this hand-over interval bounds the rate.)
         for publish in &acks {
             if self.client.ack(publish).await.is_err() {
                 break;
@@ -158,7 +165,12 @@ async fn connection(
                 let parked = &mut *parked;
                 reader.read(&publish, &mut parked.batch);
                 if publish.qos != QoS::AtMostOnce {
-                    parked.acks.push(publish);
+                    // The packet id acknowledges it: the payload is let go now.
+                    parked.acks.push(Publish {
+                        qos: publish.qos,
+                        pkid: publish.pkid,
+                        ..Publish::default()
+                    });
                 }
             }
             Ok(_) => {}
