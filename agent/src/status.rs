@@ -146,6 +146,9 @@ pub struct SourceStatus {
     pub invalid: u64,
     /// Failed samplings or reads (lifetime).
     pub errors: u64,
+    /// Samples dropped because their series would have been beyond the source's
+    /// `max_series` (lifetime).
+    pub series_dropped: u64,
     /// The latest problem.
     pub last_error: Option<String>,
     /// When (RFC 3339).
@@ -268,6 +271,7 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             samples: count(&format!("source.{}.samples", s.name)),
             invalid: count(&format!("source.{}.invalid", s.name)),
             errors: count(&format!("source.{}.errors", s.name)),
+            series_dropped: count(&format!("source.{}.series_dropped", s.name)),
             last_error: s.last_problem.as_ref().map(|p| p.message.clone()),
             last_error_at: time(s.last_problem.as_ref().map(|p| p.at_ms)),
         })
@@ -521,9 +525,13 @@ pub fn render(status: &Status, now_ms: i64) -> String {
             Some(e) => format!("; last error {}: {e}", ago(&src.last_error_at, now_ms)),
             None => String::new(),
         };
+        let dropped = match src.series_dropped {
+            0 => String::new(),
+            n => format!(", {n} dropped over max_series"),
+        };
         let _ = writeln!(
             out,
-            "  {:<12} {:<7} {} samples, {} invalid, {} errors{problem}",
+            "  {:<12} {:<7} {} samples, {} invalid, {} errors{dropped}{problem}",
             src.name, src.kind, src.samples, src.invalid, src.errors
         );
     }

@@ -63,6 +63,12 @@ pub(super) fn validate_broker(
     if qos > 1 {
         return Err(format!("{what} {name:?}: qos must be 0 or 1"));
     }
+    let keep_alive = connection.keep_alive.as_secs_f64();
+    if !(5.0..=65535.0).contains(&keep_alive) {
+        return Err(format!(
+            "{what} {name:?}: keep_alive must be between 5s and 65535s"
+        ));
+    }
     one_secret("password", &connection.password, &connection.password_file)?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! their parsing.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -174,6 +175,10 @@ pub struct HttpSource {
     /// URL's scheme, host and port).
     #[serde(default)]
     pub redirects: Redirects,
+    /// Most series this source makes (default 1000): a table's rows beyond it (new key
+    /// values) are dropped and counted in `series_dropped`.
+    #[serde(default = "default_max_series")]
+    pub max_series: NonZeroU32,
 }
 
 /// Which HTTP redirects a source follows, at most [`Redirects::MAX`] in a row.
@@ -215,11 +220,39 @@ pub struct MqttSource {
     /// 0 or 1 (default 1).
     #[serde(default = "default_qos")]
     pub qos: u8,
-    /// Largest payload taken; longer ones are counted invalid (default 256 KiB).
+    /// Largest payload taken; longer ones are counted invalid and acknowledged
+    /// (default 256 KiB).
     #[serde(default = "default_max_payload")]
     pub max_payload: bytesize::ByteSize,
+    /// Largest message the broker may send this client (MQTT 5 Maximum Packet Size,
+    /// default 4 × `max_payload`, at least 1 MiB, at most 256 MiB): the broker drops a
+    /// larger one without sending it. Also the most memory one message takes.
+    #[serde(default)]
+    pub max_packet: Option<bytesize::ByteSize>,
+    /// Most series this source makes (default 1000): samples of further series (new
+    /// topics or fields) are dropped and counted in `series_dropped`.
+    #[serde(default = "default_max_series")]
+    pub max_series: NonZeroU32,
     /// What to subscribe to.
     pub subscriptions: Vec<MqttSubscription>,
+}
+
+impl MqttSource {
+    /// The Maximum Packet Size announced to the broker, in bytes.
+    pub fn max_packet_bytes(&self) -> u32 {
+        let bytes = match self.max_packet {
+            Some(size) => size.as_u64(),
+            None => self.max_payload.as_u64().saturating_mul(4).max(1 << 20),
+        };
+        bytes.min(MAX_PACKET_LIMIT) as u32
+    }
+}
+
+/// The largest packet MQTT can carry (a remaining length of 268,435,455 bytes): 256 MiB.
+pub const MAX_PACKET_LIMIT: u64 = 268_435_455;
+
+fn default_max_series() -> NonZeroU32 {
+    NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN)
 }
 
 fn default_handover() -> Duration {
@@ -374,6 +407,14 @@ pub(super) fn validate_source(source: &SourceConfig) -> Result<(), String> {
 
 fn validate_mqtt(name: &str, mqtt: &MqttSource) -> Result<(), String> {
     validate_broker("source", name, &mqtt.connection, mqtt.qos)?;
+    if let Some(max_packet) = mqtt.max_packet
+        && (max_packet < mqtt.max_payload || max_packet.as_u64() > MAX_PACKET_LIMIT)
+    {
+        return Err(format!(
+            "source {name:?}: max_packet must be at least max_payload ({}) and at most 256 MiB",
+            mqtt.max_payload
+        ));
+    }
     if mqtt.subscriptions.is_empty() {
         return Err(format!(
             "source {name:?}: list at least one [[sources.subscriptions]]"

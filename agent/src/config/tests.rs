@@ -228,6 +228,44 @@ fn mqtt_subscriptions_are_checked() {
 }
 
 #[test]
+fn an_mqtt_source_bounds_its_messages_and_series() {
+    let source = |keys: &str| {
+        MINIMAL.replace(
+            "kind = \"system\"",
+            &format!("kind = \"mqtt\"\nname = \"m\"\nurl = \"mqtt://127.0.0.1\"\n{keys}\n[[sources.subscriptions]]\ntopic = \"a/#\"\npayload = \"number\""),
+        )
+    };
+    let mqtt_of = |text: &str| {
+        let config = Config::parse(text, Path::new("x.toml")).expect("valid");
+        match &config.sources[0].kind {
+            SourceKind::Mqtt(mqtt) => (mqtt.max_packet_bytes(), mqtt.max_series.get()),
+            other => panic!("an mqtt source, not {}", other.word()),
+        }
+    };
+    assert_eq!(mqtt_of(&source("")), (1 << 20, 1000));
+    assert_eq!(
+        mqtt_of(&source("max_payload = \"1 MiB\"\nmax_series = 50")),
+        (4 << 20, 50)
+    );
+    assert_eq!(
+        mqtt_of(&source("max_packet = \"32 MiB\"")),
+        (32 << 20, 1000)
+    );
+    let error = error_of(&source("max_payload = \"1 MiB\"\nmax_packet = \"64 KiB\""));
+    assert!(
+        error.ends_with("max_packet must be at least max_payload (1.0 MiB) and at most 256 MiB"),
+        "{error}"
+    );
+    let error = error_of(&source("max_series = 0"));
+    assert!(error.contains("nonzero"), "{error}");
+    let error = error_of(&source("keep_alive = \"1s\""));
+    assert!(
+        error.ends_with("keep_alive must be between 5s and 65535s"),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_secret_given_twice_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("key");

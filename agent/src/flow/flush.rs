@@ -95,6 +95,7 @@ pub struct SourceStats {
     samples: AtomicU64,
     invalid: AtomicU64,
     errors: AtomicU64,
+    series_dropped: AtomicU64,
     last_problem: Mutex<Option<Problem>>,
 }
 
@@ -107,6 +108,8 @@ pub struct SourceDeltas {
     pub invalid: u64,
     /// Failed reads.
     pub errors: u64,
+    /// Samples dropped because they would have made a series beyond `max_series`.
+    pub series_dropped: u64,
 }
 
 impl SourceDeltas {
@@ -115,6 +118,7 @@ impl SourceDeltas {
         self.samples += other.samples;
         self.invalid += other.invalid;
         self.errors += other.errors;
+        self.series_dropped += other.series_dropped;
     }
 }
 
@@ -127,6 +131,7 @@ impl SourceStats {
             samples: AtomicU64::new(0),
             invalid: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            series_dropped: AtomicU64::new(0),
             last_problem: Mutex::new(None),
         }
     }
@@ -137,6 +142,7 @@ impl SourceStats {
             samples: self.samples.swap(0, Ordering::Relaxed),
             invalid: self.invalid.swap(0, Ordering::Relaxed),
             errors: self.errors.swap(0, Ordering::Relaxed),
+            series_dropped: self.series_dropped.swap(0, Ordering::Relaxed),
         }
     }
 
@@ -160,14 +166,16 @@ impl SourceStats {
         self.invalid.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records a problem; says whether it is news worth a log line (a new message).
-    pub fn problem(&self, at_ms: i64, message: String) -> bool {
-        let Ok(mut last) = self.last_problem.lock() else {
-            return true;
-        };
-        let news = last.as_ref().is_none_or(|p| p.message != message);
-        *last = Some(Problem { at_ms, message });
-        news
+    /// Counts samples dropped for a series beyond the source's `max_series`.
+    pub fn count_series_dropped(&self, samples: u64) {
+        self.series_dropped.fetch_add(samples, Ordering::Relaxed);
+    }
+
+    /// Records the latest problem, for `status`.
+    pub fn problem(&self, at_ms: i64, message: String) {
+        if let Ok(mut last) = self.last_problem.lock() {
+            *last = Some(Problem { at_ms, message });
+        }
     }
 }
 

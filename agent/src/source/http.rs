@@ -32,6 +32,8 @@ pub struct HttpSource {
     table: Option<TableConfig>,
     /// Series of table rows by (key value, column), made once.
     table_series: HashMap<(String, usize), Arc<Series>>,
+    /// The most series the table may make.
+    max_series: u32,
 }
 
 impl HttpSource {
@@ -92,6 +94,7 @@ impl HttpSource {
             timestamp: config.timestamp.clone(),
             table: config.table.clone(),
             table_series: HashMap::new(),
+            max_series: config.max_series.get(),
         })
     }
 
@@ -159,7 +162,11 @@ impl HttpSource {
             }
         }
         if let Some(table) = &self.table {
-            read_table(&self.name, table, doc, &mut self.table_series, batch)?;
+            let series = TableSeries {
+                cache: &mut self.table_series,
+                max: self.max_series,
+            };
+            read_table(&self.name, table, doc, series, batch)?;
         }
         Ok(())
     }
@@ -274,13 +281,20 @@ pub(super) fn number(value: &Value, place: &str, batch: &mut Batch) -> Option<f6
     }
 }
 
+/// The series a table has made, and how many it may make.
+struct TableSeries<'a> {
+    cache: &'a mut HashMap<(String, usize), Arc<Series>>,
+    max: u32,
+}
+
 fn read_table(
     source: &str,
     table: &TableConfig,
     doc: &Value,
-    cache: &mut HashMap<(String, usize), Arc<Series>>,
+    series: TableSeries<'_>,
     batch: &mut Batch,
 ) -> Result<(), SourceError> {
+    let TableSeries { cache, max } = series;
     let parse = |reason: String| SourceError::Parse { reason };
     let header = doc
         .pointer(&table.fields_pointer)
@@ -355,7 +369,12 @@ fn read_table(
             let Some(x) = number(cell, &place, batch) else {
                 continue;
             };
-            let series = cache.entry((key.clone(), at)).or_insert_with(|| {
+            let id = (key.clone(), at);
+            if cache.len() >= max as usize && !cache.contains_key(&id) {
+                batch.refuse(max, || format!("{source}.{key}.{name}"));
+                continue;
+            }
+            let series = cache.entry(id).or_insert_with(|| {
                 let mut series = Series::new(
                     format!("{source}.{key}.{name}"),
                     table.units.get(name).map(String::as_str),
@@ -393,7 +412,14 @@ mod tests {
             now_ms: 1000,
             ..Batch::default()
         };
-        read_table("pa", &table(), &doc, &mut HashMap::new(), &mut batch).expect("table reads");
+        read_table(
+            "pa",
+            &table(),
+            &doc,
+            unlimited(&mut HashMap::new()),
+            &mut batch,
+        )
+        .expect("table reads");
         let got: Vec<(String, f64)> = batch
             .samples
             .iter()
@@ -417,6 +443,41 @@ mod tests {
         );
     }
 
+    fn unlimited(cache: &mut HashMap<(String, usize), Arc<Series>>) -> TableSeries<'_> {
+        TableSeries {
+            cache,
+            max: u32::MAX,
+        }
+    }
+
+    #[test]
+    fn rows_beyond_max_series_are_dropped_and_counted_but_known_series_go_on() {
+        let doc: Value = serde_json::from_str(PURPLEAIR).expect("sample is JSON");
+        let mut cache = HashMap::new();
+        let mut batch = Batch::default();
+        let limited = |cache| TableSeries { cache, max: 3 };
+        read_table("pa", &table(), &doc, limited(&mut cache), &mut batch).expect("reads");
+        let limited = |cache| TableSeries { cache, max: 3 };
+        let names: Vec<&str> = batch
+            .samples
+            .iter()
+            .map(|s| s.series.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["pa.44071.pm", "pa.44071.Temperature", "pa.59873.pm"]
+        );
+        assert_eq!(batch.series_dropped, 1);
+        assert_eq!(
+            batch.series_refused.as_deref(),
+            Some("max_series (3) reached: pa.59873.Temperature and other new series are not made")
+        );
+        // The next response: the three known series are sampled again, the fourth not.
+        let mut batch = Batch::default();
+        read_table("pa", &table(), &doc, limited(&mut cache), &mut batch).expect("reads");
+        assert_eq!((batch.samples.len(), batch.series_dropped), (3, 1));
+    }
+
     #[test]
     fn a_missing_column_is_a_clear_error() {
         let doc: Value = serde_json::from_str(PURPLEAIR).expect("sample is JSON");
@@ -426,7 +487,7 @@ mod tests {
             "pa",
             &config,
             &doc,
-            &mut HashMap::new(),
+            unlimited(&mut HashMap::new()),
             &mut Batch::default(),
         )
         .expect_err("unknown column");

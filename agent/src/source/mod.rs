@@ -3,12 +3,14 @@
 //! Each configured source runs in its own task ([`SourceTask`]), ticking at its own
 //! interval with its own timeout: a slow or failing source never delays the others, and
 //! a missed tick is skipped rather than bursted. A source kind only implements
-//! [`Source::sample`]; counting, timeouts and logging live here, once.
+//! [`Source::sample`]; counting, timeouts and logging live here, once. Problems are
+//! counted one by one and logged at most once a minute per kind ([`report`]).
 
 pub(crate) mod http;
 pub(crate) mod mqtt;
 mod sysfs;
 pub(crate) use sysfs::parse_file;
+mod report;
 mod system;
 
 use std::path::Path;
@@ -22,6 +24,7 @@ use tracing::{debug, warn};
 use crate::clock;
 use crate::config::{SourceConfig, SourceKind};
 use crate::flow::{Sample, Sampled, Series, SourceStats, Stamp};
+use report::{Kind, Line, Reports};
 
 /// What one sampling produced: samples, and the problems met on the way.
 #[derive(Debug, Default)]
@@ -34,12 +37,28 @@ pub struct Batch {
     pub invalid: Vec<String>,
     /// Reads that failed outright for part of the source (e.g. one vanished file).
     pub errors: Vec<String>,
+    /// Samples dropped because their series would pass the source's `max_series`.
+    pub series_dropped: u64,
+    /// What the first of them was, for the log and `status` (made once per batch).
+    pub series_refused: Option<String>,
 }
 
 impl Batch {
     /// A sample read now (stamped with the sampling's start).
     fn push_now(&mut self, series: &Arc<Series>, value: f64) {
         self.push(series, Stamp::Own(self.now_ms), value);
+    }
+
+    /// Counts a sample dropped for a series beyond `max` (`series`, the name it would
+    /// have had, is made only for the first of a batch).
+    fn refuse(&mut self, max: u32, series: impl FnOnce() -> String) {
+        self.series_dropped += 1;
+        if self.series_refused.is_none() {
+            self.series_refused = Some(format!(
+                "max_series ({max}) reached: {} and other new series are not made",
+                series()
+            ));
+        }
     }
 
     /// A sample with its own stamp.
@@ -122,6 +141,7 @@ impl SourceTask {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let name = self.stats.name.clone();
+        let mut reports = Reports::new(REPORT_PERIOD);
         let mut failing = false;
         loop {
             tokio::select! {
@@ -149,25 +169,41 @@ impl SourceTask {
             let stats = &self.stats;
             if let Some(message) = failure {
                 stats.count_error();
-                if stats.problem(now_ms, message.clone()) || !failing {
-                    warn!(source = %name, error = %message, "sampling failed");
-                }
+                stats.problem(now_ms, message.clone());
+                log(&name, reports.note(Kind::Failed, at, 1, message));
                 failing = true;
             } else if failing {
                 debug!(source = %name, "sampling works again");
                 failing = false;
             }
-            for message in batch.errors.drain(..) {
-                stats.count_error();
-                if stats.problem(now_ms, message.clone()) {
-                    warn!(source = %name, error = %message, "read failed");
+            let problems = [
+                (Kind::Read, std::mem::take(&mut batch.errors)),
+                (Kind::Invalid, std::mem::take(&mut batch.invalid)),
+            ];
+            for (kind, messages) in problems {
+                let last = messages.len().saturating_sub(1);
+                for (i, message) in messages.into_iter().enumerate() {
+                    match kind {
+                        Kind::Read => stats.count_error(),
+                        _ => stats.count_invalid(),
+                    }
+                    if i == last {
+                        // Design: `status` shows the latest; one copy per batch, not per value.
+                        stats.problem(now_ms, message.clone());
+                    }
+                    log(&name, reports.note(kind, at, 1, message));
                 }
             }
-            for message in batch.invalid.drain(..) {
-                stats.count_invalid();
-                if stats.problem(now_ms, message.clone()) {
-                    warn!(source = %name, error = %message, "invalid value");
+            if batch.series_dropped > 0 {
+                stats.count_series_dropped(batch.series_dropped);
+                if let Some(message) = batch.series_refused.take() {
+                    stats.problem(now_ms, message.clone());
+                    let line = reports.note(Kind::SeriesDropped, at, batch.series_dropped, message);
+                    log(&name, line);
                 }
+            }
+            for line in reports.due(at) {
+                log(&name, Some(line));
             }
             stats.count_samples(batch.samples.len() as u64);
             // Design: a batch travels whole, so one response is aggregated in one flush.
@@ -182,6 +218,36 @@ impl SourceTask {
                 }
             }
         }
+    }
+}
+
+/// How often each kind of problem of a source may be logged.
+const REPORT_PERIOD: Duration = Duration::from_secs(60);
+
+/// Writes a rate-limited line, if there is one.
+fn log(source: &str, line: Option<Line>) {
+    let Some(Line {
+        kind,
+        message,
+        more,
+        first,
+    }) = line
+    else {
+        return;
+    };
+    let what = match kind {
+        Kind::Failed => "sampling failed",
+        Kind::Read => "read failed",
+        Kind::Invalid => "invalid value",
+        Kind::SeriesDropped if first => {
+            "too many series: samples of further series are dropped and counted"
+        }
+        Kind::SeriesDropped => "samples of further series dropped",
+    };
+    if more == 0 {
+        warn!(source = %source, error = %message, "{what}");
+    } else {
+        warn!(source = %source, error = %message, "{what} ({more} more since the last report)");
     }
 }
 

@@ -7,12 +7,22 @@
 //! agent never handed over is redelivered by the broker, in this session or the next.
 //! A redelivery of a message already handed over (the acknowledgement was lost with the
 //! connection) is recognised by its packet id and content and not counted again.
+//!
+//! No message stops the subscription, whatever its size. The client speaks MQTT 5 and
+//! announces a Maximum Packet Size (`max_packet`): the broker drops a larger message
+//! without sending it (and behaves as if delivered, so it never comes again). A message
+//! up to that size is read whole (so `max_packet` bounds the memory one message takes);
+//! one with a payload over `max_payload` is counted invalid and acknowledged like any
+//! other. Every new series counts against the source's `max_series`; samples of series
+//! beyond it are dropped and counted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, Publish};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
 use serde_json::Value;
 
 use super::http::{event_time, number};
@@ -21,11 +31,17 @@ use crate::broker::{self, reconnect_delay};
 use crate::clock;
 use crate::config::{MqttSource as MqttConfig, MqttSubscription, Payload};
 
+/// The most QoS 1 messages the broker may send before the agent acknowledges them
+/// (MQTT 5 Receive Maximum): per hand-over `interval` at most this many come.
+// Design: only their samples wait for the hand-over (their payloads are dropped once
+// read), so this bounds a hand-over's size, not the memory of the messages.
+const RECEIVE_MAXIMUM: u16 = 1000;
+
 /// What the connection task has received and not yet handed over.
 #[derive(Default)]
 struct Parked {
     batch: Batch,
-    /// Messages to acknowledge once their samples are handed over.
+    /// Messages to acknowledge once their samples are handed over (packet ids only).
     acks: Vec<Publish>,
     /// Connection problems since the last hand-over.
     errors: Vec<String>,
@@ -47,17 +63,14 @@ impl MqttSource {
     /// Connects in the background; must be called inside the runtime.
     pub fn new(name: &str, config: &MqttConfig) -> Result<MqttSource, SourceError> {
         let parse = |reason: String| SourceError::Parse { reason };
-        let mut options =
-            broker::options(&config.connection, || format!("edgespool-{name}")).map_err(parse)?;
+        let mut options = broker::options_v5(&config.connection, || format!("edgespool-{name}"))
+            .map_err(parse)?;
         options
             .set_manual_acks(true)
-            // Larger packets than `max_payload` are read and counted, not fatal.
-            .set_max_packet_size(
-                (config.max_payload.as_u64() as usize)
-                    .saturating_mul(4)
-                    .max(1 << 20),
-                1 << 16,
-            );
+            // Design: the broker drops larger messages for this client (MQTT 5, 3.1.2.25);
+            // smaller ones over `max_payload` are read, counted and acknowledged.
+            .set_max_packet_size(Some(config.max_packet_bytes()))
+            .set_receive_maximum(Some(RECEIVE_MAXIMUM));
         let (client, eventloop) = AsyncClient::new(options, 1024);
         let parked = Arc::new(Mutex::new(Parked::default()));
         let reader = Reader::new(name, config);
@@ -94,9 +107,13 @@ impl Source for MqttSource {
         batch.samples.extend(taken.samples);
         batch.invalid.extend(taken.invalid);
         batch.errors.extend(taken.errors);
+        batch.series_dropped += taken.series_dropped;
+        if batch.series_refused.is_none() {
+            batch.series_refused = taken.series_refused;
+        }
         // The samples go to the aggregator when this returns: the broker may forget them.
-        // (The broker sends at most its `max_inflight_messages` unacknowledged messages,
-        // so this hand-over interval bounds the rate: 20 per interval by default.)
+        // (The broker sends at most RECEIVE_MAXIMUM unacknowledged messages, fewer if
+        // its own limit is lower, so this hand-over interval bounds the rate.)
         for publish in &acks {
             if self.client.ack(publish).await.is_err() {
                 break;
@@ -113,7 +130,7 @@ impl Source for MqttSource {
 
 /// Runs the connection until the source is dropped.
 async fn connection(
-    mut eventloop: rumqttc::EventLoop,
+    mut eventloop: EventLoop,
     client: AsyncClient,
     mut reader: Reader,
     parked: Arc<Mutex<Parked>>,
@@ -136,7 +153,7 @@ async fn connection(
                     let filters = reader
                         .subscriptions
                         .iter()
-                        .map(|s| rumqttc::SubscribeFilter::new(s.topic.clone(), reader.qos));
+                        .map(|s| Filter::new(s.topic.clone(), reader.qos));
                     let _ = client.subscribe_many(filters.collect::<Vec<_>>()).await;
                 }
             }
@@ -148,12 +165,17 @@ async fn connection(
                 let parked = &mut *parked;
                 reader.read(&publish, &mut parked.batch);
                 if publish.qos != QoS::AtMostOnce {
-                    parked.acks.push(publish);
+                    // The packet id acknowledges it: the payload is let go now.
+                    parked.acks.push(Publish {
+                        qos: publish.qos,
+                        pkid: publish.pkid,
+                        ..Publish::default()
+                    });
                 }
             }
             Ok(_) => {}
             Err(err) => {
-                let message = format!("MQTT connection: {}", crate::with_causes(&err));
+                let message = connection_error(&err);
                 if let Ok(mut parked) = parked.lock() {
                     // Unacknowledged messages of a lost connection come again.
                     parked.acks.clear();
@@ -166,6 +188,18 @@ async fn connection(
     }
 }
 
+/// What a connection error says, with a hint where the cause is known.
+fn connection_error(err: &ConnectionError) -> String {
+    let text = format!("MQTT connection: {}", crate::with_causes(err));
+    match err {
+        ConnectionError::ConnectionRefused(
+            ConnectReturnCode::UnsupportedProtocolVersion
+            | ConnectReturnCode::RefusedProtocolVersion,
+        ) => format!("{text} (the MQTT source needs a broker that speaks MQTT 5)"),
+        _ => text,
+    }
+}
+
 /// Turns messages into samples.
 struct Reader {
     source: String,
@@ -174,6 +208,9 @@ struct Reader {
     subscriptions: Vec<MqttSubscription>,
     /// Per subscription: series by topic, then field.
     series: Vec<HashMap<String, HashMap<String, Arc<Series>>>>,
+    /// Series made, of all subscriptions, and the most that may be.
+    made: usize,
+    max_series: u32,
     /// Per packet id, a digest of the last message handed over with it: a redelivery
     /// (DUP) of the same message is not counted twice.
     handed: HashMap<u16, u64>,
@@ -191,6 +228,8 @@ impl Reader {
             max_payload: config.max_payload.as_u64() as usize,
             subscriptions: config.subscriptions.clone(),
             series: vec![HashMap::new(); config.subscriptions.len()],
+            made: 0,
+            max_series: config.max_series.get(),
             handed: HashMap::new(),
         }
     }
@@ -207,20 +246,25 @@ impl Reader {
             }
             self.handed.insert(publish.pkid, digest);
         }
+        // MQTT topics are UTF-8 (brokers check it).
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return;
+        };
         let Some(index) = self
             .subscriptions
             .iter()
-            .position(|s| matches(&s.topic, &publish.topic))
+            .position(|s| matches(&s.topic, topic))
         else {
             return;
         };
-        let topic = &publish.topic;
         // Disjoint borrows: the subscription is read while its series cache grows.
         let sub = &self.subscriptions[index];
         let mut names = SeriesNames {
             source: &self.source,
             sub,
             cache: &mut self.series[index],
+            made: &mut self.made,
+            max: self.max_series,
         };
         let filter = &sub.topic;
         if publish.payload.len() > self.max_payload {
@@ -240,8 +284,9 @@ impl Reader {
         match sub.payload {
             Payload::Number => match text.trim().parse::<f64>() {
                 Ok(value) => {
-                    let series = names.get(topic, "", sub.unit.as_deref());
-                    batch.push(&series, Stamp::Own(now), value);
+                    if let Some(series) = names.get(topic, "", sub.unit.as_deref(), batch) {
+                        batch.push(&series, Stamp::Own(now), value);
+                    }
                 }
                 Err(_) => batch.invalid.push(format!(
                     "{filter}: message on {topic} is not a number: {:?}",
@@ -277,8 +322,10 @@ impl Reader {
                                 continue;
                             }
                         };
-                        if let Some(v) = value {
-                            let series = names.get(topic, &field.name, field.unit.as_deref());
+                        let Some(v) = value else { continue };
+                        if let Some(series) =
+                            names.get(topic, &field.name, field.unit.as_deref(), batch)
+                        {
                             batch.push(&series, at, v * field.scale + field.offset);
                         }
                     }
@@ -289,8 +336,9 @@ impl Reader {
                         leaves.remove(&pointer.trim_start_matches('/').replace('/', "."));
                     }
                     for (field, value) in leaves {
-                        let series = names.get(topic, &field, sub.unit.as_deref());
-                        batch.push(&series, at, value);
+                        if let Some(series) = names.get(topic, &field, sub.unit.as_deref(), batch) {
+                            batch.push(&series, at, value);
+                        }
                     }
                 }
             }
@@ -298,19 +346,44 @@ impl Reader {
     }
 }
 
-/// The series of one subscription, made once per topic and field.
+/// The series of one subscription, made once per topic and field, at most `max` of
+/// the source's subscriptions together.
 struct SeriesNames<'a> {
     source: &'a str,
     sub: &'a MqttSubscription,
     cache: &'a mut HashMap<String, HashMap<String, Arc<Series>>>,
+    made: &'a mut usize,
+    max: u32,
 }
 
 impl SeriesNames<'_> {
-    /// Looked up without allocating; made (and named) the first time.
-    fn get(&mut self, topic: &str, field: &str, unit: Option<&str>) -> Arc<Series> {
+    /// Looked up without allocating; made (and named) the first time; `None` (counted
+    /// in `batch`) for a new series beyond `max`.
+    fn get(
+        &mut self,
+        topic: &str,
+        field: &str,
+        unit: Option<&str>,
+        batch: &mut Batch,
+    ) -> Option<Arc<Series>> {
         if let Some(series) = self.cache.get(topic).and_then(|f| f.get(field)) {
-            return Arc::clone(series);
+            return Some(Arc::clone(series));
         }
+        if *self.made >= self.max as usize {
+            batch.refuse(self.max, || self.name(topic, field));
+            return None;
+        }
+        *self.made += 1;
+        let series = Arc::new(Series::new(self.name(topic, field), unit));
+        self.cache
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(field.to_owned(), Arc::clone(&series));
+        Some(series)
+    }
+
+    /// The name of the series of `field` of a message on `topic`.
+    fn name(&self, topic: &str, field: &str) -> String {
         let template =
             self.sub
                 .series
@@ -320,13 +393,7 @@ impl SeriesNames<'_> {
                 } else {
                     "{topic}.{field}"
                 });
-        let name = format!("{}.{}", self.source, expand(template, topic, field));
-        let series = Arc::new(Series::new(name, unit));
-        self.cache
-            .entry(topic.to_owned())
-            .or_default()
-            .insert(field.to_owned(), Arc::clone(&series));
-        series
+        format!("{}.{}", self.source, expand(template, topic, field))
     }
 }
 
@@ -409,7 +476,7 @@ fn flatten(value: &Value, path: String, booleans: bool, out: &mut BTreeMap<Strin
 /// values and errors it gives.
 pub(crate) fn read_message(name: &str, config: &MqttConfig, topic: &str, payload: &[u8]) -> Batch {
     let mut reader = Reader::new(name, config);
-    let publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+    let publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec(), None);
     let mut batch = Batch::default();
     reader.read(&publish, &mut batch);
     batch
@@ -445,6 +512,57 @@ mod tests {
         );
         let fallback = stamps("j/a", "{\"t\": \"yesterday\", \"v\": 1}");
         assert!(fallback[0].1, "{fallback:?}");
+    }
+
+    #[test]
+    fn series_beyond_max_series_are_dropped_and_counted_known_ones_go_on() {
+        let text = "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"mqtt\"\nname = \"m\"\nurl = \"mqtt://127.0.0.1\"\nmax_series = 3\nmax_payload = \"1 KiB\"\n[[sources.subscriptions]]\ntopic = \"n/#\"\npayload = \"number\"\n[[sources.subscriptions]]\ntopic = \"f/#\"\npayload = \"flatten\"\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n";
+        let config =
+            crate::config::Config::parse(text, std::path::Path::new("t.toml")).expect("valid");
+        let crate::config::SourceKind::Mqtt(mqtt) = &config.sources[0].kind else {
+            panic!("an mqtt source");
+        };
+        let mut reader = Reader::new("m", mqtt);
+        let mut batch = Batch::default();
+        let mut read = |topic: &str, payload: &str, batch: &mut Batch| {
+            reader.read(
+                &Publish::new(topic, QoS::AtMostOnce, payload.to_owned(), None),
+                batch,
+            );
+        };
+        read("n/a", "1", &mut batch);
+        // Two subscriptions share the cap: a and b of this message make series 2 and 3.
+        read("f/x", "{\"a\": 1, \"b\": 2, \"c\": 3}", &mut batch);
+        read("n/b", "4", &mut batch);
+        read("n/a", "5", &mut batch);
+        let got: Vec<(&str, f64)> = batch
+            .samples
+            .iter()
+            .map(|s| (s.series.name.as_str(), s.value))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("m.n.a", 1.0),
+                ("m.f.x.a", 1.0),
+                ("m.f.x.b", 2.0),
+                ("m.n.a", 5.0)
+            ]
+        );
+        assert_eq!(batch.series_dropped, 2);
+        assert_eq!(
+            batch.series_refused.as_deref(),
+            Some("max_series (3) reached: m.f.x.c and other new series are not made")
+        );
+        // A payload over max_payload is counted invalid, whatever it holds.
+        let big = "1".repeat(2000);
+        read("n/a", &big, &mut batch);
+        assert_eq!(batch.samples.len(), 4);
+        assert!(
+            batch.invalid[0].ends_with("of 2000 bytes is over max_payload (1024 bytes)"),
+            "{:?}",
+            batch.invalid
+        );
     }
 
     #[test]

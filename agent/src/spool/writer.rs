@@ -144,6 +144,10 @@ impl Spool {
             counters.push((format!("source.{name}.samples"), deltas.samples));
             counters.push((format!("source.{name}.invalid"), deltas.invalid));
             counters.push((format!("source.{name}.errors"), deltas.errors));
+            counters.push((
+                format!("source.{name}.series_dropped"),
+                deltas.series_dropped,
+            ));
         }
         live_counters(&flush.live, &mut counters);
         add_counters(&tx, &counters).map_err(&err)?;
