@@ -343,6 +343,10 @@ fn a_large_partition_goes_up_as_a_multipart_upload() {
     let server = JsonServer::start(vec![purpleair_body(&rows)], purpleair_body(&[]));
     let sinks = s3_sink(&s3, "lake", "format = \"ndjson\"\npart_size = \"5 MiB\"");
     let config = write_config(dir.path(), &server.url, &sinks);
+    // 24,000 series, above the default `max_series` of 1,000.
+    let text = std::fs::read_to_string(&config).expect("the config");
+    let text = text.replace("[sources.table]", "max_series = 24000\n[sources.table]");
+    std::fs::write(&config, text).expect("write the config");
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
     let objects = wait_for("the large object", Duration::from_secs(120), || {
         let objects = s3.try_list("lake")?;
