@@ -228,6 +228,35 @@ fn run_status(config: &Path) -> Output {
     edgespool(&["status", "--config", config, "--json"])
 }
 
+/// Waits until every source is drained (`drained`), nothing is pending for any sink and
+/// two more flushes have passed since it was drained (before that, windows may still be
+/// open in memory, which SIGTERM would commit but not deliver); then stops the agent
+/// cleanly.
+pub fn settle(agent: Agent, timeout: Duration, mut drained: impl FnMut() -> bool) {
+    let mut heartbeats: Vec<Value> = Vec::new();
+    wait_for("everything delivered", timeout, || {
+        let status = agent.try_status()?;
+        if !drained() {
+            heartbeats.clear();
+            return None;
+        }
+        let heartbeat = status["daemon"]["heartbeat"].clone();
+        if heartbeats.last() != Some(&heartbeat) {
+            heartbeats.push(heartbeat);
+        }
+        let pending: u64 = status["sinks"]
+            .as_array()
+            .expect("sinks")
+            .iter()
+            .map(|s| s["pending_rows"].as_u64().unwrap_or(1))
+            .sum();
+        let idle = pending == 0 && status["spool"]["rows"] == 0;
+        (heartbeats.len() >= 3 && idle).then_some(())
+    });
+    let exit = agent.terminate();
+    assert!(exit.success(), "{exit:?}");
+}
+
 /// `edgespool status --config CONFIG --json`, parsed; fails the test if status fails.
 /// Not for a `wait_for` poll: there, [`try_status_json`].
 pub fn status_json(config: &Path) -> Value {
@@ -927,6 +956,29 @@ pub fn minute(i: i64) -> String {
         (7, T0 + i * 60, i as f64, 20.0 + i as f64),
         (9, T0 + i * 60 + 30, 10.0 + i as f64, 30.0),
     ])
+}
+
+/// Samples of `series` in window rows: the sum of their counts.
+pub fn samples_of(rows: &[Value], series: &str) -> u64 {
+    rows.iter()
+        .filter(|r| r["series"] == series)
+        .map(|r| r["count"].as_u64().expect("a window row has a count"))
+        .sum()
+}
+
+/// `n` counting messages `{"t":…,"v":1}`, one per second of event time from
+/// `T0 + 3600 + from` (an hour after [`T0`]: their partitions close at once).
+pub fn counting(from: i64, n: i64) -> Vec<String> {
+    (from..from + n)
+        .map(|i| format!("{{\"t\":{},\"v\":1}}", T0 + 3600 + i))
+        .collect()
+}
+
+/// Publishes [`counting`] messages `from..from + n` to `count/a` at QoS 1.
+pub fn publish_counting(broker: &MqttBroker, from: i64, n: i64) {
+    let messages = counting(from, n);
+    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
+    broker.publish("count/a", 1, &refs);
 }
 
 /// A real Mosquitto broker on a free loopback port, with persistence in a temp dir (so

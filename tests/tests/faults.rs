@@ -12,8 +12,8 @@ use std::time::Duration;
 use edgespool_tests::{
     Agent, COUNT_SUBSCRIPTION, Chaos, FaultProxy, JsonServer, MqttBroker, PG_PASSWORD,
     PG_TOTALS_SQL, PgServer, S3Server, T0, archive_sink, duckdb, fault_rounds, find_sink,
-    ndjson_totals, pg_sink_at, purpleair_body, read_tree, s3_sink_at, status_json, table_source,
-    wait_for, write_agent_config, write_file,
+    ndjson_totals, pg_sink_at, purpleair_body, read_tree, s3_sink_at, settle, status_json,
+    table_source, wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
 
@@ -38,29 +38,6 @@ fn write_config(dir: &Path, url: &str, sources: &str, sinks: &str) -> PathBuf {
             table_source(url, &["pm", "Temperature"])
         ),
     )
-}
-
-/// Waits until every source is drained (`drained`), nothing is pending for any sink and
-/// two more flushes have passed; then stops the agent cleanly.
-fn settle(agent: Agent, timeout: Duration, mut drained: impl FnMut() -> bool) {
-    let mut heartbeats: Vec<Value> = Vec::new();
-    wait_for("everything delivered", timeout, || {
-        let status = agent.try_status()?;
-        let heartbeat = status["daemon"]["heartbeat"].clone();
-        if heartbeats.last() != Some(&heartbeat) {
-            heartbeats.push(heartbeat);
-        }
-        let pending: u64 = status["sinks"]
-            .as_array()
-            .expect("sinks")
-            .iter()
-            .map(|s| s["pending_rows"].as_u64().unwrap_or(1))
-            .sum();
-        let idle = pending == 0 && status["spool"]["rows"] == 0;
-        (drained() && heartbeats.len() >= 3 && idle).then_some(())
-    });
-    let exit = agent.terminate();
-    assert!(exit.success(), "{exit:?}");
 }
 
 /// Per series "series|samples|sum of mean × count" of the Parquet objects in the bucket,

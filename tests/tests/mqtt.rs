@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, COUNT_SUBSCRIPTION, MqttBroker, T0, find_live_sink, live_sink_status, read_tree,
-    source_status, wait_for, write_agent_config,
+    Agent, COUNT_SUBSCRIPTION, MqttBroker, find_live_sink, live_sink_status, publish_counting,
+    read_tree, samples_of, source_status, wait_for, write_agent_config,
 };
 use serde_json::Value;
 
@@ -58,26 +58,6 @@ fn rows(dir: &Path) -> Vec<Value> {
         .into_iter()
         .flat_map(|f| f.rows)
         .collect()
-}
-
-fn samples_of(rows: &[Value], series: &str) -> u64 {
-    rows.iter()
-        .filter(|r| r["series"] == series)
-        .map(|r| r["count"].as_u64().expect("count"))
-        .sum()
-}
-
-/// `n` counting messages, one per second of event time from `T0 + 3600 + from`.
-fn counting(from: i64, n: i64) -> Vec<String> {
-    (from..from + n)
-        .map(|i| format!("{{\"t\":{},\"v\":1}}", T0 + 3600 + i))
-        .collect()
-}
-
-fn publish_counting(broker: &MqttBroker, from: i64, n: i64) {
-    let messages = counting(from, n);
-    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
-    broker.publish("count/a", 1, &refs);
 }
 
 #[test]

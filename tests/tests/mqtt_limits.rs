@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, MqttBroker, T0, find_source, read_tree, wait_for, write_agent_config,
+    Agent, MqttBroker, T0, find_source, publish_counting, read_tree, samples_of, wait_for,
+    write_agent_config,
 };
 use serde_json::Value;
 
@@ -75,27 +76,6 @@ fn rows(dir: &Path) -> Vec<Value> {
         .into_iter()
         .flat_map(|f| f.rows)
         .collect()
-}
-
-/// Samples of `series` in the output.
-fn samples_of(rows: &[Value], series: &str) -> u64 {
-    rows.iter()
-        .filter(|r| r["series"] == series)
-        .map(|r| r["count"].as_u64().unwrap_or(0))
-        .sum()
-}
-
-/// `n` counting messages, one per second of event time from `T0 + 3600 + from`.
-fn counting(from: i64, n: i64) -> Vec<String> {
-    (from..from + n)
-        .map(|i| format!("{{\"t\":{},\"v\":1}}", T0 + 3600 + i))
-        .collect()
-}
-
-fn publish_counting(broker: &MqttBroker, from: i64, n: i64) {
-    let messages = counting(from, n);
-    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
-    broker.publish("count/a", 1, &refs);
 }
 
 /// The lines of the agent's log that hold `text`.

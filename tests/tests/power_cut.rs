@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use edgespool_tests::powercut::{Luck, PowerCutFs};
 use edgespool_tests::{
-    Agent, Chaos, JsonServer, T0, edgespool, fault_rounds, purpleair_body, table_source, wait_for,
+    Agent, Chaos, JsonServer, T0, edgespool, fault_rounds, purpleair_body, settle, table_source,
+    wait_for,
 };
 use serde_json::Value;
 
@@ -246,29 +247,7 @@ fn a_power_cut_at_random_instants_loses_no_committed_window_and_leaves_no_short_
 
     // Power back for good: everything committed must reach the folder, once.
     let agent = Agent::start(&config, &log);
-    let mut heartbeats: Vec<Value> = Vec::new();
-    wait_for("everything delivered", Duration::from_secs(180), || {
-        let status = agent.status();
-        // Flushes count from when the last reading was taken: before that, windows may
-        // still be open in memory, which SIGTERM would commit but not deliver.
-        if !server.exhausted() {
-            heartbeats.clear();
-        }
-        let heartbeat = status["daemon"]["heartbeat"].clone();
-        if heartbeats.last() != Some(&heartbeat) {
-            heartbeats.push(heartbeat);
-        }
-        let pending: u64 = status["sinks"]
-            .as_array()
-            .expect("sinks")
-            .iter()
-            .map(|s| s["pending_rows"].as_u64().unwrap_or(1))
-            .sum();
-        let idle = pending == 0 && status["spool"]["rows"] == 0;
-        (heartbeats.len() >= 3 && idle).then_some(())
-    });
-    let exit = agent.terminate();
-    assert!(exit.success(), "{exit:?}");
+    settle(agent, Duration::from_secs(180), || server.exhausted());
 
     let output = read_output(&archive);
     assert!(
