@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, MqttBroker, T0, find_source, publish_counting, read_tree, samples_of, wait_for,
-    write_agent_config,
+    Agent, COUNT_SUBSCRIPTION, MqttBroker, T0, find_source, publish_counting, read_tree,
+    samples_of, wait_for, write_agent_config,
 };
 use serde_json::Value;
 
@@ -25,15 +25,7 @@ url = "mqtt://127.0.0.1:{port}"
 client_id = "edgespool-limits"
 interval = "100ms"
 {keys}
-
-[[sources.subscriptions]]
-topic = "count/#"
-payload = "json"
-timestamp = "/t"
-[[sources.subscriptions.fields]]
-name = "v"
-pointer = "/v"
-
+{count}
 [[sources.subscriptions]]
 topic = "probe/#"
 payload = "number"
@@ -43,6 +35,7 @@ kind = "local"
 name = "archive"
 path = "{out}"
 "#,
+        count = COUNT_SUBSCRIPTION,
         port = broker.port,
         out = dir.join("out").display(),
     );

@@ -142,6 +142,23 @@ impl Stats {
     }
 }
 
+#[cfg(test)]
+impl Stats {
+    /// The statistics of one sample.
+    pub(crate) fn single(value: f64) -> Stats {
+        Stats {
+            count: 1,
+            min: value,
+            max: value,
+            mean: value,
+            stdev: None,
+            median: value,
+            first: value,
+            last: value,
+        }
+    }
+}
+
 /// One closed window of one series: a row of the spool and of every output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowRow {

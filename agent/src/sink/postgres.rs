@@ -527,16 +527,7 @@ mod tests {
             series: Arc::clone(series),
             start,
             seconds: 60,
-            stats: Stats {
-                count: 1,
-                min: value,
-                max: value,
-                mean: value,
-                stdev: None,
-                median: value,
-                first: value,
-                last: value,
-            },
+            stats: Stats::single(value),
         }
     }
 

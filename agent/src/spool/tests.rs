@@ -22,16 +22,7 @@ fn row(series: &str, start: i64, value: f64) -> WindowRow {
         series: Arc::new(Series::new(series, Some("celsius"))),
         start,
         seconds: 60,
-        stats: Stats {
-            count: 1,
-            min: value,
-            max: value,
-            mean: value,
-            stdev: None,
-            median: value,
-            first: value,
-            last: value,
-        },
+        stats: Stats::single(value),
     }
 }
 
