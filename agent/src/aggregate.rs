@@ -40,41 +40,145 @@ pub const MAX_UNWRITTEN: usize = 100_000;
 /// (and counted): 100 series at 1 Hz for about 17 minutes.
 pub const MAX_HELD: usize = 100_000;
 
-/// Values kept per window for the median; beyond it the median is of the first ones.
-pub const MAX_VALUES_PER_WINDOW: usize = 100_000;
+pub use crate::flow::MAX_VALUES_PER_WINDOW;
 
-/// Running aggregates of one open window (Welford's method for mean and variance).
+/// A compensated sum (Neumaier's variant of Kahan's): the running sum and what its
+/// roundings left out, so that the result is as if summed in twice `f64`'s precision.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sum {
+    sum: f64,
+    rest: f64,
+}
+
+impl Sum {
+    fn add(&mut self, x: f64) {
+        let (sum, rest) = crate::flow::two_sum(self.sum, x);
+        self.sum = sum;
+        self.rest += rest;
+    }
+
+    fn value(self) -> f64 {
+        self.sum + self.rest
+    }
+}
+
+/// Count, mean (with its rest, see [`Stats::mean_rest`]) and the sum of squared
+/// deviations of some values.
+#[derive(Debug, Clone, Copy)]
+struct Moments {
+    count: u64,
+    mean: f64,
+    mean_rest: f64,
+    m2: f64,
+}
+
+impl Moments {
+    /// Two passes over the values, with compensated sums: the mean, then the deviations
+    /// from it (corrected by their own sum, which is what the mean still left out).
+    fn of(values: &[f64]) -> Moments {
+        let n = values.len() as f64;
+        let mut sum = Sum::default();
+        values.iter().for_each(|&x| sum.add(x));
+        let rough = sum.value() / n;
+        let mut dev = Sum::default();
+        values.iter().for_each(|&x| dev.add(x - rough));
+        let (mean, mean_rest) = crate::flow::two_sum(rough, dev.value() / n);
+        let (mut d1, mut d2) = (Sum::default(), Sum::default());
+        for &x in values {
+            let d = (x - mean) - mean_rest;
+            d1.add(d);
+            d2.add(d * d);
+        }
+        let d1 = d1.value();
+        Moments {
+            count: values.len() as u64,
+            mean,
+            mean_rest,
+            m2: (d2.value() - d1 * d1 / n).max(0.0),
+        }
+    }
+
+    /// Both sets of values together (the pooled sum of squares, around `self`'s mean).
+    fn pool(self, other: Moments) -> Moments {
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let n = na + nb;
+        let delta = (other.mean - self.mean) + (other.mean_rest - self.mean_rest);
+        let (mean, mean_rest) = crate::flow::two_sum(self.mean, self.mean_rest + delta * (nb / n));
+        Moments {
+            count: self.count + other.count,
+            mean,
+            mean_rest,
+            m2: self.m2 + other.m2 + delta * delta * (na * nb / n),
+        }
+    }
+}
+
+/// Values beyond the cap: compensated sums of their deviations from `shift` (the mean of
+/// the kept values) and of the squares of those.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    shift: (f64, f64),
+    count: u64,
+    d1: Sum,
+    d2: Sum,
+}
+
+impl Tail {
+    fn add(&mut self, x: f64) {
+        let d = (x - self.shift.0) - self.shift.1;
+        self.count += 1;
+        self.d1.add(d);
+        self.d2.add(d * d);
+    }
+
+    fn moments(self) -> Moments {
+        let n = self.count as f64;
+        let d1 = self.d1.value();
+        let (mean, rest) = crate::flow::two_sum(self.shift.0, self.shift.1 + d1 / n);
+        Moments {
+            count: self.count,
+            mean,
+            mean_rest: rest,
+            m2: (self.d2.value() - d1 * d1 / n).max(0.0),
+        }
+    }
+}
+
+/// Running aggregates of one open window.
+///
+/// Design: mean and standard deviation come from the kept values at the end, in two
+/// passes with compensated sums (Welford's running update loses about half the digits of
+/// the standard deviation on values near 1.7e9 that differ by hundredths). Values beyond
+/// the cap are summed around the kept values' mean and pooled with them.
 #[derive(Debug, Clone)]
 struct Accumulator {
     count: u64,
-    mean: f64,
-    m2: f64,
     min: f64,
     max: f64,
     first: (i64, f64),
     last: (i64, f64),
     values: Vec<f64>,
+    /// Once the cap is reached: the values beyond it.
+    tail: Option<Tail>,
 }
 
 impl Accumulator {
     fn new(timestamp_ms: i64, value: f64) -> Accumulator {
         Accumulator {
             count: 1,
-            mean: value,
-            m2: 0.0,
             min: value,
             max: value,
             first: (timestamp_ms, value),
             last: (timestamp_ms, value),
             values: vec![value],
+            tail: None,
         }
     }
 
-    fn add(&mut self, timestamp_ms: i64, value: f64) {
+    /// Adds a value; `true` when this is the first one beyond `cap` (the window is
+    /// capped from now on).
+    fn add(&mut self, timestamp_ms: i64, value: f64, cap: usize) -> bool {
         self.count += 1;
-        let delta = value - self.mean;
-        self.mean += delta / self.count as f64;
-        self.m2 += delta * (value - self.mean);
         self.min = self.min.min(value);
         self.max = self.max.max(value);
         if timestamp_ms < self.first.0 {
@@ -83,22 +187,42 @@ impl Accumulator {
         if timestamp_ms >= self.last.0 {
             self.last = (timestamp_ms, value);
         }
-        if self.values.len() < MAX_VALUES_PER_WINDOW {
+        if self.values.len() < cap {
             self.values.push(value);
+            return false;
         }
+        let capped = self.tail.is_none();
+        let tail = self.tail.get_or_insert_with(|| {
+            let kept = Moments::of(&self.values);
+            Tail {
+                shift: (kept.mean, kept.mean_rest),
+                count: 0,
+                d1: Sum::default(),
+                d2: Sum::default(),
+            }
+        });
+        tail.add(value);
+        capped
     }
 
     fn finish(mut self) -> Stats {
-        let stdev = (self.count > 1).then(|| (self.m2 / (self.count - 1) as f64).sqrt());
+        let mut moments = Moments::of(&self.values);
+        if let Some(tail) = self.tail {
+            moments = moments.pool(tail.moments());
+        }
+        let stdev = (self.count > 1).then(|| (moments.m2 / (self.count - 1) as f64).sqrt());
         Stats {
             count: self.count,
             min: self.min,
             max: self.max,
-            mean: self.mean,
+            mean: moments.mean,
+            mean_rest: moments.mean_rest,
             stdev,
             median: median(&mut self.values),
             first: self.first.1,
+            first_ms: self.first.0,
             last: self.last.1,
+            last_ms: self.last.0,
         }
     }
 }
@@ -131,6 +255,8 @@ pub struct Aggregator {
     /// The latest window start flushed per series: a sample at or before it is late.
     flushed: HashMap<Arc<Series>, i64>,
     counts: AggregateCounts,
+    /// Values kept per window ([`MAX_VALUES_PER_WINDOW`]; smaller in tests).
+    values_cap: usize,
 }
 
 impl Aggregator {
@@ -141,6 +267,16 @@ impl Aggregator {
             open: HashMap::new(),
             flushed: HashMap::new(),
             counts: AggregateCounts::default(),
+            values_cap: MAX_VALUES_PER_WINDOW,
+        }
+    }
+
+    /// An aggregator that keeps at most `cap` values per window for the median.
+    #[cfg(test)]
+    fn with_values_cap(window_seconds: u32, cap: usize) -> Aggregator {
+        Aggregator {
+            values_cap: cap.max(1),
+            ..Aggregator::new(window_seconds)
         }
     }
 
@@ -168,7 +304,9 @@ impl Aggregator {
         }
         let key = (sample.series, start);
         if let Some(acc) = self.open.get_mut(&key) {
-            acc.add(sample.timestamp_ms, sample.value);
+            if acc.add(sample.timestamp_ms, sample.value, self.values_cap) {
+                self.counts.capped += 1;
+            }
         } else if self.open.len() >= MAX_OPEN_WINDOWS {
             self.counts.overflow += 1;
         } else {
@@ -433,6 +571,7 @@ mod tests {
             median: 2.0,
             first: 1.0,
             last: 3.0,
+            ..Stats::single_at(0.0, 10)
         };
         let b = Stats {
             count: 2,
@@ -443,6 +582,7 @@ mod tests {
             median: 4.5,
             first: 4.0,
             last: 5.0,
+            ..Stats::single_at(0.0, 20)
         };
         let m = a.merge(&b);
         assert_eq!((m.count, m.min, m.max, m.mean), (5, 1.0, 5.0, 3.0));

@@ -231,6 +231,9 @@ pub struct Counters {
     pub clamped_samples: u64,
     /// Samples held for the clock beyond the limit, dropped.
     pub held_dropped_samples: u64,
+    /// Windows that had more values than the median keeps (`MAX_VALUES_PER_WINDOW`):
+    /// their median is that of the first values kept; every other statistic is of all.
+    pub capped_windows: u64,
 }
 
 /// Reads the status from a spool file.
@@ -371,6 +374,7 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             lost_rows: count("rows.lost"),
             clamped_samples: count("samples.clamped"),
             held_dropped_samples: count("samples.held_dropped"),
+            capped_windows: count("windows.capped"),
         },
     })
 }
@@ -600,6 +604,13 @@ pub fn render(status: &Status, now_ms: i64) -> String {
         c.dropped_rows,
         c.lost_rows,
         c.clamped_samples
+    );
+    let _ = writeln!(
+        out,
+        "medians   {} windows over {} values: their median is of the first {} to arrive",
+        c.capped_windows,
+        crate::flow::MAX_VALUES_PER_WINDOW,
+        crate::flow::MAX_VALUES_PER_WINDOW
     );
     out
 }

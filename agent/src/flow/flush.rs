@@ -197,6 +197,9 @@ pub struct AggregateCounts {
     pub clamped: u64,
     /// Samples held for a synchronised clock beyond the aggregator's `MAX_HELD`, dropped.
     pub held_dropped: u64,
+    /// Windows that reached the aggregator's `MAX_VALUES_PER_WINDOW` (their median is of
+    /// the values kept).
+    pub capped: u64,
 }
 
 impl AggregateCounts {
@@ -209,5 +212,6 @@ impl AggregateCounts {
         self.lost += other.lost;
         self.clamped += other.clamped;
         self.held_dropped += other.held_dropped;
+        self.capped += other.capped;
     }
 }

@@ -144,16 +144,7 @@ mod tests {
 
     fn rows(n: usize) -> Arc<Vec<WindowRow>> {
         let series = Arc::new(Series::new("s.x", None));
-        let stats = Stats {
-            count: 1,
-            min: 1.0,
-            max: 1.0,
-            mean: 1.0,
-            stdev: None,
-            median: 1.0,
-            first: 1.0,
-            last: 1.0,
-        };
+        let stats = Stats::single(1.0);
         Arc::new(
             (0..n)
                 .map(|i| WindowRow {

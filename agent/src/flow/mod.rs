@@ -96,8 +96,13 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Values a window keeps for its median: the first this many to arrive (by arrival, not
+/// by timestamp). A window with more has the median of those, and is counted
+/// (`windows.capped`, `status`); every other statistic is of all its values.
+pub const MAX_VALUES_PER_WINDOW: usize = 100_000;
+
 /// The aggregates of one series over one window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
     /// Number of finite samples.
     pub count: u64,
@@ -107,54 +112,99 @@ pub struct Stats {
     pub max: f64,
     /// Arithmetic mean.
     pub mean: f64,
+    /// What the `f64` mean leaves out: the exact mean is `mean + mean_rest` to about
+    /// twice `f64`'s precision. Kept in the spool, not written to any output; it lets a
+    /// merge of two windows with a large offset (values near 1.7e9 a few hundredths
+    /// apart) pool their standard deviations without losing the difference of the means.
+    pub mean_rest: f64,
     /// Sample standard deviation (n-1); `None` for a single sample.
     pub stdev: Option<f64>,
     /// Median; the mean of the middle two for an even count.
     pub median: f64,
     /// The value with the earliest timestamp.
     pub first: f64,
+    /// Its timestamp, Unix ms.
+    pub first_ms: i64,
     /// The value with the latest timestamp.
     pub last: f64,
+    /// Its timestamp, Unix ms.
+    pub last_ms: i64,
 }
 
 impl Stats {
     /// The statistics of two sets of samples of one window taken together (a window and
-    /// its late rows). Count, min, max, mean and standard deviation are exact (the
-    /// pooled variance); the median is the count-weighted mean of the two medians, an
-    /// approximation; `first` is this one's, `last` the other's.
+    /// its late rows; `self` is the one that arrived first). Count, min, max, mean and
+    /// standard deviation are those of all the samples (the pooled variance, computed
+    /// around `self`'s mean, with both means to twice `f64`'s precision); the median is
+    /// the count-weighted mean of the two medians, an approximation. `first` is the value
+    /// with the earlier `first_ms`, `last` the one with the later `last_ms`; on a tie
+    /// `first` is `self`'s and `last` is `other`'s, as for samples of one window that
+    /// share a timestamp (the first to arrive is `first`, the last to arrive is `last`).
     pub fn merge(&self, other: &Stats) -> Stats {
         let (na, nb) = (self.count as f64, other.count as f64);
         let n = na + nb;
-        let mean = (self.mean * na + other.mean * nb) / n;
+        // Design: the difference of the means, rests included, is small and exact
+        // enough even where the means themselves are 1.7e9; everything is computed
+        // from it, around `self`'s mean.
+        let delta = (other.mean - self.mean) + (other.mean_rest - self.mean_rest);
+        let (mean, mean_rest) = two_sum(self.mean, self.mean_rest + delta * (nb / n));
         let m2 = |s: &Stats| s.stdev.map_or(0.0, |d| d * d * (s.count as f64 - 1.0));
-        let delta = other.mean - self.mean;
-        let pooled = m2(self) + m2(other) + delta * delta * na * nb / n;
+        let pooled = m2(self) + m2(other) + delta * delta * (na * nb / n);
+        let (first, first_ms) = if other.first_ms < self.first_ms {
+            (other.first, other.first_ms)
+        } else {
+            (self.first, self.first_ms)
+        };
+        let (last, last_ms) = if other.last_ms >= self.last_ms {
+            (other.last, other.last_ms)
+        } else {
+            (self.last, self.last_ms)
+        };
         Stats {
             count: self.count + other.count,
             min: self.min.min(other.min),
             max: self.max.max(other.max),
             mean,
+            mean_rest,
             stdev: (n > 1.0).then(|| (pooled.max(0.0) / (n - 1.0)).sqrt()),
             median: (self.median * na + other.median * nb) / n,
-            first: self.first,
-            last: other.last,
+            first,
+            first_ms,
+            last,
+            last_ms,
         }
     }
 }
 
+/// `a + b` rounded, and what the rounding left out (Knuth's TwoSum: exact).
+pub fn two_sum(a: f64, b: f64) -> (f64, f64) {
+    let sum = a + b;
+    let b_part = sum - a;
+    let a_part = sum - b_part;
+    (sum, (a - a_part) + (b - b_part))
+}
+
 #[cfg(test)]
 impl Stats {
-    /// The statistics of one sample.
+    /// The statistics of one sample, at time 0.
     pub(crate) fn single(value: f64) -> Stats {
+        Stats::single_at(value, 0)
+    }
+
+    /// The statistics of one sample at `ms`.
+    pub(crate) fn single_at(value: f64, ms: i64) -> Stats {
         Stats {
             count: 1,
             min: value,
             max: value,
             mean: value,
+            mean_rest: 0.0,
             stdev: None,
             median: value,
             first: value,
+            first_ms: ms,
             last: value,
+            last_ms: ms,
         }
     }
 }

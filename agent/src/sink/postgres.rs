@@ -38,7 +38,7 @@ use crate::config::{PostgresSink as PgSinkConfig, SslMode};
 use crate::flow::WindowRow;
 
 /// The table's columns, in order, with their SQL types as `information_schema` names them.
-const COLUMNS: [(&str, &str); 15] = [
+const COLUMNS: [(&str, &str); 17] = [
     ("device", "text"),
     ("series", "text"),
     ("unit", "text"),
@@ -53,8 +53,13 @@ const COLUMNS: [(&str, &str); 15] = [
     ("median", "double precision"),
     ("first", "double precision"),
     ("last", "double precision"),
+    ("first_time", "timestamp with time zone"),
+    ("last_time", "timestamp with time zone"),
     ("loaded_at", "timestamp with time zone"),
 ];
+
+/// Columns an earlier edgespool's table lacks, added to it under the setup lock.
+const ADDED_COLUMNS: [&str; 2] = ["first_time", "last_time"];
 
 /// The table of loaded parts, beside the data table in the same schema.
 const LOADS_TABLE: &str = "edgespool_loads";
@@ -212,9 +217,8 @@ impl PostgresSink {
                 .iter()
                 .map(|(name, ty)| {
                     let not_null = match *name {
-                        "unit" | "stdev" | "min" | "max" | "mean" | "median" | "first" | "last" => {
-                            ""
-                        }
+                        "unit" | "stdev" | "min" | "max" | "mean" | "median" | "first" | "last"
+                        | "first_time" | "last_time" => "",
                         "tags" => " NOT NULL DEFAULT '{}'",
                         "loaded_at" => " NOT NULL DEFAULT now()",
                         _ => " NOT NULL",
@@ -240,8 +244,10 @@ impl PostgresSink {
         } else {
             let found: Vec<(String, String)> = found.iter().map(|r| (r.get(0), r.get(1))).collect();
             let mut differences = Vec::new();
+            let mut added = Vec::new();
             for (name, ty) in COLUMNS {
                 match found.iter().find(|(n, _)| n == name) {
+                    None if ADDED_COLUMNS.contains(&name) => added.push(name),
                     None => differences.push(format!("column {name} is missing")),
                     Some((_, t)) if t != ty => {
                         differences.push(format!("column {name} is {t}, expected {ty}"))
@@ -254,6 +260,21 @@ impl PostgresSink {
                     "table {schema}.{table} exists with another shape: {}",
                     differences.join("; ")
                 )));
+            }
+            if !added.is_empty() {
+                // A table made by an earlier edgespool: its rows keep NULL times.
+                let columns: Vec<String> = added
+                    .iter()
+                    .map(|name| format!("ADD COLUMN IF NOT EXISTS \"{name}\" timestamptz"))
+                    .collect();
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {} {}",
+                    self.table(),
+                    columns.join(", ")
+                ))
+                .await
+                .map_err(fail)?;
+                tracing::info!(sink = %self.name, table = %self.table(), columns = %added.join(", "), "added columns to the table");
             }
         }
         tx.batch_execute(&format!(
@@ -305,7 +326,7 @@ impl PostgresSink {
             tx.commit().await?;
             return Ok(false);
         }
-        let names: Vec<String> = COLUMNS[..14]
+        let names: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
             .iter()
             .map(|(n, _)| format!("\"{n}\""))
             .collect();
@@ -350,14 +371,17 @@ impl PostgresSink {
                    count = t.count + EXCLUDED.count,
                    min = LEAST(t.min, EXCLUDED.min),
                    max = GREATEST(t.max, EXCLUDED.max),
-                   mean = (t.mean * t.count + EXCLUDED.mean * EXCLUDED.count) / (t.count + EXCLUDED.count),
+                   mean = t.mean + (EXCLUDED.mean - t.mean) * EXCLUDED.count / (t.count + EXCLUDED.count),
                    stdev = sqrt(GREATEST(0,
                        coalesce(t.stdev, 0) ^ 2 * (t.count - 1)
                        + coalesce(EXCLUDED.stdev, 0) ^ 2 * (EXCLUDED.count - 1)
-                       + (t.mean - EXCLUDED.mean) ^ 2 * t.count * EXCLUDED.count / (t.count + EXCLUDED.count))
+                       + (EXCLUDED.mean - t.mean) ^ 2 * (t.count::float8 * EXCLUDED.count / (t.count + EXCLUDED.count)))
                        / (t.count + EXCLUDED.count - 1)),
                    median = (t.median * t.count + EXCLUDED.median * EXCLUDED.count) / (t.count + EXCLUDED.count),
-                   last = EXCLUDED.last,
+                   first = CASE WHEN EXCLUDED.first_time < t.first_time THEN EXCLUDED.first ELSE t.first END,
+                   first_time = CASE WHEN EXCLUDED.first_time < t.first_time THEN EXCLUDED.first_time ELSE t.first_time END,
+                   last = CASE WHEN t.last_time IS NULL OR EXCLUDED.last_time >= t.last_time THEN EXCLUDED.last ELSE t.last END,
+                   last_time = CASE WHEN t.last_time IS NULL OR EXCLUDED.last_time >= t.last_time THEN EXCLUDED.last_time ELSE t.last_time END,
                    loaded_at = now()",
                 table = self.table(),
             ))
@@ -522,28 +546,34 @@ mod tests {
     use super::*;
     use crate::flow::{Series, Stats};
 
-    fn row(series: &Arc<Series>, start: i64, value: f64) -> WindowRow {
+    fn row(series: &Arc<Series>, start: i64, value: f64, ms: i64) -> WindowRow {
         WindowRow {
             series: Arc::clone(series),
             start,
             seconds: 60,
-            stats: Stats::single(value),
+            stats: Stats::single_at(value, ms),
         }
     }
 
     #[test]
     fn a_window_twice_in_one_part_is_loaded_as_one_row() {
         let s = Arc::new(Series::new("hw.t", None));
-        let rows = vec![row(&s, 0, 1.0), row(&s, 0, 3.0), row(&s, 60, 5.0)];
+        // The late row (spooled second) is earlier in time: it holds `first`.
+        let rows = vec![
+            row(&s, 0, 1.0, 30_000),
+            row(&s, 0, 3.0, 10_000),
+            row(&s, 60, 5.0, 60_000),
+        ];
         let out = merged(&rows);
         assert_eq!(out.len(), 2);
         assert_eq!((out[0].stats.count, out[0].stats.mean), (2, 2.0));
+        assert_eq!((out[0].stats.first, out[0].stats.last), (3.0, 1.0));
         let text =
             String::from_utf8(long_csv("pi", &out, LongCsv::Copy).expect("csv")).expect("utf-8");
         assert_eq!(
             text.lines().next(),
             Some(
-                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,1.0,3.0"
+                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z"
             )
         );
     }

@@ -252,19 +252,18 @@ fn log(source: &str, line: Option<Line>) {
 }
 
 /// Reads a timestamp from JSON: RFC 3339 text with an offset, or a number of seconds
-/// (milliseconds when it is too large to be seconds) since the Unix epoch.
+/// (milliseconds when its magnitude is 1e11 or more: seconds would be past the year
+/// 5138) since the Unix epoch, negative before it. Every form floors to the
+/// millisecond, so an instant belongs to the window, hour and year it is in: RFC 3339's
+/// digits past the millisecond and a number's past the third decimal of a second are
+/// dropped towards the past (`23:59:59.9996Z` is `23:59:59.999Z`, -0.0004 s is -1 ms).
 pub fn parse_timestamp(value: &serde_json::Value) -> Result<i64, String> {
-    match value {
+    let ms = match value {
         serde_json::Value::Number(n) => {
-            let x = n.as_f64().unwrap_or(f64::NAN);
-            if !x.is_finite() || x < 0.0 {
-                return Err(format!("timestamp {n} is not a time"));
-            }
-            // Seconds until the year 5138; beyond that the number must be milliseconds.
-            let ms = if x < 1e11 { x * 1000.0 } else { x };
-            Ok(ms.round() as i64)
+            epoch_ms(n).ok_or_else(|| format!("timestamp {n} is not a time"))?
         }
         serde_json::Value::String(text) => chrono::DateTime::parse_from_rfc3339(text)
+            // Whole seconds floor, and the fraction is positive: a floor to the ms.
             .map(|t| t.timestamp_millis())
             .map_err(|_| {
                 if chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").is_ok() {
@@ -272,11 +271,64 @@ pub fn parse_timestamp(value: &serde_json::Value) -> Result<i64, String> {
                 } else {
                     format!("timestamp {text:?} is not RFC 3339")
                 }
-            }),
-        other => Err(format!(
-            "timestamp {other} is neither a number nor a string"
-        )),
+            })?,
+        other => {
+            return Err(format!(
+                "timestamp {other} is neither a number nor a string"
+            ));
+        }
+    };
+    if ms < EARLIEST_MS {
+        return Err(format!("timestamp {value} is before the year 1"));
     }
+    Ok(ms)
+}
+
+/// 0001-01-01T00:00:00Z in Unix ms: the earliest timestamp taken.
+const EARLIEST_MS: i64 = -62_135_596_800_000;
+
+/// A JSON number of epoch seconds (or milliseconds), floored to the millisecond.
+///
+/// Design: a fraction is read from the number's decimal digits, not from its `f64`:
+/// 1700000000.123 is 1700000000.12299990654 as an `f64`, and a float floor of that
+/// times 1000 could give ...122. serde_json prints an `f64` as the shortest decimal that
+/// reads back as it, which is the text the device sent whenever that had at most 15
+/// significant digits.
+fn epoch_ms(n: &serde_json::Number) -> Option<i64> {
+    if let Some(i) = n.as_i64() {
+        return if i.unsigned_abs() < 100_000_000_000 {
+            i.checked_mul(1000)
+        } else {
+            Some(i)
+        };
+    }
+    let x = n.as_f64().filter(|x| x.is_finite())?;
+    let text = n.to_string();
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.as_str()),
+    };
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i32>().ok()?),
+        None => (text, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: u128 = format!("{whole}{fraction}").parse().ok()?;
+    // digits × 10^scale is the magnitude, in ms.
+    let seconds = x.abs() < 1e11;
+    let scale = exponent - fraction.len() as i32 + if seconds { 3 } else { 0 };
+    let magnitude = if scale >= 0 {
+        digits.checked_mul(10u128.checked_pow(scale as u32)?)?
+    } else {
+        let divisor = 10u128
+            .checked_pow(scale.unsigned_abs())
+            .unwrap_or(u128::MAX);
+        let (quotient, remainder) = (digits / divisor, digits % divisor);
+        // Towards the past: a negative instant with a fraction goes one ms further back.
+        quotient + u128::from(negative && remainder != 0)
+    };
+    let magnitude = i64::try_from(magnitude).ok()?;
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 #[cfg(test)]
@@ -299,6 +351,15 @@ mod tests {
             Ok(1_700_000_000_500)
         );
         assert_eq!(
+            parse_timestamp(&json!(1_700_000_000.123)),
+            Ok(1_700_000_000_123)
+        );
+        assert_eq!(parse_timestamp(&json!(-1.5)), Ok(-1_500));
+        assert_eq!(
+            parse_timestamp(&json!(-62_135_596_801_i64)),
+            Err("timestamp -62135596801 is before the year 1".into())
+        );
+        assert_eq!(
             parse_timestamp(&json!("2026-11-21T15:05:33+01:00")),
             Ok(1_795_269_933_000)
         );
@@ -310,5 +371,34 @@ mod tests {
             )
         );
         assert!(parse_timestamp(&json!(true)).is_err());
+    }
+
+    /// 2025-12-31T23:59:59.9996Z, less than a millisecond before a year's end, in every
+    /// form a source takes: each floors to 23:59:59.999, in 2025.
+    #[test]
+    fn every_timestamp_form_floors_to_the_millisecond() {
+        const LAST_MS_OF_2025: i64 = 1_767_225_599_999;
+        let forms = [
+            json!(1_767_225_599.9996_f64),
+            json!(1_767_225_599_999.6_f64),
+            json!("2025-12-31T23:59:59.9996Z"),
+            json!("2025-12-31T23:59:59.999999999Z"),
+            json!("2026-01-01T00:59:59.9996+01:00"),
+            json!("2025-12-31T18:59:59.9996-05:00"),
+        ];
+        for form in &forms {
+            assert_eq!(parse_timestamp(form), Ok(LAST_MS_OF_2025), "{form}");
+        }
+        // Before the epoch too: towards the past, not towards zero.
+        for form in [json!(-0.0004_f64), json!("1969-12-31T23:59:59.9996Z")] {
+            assert_eq!(parse_timestamp(&form), Ok(-1), "{form}");
+        }
+        assert_eq!(parse_timestamp(&json!(-1e-3_f64)), Ok(-1));
+        assert_eq!(
+            parse_timestamp(&json!(-120_000_000_000_i64)),
+            Ok(-120_000_000_000)
+        );
+        assert_eq!(parse_timestamp(&json!(-1.5e11_f64)), Ok(-150_000_000_000));
+        assert_eq!(parse_timestamp(&json!(1e12_f64)), Ok(1_000_000_000_000));
     }
 }

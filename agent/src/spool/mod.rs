@@ -28,8 +28,10 @@
 //!                                                seen (v2; NULL for series older than v2)
 //! batches(id INTEGER PK, partition, rows,        the windows one flush closed in one
 //!         record BLOB)                           partition: `rows` windows with ids
-//!                                                id-rows+1 ..= id; record = postcard of
-//!                                                [StoredWindow]. Window ids are issued by the
+//!                                                id-rows+1 ..= id; record = 0x00 0x02 and
+//!                                                postcard of [StoredWindow] (`record.rs`:
+//!                                                the versions; an older edgespool's unversioned
+//!                                                record still reads). Window ids are issued by the
 //!                                                spool, only grow and are never reused.
 //! partitions(partition PK, seconds, max_id, rows) what each partition holds now
 //! sinks(name PK, kind, active, last_success_ms,  per-sink outcome, for status
@@ -135,6 +137,7 @@
 //! - `follow.rs`: the spool file deleted or replaced under the agent, put back
 //!   ([`Restored`]).
 //! - `thread.rs`: the single writer thread behind [`SpoolHandle`].
+//! - `record.rs`: a batch's record, its versions.
 //! - `reader.rs`: [`SpoolReader`] and what it reads: parts, [`AgentState`], counters,
 //!   totals, [`SinkRecord`]s.
 //! - `tests.rs`: the unit tests.
@@ -144,6 +147,7 @@ mod delivery;
 mod follow;
 mod lock;
 mod reader;
+mod record;
 mod schema;
 mod thread;
 mod writer;

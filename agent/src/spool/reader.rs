@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::flow::{LiveState, Problem, Series, WindowRow};
 
 use super::budget::used_bytes;
+use super::record::StoredWindow;
 use super::schema::APPLICATION_ID;
-use super::writer::StoredWindow;
 use super::{CACHE_KIB, FileId, PartPlan, PartRows, Recovery, Restored, SpoolError, sqlite};
 
 /// The agent's state as `status` reads it, rewritten at every flush.
@@ -231,10 +231,10 @@ impl SpoolReader {
         let mut rows = Vec::new();
         for (last_id, count, record) in raw {
             let windows: Vec<StoredWindow> =
-                postcard::from_bytes(&record).map_err(|e| SpoolError::Record {
+                super::record::decode(&record).map_err(|reason| SpoolError::Record {
                     path: self.path.clone(),
                     id: last_id,
-                    reason: e.to_string(),
+                    reason,
                 })?;
             let first_id = last_id - count + 1;
             for (id, window) in (first_id..).zip(windows) {
@@ -243,7 +243,7 @@ impl SpoolReader {
                     series,
                     start: plan.partition + i64::from(window.offset),
                     seconds: window.seconds,
-                    stats: window.stats,
+                    stats: window.stats(plan.partition),
                 };
                 rows.push((id, row));
             }

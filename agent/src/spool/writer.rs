@@ -5,26 +5,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use rusqlite::params;
-use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::config::WhenFull;
-use crate::flow::{Flush, LiveReport, Series, Stats};
+use crate::flow::{Flush, LiveReport, Series};
 
+use super::record::StoredWindow;
 use super::{SourceState, Spool, SpoolError, sqlite};
-
-/// One window as a batch stores it.
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct StoredWindow {
-    /// `series.id`.
-    pub(super) series: i64,
-    /// Window start minus partition start, seconds.
-    pub(super) offset: u32,
-    /// Window length, seconds.
-    pub(super) seconds: u32,
-    /// The aggregates.
-    pub(super) stats: Stats,
-}
 
 impl Spool {
     pub(super) fn write_state(&self) -> Result<(), SpoolError> {
@@ -70,6 +57,7 @@ impl Spool {
             ("rows.lost".into(), flush.aggregate.lost),
             ("samples.clamped".into(), flush.aggregate.clamped),
             ("samples.held_dropped".into(), flush.aggregate.held_dropped),
+            ("windows.capped".into(), flush.aggregate.capped),
         ];
         if over && self.options.when_full == WhenFull::StopSampling {
             counters.push(("rows.dropped".into(), flush.rows.len() as u64));
@@ -99,18 +87,19 @@ impl Spool {
                 by_partition
                     .entry(partition)
                     .or_default()
-                    .push(StoredWindow {
+                    .push(StoredWindow::new(
                         series,
-                        offset: (row.start - partition) as u32,
-                        seconds: row.seconds,
-                        stats: row.stats.clone(),
-                    });
+                        partition,
+                        row.start,
+                        row.seconds,
+                        &row.stats,
+                    ));
             }
             for (partition, windows) in by_partition {
                 let rows = windows.len() as i64;
                 let id = self.next_id + rows - 1;
                 self.next_id += rows;
-                let record = postcard::to_allocvec(&windows).unwrap_or_default();
+                let record = super::record::encode(&windows);
                 tx.prepare_cached(
                     "INSERT INTO batches (id, partition, rows, record) VALUES (?1, ?2, ?3, ?4)",
                 )

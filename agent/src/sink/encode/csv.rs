@@ -96,6 +96,8 @@ pub fn long_csv(
             f5.format_finite(s.median),
             f6.format_finite(s.first),
             f7.format_finite(s.last),
+            &clock::rfc3339_ms(s.first_ms),
+            &clock::rfc3339_ms(s.last_ms),
         ])?;
     }
     w.into_inner().map_err(|e| e.into_error().into())

@@ -28,6 +28,8 @@ struct Record<'a> {
     median: f64,
     first: f64,
     last: f64,
+    first_time: String,
+    last_time: String,
 }
 
 pub(super) fn json_long(format: Format, device: &str, rows: &[WindowRow]) -> Vec<u8> {
@@ -60,6 +62,8 @@ pub fn json_record(out: &mut Vec<u8>, device: &str, row: &WindowRow) {
         median: row.stats.median,
         first: row.stats.first,
         last: row.stats.last,
+        first_time: clock::rfc3339_ms(row.stats.first_ms),
+        last_time: clock::rfc3339_ms(row.stats.last_ms),
     };
     // Plain structs of strings and finite numbers always serialize.
     serde_json::to_writer(out, &record).expect("a record serializes");

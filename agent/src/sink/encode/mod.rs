@@ -3,12 +3,14 @@
 //!
 //! Two layouts:
 //! - `long`: one row per series and window: device, series, unit, tags, window_start,
-//!   window_end, count, min, max, mean, stdev, median, first, last.
+//!   window_end, count, min, max, mean, stdev, median, first, last, first_time, last_time
+//!   (the times of `first` and `last`, to the millisecond).
 //! - `wide`: one row per window: device, window_start, window_end, then `{stat}_{series}`
 //!   for every series of the part's column set (see [`wide_columns`]), empty where a series
-//!   has no window.
+//!   has no window; no `first_time`/`last_time` (they would add a quarter to its width).
 //!
-//! Text formats spell times as RFC 3339 UTC; Parquet stores them as UTC timestamps in
+//! Text formats spell times as RFC 3339 UTC (window times to the second, first_time and
+//! last_time to the millisecond); Parquet stores them as UTC timestamps in
 //! microseconds, counts as int64, statistics as float64, strings dictionary-encoded.
 //!
 //! Files:
@@ -65,7 +67,7 @@ const STATS: [&str; 8] = [
 ];
 
 /// The long layout's columns, in order.
-const LONG_COLUMNS: [&str; 14] = [
+const LONG_COLUMNS: [&str; 16] = [
     "device",
     "series",
     "unit",
@@ -80,6 +82,8 @@ const LONG_COLUMNS: [&str; 14] = [
     "median",
     "first",
     "last",
+    "first_time",
+    "last_time",
 ];
 
 /// The file extension of a format.

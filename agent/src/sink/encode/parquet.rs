@@ -157,6 +157,8 @@ pub(super) fn parquet_long(
         let repetition = if *name == "stdev" { OPTIONAL } else { REQUIRED };
         fields.push(field(name, Physical::DOUBLE, repetition));
     }
+    fields.push(timestamp_field("first_time"));
+    fields.push(timestamp_field("last_time"));
     let schema = Type::group_type_builder("edgespool")
         .with_fields(fields.into_iter().map(Arc::new).collect())
         .build()?;
@@ -174,6 +176,7 @@ pub(super) fn parquet_long(
     );
     let mut stats: [Vec<f64>; 7] = std::array::from_fn(|_| Vec::with_capacity(n));
     let mut stdev_defs = Vec::with_capacity(n);
+    let (mut first_times, mut last_times) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let device = ByteArray::from(device);
     let mut names: HashMap<&Series, (ByteArray, Option<ByteArray>)> = HashMap::new();
     for row in rows {
@@ -215,6 +218,8 @@ pub(super) fn parquet_long(
             }
         }
         stdev_defs.push(i16::from(s.stdev.is_some()));
+        first_times.push(s.first_ms.saturating_mul(1000));
+        last_times.push(s.last_ms.saturating_mul(1000));
     }
     let mut columns = vec![
         Column::required(Leaf::Bytes(device_col)),
@@ -245,6 +250,8 @@ pub(super) fn parquet_long(
             reps: None,
         });
     }
+    columns.push(Column::required(Leaf::Int64(first_times)));
+    columns.push(Column::required(Leaf::Int64(last_times)));
     let strings =
         ["device", "series", "unit"]
             .iter()

@@ -13,8 +13,7 @@ fn stats(count: u64, value: f64) -> Stats {
         mean: value,
         stdev: (count > 1).then_some(0.0),
         median: value,
-        first: value,
-        last: value,
+        ..Stats::single(value)
     }
 }
 
@@ -36,10 +35,13 @@ fn rows() -> Vec<WindowRow> {
             min: 1.0,
             max: 3.0,
             mean: 2.0,
+            mean_rest: 0.0,
             stdev: Some(std::f64::consts::SQRT_2),
             median: 2.0,
             first: 1.0,
+            first_ms: 1_795_269_900_250,
             last: 3.0,
+            last_ms: 1_795_269_959_750,
         },
     }]
 }
@@ -66,7 +68,7 @@ fn ndjson_is_one_object_per_line() {
     let rows = rows();
     assert_eq!(
         encode_as(Format::Ndjson, Layout::Long, &part(&rows, &[])),
-        "{\"device\":\"pi-1\",\"series\":\"pa.44071.pm\",\"unit\":\"ug/m3\",\"tags\":{\"id\":\"44071\"},\"window_start\":\"2026-11-21T14:05:00Z\",\"window_end\":\"2026-11-21T14:06:00Z\",\"count\":2,\"min\":1.0,\"max\":3.0,\"mean\":2.0,\"stdev\":1.4142135623730951,\"median\":2.0,\"first\":1.0,\"last\":3.0}\n"
+        "{\"device\":\"pi-1\",\"series\":\"pa.44071.pm\",\"unit\":\"ug/m3\",\"tags\":{\"id\":\"44071\"},\"window_start\":\"2026-11-21T14:05:00Z\",\"window_end\":\"2026-11-21T14:06:00Z\",\"count\":2,\"min\":1.0,\"max\":3.0,\"mean\":2.0,\"stdev\":1.4142135623730951,\"median\":2.0,\"first\":1.0,\"last\":3.0,\"first_time\":\"2026-11-21T14:05:00.250Z\",\"last_time\":\"2026-11-21T14:05:59.750Z\"}\n"
     );
 }
 
@@ -86,13 +88,17 @@ fn csv_has_a_header_and_empty_cells_for_missing_values() {
         series: series("sys.load1", None, &[]),
         start: 1_795_269_900,
         seconds: 60,
-        stats: stats(1, 0.5),
+        stats: Stats {
+            first_ms: 1_795_269_959_999,
+            last_ms: 1_795_269_959_999,
+            ..stats(1, 0.5)
+        },
     });
     assert_eq!(
         encode_as(Format::Csv, Layout::Long, &part(&rows, &[])),
-        "device,series,unit,tags,window_start,window_end,count,min,max,mean,stdev,median,first,last\n\
-         pi-1,pa.44071.pm,ug/m3,\"{\"\"id\"\":\"\"44071\"\"}\",2026-11-21T14:05:00Z,2026-11-21T14:06:00Z,2,1.0,3.0,2.0,1.4142135623730951,2.0,1.0,3.0\n\
-         pi-1,sys.load1,,,2026-11-21T14:05:00Z,2026-11-21T14:06:00Z,1,0.5,0.5,0.5,,0.5,0.5,0.5\n"
+        "device,series,unit,tags,window_start,window_end,count,min,max,mean,stdev,median,first,last,first_time,last_time\n\
+         pi-1,pa.44071.pm,ug/m3,\"{\"\"id\"\":\"\"44071\"\"}\",2026-11-21T14:05:00Z,2026-11-21T14:06:00Z,2,1.0,3.0,2.0,1.4142135623730951,2.0,1.0,3.0,2026-11-21T14:05:00.250Z,2026-11-21T14:05:59.750Z\n\
+         pi-1,sys.load1,,,2026-11-21T14:05:00Z,2026-11-21T14:06:00Z,1,0.5,0.5,0.5,,0.5,0.5,0.5,2026-11-21T14:05:59.999Z,2026-11-21T14:05:59.999Z\n"
     );
 }
 
