@@ -273,7 +273,7 @@ impl Aggregator {
 
     /// An aggregator that keeps at most `cap` values per window for the median.
     #[cfg(test)]
-    fn with_values_cap(window_seconds: u32, cap: usize) -> Aggregator {
+    pub(crate) fn with_values_cap(window_seconds: u32, cap: usize) -> Aggregator {
         Aggregator {
             values_cap: cap.max(1),
             ..Aggregator::new(window_seconds)

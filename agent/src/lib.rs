@@ -19,6 +19,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod durable;
+#[cfg(test)]
+mod exact_tests;
 pub mod failpoint;
 pub mod flow;
 #[doc(hidden)]

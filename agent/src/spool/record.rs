@@ -8,7 +8,7 @@
 //! A version 1 record starts with the number of its windows, never 0, so a leading 0
 //! marks a versioned record. Version 2 adds the times of `first` and `last` (as
 //! milliseconds from the window's start) and the mean's rest
-//! ([`Stats::mean_rest`], as `f32`: it is a correction). A version 1 record, written by
+//! ([`Stats::mean_rest`]). A version 1 record, written by
 //! an earlier edgespool and not yet delivered at the upgrade, reads with both times at
 //! the window's start (unknown) and no rest.
 
@@ -39,7 +39,7 @@ struct StoredStats {
     min: f64,
     max: f64,
     mean: f64,
-    mean_rest: f32,
+    mean_rest: f64,
     stdev: Option<f64>,
     median: f64,
     first: f64,
@@ -91,7 +91,7 @@ impl StoredWindow {
                 min: stats.min,
                 max: stats.max,
                 mean: stats.mean,
-                mean_rest: stats.mean_rest as f32,
+                mean_rest: stats.mean_rest,
                 stdev: stats.stdev,
                 median: stats.median,
                 first: stats.first,
@@ -111,7 +111,7 @@ impl StoredWindow {
             min: s.min,
             max: s.max,
             mean: s.mean,
-            mean_rest: f64::from(s.mean_rest),
+            mean_rest: s.mean_rest,
             stdev: s.stdev,
             median: s.median,
             first: s.first,
@@ -198,7 +198,7 @@ mod tests {
             (s.first_ms, s.last_ms),
             (1_700_000_000_001, 1_700_000_059_999)
         );
-        assert_eq!(s.mean_rest, f64::from(1.5e-8_f32));
+        assert_eq!(s.mean_rest, 1.5e-8);
     }
 
     #[test]
