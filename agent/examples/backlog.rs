@@ -48,10 +48,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     min: v - 0.5,
                     max: v + 0.5,
                     mean: v,
+                    mean_rest: 0.0,
                     stdev: Some(0.29),
                     median: v,
                     first: v - 0.1,
+                    first_ms: window_start * 1000,
                     last: v + 0.1,
+                    last_ms: (window_start + window) * 1000 - 1,
                 },
             });
         }

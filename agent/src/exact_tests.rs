@@ -186,7 +186,7 @@ fn check(what: &str, got: &Stats, want: &Exact, spread: f64) {
         want.mean
     );
     match (got.stdev, want.stdev) {
-        (Some(g), Some(w)) if w == 0.0 => assert!(g.abs() <= 1e-12 * spread, "{what}: stdev {g}"),
+        (Some(g), Some(0.0)) => assert!(g.abs() <= 1e-12 * spread, "{what}: stdev {g}"),
         (Some(g), Some(w)) => assert!(close(g, w, 1e-12), "{what}: stdev {g} against {w}"),
         (g, w) => assert_eq!(g, w, "{what}: stdev"),
     }
@@ -407,7 +407,7 @@ fn a_sample_a_hair_before_an_edge_stays_before_it_in_every_path() {
         (
             1_767_225_599_999_i64,
             vec![
-                json!(1_767_225_599.9996_f64),
+                json!(1_767_225_599.999_6_f64),
                 json!(1_767_225_599_999.6_f64),
                 json!("2025-12-31T23:59:59.9996Z"),
                 json!("2026-01-01T01:59:59.99999+02:00"),
@@ -418,7 +418,7 @@ fn a_sample_a_hair_before_an_edge_stays_before_it_in_every_path() {
         (
             1_781_877_599_999,
             vec![
-                json!(1_781_877_599.99951_f64),
+                json!(1_781_877_599.999_51_f64),
                 json!("2026-06-19T13:59:59.9999999Z"),
                 json!("2026-06-19T09:59:59.9996-04:00"),
             ],

@@ -379,7 +379,7 @@ mod tests {
     fn every_timestamp_form_floors_to_the_millisecond() {
         const LAST_MS_OF_2025: i64 = 1_767_225_599_999;
         let forms = [
-            json!(1_767_225_599.9996_f64),
+            json!(1_767_225_599.999_6_f64),
             json!(1_767_225_599_999.6_f64),
             json!("2025-12-31T23:59:59.9996Z"),
             json!("2025-12-31T23:59:59.999999999Z"),
