@@ -73,16 +73,17 @@ struct Moments {
 }
 
 impl Moments {
-    /// Two passes over the values, with compensated sums: the mean, then the deviations
-    /// from it (corrected by their own sum, which is what the mean still left out).
+    /// Two passes over the values, with compensated sums: the mean (the sum to about
+    /// twice `f64`'s precision, divided with its remainder), then the squared deviations
+    /// from it.
     fn of(values: &[f64]) -> Moments {
         let n = values.len() as f64;
         let mut sum = Sum::default();
         values.iter().for_each(|&x| sum.add(x));
-        let rough = sum.value() / n;
-        let mut dev = Sum::default();
-        values.iter().for_each(|&x| dev.add(x - rough));
-        let (mean, mean_rest) = crate::flow::two_sum(rough, dev.value() / n);
+        let quotient = sum.value() / n;
+        // What the quotient leaves of the sum: the fused multiply-add rounds only once.
+        let remainder = (-quotient).mul_add(n, sum.sum) + sum.rest;
+        let (mean, mean_rest) = crate::flow::two_sum(quotient, remainder / n);
         let (mut d1, mut d2) = (Sum::default(), Sum::default());
         for &x in values {
             let d = (x - mean) - mean_rest;

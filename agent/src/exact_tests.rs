@@ -551,3 +551,96 @@ fn a_late_row_earlier_in_time_holds_the_merged_first() {
     assert_eq!((merged.last, merged.last_ms), (4.0, 40_000));
     assert_eq!((merged.count, merged.mean), (4, 2.5));
 }
+
+/// The aggregator against Python's `statistics` (exact fractions inside), on arbitrary
+/// `f64` values with a large offset. Python comes from `$EDGESPOOL_PYTHON` (the test
+/// venv) or `python3`; without either the test says so and passes.
+#[test]
+fn statistics_match_pythons_statistics_module() {
+    let python = std::env::var("EDGESPOOL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let seed = std::env::var("EDGESPOOL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    println!("EDGESPOOL_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let series = Arc::new(Series::new("s.x", None));
+    let mut windows: Vec<Vec<f64>> = Vec::new();
+    let mut agg = Aggregator::new(WINDOW);
+    for w in 0..20 {
+        let offset: f64 = [1.7e9, -3.3e7, 0.0, 6.02e23, 1e-9][w % 5];
+        let spread = offset.abs().max(1.0) * [1e-9, 1e-6, 1.0][w % 3];
+        let values: Vec<f64> = (0..rng.random_range(2..500))
+            .map(|_| offset + spread * (rng.random::<f64>() - 0.5))
+            .collect();
+        for (i, v) in values.iter().enumerate() {
+            agg.push(Sample {
+                series: Arc::clone(&series),
+                timestamp_ms: w as i64 * 60_000 + i as i64,
+                value: *v,
+                own_clock: false,
+            });
+        }
+        windows.push(values);
+    }
+    let rows = agg.take_all();
+    let input: String = windows
+        .iter()
+        .map(|vs| {
+            vs.iter()
+                .map(|v| format!("{v:?}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+                + "\n"
+        })
+        .collect();
+    let script = "import sys, statistics\n\
+                  for line in sys.stdin:\n    \
+                      xs = [float(x) for x in line.split()]\n    \
+                      print(repr(statistics.mean(xs)), repr(statistics.stdev(xs)), repr(statistics.median(xs)))\n";
+    let child = std::process::Command::new(&python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        println!("SKIPPED: no {python} to compare with");
+        return;
+    };
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write to python");
+    let out = child.wait_with_output().expect("python ran");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(text.lines().count(), rows.len());
+    for (row, line) in rows.iter().zip(text.lines()) {
+        let want: Vec<f64> = line
+            .split(' ')
+            .map(|x| x.parse().expect("a float"))
+            .collect();
+        let s = &row.stats;
+        let what = format!("window {}", row.start);
+        assert!(
+            close(s.mean, want[0], 2.3e-16),
+            "{what}: mean {} against {}",
+            s.mean,
+            want[0]
+        );
+        let stdev = s.stdev.expect("two values or more");
+        assert!(
+            close(stdev, want[1], 1e-12),
+            "{what}: stdev {stdev} against {}",
+            want[1]
+        );
+        assert_eq!(s.median, want[2], "{what}: median");
+    }
+}
