@@ -644,3 +644,75 @@ fn statistics_match_pythons_statistics_module() {
         assert_eq!(s.median, want[2], "{what}: median");
     }
 }
+
+/// A batch an earlier edgespool wrote (its record in the unversioned shape, as bytes)
+/// and had not delivered at the upgrade: read and delivered as it is.
+#[test]
+fn a_spool_batch_of_the_previous_version_is_read_and_delivered_after_an_upgrade() {
+    // postcard of [{series 1, offset 120, seconds 60, stats {count 2, min 1, max 3,
+    // mean 2, stdev √2, median 2, first 1, last 3}}], as the previous version wrote it.
+    const OLD_RECORD: &str = "0102783c02000000000000f03f0000000000000840000000000000004001cd3b7f669ea0f63f0000000000000040000000000000f03f0000000000000840";
+    let old: Vec<u8> = (0..OLD_RECORD.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&OLD_RECORD[i..i + 2], 16).expect("hex"))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let partition = 36_000;
+    {
+        let mut spool = Spool::open(&path, options()).expect("open");
+        let row = WindowRow {
+            series: Arc::new(Series::new("s.old", None)),
+            start: partition + 120,
+            seconds: 60,
+            stats: Stats::single(0.0),
+        };
+        spool.commit(&flush(vec![row])).expect("commit");
+    }
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    let changed = conn
+        .execute("UPDATE batches SET record = ?1", [&old])
+        .expect("the old record in place");
+    assert_eq!(changed, 1);
+    drop(conn);
+    let mut spool = Spool::open(&path, options()).expect("reopen after the upgrade");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    let Plan::Ready(plan) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+        panic!("the old batch is ready to deliver");
+    };
+    let rows = reader
+        .read_part(&plan, false)
+        .expect("an old record reads")
+        .rows;
+    assert_eq!(rows.len(), 1);
+    let s = &rows[0].stats;
+    assert_eq!(
+        (rows[0].series.name.as_str(), rows[0].start),
+        ("s.old", partition + 120)
+    );
+    assert_eq!((s.count, s.min, s.max, s.mean), (2, 1.0, 3.0, 2.0));
+    assert_eq!(
+        (s.stdev, s.median, s.first, s.last),
+        (Some(std::f64::consts::SQRT_2), 2.0, 1.0, 3.0)
+    );
+    // Its times were not kept: the window's start.
+    assert_eq!((s.first_ms, s.last_ms), (36_120_000, 36_120_000));
+    use crate::config::{Compression, Format, Layout};
+    let encoding = crate::sink::Encoding {
+        format: Format::Ndjson,
+        layout: Layout::Long,
+        compression: Compression::None,
+    };
+    let part = crate::sink::Part {
+        device: "pi",
+        rows: &rows,
+        series: &[],
+    };
+    let line =
+        String::from_utf8(crate::sink::encode(encoding, &part).expect("encodes")).expect("utf-8");
+    assert!(
+        line.ends_with("\"first\":1.0,\"last\":3.0,\"first_time\":\"1970-01-01T10:02:00.000Z\",\"last_time\":\"1970-01-01T10:02:00.000Z\"}\n"),
+        "{line}"
+    );
+    spool.delivered(&plan, i64::MAX / 4).expect("delivered");
+}
