@@ -240,4 +240,11 @@ fn parquet_columns_read_back_with_their_values() {
         "{}",
         text[1]
     );
+    assert!(
+        text[0].ends_with(
+            "first: 1.0, last: 3.0, first_time: 2026-11-21 14:05:00.250000 +00:00, last_time: 2026-11-21 14:05:59.750000 +00:00}"
+        ),
+        "{}",
+        text[0]
+    );
 }
