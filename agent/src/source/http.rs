@@ -2,8 +2,9 @@
 //!
 //! Two shapes: an object whose fields are taken by JSON pointer, or a table — a header
 //! of column names and rows of positional values, as PurpleAir's `data.json` returns —
-//! where a key column makes one series per row. `null` is a channel the device lacks and
-//! is skipped; anything else that is not a number is counted as invalid.
+//! where a key column makes one series per row. `null` (a channel the device lacks) and
+//! NaN or ±Inf (as numeric strings) make no sample and are counted (`nulls`,
+//! `not_finite`); anything else that is not a number is counted as invalid.
 //!
 //! The headers and the query may carry an API key, so by default a redirect is followed
 //! only when it stays on the scheme, host and port of `url` (see [`Redirects`]), and no
@@ -258,11 +259,16 @@ pub(super) fn event_time(doc: &Value, pointer: &str, received: i64, batch: &mut 
     }
 }
 
-/// A JSON number (or numeric string) as f64; `null` is skipped, anything else invalid.
+/// A JSON number (or numeric string) as f64; `null` is counted in `batch.nulls`,
+/// anything else that is no number is invalid. (NaN and ±Inf are counted as the sample
+/// is pushed.)
 pub(super) fn number(value: &Value, place: &str, batch: &mut Batch) -> Option<f64> {
     match value {
         Value::Number(n) => n.as_f64(),
-        Value::Null => None,
+        Value::Null => {
+            batch.nulls += 1;
+            None
+        }
         Value::String(s) => match s.trim().parse::<f64>() {
             Ok(x) => Some(x),
             Err(_) => {

@@ -74,6 +74,10 @@ ALTER TABLE series ADD COLUMN first_id INTEGER;
     r#"
 ALTER TABLE parts ADD COLUMN dropped_ms INTEGER;
 "#,
+    // Each series' newest committed device timestamp (see `marks` in mod.rs).
+    r#"
+CREATE TABLE marks (series INTEGER PRIMARY KEY, device_ms INTEGER NOT NULL);
+"#,
 ];
 
 /// A corrupt spool found at start and moved aside, as `status` shows it.

@@ -35,6 +35,7 @@ fn flush(rows: Vec<WindowRow>) -> Flush {
         open_windows: 0,
         live: Vec::new(),
         clock: Default::default(),
+        marks: Vec::new(),
     }
 }
 
