@@ -575,6 +575,31 @@ mod tests {
     }
 
     #[test]
+    fn null_nan_and_infinity_make_no_sample_and_are_counted_alike() {
+        let text = "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"mqtt\"\nname = \"m\"\nurl = \"mqtt://127.0.0.1\"\n[[sources.subscriptions]]\ntopic = \"n/#\"\npayload = \"number\"\n[[sources.subscriptions]]\ntopic = \"j/#\"\npayload = \"json\"\n[[sources.subscriptions.fields]]\nname = \"v\"\npointer = \"/v\"\n[[sources.subscriptions]]\ntopic = \"f/#\"\npayload = \"flatten\"\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n";
+        let config =
+            crate::config::Config::parse(text, std::path::Path::new("t.toml")).expect("valid");
+        let crate::config::SourceKind::Mqtt(mqtt) = &config.sources[0].kind else {
+            panic!("an mqtt source");
+        };
+        let counts = |topic: &str, payload: &str| {
+            let batch = read_message("m", mqtt, topic, payload.as_bytes());
+            assert!(batch.invalid.is_empty(), "{payload}: {:?}", batch.invalid);
+            (batch.samples.len(), batch.nulls, batch.not_finite)
+        };
+        assert_eq!(counts("n/a", "null"), (0, 1, 0));
+        assert_eq!(counts("n/a", "NaN"), (0, 0, 1));
+        assert_eq!(counts("n/a", " -inf\n"), (0, 0, 1));
+        assert_eq!(counts("n/a", "21.5"), (1, 0, 0));
+        assert_eq!(counts("j/a", "{\"v\": null}"), (0, 1, 0));
+        assert_eq!(counts("j/a", "{\"v\": \"Infinity\"}"), (0, 0, 1));
+        assert_eq!(
+            counts("f/a", "{\"x\": null, \"y\": {\"z\": null}, \"w\": 2}"),
+            (1, 2, 0)
+        );
+    }
+
+    #[test]
     fn filters_match_as_mqtt_says() {
         assert!(matches("tele/+/SENSOR", "tele/plug1/SENSOR"));
         assert!(!matches("tele/+/SENSOR", "tele/plug1/STATE"));
