@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, T0, archive_sink, find_source, read_tree, source_status, status_json, table_source,
-    wait_for, write_file,
+    Agent, T0, archive_sink, edgespool, find_source, read_tree, source_status, status_json,
+    table_source, wait_for, write_file,
 };
 use serde_json::{Value, json};
 
@@ -258,4 +258,18 @@ fn an_api_polled_faster_than_it_updates_lands_each_reading_once_across_a_restart
         count("not_finite"),
         "{status}"
     );
+    // The text says the same.
+    let text = edgespool(&["status", "--config", config.to_str().expect("utf-8")]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("pa "))
+        .unwrap_or_else(|| panic!("a line for pa in {text}"));
+    let shown = format!(
+        ", {} repeats dropped, {} null values, {} NaN/Inf values",
+        count("repeats"),
+        count("nulls"),
+        count("not_finite")
+    );
+    assert!(line.contains(&shown), "{line:?} shows {shown:?}");
 }
