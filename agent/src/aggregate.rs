@@ -69,6 +69,9 @@ struct Readings {
     /// The newest device timestamps of flushed windows, at most [`RECENT_READINGS`],
     /// sorted. After a restart, the mark alone.
     committed: VecDeque<i64>,
+    /// The newest device timestamp committed: the mark the spool has (or is given with
+    /// the next flush).
+    mark: Option<i64>,
 }
 
 impl Readings {
@@ -92,15 +95,17 @@ impl Readings {
         }
     }
 
-    /// Moves the window at `start`, flushed, to the committed timestamps; returns its
-    /// newest, if it had any.
+    /// Moves the window at `start`, flushed, to the committed timestamps; returns the
+    /// series' new mark if the window moved it on (a late row's older readings do not).
     fn commit(&mut self, start: i64) -> Option<i64> {
         let taken = self.open.remove(&start)?;
         let newest = taken.last().copied();
         for timestamp_ms in taken {
             self.remember(timestamp_ms);
         }
-        newest
+        let newest = newest.filter(|&n| self.mark.is_none_or(|m| n > m))?;
+        self.mark = Some(newest);
+        Some(newest)
     }
 
     /// Remembers one committed timestamp, keeping the newest [`RECENT_READINGS`].
@@ -240,10 +245,9 @@ impl Aggregator {
     /// timestamp): a sample with a series' mark is a repeat after a restart too.
     pub fn restore_marks(&mut self, marks: impl IntoIterator<Item = (Series, i64)>) {
         for (series, mark) in marks {
-            self.readings
-                .entry(Arc::new(series))
-                .or_default()
-                .remember(mark);
+            let readings = self.readings.entry(Arc::new(series)).or_default();
+            readings.remember(mark);
+            readings.mark = readings.mark.max(Some(mark));
         }
     }
 
@@ -707,11 +711,16 @@ mod tests {
         assert_eq!(agg.push(sample(&series, 30_000, 2.0)), Pushed::Repeat);
         assert_eq!(agg.take_counts().late, 0);
         assert!(agg.take_closed(121_000).is_empty(), "no second row");
+        assert_eq!(agg.take_marks(), [(Arc::clone(&series), 30_000)]);
         // A reading the window never had (a station's backlog): a late row.
         assert_eq!(agg.push(sample(&series, 20_000, 7.0)), Pushed::Taken);
         assert_eq!(agg.take_counts().late, 1);
         let late = agg.take_closed(181_000);
         assert_eq!((late[0].start, late[0].stats.count), (0, 1));
+        assert!(
+            agg.take_marks().is_empty(),
+            "an older reading leaves the mark"
+        );
         // And once written, it too is known.
         assert_eq!(agg.push(sample(&series, 20_000, 7.0)), Pushed::Repeat);
     }
@@ -739,6 +748,7 @@ mod tests {
         assert_eq!(agg.push(sample(&series, 30_000, 2.0)), Pushed::Repeat);
         assert_eq!(agg.push(sample(&series, 20_000, 9.0)), Pushed::Taken);
         assert_eq!(agg.push(sample(&series, 40_000, 3.0)), Pushed::Taken);
+        assert_eq!(agg.push(sample(&series, 40_000, 3.0)), Pushed::Repeat);
         let other = Arc::new(Series::new("s.y", None));
         assert_eq!(agg.push(sample(&other, 30_000, 2.0)), Pushed::Taken);
         let rows = agg.take_all();
