@@ -70,6 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 open_windows: 0,
                 live: Vec::new(),
                 clock: Default::default(),
+                marks: Vec::new(),
             })?;
         }
     }

@@ -12,6 +12,14 @@
 //! A window closes [`SETTLE_MS`] after its end. A sample whose window was already flushed
 //! still counts: it opens the window again and is flushed at the next flush as a late
 //! row, never dropped.
+//!
+//! A reading is counted once (DESIGN.md, invariant 6): a sample on its device's clock whose
+//! series and timestamp equal those of one already taken is a *repeat*, dropped (the
+//! first value stays) and counted for its source, unless the source keeps repeats.
+//! [`Readings`] holds what is needed to tell: exact per open window, the newest
+//! [`RECENT_READINGS`] committed timestamps per series beyond, and each series' *mark*
+//! (its newest committed device timestamp), which the spool keeps across restarts.
+//! Samples on the agent's own clock are never repeats.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -112,6 +120,89 @@ impl Moments {
             m2: self.m2 + other.m2 + delta * delta * (na * nb / n),
         }
     }
+}
+
+/// Device timestamps remembered per open window to tell repeats, as many as the values
+/// kept for the median; beyond them a window's further samples are taken unchecked (a
+/// repeat among them counts twice: nothing is dropped that was not known to be taken).
+pub const MAX_READINGS_PER_WINDOW: usize = MAX_VALUES_PER_WINDOW;
+
+/// Device timestamps of flushed windows remembered per series (the newest): a sample
+/// of a flushed window with one of them is a repeat; one older than all of them, when
+/// the series has this many, is taken (a late row).
+pub const RECENT_READINGS: usize = 128;
+
+/// The device timestamps taken of one series.
+#[derive(Debug, Default)]
+struct Readings {
+    /// Per open window (its start, seconds): the device timestamps taken, sorted.
+    open: HashMap<i64, Vec<i64>>,
+    /// The newest device timestamps of flushed windows, at most [`RECENT_READINGS`],
+    /// sorted. After a restart, the mark alone.
+    committed: VecDeque<i64>,
+    /// The newest device timestamp committed: the mark the spool has (or is given with
+    /// the next flush).
+    mark: Option<i64>,
+}
+
+impl Readings {
+    /// Whether `timestamp_ms` of the window at `start` was taken already.
+    fn has(&self, start: i64, timestamp_ms: i64) -> bool {
+        self.committed.binary_search(&timestamp_ms).is_ok()
+            || self
+                .open
+                .get(&start)
+                .is_some_and(|taken| taken.binary_search(&timestamp_ms).is_ok())
+    }
+
+    /// Notes a timestamp taken into the open window at `start`.
+    fn note(&mut self, start: i64, timestamp_ms: i64) {
+        let taken = self.open.entry(start).or_default();
+        if taken.len() >= MAX_READINGS_PER_WINDOW {
+            return;
+        }
+        if let Err(at) = taken.binary_search(&timestamp_ms) {
+            taken.insert(at, timestamp_ms);
+        }
+    }
+
+    /// Moves the window at `start`, flushed, to the committed timestamps; returns the
+    /// series' new mark if the window moved it on (a late row's older readings do not).
+    fn commit(&mut self, start: i64) -> Option<i64> {
+        let taken = self.open.remove(&start)?;
+        let newest = taken.last().copied();
+        for timestamp_ms in taken {
+            self.remember(timestamp_ms);
+        }
+        let newest = newest.filter(|&n| self.mark.is_none_or(|m| n > m))?;
+        self.mark = Some(newest);
+        Some(newest)
+    }
+
+    /// Remembers one committed timestamp, keeping the newest [`RECENT_READINGS`].
+    fn remember(&mut self, timestamp_ms: i64) {
+        let Err(at) = self.committed.binary_search(&timestamp_ms) else {
+            return;
+        };
+        if self.committed.len() >= RECENT_READINGS {
+            if at == 0 {
+                return;
+            }
+            self.committed.pop_front();
+            self.committed.insert(at - 1, timestamp_ms);
+        } else {
+            self.committed.insert(at, timestamp_ms);
+        }
+    }
+}
+
+/// What became of a sample given to [`Aggregator::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Taken into its window (or counted by the aggregator: non-finite, overflow).
+    Taken,
+    /// A repeat of a reading already taken: dropped, for the caller to count.
+    Repeat,
 }
 
 /// Values beyond the cap: compensated sums of their deviations from `shift` (the mean of
@@ -255,6 +346,10 @@ pub struct Aggregator {
     open: HashMap<(Arc<Series>, i64), Accumulator>,
     /// The latest window start flushed per series: a sample at or before it is late.
     flushed: HashMap<Arc<Series>, i64>,
+    /// Device timestamps taken, per series with device-stamped samples.
+    readings: HashMap<Arc<Series>, Readings>,
+    /// Marks advanced since the last [`Aggregator::take_marks`].
+    marks: HashMap<Arc<Series>, i64>,
     counts: AggregateCounts,
     /// Values kept per window ([`MAX_VALUES_PER_WINDOW`]; smaller in tests).
     values_cap: usize,
@@ -267,6 +362,8 @@ impl Aggregator {
             window_ms: i64::from(window_seconds) * 1000,
             open: HashMap::new(),
             flushed: HashMap::new(),
+            readings: HashMap::new(),
+            marks: HashMap::new(),
             counts: AggregateCounts::default(),
             values_cap: MAX_VALUES_PER_WINDOW,
         }
@@ -281,17 +378,50 @@ impl Aggregator {
         }
     }
 
+    /// Takes in the marks the spool kept (each series' newest committed device
+    /// timestamp): a sample with a series' mark is a repeat after a restart too.
+    pub fn restore_marks(&mut self, marks: impl IntoIterator<Item = (Series, i64)>) {
+        for (series, mark) in marks {
+            let readings = self.readings.entry(Arc::new(series)).or_default();
+            readings.remember(mark);
+            readings.mark = readings.mark.max(Some(mark));
+        }
+    }
+
+    /// The marks advanced since the last call (series whose flushed windows held
+    /// device-stamped samples, with their newest committed device timestamp).
+    pub fn take_marks(&mut self) -> Vec<(Arc<Series>, i64)> {
+        let mut marks: Vec<_> = self.marks.drain().collect();
+        marks.sort();
+        marks
+    }
+
     /// Adds one sample to its window. A sample on the agent's own clock never reopens a
     /// window already written: after the clock went back, it moves to the window after
     /// the last one written for its series (counted), so a jump creates no second row
-    /// for a window. A device's own timestamp is kept as it is (a late row).
-    pub fn push(&mut self, mut sample: Sample) {
+    /// for a window. A device's own timestamp is kept as it is (a late row), unless it
+    /// repeats a reading already taken ([`Pushed::Repeat`]).
+    pub fn push(&mut self, sample: Sample) -> Pushed {
+        self.push_from(sample, false)
+    }
+
+    /// [`Aggregator::push`] for a source that keeps repeats or not (`repeats = "keep"`).
+    pub fn push_from(&mut self, mut sample: Sample, keep_repeats: bool) -> Pushed {
+        let mut start = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms / 1000;
+        let checked = !sample.own_clock && !keep_repeats;
+        if checked
+            && self
+                .readings
+                .get(&sample.series)
+                .is_some_and(|r| r.has(start, sample.timestamp_ms))
+        {
+            return Pushed::Repeat;
+        }
         self.counts.samples += 1;
         if !sample.value.is_finite() {
             self.counts.non_finite += 1;
-            return;
+            return Pushed::Taken;
         }
-        let mut start = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms / 1000;
         if let Some(&last) = self.flushed.get(&sample.series)
             && start <= last
         {
@@ -310,10 +440,21 @@ impl Aggregator {
             }
         } else if self.open.len() >= MAX_OPEN_WINDOWS {
             self.counts.overflow += 1;
+            return Pushed::Taken;
         } else {
-            self.open
-                .insert(key, Accumulator::new(sample.timestamp_ms, sample.value));
+            self.open.insert(
+                key.clone(),
+                Accumulator::new(sample.timestamp_ms, sample.value),
+            );
         }
+        if checked {
+            let (series, start) = key;
+            self.readings
+                .entry(series)
+                .or_default()
+                .note(start, sample.timestamp_ms);
+        }
+        Pushed::Taken
     }
 
     /// Removes and returns every window that has closed by `now_ms`, ordered by start
@@ -354,6 +495,10 @@ impl Aggregator {
                 let acc = self.open.remove(&key)?;
                 let last = self.flushed.entry(Arc::clone(&key.0)).or_insert(key.1);
                 *last = (*last).max(key.1);
+                if let Some(newest) = self.readings.get_mut(&key.0).and_then(|r| r.commit(key.1)) {
+                    let mark = self.marks.entry(Arc::clone(&key.0)).or_insert(newest);
+                    *mark = (*mark).max(newest);
+                }
                 Some(WindowRow {
                     series: key.0,
                     start: key.1,
@@ -453,17 +598,16 @@ impl AggregateTask {
     /// stamps now, or held while the clock is not synchronised.
     fn take(&mut self, mut batch: Sampled) {
         self.clock.observe(batch.now_ms, batch.at);
+        let keep = batch.keep_repeats;
         if !self.clock.holding(clock::synchronised) {
             self.release();
-            batch
-                .samples
-                .into_iter()
-                .for_each(|s| self.aggregator.push(s));
+            let samples = std::mem::take(&mut batch.samples);
+            self.push_counted(samples, keep, batch.source.as_deref());
             return;
         }
         let (own, device): (Vec<Sample>, Vec<Sample>) =
             batch.samples.drain(..).partition(|s| s.own_clock);
-        device.into_iter().for_each(|s| self.aggregator.push(s));
+        self.push_counted(device, keep, batch.source.as_deref());
         self.held_samples += own.len();
         batch.samples = own;
         self.held.push_back(batch);
@@ -474,6 +618,25 @@ impl AggregateTask {
             self.held_samples -= oldest.samples.len();
             self.aggregator.counts.held_dropped += oldest.samples.len() as u64;
         }
+    }
+
+    /// Pushes one source's samples, counting the repeats dropped for it.
+    fn push_counted(&mut self, samples: Vec<Sample>, keep: bool, source: Option<&SourceStats>) {
+        let mut repeats = 0;
+        for sample in samples {
+            if self.aggregator.push_from(sample, keep) == Pushed::Repeat {
+                repeats += 1;
+            }
+        }
+        if let Some(source) = source.filter(|_| repeats > 0) {
+            source.count_repeats(repeats as u64);
+        }
+    }
+
+    /// Starts from the marks the spool kept (see [`Aggregator::restore_marks`]).
+    pub fn restore_marks(mut self, marks: impl IntoIterator<Item = (Series, i64)>) -> Self {
+        self.aggregator.restore_marks(marks);
+        self
     }
 
     /// Stamps the held samples by the clock now: each sampling moves to now less how
@@ -488,6 +651,7 @@ impl AggregateTask {
             let shift = taken - batch.now_ms;
             for mut sample in batch.samples {
                 sample.timestamp_ms += shift;
+                // The agent's own stamps: never repeats.
                 self.aggregator.push(sample);
             }
         }
@@ -509,6 +673,7 @@ impl AggregateTask {
             open_windows: self.aggregator.open_windows(),
             live: self.live.iter().map(|l| l.stats.report()).collect(),
             clock: self.clock.report(self.held_samples as u64),
+            marks: self.aggregator.take_marks(),
         };
         let retried = self.unwritten.is_some();
         if let Some(mut pending) = self.unwritten.take() {
@@ -647,6 +812,136 @@ mod tests {
         agg.push(sample(&series, 35_000, 4.0));
         assert_eq!(agg.take_counts().late, 1);
         assert_eq!(agg.take_closed(181_000)[0].start, 0);
+    }
+
+    #[test]
+    fn a_repeated_reading_is_taken_once_in_an_open_window() {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(60);
+        let pushed: Vec<Pushed> = [
+            (10_000, 1.0),
+            (10_000, 1.0),
+            // Out of order inside the window: a reading of its own, not a repeat.
+            (5_000, 3.0),
+            // Same time, another value: the first stays.
+            (10_000, 2.0),
+            (5_000, 3.0),
+            (20_000, 5.0),
+        ]
+        .into_iter()
+        .map(|(t, v)| agg.push(sample(&series, t, v)))
+        .collect();
+        use Pushed::{Repeat, Taken};
+        assert_eq!(pushed, [Taken, Repeat, Taken, Repeat, Repeat, Taken]);
+        let rows = agg.take_closed(61_000);
+        let s = &rows[0].stats;
+        assert_eq!((s.count, s.mean, s.first, s.last), (3, 3.0, 3.0, 5.0));
+        assert_eq!(agg.take_counts().samples, 3);
+        assert_eq!(agg.take_marks(), [(Arc::clone(&series), 20_000)]);
+    }
+
+    #[test]
+    fn after_its_window_is_written_a_resend_is_a_repeat_and_a_late_reading_a_late_row() {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(60);
+        agg.push(sample(&series, 10_000, 1.0));
+        agg.push(sample(&series, 30_000, 2.0));
+        assert_eq!(agg.take_closed(61_000).len(), 1);
+        // The same readings again (a fast poll, a redelivery): repeats, nothing late.
+        assert_eq!(agg.push(sample(&series, 10_000, 1.0)), Pushed::Repeat);
+        assert_eq!(agg.push(sample(&series, 30_000, 2.0)), Pushed::Repeat);
+        assert_eq!(agg.take_counts().late, 0);
+        assert!(agg.take_closed(121_000).is_empty(), "no second row");
+        assert_eq!(agg.take_marks(), [(Arc::clone(&series), 30_000)]);
+        // A reading the window never had (a station's backlog): a late row.
+        assert_eq!(agg.push(sample(&series, 20_000, 7.0)), Pushed::Taken);
+        assert_eq!(agg.take_counts().late, 1);
+        let late = agg.take_closed(181_000);
+        assert_eq!((late[0].start, late[0].stats.count), (0, 1));
+        assert!(
+            agg.take_marks().is_empty(),
+            "an older reading leaves the mark"
+        );
+        // And once written, it too is known.
+        assert_eq!(agg.push(sample(&series, 20_000, 7.0)), Pushed::Repeat);
+    }
+
+    #[test]
+    fn the_agents_own_stamps_and_sources_that_keep_repeats_are_never_repeats() {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(60);
+        for _ in 0..3 {
+            assert_eq!(agg.push(own(&series, 10_000, 1.0)), Pushed::Taken);
+            assert_eq!(
+                agg.push_from(sample(&series, 20_000, 2.0), true),
+                Pushed::Taken
+            );
+        }
+        assert_eq!(agg.take_closed(61_000)[0].stats.count, 6);
+        assert!(agg.take_marks().is_empty(), "nothing to remember");
+    }
+
+    #[test]
+    fn a_restart_knows_each_series_mark_and_takes_older_readings_as_late_rows() {
+        let series = Arc::new(Series::new("s.x", Some("ug/m3")));
+        let mut agg = Aggregator::new(60);
+        agg.restore_marks([(Series::new("s.x", Some("ug/m3")), 30_000)]);
+        assert_eq!(agg.push(sample(&series, 30_000, 2.0)), Pushed::Repeat);
+        assert_eq!(agg.push(sample(&series, 20_000, 9.0)), Pushed::Taken);
+        assert_eq!(agg.push(sample(&series, 40_000, 3.0)), Pushed::Taken);
+        assert_eq!(agg.push(sample(&series, 40_000, 3.0)), Pushed::Repeat);
+        let other = Arc::new(Series::new("s.y", None));
+        assert_eq!(agg.push(sample(&other, 30_000, 2.0)), Pushed::Taken);
+        let rows = agg.take_all();
+        assert_eq!(rows.iter().map(|r| r.stats.count).sum::<u64>(), 3);
+        assert_eq!(
+            agg.take_marks(),
+            [(Arc::clone(&series), 40_000), (Arc::clone(&other), 30_000)]
+        );
+    }
+
+    #[test]
+    fn flushed_readings_are_remembered_up_to_the_bound_and_older_ones_taken_again() {
+        let series = Arc::new(Series::new("s.x", None));
+        let mut agg = Aggregator::new(1);
+        let n = RECENT_READINGS as i64 + 10;
+        for i in 0..n {
+            agg.push(sample(&series, i * 1000, i as f64));
+        }
+        assert_eq!(agg.take_all().len(), n as usize);
+        // The newest RECENT_READINGS are known; the ten before them are not any more.
+        for i in 10..n {
+            assert_eq!(
+                agg.push(sample(&series, i * 1000, 0.0)),
+                Pushed::Repeat,
+                "{i}"
+            );
+        }
+        assert_eq!(agg.push(sample(&series, 9_000, 0.0)), Pushed::Taken);
+        assert_eq!(agg.take_counts().late, 1);
+    }
+
+    #[test]
+    fn an_mqtt_message_delivered_twice_counts_once() {
+        let text = "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"mqtt\"\nname = \"m\"\nurl = \"mqtt://127.0.0.1\"\n[[sources.subscriptions]]\ntopic = \"j/#\"\npayload = \"json\"\ntimestamp = \"/t\"\n[[sources.subscriptions.fields]]\nname = \"v\"\npointer = \"/v\"\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n";
+        let config =
+            crate::config::Config::parse(text, std::path::Path::new("t.toml")).expect("valid");
+        let crate::config::SourceKind::Mqtt(mqtt) = &config.sources[0].kind else {
+            panic!("an mqtt source");
+        };
+        let payload = b"{\"t\": 1767322805, \"v\": 4.5}";
+        // A QoS 1 redelivery after a reconnect: a new packet, the same message.
+        let mut agg = Aggregator::new(60);
+        let mut pushed = Vec::new();
+        for _ in 0..2 {
+            let batch = crate::source::mqtt::read_message("m", mqtt, "j/a", payload);
+            for s in batch.samples {
+                pushed.push(agg.push(s));
+            }
+        }
+        assert_eq!(pushed, [Pushed::Taken, Pushed::Repeat]);
+        let rows = agg.take_all();
+        assert_eq!((rows.len(), rows[0].stats.count), (1, 1));
     }
 
     #[test]

@@ -106,6 +106,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .collect(),
     };
     let opened = Spool::open(&agent.spool, options)?;
+    let marks = opened.marks()?;
     let (spool, spool_thread) = SpoolHandle::spawn(opened);
 
     let (stop, stopping) = watch::channel(false);
@@ -160,7 +161,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stats,
         live,
         stopping,
-    );
+    )
+    .restore_marks(marks);
     tasks.spawn(aggregator.run());
     let commits = spool.commits();
     let mut taken_over = spool.taken_over();

@@ -149,6 +149,13 @@ pub struct SourceStatus {
     /// Samples dropped because their series would have been beyond the source's
     /// `max_series` (lifetime).
     pub series_dropped: u64,
+    /// Device-stamped samples dropped because they repeat a reading already taken (same
+    /// series and timestamp; lifetime).
+    pub repeats: u64,
+    /// `null` values, which make no sample (lifetime).
+    pub nulls: u64,
+    /// NaN or ±Inf values, which make no sample (lifetime).
+    pub not_finite: u64,
     /// The latest problem.
     pub last_error: Option<String>,
     /// When (RFC 3339).
@@ -215,7 +222,7 @@ pub struct LiveSinkStatus {
 pub struct Counters {
     /// Samples taken in by the aggregator.
     pub samples: u64,
-    /// NaN or infinite values dropped.
+    /// NaN or infinite values dropped, of every source.
     pub non_finite: u64,
     /// Samples that arrived after their window was flushed (kept, as late rows).
     pub late_samples: u64,
@@ -275,10 +282,16 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             invalid: count(&format!("source.{}.invalid", s.name)),
             errors: count(&format!("source.{}.errors", s.name)),
             series_dropped: count(&format!("source.{}.series_dropped", s.name)),
+            repeats: count(&format!("source.{}.repeats", s.name)),
+            nulls: count(&format!("source.{}.nulls", s.name)),
+            not_finite: count(&format!("source.{}.not_finite", s.name)),
             last_error: s.last_problem.as_ref().map(|p| p.message.clone()),
             last_error_at: time(s.last_problem.as_ref().map(|p| p.at_ms)),
         })
-        .collect();
+        .collect::<Vec<SourceStatus>>();
+    // Sources count NaN and ±Inf; the aggregator counts any that reach it (none should).
+    let non_finite =
+        count("samples.non_finite") + sources.iter().map(|s| s.not_finite).sum::<u64>();
     let sinks = sinks
         .into_iter()
         .map(|s| SinkStatus {
@@ -367,7 +380,7 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
         live_sinks,
         counters: Counters {
             samples: count("samples"),
-            non_finite: count("samples.non_finite"),
+            non_finite,
             late_samples: count("samples.late"),
             overflow: count("samples.overflow"),
             dropped_rows: count("rows.dropped"),
@@ -529,10 +542,19 @@ pub fn render(status: &Status, now_ms: i64) -> String {
             Some(e) => format!("; last error {}: {e}", ago(&src.last_error_at, now_ms)),
             None => String::new(),
         };
-        let dropped = match src.series_dropped {
+        let mut dropped = match src.series_dropped {
             0 => String::new(),
             n => format!(", {n} dropped over max_series"),
         };
+        for (n, what) in [
+            (src.repeats, "repeats dropped"),
+            (src.nulls, "null values"),
+            (src.not_finite, "NaN/Inf values"),
+        ] {
+            if n > 0 {
+                let _ = write!(dropped, ", {n} {what}");
+            }
+        }
         let _ = writeln!(
             out,
             "  {:<12} {:<7} {} samples, {} invalid, {} errors{dropped}{problem}",

@@ -35,7 +35,7 @@ pub use self::located::ConfigError;
 pub use self::secret::{Secret, SecretFile, one_secret};
 pub use self::sink::{MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store};
 pub use self::source::{
-    FileFormat, HttpSource, JsonField, MqttSource, MqttSubscription, Payload, Redirects,
+    FileFormat, HttpSource, JsonField, MqttSource, MqttSubscription, Payload, Redirects, Repeats,
     SourceConfig, SourceKind, SysfsFile, SysfsSource, SystemSource, TableConfig,
 };
 pub use self::store::{AzureStore, Compression, Format, GcsStore, Layout, LocalStore, S3Store};

@@ -36,6 +36,9 @@ pub struct SourceConfig {
     pub interval: Duration,
     /// How long one sampling may take before it counts as an error.
     pub timeout: Duration,
+    /// What to do with a device-stamped sample that repeats a reading already taken
+    /// (`drop` for the kinds without a `repeats` key: they stamp samples themselves).
+    pub repeats: Repeats,
     /// The kind and its settings.
     pub kind: SourceKind,
 }
@@ -179,6 +182,11 @@ pub struct HttpSource {
     /// values) are dropped and counted in `series_dropped`.
     #[serde(default = "default_max_series")]
     pub max_series: NonZeroU32,
+    /// What a device-stamped sample whose series and timestamp equal those of one already
+    /// taken is (default "drop": a repeat, dropped and counted; "keep": a sample like any
+    /// other, for devices that send several values per timestamp).
+    #[serde(default)]
+    pub repeats: Repeats,
 }
 
 /// Which HTTP redirects a source follows, at most [`Redirects::MAX`] in a row.
@@ -194,6 +202,18 @@ pub enum Redirects {
     /// Any, to any host: the configured headers go along (only `Authorization` and
     /// cookies are dropped on the way to another host).
     Any,
+}
+
+/// What a repeated reading is: a device-stamped sample whose series and timestamp equal
+/// those of one already taken (see docs/formats.md, "Repeated readings").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Repeats {
+    /// A repeat: dropped and counted (`repeats` in `status`); the first value stays.
+    #[default]
+    Drop,
+    /// A sample like any other.
+    Keep,
 }
 
 impl Redirects {
@@ -233,6 +253,11 @@ pub struct MqttSource {
     /// topics or fields) are dropped and counted in `series_dropped`.
     #[serde(default = "default_max_series")]
     pub max_series: NonZeroU32,
+    /// What a device-stamped sample whose series and timestamp equal those of one already
+    /// taken is (default "drop": a repeat, dropped and counted; "keep": a sample like any
+    /// other, for devices that send several values per timestamp).
+    #[serde(default)]
+    pub repeats: Repeats,
     /// What to subscribe to.
     pub subscriptions: Vec<MqttSubscription>,
 }
@@ -493,6 +518,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 name: s.name.clone().unwrap_or_else(|| "system".to_owned()),
                 interval: s.interval,
                 timeout: s.timeout,
+                repeats: Repeats::Drop,
                 kind: SourceKind::System(s),
             }
         }
@@ -502,6 +528,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 name: s.name.clone(),
                 interval: s.interval,
                 timeout: s.timeout,
+                repeats: Repeats::Drop,
                 kind: SourceKind::Sysfs(s),
             }
         }
@@ -511,6 +538,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 name: s.name.clone(),
                 interval: s.interval,
                 timeout: s.timeout,
+                repeats: s.repeats,
                 kind: SourceKind::Http(Box::new(s)),
             }
         }
@@ -523,6 +551,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 name: s.name.clone(),
                 interval: s.interval,
                 timeout: s.timeout,
+                repeats: s.repeats,
                 kind: SourceKind::Mqtt(Box::new(s)),
             }
         }

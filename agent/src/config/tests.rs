@@ -654,3 +654,41 @@ fn an_http_source_follows_only_redirects_that_stay_home_unless_told() {
         "{err}"
     );
 }
+
+#[test]
+fn repeats_are_dropped_unless_a_source_keeps_them() {
+    let http = |extra: &str| {
+        MINIMAL.replace(
+            "kind = \"system\"\n",
+            &format!(
+                "kind = \"http\"\nname = \"pa\"\nurl = \"http://10.0.0.9/json\"\n{extra}\
+                 [[sources.fields]]\nname = \"pm\"\npointer = \"/pm\"\n"
+            ),
+        )
+    };
+    let repeats = |text: &str| {
+        Config::parse(text, Path::new("x.toml"))
+            .expect("valid")
+            .sources[0]
+            .repeats
+    };
+    assert_eq!(repeats(&http("")), Repeats::Drop);
+    assert_eq!(repeats(&http("repeats = \"keep\"\n")), Repeats::Keep);
+    assert_eq!(repeats(&http("repeats = \"drop\"\n")), Repeats::Drop);
+    assert_eq!(repeats(MINIMAL), Repeats::Drop, "a system source");
+    let err = error_of(&http("repeats = \"once\"\n"));
+    assert!(
+        err.starts_with("edgespool.toml:10:11: ")
+            && err.contains("unknown variant `once`, expected `drop` or `keep`"),
+        "{err}"
+    );
+    // A source that stamps its own samples has none to keep.
+    let err = error_of(&MINIMAL.replace(
+        "kind = \"system\"\n",
+        "kind = \"system\"\nrepeats = \"keep\"\n",
+    ));
+    assert!(
+        err.starts_with("edgespool.toml:") && err.contains("unknown field `repeats`"),
+        "{err}"
+    );
+}

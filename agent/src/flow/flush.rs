@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{LiveReport, Problem, WindowRow};
+use super::{LiveReport, Problem, Series, WindowRow};
 
 /// One flush: closed windows and the counters gathered since the previous flush.
 pub struct Flush {
@@ -23,6 +23,10 @@ pub struct Flush {
     pub live: Vec<LiveReport>,
     /// The clock's state.
     pub clock: crate::clock::ClockReport,
+    /// Per series whose closed windows in `rows` hold device-stamped samples: the newest
+    /// device timestamp committed (its mark, kept in the spool so that a restart does not
+    /// take that reading again; see invariant 6).
+    pub marks: Vec<(Arc<Series>, i64)>,
 }
 
 impl Flush {
@@ -54,6 +58,12 @@ impl Flush {
                     kept.state = report.state;
                 }
                 None => self.live.push(report),
+            }
+        }
+        for (series, mark) in newer.marks {
+            match self.marks.iter_mut().find(|(s, _)| *s == series) {
+                Some((_, kept)) => *kept = (*kept).max(mark),
+                None => self.marks.push((series, mark)),
             }
         }
         self.open_windows = newer.open_windows;
@@ -96,6 +106,9 @@ pub struct SourceStats {
     invalid: AtomicU64,
     errors: AtomicU64,
     series_dropped: AtomicU64,
+    repeats: AtomicU64,
+    nulls: AtomicU64,
+    not_finite: AtomicU64,
     last_problem: Mutex<Option<Problem>>,
 }
 
@@ -110,6 +123,12 @@ pub struct SourceDeltas {
     pub errors: u64,
     /// Samples dropped because they would have made a series beyond `max_series`.
     pub series_dropped: u64,
+    /// Device-stamped samples dropped as repeats of a reading already taken.
+    pub repeats: u64,
+    /// `null` values: no sample, counted.
+    pub nulls: u64,
+    /// NaN or ±Inf values: no sample, counted.
+    pub not_finite: u64,
 }
 
 impl SourceDeltas {
@@ -119,6 +138,9 @@ impl SourceDeltas {
         self.invalid += other.invalid;
         self.errors += other.errors;
         self.series_dropped += other.series_dropped;
+        self.repeats += other.repeats;
+        self.nulls += other.nulls;
+        self.not_finite += other.not_finite;
     }
 }
 
@@ -132,6 +154,9 @@ impl SourceStats {
             invalid: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             series_dropped: AtomicU64::new(0),
+            repeats: AtomicU64::new(0),
+            nulls: AtomicU64::new(0),
+            not_finite: AtomicU64::new(0),
             last_problem: Mutex::new(None),
         }
     }
@@ -143,6 +168,9 @@ impl SourceStats {
             invalid: self.invalid.swap(0, Ordering::Relaxed),
             errors: self.errors.swap(0, Ordering::Relaxed),
             series_dropped: self.series_dropped.swap(0, Ordering::Relaxed),
+            repeats: self.repeats.swap(0, Ordering::Relaxed),
+            nulls: self.nulls.swap(0, Ordering::Relaxed),
+            not_finite: self.not_finite.swap(0, Ordering::Relaxed),
         }
     }
 
@@ -169,6 +197,17 @@ impl SourceStats {
     /// Counts samples dropped for a series beyond the source's `max_series`.
     pub fn count_series_dropped(&self, samples: u64) {
         self.series_dropped.fetch_add(samples, Ordering::Relaxed);
+    }
+
+    /// Counts repeated readings dropped.
+    pub fn count_repeats(&self, samples: u64) {
+        self.repeats.fetch_add(samples, Ordering::Relaxed);
+    }
+
+    /// Counts `null` values and NaN or ±Inf values, which make no sample.
+    pub fn count_no_value(&self, nulls: u64, not_finite: u64) {
+        self.nulls.fetch_add(nulls, Ordering::Relaxed);
+        self.not_finite.fetch_add(not_finite, Ordering::Relaxed);
     }
 
     /// Records the latest problem, for `status`.

@@ -57,7 +57,8 @@ pub struct Sample {
     pub series: Arc<Series>,
     /// When it was read (or when the device says it was), in Unix milliseconds.
     pub timestamp_ms: i64,
-    /// The value; non-finite values are counted and dropped by the aggregator.
+    /// The value: finite (a source counts null, NaN and ±Inf and passes none on; the
+    /// aggregator counts and drops any that still arrive).
     pub value: f64,
     /// Whether `timestamp_ms` is this agent's clock (when it read or received the value)
     /// rather than the device's own time: only such stamps are held while the clock is
@@ -85,6 +86,11 @@ pub struct Sampled {
     pub now_ms: i64,
     /// The monotonic clock then.
     pub at: std::time::Instant,
+    /// The source's counters, where the aggregator counts the repeats it drops.
+    pub source: Option<Arc<SourceStats>>,
+    /// Whether the source keeps repeated readings (`repeats = "keep"`): its device-stamped
+    /// samples are then taken whatever their timestamps.
+    pub keep_repeats: bool,
 }
 
 /// The latest thing that went wrong with a source, for `status`.

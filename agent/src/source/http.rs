@@ -2,8 +2,9 @@
 //!
 //! Two shapes: an object whose fields are taken by JSON pointer, or a table — a header
 //! of column names and rows of positional values, as PurpleAir's `data.json` returns —
-//! where a key column makes one series per row. `null` is a channel the device lacks and
-//! is skipped; anything else that is not a number is counted as invalid.
+//! where a key column makes one series per row. `null` (a channel the device lacks) and
+//! NaN or ±Inf (as numeric strings) make no sample and are counted (`nulls`,
+//! `not_finite`); anything else that is not a number is counted as invalid.
 //!
 //! The headers and the query may carry an API key, so by default a redirect is followed
 //! only when it stays on the scheme, host and port of `url` (see [`Redirects`]), and no
@@ -258,11 +259,16 @@ pub(super) fn event_time(doc: &Value, pointer: &str, received: i64, batch: &mut 
     }
 }
 
-/// A JSON number (or numeric string) as f64; `null` is skipped, anything else invalid.
+/// A JSON number (or numeric string) as f64; `null` is counted in `batch.nulls`,
+/// anything else that is no number is invalid. (NaN and ±Inf are counted as the sample
+/// is pushed.)
 pub(super) fn number(value: &Value, place: &str, batch: &mut Batch) -> Option<f64> {
     match value {
         Value::Number(n) => n.as_f64(),
-        Value::Null => None,
+        Value::Null => {
+            batch.nulls += 1;
+            None
+        }
         Value::String(s) => match s.trim().parse::<f64>() {
             Ok(x) => Some(x),
             Err(_) => {
@@ -441,6 +447,35 @@ mod tests {
             "null Voc is a missing channel: {:?}",
             batch.invalid
         );
+        assert_eq!(
+            (batch.nulls, batch.not_finite),
+            (2, 0),
+            "the null Voc cells"
+        );
+    }
+
+    #[test]
+    fn null_nan_and_infinity_make_no_sample_and_are_counted_alike() {
+        let text = "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"http\"\nname = \"h\"\nurl = \"http://127.0.0.1/\"\n[[sources.fields]]\nname = \"a\"\npointer = \"/a\"\n[[sources.fields]]\nname = \"b\"\npointer = \"/b\"\n[[sources.fields]]\nname = \"c\"\npointer = \"/c\"\n[[sources.fields]]\nname = \"d\"\npointer = \"/d\"\n[[sources.fields]]\nname = \"e\"\npointer = \"/e\"\nscale = 1e300\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n";
+        let config =
+            crate::config::Config::parse(text, std::path::Path::new("t.toml")).expect("valid");
+        let crate::config::SourceKind::Http(http) = &config.sources[0].kind else {
+            panic!("an http source");
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut source = HttpSource::new("h", http, Duration::from_secs(1)).expect("a source");
+        let doc = serde_json::json!({"a": null, "b": "NaN", "c": "-inf", "d": 4.5, "e": 1e10});
+        let mut batch = Batch::default();
+        source.read(&doc, &mut batch).expect("reads");
+        let got: Vec<(&str, f64)> = batch
+            .samples
+            .iter()
+            .map(|s| (s.series.name.as_str(), s.value))
+            .collect();
+        assert_eq!(got, [("h.d", 4.5)]);
+        // e: 1e10 scaled by 1e300 is infinite.
+        assert_eq!((batch.nulls, batch.not_finite), (1, 3));
+        assert!(batch.invalid.is_empty(), "{:?}", batch.invalid);
     }
 
     fn unlimited(cache: &mut HashMap<(String, usize), Arc<Series>>) -> TableSeries<'_> {

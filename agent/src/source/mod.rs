@@ -5,6 +5,11 @@
 //! a missed tick is skipped rather than bursted. A source kind only implements
 //! [`Source::sample`]; counting, timeouts and logging live here, once. Problems are
 //! counted one by one and logged at most once a minute per kind ([`report`]).
+//!
+//! No value is no sample, in every source alike: a `null` (in a JSON body, a table cell,
+//! an MQTT payload) and a NaN or ±Inf (a numeric string such as `"NaN"`, a file reading
+//! `nan`, a scale that overflows) make no sample and are counted per source, as
+//! `nulls` and `not_finite`; neither is an invalid value nor a problem.
 
 pub(crate) mod http;
 pub(crate) mod mqtt;
@@ -22,7 +27,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{debug, warn};
 
 use crate::clock;
-use crate::config::{SourceConfig, SourceKind};
+use crate::config::{Repeats, SourceConfig, SourceKind};
 use crate::flow::{Sample, Sampled, Series, SourceStats, Stamp};
 use report::{Kind, Line, Reports};
 
@@ -41,6 +46,10 @@ pub struct Batch {
     pub series_dropped: u64,
     /// What the first of them was, for the log and `status` (made once per batch).
     pub series_refused: Option<String>,
+    /// `null` values met: no sample.
+    pub nulls: u64,
+    /// NaN or ±Inf values met: no sample.
+    pub not_finite: u64,
 }
 
 impl Batch {
@@ -61,8 +70,12 @@ impl Batch {
         }
     }
 
-    /// A sample with its own stamp.
+    /// A sample with its own stamp; a NaN or ±Inf value makes none and is counted.
     fn push(&mut self, series: &Arc<Series>, stamp: Stamp, value: f64) {
+        if !value.is_finite() {
+            self.not_finite += 1;
+            return;
+        }
         let (timestamp_ms, own_clock) = match stamp {
             Stamp::Own(ms) => (ms, true),
             Stamp::Device(ms) => (ms, false),
@@ -113,6 +126,7 @@ pub struct SourceTask {
     interval: Duration,
     timeout: Duration,
     stats: Arc<SourceStats>,
+    keep_repeats: bool,
     samples: mpsc::Sender<Sampled>,
     shutdown: watch::Receiver<bool>,
 }
@@ -131,6 +145,7 @@ impl SourceTask {
             interval: config.interval,
             timeout: config.timeout,
             stats,
+            keep_repeats: config.repeats == Repeats::Keep,
             samples,
             shutdown,
         }
@@ -206,12 +221,15 @@ impl SourceTask {
                 log(&name, Some(line));
             }
             stats.count_samples(batch.samples.len() as u64);
+            stats.count_no_value(batch.nulls, batch.not_finite);
             // Design: a batch travels whole, so one response is aggregated in one flush.
             if !batch.samples.is_empty() {
                 let sampled = Sampled {
                     samples: batch.samples,
                     now_ms,
                     at,
+                    source: Some(Arc::clone(&self.stats)),
+                    keep_repeats: self.keep_repeats,
                 };
                 if self.samples.send(sampled).await.is_err() {
                     return;

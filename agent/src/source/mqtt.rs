@@ -108,6 +108,8 @@ impl Source for MqttSource {
         batch.invalid.extend(taken.invalid);
         batch.errors.extend(taken.errors);
         batch.series_dropped += taken.series_dropped;
+        batch.nulls += taken.nulls;
+        batch.not_finite += taken.not_finite;
         if batch.series_refused.is_none() {
             batch.series_refused = taken.series_refused;
         }
@@ -282,6 +284,8 @@ impl Reader {
             return;
         };
         match sub.payload {
+            // A plain `null` is no value, as in JSON.
+            Payload::Number if text.trim() == "null" => batch.nulls += 1,
             Payload::Number => match text.trim().parse::<f64>() {
                 Ok(value) => {
                     if let Some(series) = names.get(topic, "", sub.unit.as_deref(), batch) {
@@ -331,7 +335,7 @@ impl Reader {
                     }
                 } else {
                     let mut leaves = BTreeMap::new();
-                    flatten(&doc, String::new(), sub.booleans, &mut leaves);
+                    batch.nulls += flatten(&doc, String::new(), sub.booleans, &mut leaves);
                     if let Some(pointer) = &sub.timestamp {
                         leaves.remove(&pointer.trim_start_matches('/').replace('/', "."));
                     }
@@ -447,28 +451,33 @@ pub fn expand(template: &str, topic: &str, field: &str) -> String {
     out.trim_matches('.').replace("..", ".")
 }
 
-/// Every numeric leaf of a JSON value, by its path joined with `.`.
-fn flatten(value: &Value, path: String, booleans: bool, out: &mut BTreeMap<String, f64>) {
+/// Every numeric leaf of a JSON value, by its path joined with `.`; returns how many
+/// leaves were `null` (no value, counted by the caller).
+fn flatten(value: &Value, path: String, booleans: bool, out: &mut BTreeMap<String, f64>) -> u64 {
     match value {
         Value::Number(n) => {
             if let Some(v) = n.as_f64() {
                 out.insert(path, v);
             }
+            0
         }
         Value::Bool(b) if booleans => {
             out.insert(path, if *b { 1.0 } else { 0.0 });
+            0
         }
-        Value::Object(map) => {
-            for (key, inner) in map {
+        Value::Null => 1,
+        Value::Object(map) => map
+            .iter()
+            .map(|(key, inner)| {
                 let path = if path.is_empty() {
                     key.clone()
                 } else {
                     format!("{path}.{key}")
                 };
-                flatten(inner, path, booleans, out);
-            }
-        }
-        _ => {}
+                flatten(inner, path, booleans, out)
+            })
+            .sum(),
+        _ => 0,
     }
 }
 
@@ -562,6 +571,31 @@ mod tests {
             batch.invalid[0].ends_with("of 2000 bytes is over max_payload (1024 bytes)"),
             "{:?}",
             batch.invalid
+        );
+    }
+
+    #[test]
+    fn null_nan_and_infinity_make_no_sample_and_are_counted_alike() {
+        let text = "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"mqtt\"\nname = \"m\"\nurl = \"mqtt://127.0.0.1\"\n[[sources.subscriptions]]\ntopic = \"n/#\"\npayload = \"number\"\n[[sources.subscriptions]]\ntopic = \"j/#\"\npayload = \"json\"\n[[sources.subscriptions.fields]]\nname = \"v\"\npointer = \"/v\"\n[[sources.subscriptions]]\ntopic = \"f/#\"\npayload = \"flatten\"\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n";
+        let config =
+            crate::config::Config::parse(text, std::path::Path::new("t.toml")).expect("valid");
+        let crate::config::SourceKind::Mqtt(mqtt) = &config.sources[0].kind else {
+            panic!("an mqtt source");
+        };
+        let counts = |topic: &str, payload: &str| {
+            let batch = read_message("m", mqtt, topic, payload.as_bytes());
+            assert!(batch.invalid.is_empty(), "{payload}: {:?}", batch.invalid);
+            (batch.samples.len(), batch.nulls, batch.not_finite)
+        };
+        assert_eq!(counts("n/a", "null"), (0, 1, 0));
+        assert_eq!(counts("n/a", "NaN"), (0, 0, 1));
+        assert_eq!(counts("n/a", " -inf\n"), (0, 0, 1));
+        assert_eq!(counts("n/a", "21.5"), (1, 0, 0));
+        assert_eq!(counts("j/a", "{\"v\": null}"), (0, 1, 0));
+        assert_eq!(counts("j/a", "{\"v\": \"Infinity\"}"), (0, 0, 1));
+        assert_eq!(
+            counts("f/a", "{\"x\": null, \"y\": {\"z\": null}, \"w\": 2}"),
+            (1, 2, 0)
         );
     }
 

@@ -152,6 +152,38 @@ mod tests {
     }
 
     #[test]
+    fn a_file_reading_nan_or_inf_makes_no_sample_and_is_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in [("a", "nan\n"), ("b", "-inf\n"), ("c", "21500\n")] {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        let config = config::SysfsSource {
+            name: "s".into(),
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(1),
+            root: dir.path().to_owned(),
+            files: ["a", "b", "c"]
+                .iter()
+                .map(|f| config::SysfsFile {
+                    field: (*f).into(),
+                    path: PathBuf::from(format!("/{f}")),
+                    format: None,
+                    scale: 0.001,
+                    offset: 0.0,
+                    unit: None,
+                })
+                .collect(),
+        };
+        let source = SysfsSource::new("s", &config);
+        let mut batch = Batch::default();
+        read_all(&source.files, &mut batch);
+        let values: Vec<f64> = batch.samples.iter().map(|s| s.value).collect();
+        assert_eq!(values, [21.5]);
+        assert_eq!((batch.not_finite, batch.nulls), (2, 0));
+        assert!(batch.invalid.is_empty(), "{:?}", batch.invalid);
+    }
+
+    #[test]
     fn number_files_are_trimmed() {
         let p = Path::new("/sys/x");
         assert_eq!(parse_file("48312\n", FileFormat::Number, p), Ok(48312.0));

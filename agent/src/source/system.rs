@@ -149,4 +149,37 @@ mod tests {
         assert_eq!(parse_meminfo(meminfo), Some((1_024_000.0, 256_000.0)));
         assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
     }
+
+    #[tokio::test]
+    async fn a_thermal_zone_reading_nan_makes_no_sample_and_is_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |path: &str, text: &str| {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().expect("a folder")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        };
+        write("proc/loadavg", "0.52 0.58 0.59 1/467 12345\n");
+        write("proc/meminfo", "MemTotal: 1000 kB\nMemAvailable: 250 kB\n");
+        write("sys/class/thermal/thermal_zone0/temp", "NaN\n");
+        let config = config::SystemSource {
+            name: None,
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(1),
+            root: dir.path().to_owned(),
+        };
+        let mut source = SystemSource::new("system", &config, &dir.path().join("spool.db"));
+        let mut batch = Batch::default();
+        source.sample(&mut batch).await.expect("samples");
+        assert!(
+            batch
+                .samples
+                .iter()
+                .all(|s| s.series.name != "system.cpu_temp"),
+            "{:?}",
+            batch.samples
+        );
+        assert_eq!(batch.samples.len(), 6, "loads, memory, spool");
+        assert_eq!((batch.not_finite, batch.nulls), (1, 0));
+        assert!(batch.invalid.is_empty(), "{:?}", batch.invalid);
+    }
 }

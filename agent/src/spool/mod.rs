@@ -16,7 +16,7 @@
 //!   is *planned* (its row range fixed and committed) before it is sent, so a retry after
 //!   a crash sends exactly the same rows under the same key.
 //!
-//! # Schema (version 3)
+//! # Schema (version 4)
 //! ```text
 //! meta(key TEXT PK, value TEXT)                  'agent': state as JSON (heartbeat, pid, config);
 //!                                                'next_id': the next window id;
@@ -41,7 +41,21 @@
 //!       PK(sink, partition, part): part N of a partition for a sink holds the windows
 //!       of that partition with after_id < id <= last_id; dropped_ms (v3): the disk
 //!       budget dropped it whole before it was delivered (see Full disk)
+//! marks(series INTEGER PK, device_ms)            (v4) per series with device-stamped
+//!                                                samples: the newest device timestamp
+//!                                                committed (its mark), never lowered
 //! ```
+//!
+//! # Marks
+//! A reading is counted once (DESIGN.md, invariant 6). The aggregator knows the device
+//! timestamps it took while it runs; the spool keeps, per series, the newest of those in
+//! windows it committed, so that the first poll after a restart does not take the last
+//! reading again. A flush carries the marks its windows advanced
+//! ([`Flush::marks`](crate::flow::Flush)); they are written in the flush's transaction
+//! (`MAX` of the old and the new: a late row never moves a mark back), one small row per
+//! series keyed by the series' id: no commit or fsync of their own, a page or two per
+//! flush. [`Spool::marks`] reads them at the start for the aggregator. A flush the disk
+//! budget discards (`StopSampling`) writes no marks, as it writes no windows.
 //!
 //! # Delivery bookkeeping
 //! 1. *Plan*: for a sink, the oldest partitions (up to 16 in one transaction) that are

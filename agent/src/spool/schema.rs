@@ -22,7 +22,7 @@ pub(super) const APPLICATION_ID: i32 = 0x4553_5031;
 pub(super) const PAGE_SIZE: u32 = 1024;
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -73,6 +73,10 @@ ALTER TABLE series ADD COLUMN first_id INTEGER;
 "#,
     r#"
 ALTER TABLE parts ADD COLUMN dropped_ms INTEGER;
+"#,
+    // Each series' newest committed device timestamp (see `marks` in mod.rs).
+    r#"
+CREATE TABLE marks (series INTEGER PRIMARY KEY, device_ms INTEGER NOT NULL);
 "#,
 ];
 

@@ -35,6 +35,7 @@ fn flush(rows: Vec<WindowRow>) -> Flush {
         open_windows: 0,
         live: Vec::new(),
         clock: Default::default(),
+        marks: Vec::new(),
     }
 }
 
@@ -648,4 +649,58 @@ fn a_long_outage_drops_the_oldest_windows_in_small_steps_and_the_rest_goes_once(
     );
     assert_eq!(reader.totals().expect("totals").0, 0);
     assert!(files_on_disk(&path) <= bound);
+}
+
+#[test]
+fn each_series_mark_is_committed_with_its_windows_and_only_grows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    {
+        let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+        let mut f = flush(vec![row("s.t", 0, 1.0), row("s.u", 0, 2.0)]);
+        f.marks = vec![(Arc::clone(&f.rows[0].series), 50_000)];
+        spool.commit(&f).expect("commit");
+        // A late row's older timestamp does not move the mark back.
+        let mut f = flush(vec![row("s.t", 0, 3.0)]);
+        f.marks = vec![(Arc::clone(&f.rows[0].series), 20_000)];
+        spool.commit(&f).expect("commit");
+    }
+    let spool = Spool::open(&path, options(&["a"])).expect("reopen");
+    assert_eq!(
+        spool.marks().expect("marks"),
+        [(Series::new("s.t", Some("celsius")), 50_000)]
+    );
+}
+
+#[test]
+fn a_spool_of_schema_version_3_opens_and_keeps_marks_from_then_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    // The spool of an edgespool from before marks: the migrations before theirs.
+    let before = schema::MIGRATIONS
+        .iter()
+        .position(|sql| sql.contains("CREATE TABLE marks"))
+        .expect("the marks migration");
+    let conn = Connection::open(&path).expect("create raw");
+    conn.pragma_update(None, "page_size", schema::PAGE_SIZE)
+        .expect("page size");
+    for sql in &schema::MIGRATIONS[..before] {
+        conn.execute_batch(sql).expect("an old migration");
+    }
+    conn.pragma_update(None, "user_version", before as i64)
+        .expect("version");
+    conn.pragma_update(None, "application_id", schema::APPLICATION_ID)
+        .expect("application id");
+    drop(conn);
+    let mut spool = Spool::open(&path, options(&["a"])).expect("an old spool opens");
+    assert!(spool.marks().expect("marks").is_empty());
+    let mut f = flush(vec![row("s.t", 0, 1.0)]);
+    f.marks = vec![(Arc::clone(&f.rows[0].series), 7_000)];
+    spool.commit(&f).expect("commit");
+    assert_eq!(spool.marks().expect("marks").len(), 1);
+    let version: i64 = spool
+        .conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(version as usize, schema::MIGRATIONS.len());
 }

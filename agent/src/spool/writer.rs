@@ -127,6 +127,19 @@ impl Spool {
                 [self.next_id.to_string()],
             )
             .map_err(&err)?;
+            // The marks of the series these windows hold: a few bytes each, in the
+            // same transaction (no commit or fsync of their own).
+            let mut mark = tx
+                .prepare_cached(
+                    "INSERT INTO marks (series, device_ms) VALUES (?1, ?2)
+                     ON CONFLICT (series) DO UPDATE SET device_ms = MAX(device_ms, ?2)",
+                )
+                .map_err(&err)?;
+            for (series, device_ms) in &flush.marks {
+                if let Some(&id) = self.series_ids.get(series) {
+                    mark.execute(params![id, device_ms]).map_err(&err)?;
+                }
+            }
         }
         for (stats, deltas) in &flush.sources {
             let name = &stats.name;
@@ -137,6 +150,9 @@ impl Spool {
                 format!("source.{name}.series_dropped"),
                 deltas.series_dropped,
             ));
+            counters.push((format!("source.{name}.repeats"), deltas.repeats));
+            counters.push((format!("source.{name}.nulls"), deltas.nulls));
+            counters.push((format!("source.{name}.not_finite"), deltas.not_finite));
         }
         live_counters(&flush.live, &mut counters);
         add_counters(&tx, &counters).map_err(&err)?;
@@ -196,6 +212,31 @@ impl Spool {
         tx.execute("UPDATE meta SET value = ?1 WHERE key = 'agent'", [json])
             .map_err(&err)?;
         tx.commit().map_err(&err)
+    }
+
+    /// Each series' mark: its newest committed device timestamp, for the aggregator at
+    /// start (see `marks` in the design above).
+    pub fn marks(&self) -> Result<Vec<(Series, i64)>, SpoolError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT s.name, s.unit, s.tags, m.device_ms FROM marks m
+                 JOIN series s ON s.id = m.series",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                let tags: String = r.get(2)?;
+                let series = Series {
+                    name: r.get(0)?,
+                    unit: r.get(1)?,
+                    tags: serde_json::from_str(&tags).unwrap_or_default(),
+                };
+                Ok((series, r.get(3)?))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.err())?;
+        Ok(rows)
     }
 
     /// Marks a clean stop, so that `status` says "stopped" rather than "not responding".
