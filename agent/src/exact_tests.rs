@@ -19,6 +19,10 @@ use crate::flow::{AggregateCounts, Flush, Sample, Series, Stats, WindowRow};
 use crate::source::parse_timestamp;
 use crate::spool::{Plan, Spool, SpoolOptions, SpoolReader};
 
+/// Samples that share a timestamp are ties here, as a source with `repeats = "keep"` takes
+/// them (with the default, the later ones would be repeats: see `aggregate`'s tests).
+const KEEP_TIES: bool = true;
+
 const WINDOW: u32 = 60;
 const PARTITION: u32 = 3600;
 
@@ -45,6 +49,7 @@ fn flush(rows: Vec<WindowRow>) -> Flush {
         open_windows: 0,
         live: Vec::new(),
         clock: Default::default(),
+        marks: Vec::new(),
     }
 }
 
@@ -256,10 +261,9 @@ fn random_samples_match_an_exact_computation_through_the_aggregator_the_spool_an
 
         // The whole window through the aggregator.
         let mut all = Aggregator::new(WINDOW);
-        drawn
-            .iter()
-            .zip(&forms)
-            .for_each(|(d, &f)| all.push(sample(d, f)));
+        drawn.iter().zip(&forms).for_each(|(d, &f)| {
+            all.push_from(sample(d, f), KEEP_TIES);
+        });
         let nan = drawn.iter().filter(|d| d.j.is_none()).count() as u64;
         assert_eq!(all.take_counts().non_finite, nan, "round {round}");
         let rows = all.take_all();
@@ -288,7 +292,7 @@ fn random_samples_match_an_exact_computation_through_the_aggregator_the_spool_an
         let aggregate = |part: &[Drawn]| -> Vec<WindowRow> {
             let mut agg = Aggregator::new(WINDOW);
             for d in part {
-                agg.push(sample(d, forms[d.arrival]));
+                agg.push_from(sample(d, forms[d.arrival]), KEEP_TIES);
             }
             agg.take_all()
         };
@@ -531,12 +535,12 @@ fn a_late_row_earlier_in_time_holds_the_merged_first() {
         own_clock: false,
     };
     let mut agg = Aggregator::new(WINDOW);
-    agg.push(sample(30_000, 1.0));
-    agg.push(sample(40_000, 2.0));
+    agg.push_from(sample(30_000, 1.0), KEEP_TIES);
+    agg.push_from(sample(40_000, 2.0), KEEP_TIES);
     let written = agg.take_closed(62_000);
     // Late samples reopen the written window, one before its first and one at its last.
-    agg.push(sample(5_000, 3.0));
-    agg.push(sample(40_000, 4.0));
+    agg.push_from(sample(5_000, 3.0), KEEP_TIES);
+    agg.push_from(sample(40_000, 4.0), KEEP_TIES);
     let late = agg.take_closed(63_000);
     assert_eq!(
         (late[0].start, late[0].stats.first_ms, late[0].stats.last_ms),
