@@ -239,16 +239,18 @@ fn live_feed_publishes_windows_skips_old_ones_and_leaves_a_last_will() {
             .then_some(())
     });
 
-    // Three samples 30 s ago (one window), and one two hours ago (older than max_age).
+    // Three samples 30 s ago (one window; milliseconds apart, else the second and third
+    // would repeat the first), and one two hours ago (older than max_age).
     let recent = now_s() - 30;
     let old = now_s() - 7200;
+    let ms = |n: i64| recent * 1000 + n * 100;
     broker.publish(
         "count/a",
         1,
         &[
-            &format!("{{\"t\":{recent},\"v\":1}}"),
-            &format!("{{\"t\":{recent},\"v\":2}}"),
-            &format!("{{\"t\":{recent},\"v\":3}}"),
+            &format!("{{\"t\":{},\"v\":1}}", ms(1)),
+            &format!("{{\"t\":{},\"v\":2}}", ms(2)),
+            &format!("{{\"t\":{},\"v\":3}}", ms(3)),
             &format!("{{\"t\":{old},\"v\":5}}"),
         ],
     );

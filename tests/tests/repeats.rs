@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, T0, archive_sink, edgespool, find_source, read_tree, source_status, status_json,
-    table_source, wait_for, write_file,
+    Agent, COUNT_SUBSCRIPTION, MqttBroker, T0, archive_sink, edgespool, find_source, read_tree,
+    source_status, status_json, table_source, wait_for, write_agent_config, write_file,
 };
 use serde_json::{Value, json};
 
@@ -272,4 +272,84 @@ fn an_api_polled_faster_than_it_updates_lands_each_reading_once_across_a_restart
         count("not_finite")
     );
     assert!(line.contains(&shown), "{line:?} shows {shown:?}");
+}
+
+/// A device that resends (or a broker that delivers a message again) over MQTT: the
+/// same message twice, the same time with another value, and the last one again while
+/// the agent is away, queued by the broker for its kept session.
+#[test]
+fn an_mqtt_message_sent_again_counts_once_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = MqttBroker::start();
+    let config = write_agent_config(
+        dir.path(),
+        &format!(
+            "[[sources]]\nkind = \"mqtt\"\nname = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+             client_id = \"edgespool-repeats\"\ninterval = \"200ms\"\n{COUNT_SUBSCRIPTION}\n{}",
+            archive_sink(dir.path()),
+            port = broker.port,
+        ),
+    );
+    let log = dir.path().join("agent.log");
+    let connected = |agent: &Agent, times: usize| {
+        wait_for("the agent connected", Duration::from_secs(30), || {
+            (agent
+                .log_text()
+                .matches("connected to the MQTT broker")
+                .count()
+                >= times)
+                .then_some(())
+        });
+    };
+    let repeats_at_least = |agent: &Agent, n: u64| {
+        wait_for(&format!("{n} repeats"), Duration::from_secs(60), || {
+            let status = agent.try_status()?;
+            (find_source(&status, "mqtt")?["repeats"].as_u64()? >= n).then_some(())
+        });
+    };
+    // In two partitions: one flushed before the other arrives is not a late part.
+    let (first, second) = (T0 + 3600 + 1, T0 + 3600 + 62);
+    let agent = Agent::start(&config, &log);
+    connected(&agent, 1);
+    broker.publish(
+        "count/a",
+        1,
+        &[
+            &format!("{{\"t\":{first},\"v\":1}}"),
+            &format!("{{\"t\":{first},\"v\":1}}"),
+            &format!("{{\"t\":{second},\"v\":2}}"),
+            &format!("{{\"t\":{first},\"v\":9}}"),
+        ],
+    );
+    repeats_at_least(&agent, 2);
+    assert!(agent.terminate().success());
+    broker.publish("count/a", 1, &[&format!("{{\"t\":{second},\"v\":2}}")]);
+    let agent = Agent::start(&config, &log);
+    connected(&agent, 2);
+    repeats_at_least(&agent, 3);
+    assert!(agent.terminate().success());
+
+    let files = read_tree(&dir.path().join("archive"));
+    assert!(
+        files.iter().all(|f| f.key.ends_with("-part-0000.ndjson")),
+        "no late part: {:?}",
+        files.iter().map(|f| &f.key).collect::<Vec<_>>()
+    );
+    let rows: Vec<Value> = files.into_iter().flat_map(|f| f.rows).collect();
+    let got: Vec<(u64, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["count"].as_u64().expect("count"),
+                r["mean"].as_f64().expect("mean"),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(1, 1.0), (1, 2.0)], "the first value stays: {rows:?}");
+    let status = status_json(&config);
+    let source = source_status(&status, "mqtt");
+    // (A message whose acknowledgement the stop cut off comes again: one more repeat.)
+    let repeats = source["repeats"].as_u64().expect("repeats");
+    assert!(repeats >= 3, "{source}");
+    assert_eq!(source["samples"], 2 + repeats, "{source}");
 }
