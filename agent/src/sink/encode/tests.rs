@@ -367,3 +367,70 @@ fn extensions_and_encodings_follow_the_compression() {
         "text/csv; charset=utf-8; header=present"
     );
 }
+
+/// docs/benchmarks.md's "Output sizes": one hour of 100 series in 10 s windows (36,000
+/// long rows) with seeded random readings to three decimals, in every format and codec.
+/// `cargo test -p edgespool --lib sizes_of_one_hour -- --ignored --nocapture`
+#[test]
+#[ignore = "prints figures for docs/benchmarks.md"]
+fn sizes_of_one_hour_in_every_format() {
+    let names: Vec<Arc<Series>> = (0..100)
+        .map(|i| series(&format!("hw.sensor{i}"), Some("celsius"), &[]))
+        .collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut random = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let reading = |v: f64| (v * 1000.0).round() / 1000.0;
+    let mut rows = Vec::new();
+    for w in 0..360 {
+        for (i, s) in names.iter().enumerate() {
+            let v = 20.0 + i as f64 * 0.37 + random();
+            rows.push(WindowRow {
+                series: Arc::clone(s),
+                start: 1_795_269_600 + w * 10,
+                seconds: 10,
+                stats: Stats {
+                    count: 10,
+                    min: reading(v - random() * 0.2),
+                    max: reading(v + random() * 0.2),
+                    mean: v + (random() - 0.5) * 0.01,
+                    stdev: Some(0.05 + random() * 0.05),
+                    median: reading(v),
+                    first: reading(v - 0.05),
+                    last: reading(v + random() * 0.1),
+                },
+            });
+        }
+    }
+    rows.sort_by(|a, b| (a.start, &a.series.name).cmp(&(b.start, &b.series.name)));
+    for layout in [Layout::Long, Layout::Wide] {
+        for format in [
+            Format::Parquet,
+            Format::Csv,
+            Format::Ndjson,
+            Format::JsonSeq,
+        ] {
+            let codecs: &[Compression] = if format == Format::Parquet {
+                &[Compression::Zstd, Compression::Snappy]
+            } else {
+                &[Compression::None, Compression::Gzip, Compression::Zstd]
+            };
+            for &compression in codecs {
+                let encoding = Encoding {
+                    format,
+                    layout,
+                    compression,
+                };
+                let bytes = encode(encoding, &part(&rows, &names)).expect("encodes");
+                println!(
+                    "{layout:?} {format:?} {compression:?}: {} bytes",
+                    bytes.len()
+                );
+            }
+        }
+    }
+}
