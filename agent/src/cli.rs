@@ -317,6 +317,11 @@ pub fn describe(config: &Config, path: &Path) -> String {
         );
         if object.format == Format::Parquet {
             let _ = write!(detail, ", {:?}", object.compression);
+        } else if object.compression != config::Compression::None {
+            let _ = write!(detail, ", {}", object.compression.word());
+        }
+        if object.keys == config::Keys::Padded {
+            detail.push_str(", padded keys");
         }
         detail.push(')');
         if !object.prefix.is_empty() {
@@ -325,4 +330,28 @@ pub fn describe(config: &Config, path: &Path) -> String {
         let _ = writeln!(out, "sink       {} ({}): {detail}", s.name, s.kind.word());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_config_names_a_text_codec_and_padded_keys() {
+        let text = "[agent]\ndevice_id = \"pi-1\"\nspool = \"/tmp/x/spool.db\"\n\n\
+                    [[sources]]\nkind = \"system\"\n\n\
+                    [[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\ncompression = \"gzip\"\nkeys = \"padded\"\n\n\
+                    [[sinks]]\nkind = \"local\"\nname = \"plain\"\npath = \"/tmp/x/plain\"\n";
+        let path = Path::new("x.toml");
+        let config = Config::parse(text, path).expect("valid");
+        let described = describe(&config, path);
+        assert!(
+            described.contains("/tmp/x/out as ndjson (long layout, gzip, padded keys)"),
+            "{described}"
+        );
+        assert!(
+            described.contains("/tmp/x/plain as ndjson (long layout)"),
+            "{described}"
+        );
+    }
 }

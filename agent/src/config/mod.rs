@@ -38,7 +38,9 @@ pub use self::source::{
     FileFormat, HttpSource, JsonField, MqttSource, MqttSubscription, Payload, Redirects, Repeats,
     SourceConfig, SourceKind, SysfsFile, SysfsSource, SystemSource, TableConfig,
 };
-pub use self::store::{AzureStore, Compression, Format, GcsStore, Layout, LocalStore, S3Store};
+pub use self::store::{
+    AzureStore, Compression, Format, GcsStore, Keys, Layout, LocalStore, S3Store,
+};
 
 use self::agent::{device_id, validate_agent};
 use self::located::{byte_line_column, key_span, line_column, read_file, text_of, value_span};

@@ -12,7 +12,7 @@ use super::broker::{MqttConnection, default_qos, validate_broker};
 use super::durations::duration;
 use super::located::{Located, value_span};
 use super::secret::{Secret, SecretFile, one_secret};
-use super::store::{AzureStore, Compression, Format, GcsStore, Layout, LocalStore, S3Store};
+use super::store::{AzureStore, Compression, Format, GcsStore, Keys, Layout, LocalStore, S3Store};
 use super::tables::{field_names, kind_of, split_table, without_kind};
 use super::{quoted, valid_key_part};
 
@@ -73,8 +73,10 @@ pub struct ObjectSink {
     pub format: Format,
     /// One row per series and window, or one per window.
     pub layout: Layout,
-    /// Parquet compression.
+    /// Compression: Parquet's pages, or a text file as a whole.
     pub compression: Compression,
+    /// How the partition folders spell the time.
+    pub keys: Keys,
     /// Longest wait between two retries.
     pub retry_max: Duration,
     /// Timeout of one request to a remote store.
@@ -124,9 +126,12 @@ struct ObjectCommon {
     format: Option<Format>,
     #[serde(default)]
     layout: Layout,
-    /// Only for Parquet (default "zstd").
+    /// Default "zstd" for Parquet, "none" for the text formats.
     #[serde(default)]
     compression: Option<Compression>,
+    /// Default "unpadded".
+    #[serde(default)]
+    keys: Keys,
     /// Default 5m.
     #[serde(default = "default_retry_max", deserialize_with = "duration")]
     retry_max: Duration,
@@ -453,6 +458,7 @@ fn check_prefix(prefix: &str) -> Result<(), &'static str> {
 
 fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
     let span = table.span();
+    let compression_at = value_span(&table, "compression").unwrap_or(span.clone());
     let kinds = "\"local\", \"s3\", \"gcs\", \"azure\", \"postgres\", \"mqtt\"";
     let kind = kind_of(&table, "sinks", kinds)?;
     let kind_span = value_span(&table, "kind").unwrap_or(span.clone());
@@ -514,22 +520,34 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
     } else {
         Format::Ndjson
     });
-    if common.compression.is_some() && format != Format::Parquet {
-        return Err((
-            Some(span),
-            format!(
-                "`compression` applies to format = \"parquet\" only (this sink writes {})",
-                format.word()
-            ),
-        ));
-    }
+    let compression = match common.compression {
+        Some(codec) if !codec.fits(format) => {
+            let takes = if format == Format::Parquet {
+                "\"zstd\", \"snappy\" or \"none\""
+            } else {
+                "\"gzip\", \"zstd\" or \"none\""
+            };
+            return Err((
+                Some(compression_at),
+                format!(
+                    "compression {:?} does not apply to format = {:?}, which takes {takes}",
+                    codec.word(),
+                    format.word()
+                ),
+            ));
+        }
+        Some(codec) => codec,
+        None if format == Format::Parquet => Compression::Zstd,
+        None => Compression::None,
+    };
     Ok(SinkConfig {
         name: common.name.unwrap_or_else(|| kind.clone()),
         kind: SinkKind::Object(Box::new(ObjectSink {
             prefix: common.prefix,
             format,
             layout: common.layout,
-            compression: common.compression.unwrap_or_default(),
+            compression,
+            keys: common.keys,
             retry_max: common.retry_max,
             timeout: transfer.timeout,
             part_size: transfer.part_size.as_u64(),

@@ -136,15 +136,55 @@ pub enum Layout {
     Wide,
 }
 
-/// Parquet compression codecs.
+/// How the partition folders of an object key spell the window's time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keys {
+    /// Plain integers, `year=2026/month=1/day=5/hour=9`: every reader infers integers
+    /// for them on every date.
+    #[default]
+    Unpadded,
+    /// Zero-padded, `year=2026/month=01/day=05/hour=09`: the keys of edgespool before
+    /// `keys` existed, for lakes that already hold them (readers type them as text or
+    /// integers depending on which folders exist).
+    Padded,
+}
+
+/// Compression codecs. Parquet compresses its pages (zstd, snappy or none); the text
+/// formats compress the whole file (gzip, zstd or none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
     /// Zstandard (level 3).
     #[default]
     Zstd,
-    /// Snappy.
+    /// Snappy (Parquet only).
     Snappy,
+    /// gzip, RFC 1952 (text formats only).
+    Gzip,
     /// No compression.
     None,
+}
+
+impl Compression {
+    /// The `compression = "…"` word.
+    pub fn word(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Snappy => "snappy",
+            Compression::Gzip => "gzip",
+            Compression::None => "none",
+        }
+    }
+
+    /// Whether a sink writing `format` can use this codec.
+    pub fn fits(self, format: Format) -> bool {
+        match (self, format) {
+            (Compression::Zstd | Compression::None, _) => true,
+            (Compression::Snappy, Format::Parquet) => true,
+            (Compression::Gzip, Format::Parquet) => false,
+            (Compression::Snappy, _) => false,
+            (Compression::Gzip, _) => true,
+        }
+    }
 }

@@ -41,6 +41,7 @@ fn an_s3_sink_gets_the_lake_defaults() {
         (object.format, object.layout, object.compression),
         (Format::Parquet, Layout::Long, Compression::Zstd)
     );
+    assert_eq!(object.keys, Keys::Unpadded);
     assert_eq!(object.part_size, 8 * 1024 * 1024);
     assert_eq!(object.timeout, Duration::from_secs(30));
     let Store::S3(s3) = &object.store else {
@@ -55,7 +56,7 @@ fn an_unknown_sink_key_lists_what_that_kind_accepts() {
     assert_eq!(
         error_of(&text),
         "edgespool.toml:12:3: unknown key `endpoint` for a sink of kind \"gcs\"; expected one of \
-         `bucket`, `compression`, `format`, `layout`, `name`, `part_size`, `prefix`, `retry_max`, \
+         `bucket`, `compression`, `format`, `keys`, `layout`, `name`, `part_size`, `prefix`, `retry_max`, \
          `service_account_key`, `service_account_key_file`, `timeout`"
     );
     let text = with_sink("[[sinks]]\nkind = \"local\"\npath = \"/o\"\ntimeout = \"1s\"\n");
@@ -69,10 +70,6 @@ fn an_unknown_sink_key_lists_what_that_kind_accepts() {
 #[test]
 fn sink_settings_that_cannot_work_are_refused() {
     let cases = [
-        (
-            "kind = \"local\"\npath = \"/o\"\ncompression = \"snappy\"",
-            "`compression` applies to format = \"parquet\" only (this sink writes ndjson)",
-        ),
         (
             "kind = \"s3\"\nbucket = \"b\"\nendpoint = \"minio:9000\"",
             "sink \"s3\": endpoint \"minio:9000\" must start with https:// or http://",
@@ -94,6 +91,59 @@ fn sink_settings_that_cannot_work_are_refused() {
         let error = error_of(&with_sink(&format!("[[sinks]]\n{sink}\n")));
         assert!(error.ends_with(message), "{error}");
     }
+}
+
+#[test]
+fn text_formats_take_gzip_or_zstd_and_parquet_its_own_codecs() {
+    let parse = |sink: &str| {
+        let config = Config::parse(
+            &with_sink(&format!("[[sinks]]\n{sink}\n")),
+            Path::new("x.toml"),
+        )
+        .expect("valid");
+        let SinkKind::Object(object) = &config.sinks[0].kind else {
+            panic!("an object sink");
+        };
+        (object.format, object.compression, object.keys)
+    };
+    assert_eq!(
+        parse("kind = \"local\"\npath = \"/o\""),
+        (Format::Ndjson, Compression::None, Keys::Unpadded),
+        "text is not compressed unless asked"
+    );
+    assert_eq!(
+        parse(
+            "kind = \"local\"\npath = \"/o\"\nformat = \"csv\"\ncompression = \"gzip\"\nkeys = \"padded\""
+        ),
+        (Format::Csv, Compression::Gzip, Keys::Padded)
+    );
+    assert_eq!(
+        parse("kind = \"s3\"\nbucket = \"b\"\nformat = \"json_seq\"\ncompression = \"zstd\""),
+        (Format::JsonSeq, Compression::Zstd, Keys::Unpadded)
+    );
+    assert_eq!(
+        error_of(&with_sink(
+            "[[sinks]]\nkind = \"local\"\npath = \"/o\"\ncompression = \"snappy\"\n"
+        )),
+        "edgespool.toml:12:15: compression \"snappy\" does not apply to format = \"ndjson\", \
+         which takes \"gzip\", \"zstd\" or \"none\""
+    );
+    assert_eq!(
+        error_of(&with_sink(
+            "[[sinks]]\nkind = \"s3\"\nbucket = \"b\"\ncompression = \"gzip\"\n"
+        )),
+        "edgespool.toml:12:15: compression \"gzip\" does not apply to format = \"parquet\", \
+         which takes \"zstd\", \"snappy\" or \"none\""
+    );
+    let keys = error_of(&with_sink(
+        "[[sinks]]\nkind = \"local\"\npath = \"/o\"\nkeys = \"hive\"\n",
+    ));
+    assert!(
+        keys.starts_with(
+            "edgespool.toml:12:8: unknown variant `hive`, expected `unpadded` or `padded`"
+        ),
+        "{keys}"
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ use crate::config::{SinkConfig, SinkKind};
 use crate::flow::{Series, WindowRow};
 use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
-pub use encode::{Encoding, Part, content_type, encode, extension};
+pub use encode::{Encoding, Part, content_encoding, content_type, encode, extension};
 pub use layout::object_key;
 pub use mqtt::MqttFeed;
 pub use postgres::location as postgres_location;

@@ -33,6 +33,7 @@ pub struct ObjectSink {
     store: tokio::sync::OnceCell<Arc<dyn ObjectStore>>,
     open: Opener,
     prefix: String,
+    keys: config::Keys,
     encoding: Encoding,
     /// Remote stores get a Content-Type and multipart uploads; a local folder neither.
     remote: bool,
@@ -64,6 +65,7 @@ impl ObjectSink {
             store: tokio::sync::OnceCell::new(),
             open,
             prefix: config.prefix.clone(),
+            keys: config.keys,
             encoding: Encoding {
                 format: config.format,
                 layout: config.layout,
@@ -273,7 +275,8 @@ impl Sink for ObjectSink {
             delivery.device,
             plan.partition,
             plan.part,
-            encode::extension(self.encoding.format),
+            encode::extension(self.encoding),
+            self.keys,
         );
         let fail = |reason: String| SinkError::Write {
             sink: self.name.clone(),
@@ -304,10 +307,13 @@ impl Sink for ObjectSink {
         let written = if !self.remote {
             store.put(&path, PutPayload::from(body)).await
         } else {
-            let attributes = Attributes::from_iter([(
+            let mut attributes = Attributes::from_iter([(
                 Attribute::ContentType,
                 encode::content_type(self.encoding.format),
             )]);
+            if let Some(coding) = encode::content_encoding(self.encoding) {
+                attributes.insert(Attribute::ContentEncoding, coding.into());
+            }
             if body.len() <= self.part_size {
                 let options = PutOptions {
                     attributes,
@@ -350,9 +356,7 @@ mod tests {
     #[test]
     fn only_staging_files_are_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hour = dir
-            .path()
-            .join("device=d/year=2026/month=01/day=02/hour=03");
+        let hour = dir.path().join("device=d/year=2026/month=1/day=2/hour=3");
         std::fs::create_dir_all(&hour).expect("mkdir");
         let keep = hour.join("d-20260102T0300-part-0000.ndjson");
         let stale = hour.join("d-20260102T0300-part-0001.ndjson#3");

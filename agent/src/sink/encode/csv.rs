@@ -25,22 +25,24 @@ fn number(buffer: &mut ryu::Buffer, value: Option<f64>) -> &str {
     }
 }
 
-pub(super) fn csv_long(device: &str, rows: &[WindowRow]) -> Result<Vec<u8>, String> {
-    long_csv(device, rows, LongCsv::File).map_err(|e| e.to_string())
+pub(super) fn csv_long(rows: &[WindowRow]) -> Result<Vec<u8>, String> {
+    long_csv("", rows, LongCsv::File).map_err(|e| e.to_string())
 }
 
 /// The two spellings of the long layout as CSV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LongCsv {
-    /// The `csv` file format: a header, `window_end`, empty `tags` when there are none.
+    /// The `csv` file format: a header, no `device` (it is in the key), `window_end`,
+    /// empty `tags` when there are none.
     File,
-    /// PostgreSQL's `COPY … (FORMAT csv)` of the table's columns: no header,
-    /// `window_seconds` for `window_end`, `{}` for no tags (the column is NOT NULL).
+    /// PostgreSQL's `COPY … (FORMAT csv)` of the table's columns: no header, `device`
+    /// first, `window_seconds` for `window_end`, `{}` for no tags (the column is NOT NULL).
     Copy,
 }
 
 /// Long-layout rows as CSV; an empty unquoted field is a missing value (NULL for COPY).
 /// Tags and window times are formatted once per series and per window, not per row.
+/// `device` is written by [`LongCsv::Copy`] only.
 pub fn long_csv(
     device: &str,
     rows: &[WindowRow],
@@ -81,12 +83,15 @@ pub fn long_csv(
             LongCsv::File => end.as_str(),
             LongCsv::Copy => i1.format(row.seconds),
         };
-        w.write_record([
-            device,
-            &row.series.name,
+        let lead = match flavour {
+            LongCsv::File => None,
+            LongCsv::Copy => Some(device),
+        };
+        w.write_record(lead.into_iter().chain([
+            row.series.name.as_str(),
             row.series.unit.as_deref().unwrap_or(""),
-            tags,
-            start,
+            tags.as_str(),
+            start.as_str(),
             end,
             i2.format(s.count),
             f1.format_finite(s.min),
@@ -98,7 +103,7 @@ pub fn long_csv(
             f7.format_finite(s.last),
             &clock::rfc3339_ms(s.first_ms),
             &clock::rfc3339_ms(s.last_ms),
-        ])?;
+        ]))?;
     }
     w.into_inner().map_err(|e| e.into_error().into())
 }
@@ -106,11 +111,7 @@ pub fn long_csv(
 pub(super) fn csv_wide(part: &Part<'_>) -> Result<Vec<u8>, String> {
     let columns = wide_columns(part);
     let mut w = csv_writer();
-    let mut header = vec![
-        "device".to_owned(),
-        "window_start".to_owned(),
-        "window_end".to_owned(),
-    ];
+    let mut header = vec!["window_start".to_owned(), "window_end".to_owned()];
     for stem in &columns.stems {
         header.extend(STATS.iter().map(|stat| format!("{stat}_{stem}")));
     }
@@ -119,7 +120,6 @@ pub(super) fn csv_wide(part: &Part<'_>) -> Result<Vec<u8>, String> {
     let mut buffer = ryu::Buffer::new();
     for (start, end, cells) in wide_rows(&columns, part.rows) {
         record.clear();
-        record.push(part.device.to_owned());
         record.push(clock::rfc3339(start));
         record.push(clock::rfc3339(end));
         for cell in cells {

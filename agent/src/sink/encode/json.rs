@@ -11,10 +11,11 @@ use crate::flow::WindowRow;
 
 use super::{Part, STATS, stat, wide_columns, wide_rows};
 
-/// One long-layout row, as the JSON formats spell it.
+/// One long-layout row, as the JSON formats spell it; `device` only where no key says it.
 #[derive(Serialize)]
 struct Record<'a> {
-    device: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<&'a str>,
     series: &'a str,
     unit: Option<&'a str>,
     tags: &'a BTreeMap<String, String>,
@@ -32,21 +33,26 @@ struct Record<'a> {
     last_time: String,
 }
 
-pub(super) fn json_long(format: Format, device: &str, rows: &[WindowRow]) -> Vec<u8> {
+pub(super) fn json_long(format: Format, rows: &[WindowRow]) -> Vec<u8> {
     let mut out = Vec::with_capacity(rows.len() * 256);
     for row in rows {
         if format == Format::JsonSeq {
             // RFC 7464: each text starts with RS (0x1E) and ends with LF.
             out.push(0x1e);
         }
-        json_record(&mut out, device, row);
+        write_record(&mut out, None, row);
         out.push(b'\n');
     }
     out
 }
 
-/// One row as a JSON object (a line of NDJSON, the payload of an MQTT message).
+/// One row as a JSON object with its device (the payload of an MQTT message).
 pub fn json_record(out: &mut Vec<u8>, device: &str, row: &WindowRow) {
+    write_record(out, Some(device), row);
+}
+
+/// One row as a JSON object: a line of NDJSON (no device: the key has it), or with it.
+fn write_record(out: &mut Vec<u8>, device: Option<&str>, row: &WindowRow) {
     let record = Record {
         device,
         series: &row.series.name,
@@ -81,7 +87,6 @@ pub(super) fn json_wide(format: Format, part: &Part<'_>) -> Vec<u8> {
                 .collect()
         })
         .collect();
-    let device = serde_json::to_string(part.device).unwrap_or_default();
     let mut out = Vec::new();
     for (start, end, cells) in wide_rows(&columns, part.rows) {
         if format == Format::JsonSeq {
@@ -89,7 +94,7 @@ pub(super) fn json_wide(format: Format, part: &Part<'_>) -> Vec<u8> {
         }
         let _ = write!(
             out,
-            "{{\"device\":{device},\"window_start\":\"{}\",\"window_end\":\"{}\"",
+            "{{\"window_start\":\"{}\",\"window_end\":\"{}\"",
             clock::rfc3339(start),
             clock::rfc3339(end)
         );

@@ -2,12 +2,22 @@
 //! byte-identical output, so a retried upload writes the same object.
 //!
 //! Two layouts:
-//! - `long`: one row per series and window: device, series, unit, tags, window_start,
+//! - `long`: one row per series and window: series, unit, tags, window_start,
 //!   window_end, count, min, max, mean, stdev, median, first, last, first_time, last_time
 //!   (the times of `first` and `last`, to the millisecond).
-//! - `wide`: one row per window: device, window_start, window_end, then `{stat}_{series}`
+//! - `wide`: one row per window: window_start, window_end, then `{stat}_{series}`
 //!   for every series of the part's column set (see [`wide_columns`]), empty where a series
 //!   has no window; no `first_time`/`last_time` (they would add a quarter to its width).
+//!
+//! Design: the device is no column of a file. It is a partition column, in the object's
+//! key (`device=…/`), as the time is: a column both in the files and in the path makes
+//! readers that merge the two (pandas, pyarrow) fail, and Glue repeat it. A Parquet file
+//! still names its device in its key-value metadata (`edgespool.device`); a text file by
+//! its name (`{device}-{time}-part-{n}`). PostgreSQL's COPY text and the MQTT feed, which
+//! have no path, keep it.
+//!
+//! Text formats can be compressed as a whole (gzip or zstd), deterministically: no time
+//! or name in the gzip header, the same level, so a retried upload is byte-identical.
 //!
 //! Text formats spell times as RFC 3339 UTC (window times to the second, first_time and
 //! last_time to the millisecond); Parquet stores them as UTC timestamps in
@@ -46,7 +56,7 @@ pub struct Encoding {
     pub format: Format,
     /// Row layout.
     pub layout: Layout,
-    /// Parquet compression.
+    /// Parquet's page compression, or a text file's as a whole.
     pub compression: Compression,
 }
 
@@ -66,9 +76,8 @@ const STATS: [&str; 8] = [
     "count", "min", "max", "mean", "stdev", "median", "first", "last",
 ];
 
-/// The long layout's columns, in order.
-const LONG_COLUMNS: [&str; 16] = [
-    "device",
+/// The long layout's columns in a file, in order (PostgreSQL's COPY puts `device` first).
+const LONG_COLUMNS: [&str; 15] = [
     "series",
     "unit",
     "tags",
@@ -86,17 +95,24 @@ const LONG_COLUMNS: [&str; 16] = [
     "last_time",
 ];
 
-/// The file extension of a format.
-pub fn extension(format: Format) -> &'static str {
-    match format {
-        Format::Ndjson => "ndjson",
-        Format::JsonSeq => "json-seq",
-        Format::Csv => "csv",
-        Format::Parquet => "parquet",
+/// The file extension of an encoding: the format's, then the compression's for text.
+pub fn extension(encoding: Encoding) -> &'static str {
+    match (encoding.format, text_codec(encoding)) {
+        (Format::Parquet, _) => "parquet",
+        (Format::Ndjson, None) => "ndjson",
+        (Format::Ndjson, Some(Compression::Gzip)) => "ndjson.gz",
+        (Format::Ndjson, Some(_)) => "ndjson.zst",
+        (Format::JsonSeq, None) => "json-seq",
+        (Format::JsonSeq, Some(Compression::Gzip)) => "json-seq.gz",
+        (Format::JsonSeq, Some(_)) => "json-seq.zst",
+        (Format::Csv, None) => "csv",
+        (Format::Csv, Some(Compression::Gzip)) => "csv.gz",
+        (Format::Csv, Some(_)) => "csv.zst",
     }
 }
 
-/// The Content-Type of a format.
+/// The Content-Type of a format (a compressed text file keeps its format's, and says
+/// how it is compressed in [`content_encoding`]).
 pub fn content_type(format: Format) -> &'static str {
     match format {
         Format::Ndjson => "application/x-ndjson",
@@ -106,21 +122,60 @@ pub fn content_type(format: Format) -> &'static str {
     }
 }
 
+/// The Content-Encoding of a compressed text file.
+pub fn content_encoding(encoding: Encoding) -> Option<&'static str> {
+    match text_codec(encoding)? {
+        Compression::Gzip => Some("gzip"),
+        _ => Some("zstd"),
+    }
+}
+
+/// How a text file is compressed as a whole: `None` for Parquet (whose pages are
+/// compressed inside) and for uncompressed text.
+fn text_codec(encoding: Encoding) -> Option<Compression> {
+    match (encoding.format, encoding.compression) {
+        (Format::Parquet, _) | (_, Compression::None) => None,
+        (_, Compression::Gzip) => Some(Compression::Gzip),
+        // Snappy is refused for text when the configuration is loaded.
+        (_, Compression::Zstd | Compression::Snappy) => Some(Compression::Zstd),
+    }
+}
+
 /// Encodes a part.
 pub fn encode(encoding: Encoding, part: &Part<'_>) -> Result<Vec<u8>, String> {
-    match (encoding.format, encoding.layout) {
-        (Format::Ndjson | Format::JsonSeq, Layout::Long) => {
-            Ok(json_long(encoding.format, part.device, part.rows))
-        }
-        (Format::Ndjson | Format::JsonSeq, Layout::Wide) => Ok(json_wide(encoding.format, part)),
-        (Format::Csv, Layout::Long) => csv_long(part.device, part.rows),
-        (Format::Csv, Layout::Wide) => csv_wide(part),
+    let text = match (encoding.format, encoding.layout) {
+        (Format::Ndjson | Format::JsonSeq, Layout::Long) => json_long(encoding.format, part.rows),
+        (Format::Ndjson | Format::JsonSeq, Layout::Wide) => json_wide(encoding.format, part),
+        (Format::Csv, Layout::Long) => csv_long(part.rows)?,
+        (Format::Csv, Layout::Wide) => csv_wide(part)?,
         (Format::Parquet, Layout::Long) => {
-            parquet_long(encoding.compression, part.device, part.rows).map_err(|e| e.to_string())
+            return parquet_long(encoding.compression, part.device, part.rows)
+                .map_err(|e| e.to_string());
         }
         (Format::Parquet, Layout::Wide) => {
-            parquet_wide(encoding.compression, part).map_err(|e| e.to_string())
+            return parquet_wide(encoding.compression, part).map_err(|e| e.to_string());
         }
+    };
+    compress(text_codec(encoding), text).map_err(|e| e.to_string())
+}
+
+/// Compresses a text file as a whole. gzip: level 6, and a header with no file name, no
+/// time (MTIME 0) and OS "unknown", so that the bytes depend on the rows alone. zstd:
+/// level 3, one frame that states its content size.
+fn compress(codec: Option<Compression>, text: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    match codec {
+        None => Ok(text),
+        Some(Compression::Gzip) => {
+            let out = Vec::with_capacity(text.len() / 4);
+            let mut gz = flate2::GzBuilder::new()
+                .mtime(0)
+                .operating_system(255)
+                .write(out, flate2::Compression::new(6));
+            gz.write_all(&text)?;
+            gz.finish()
+        }
+        Some(_) => zstd::bulk::compress(&text, 3),
     }
 }
 

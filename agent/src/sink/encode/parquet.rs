@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use ::parquet::basic::{LogicalType, Repetition, TimeUnit, Type as Physical, ZstdLevel};
 use ::parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int64Type};
+use ::parquet::file::metadata::KeyValue;
 use ::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use ::parquet::file::writer::SerializedFileWriter;
 use ::parquet::schema::types::{ColumnPath, Type};
@@ -65,20 +66,29 @@ fn timestamp_field(name: &str) -> Type {
         .expect("a valid timestamp column")
 }
 
-fn properties(compression: Compression, strings: &[ColumnPath]) -> WriterProperties {
+/// The key-value metadata entry that names a file's device (no column does: the key's
+/// `device=…` folder is the column).
+pub const DEVICE_KEY: &str = "edgespool.device";
+
+fn properties(compression: Compression, device: &str, strings: &[ColumnPath]) -> WriterProperties {
     let codec = match compression {
         Compression::Zstd => {
             ::parquet::basic::Compression::ZSTD(ZstdLevel::try_new(3).expect("level 3 is valid"))
         }
         Compression::Snappy => ::parquet::basic::Compression::SNAPPY,
-        Compression::None => ::parquet::basic::Compression::UNCOMPRESSED,
+        // gzip is for the text formats: the configuration refuses it for Parquet.
+        Compression::None | Compression::Gzip => ::parquet::basic::Compression::UNCOMPRESSED,
     };
     let mut builder = WriterProperties::builder()
         .set_created_by(format!("edgespool version {}", env!("CARGO_PKG_VERSION")))
         .set_compression(codec)
         .set_dictionary_enabled(false)
         .set_statistics_enabled(EnabledStatistics::Chunk)
-        .set_max_row_group_row_count(None);
+        .set_max_row_group_row_count(None)
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            DEVICE_KEY.to_owned(),
+            device.to_owned(),
+        )]));
     for path in strings {
         builder = builder.set_column_dictionary_enabled(path.clone(), true);
     }
@@ -145,7 +155,6 @@ pub(super) fn parquet_long(
         .with_fields(vec![Arc::new(key_value)])
         .build()?;
     let mut fields = vec![
-        string_field("device", REQUIRED),
         string_field("series", REQUIRED),
         string_field("unit", OPTIONAL),
         tags,
@@ -164,7 +173,6 @@ pub(super) fn parquet_long(
         .build()?;
 
     let n = rows.len();
-    let mut device_col = Vec::with_capacity(n);
     let mut series_col = Vec::with_capacity(n);
     let (mut unit_col, mut unit_defs) = (Vec::new(), Vec::with_capacity(n));
     let (mut keys, mut values, mut tag_defs, mut tag_reps) =
@@ -177,7 +185,6 @@ pub(super) fn parquet_long(
     let mut stats: [Vec<f64>; 7] = std::array::from_fn(|_| Vec::with_capacity(n));
     let mut stdev_defs = Vec::with_capacity(n);
     let (mut first_times, mut last_times) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let device = ByteArray::from(device);
     let mut names: HashMap<&Series, (ByteArray, Option<ByteArray>)> = HashMap::new();
     for row in rows {
         let (name, unit) = names.entry(row.series.as_ref()).or_insert_with(|| {
@@ -186,7 +193,6 @@ pub(super) fn parquet_long(
                 row.series.unit.as_deref().map(ByteArray::from),
             )
         });
-        device_col.push(device.clone());
         series_col.push(name.clone());
         match unit {
             Some(unit) => {
@@ -222,7 +228,6 @@ pub(super) fn parquet_long(
         last_times.push(s.last_ms.saturating_mul(1000));
     }
     let mut columns = vec![
-        Column::required(Leaf::Bytes(device_col)),
         Column::required(Leaf::Bytes(series_col)),
         Column {
             leaf: Leaf::Bytes(unit_col),
@@ -253,14 +258,14 @@ pub(super) fn parquet_long(
     columns.push(Column::required(Leaf::Int64(first_times)));
     columns.push(Column::required(Leaf::Int64(last_times)));
     let strings =
-        ["device", "series", "unit"]
+        ["series", "unit"]
             .iter()
             .map(|c| ColumnPath::from(*c))
             .chain(["key", "value"].iter().map(|leaf| {
                 ColumnPath::new(vec!["tags".into(), "key_value".into(), (*leaf).into()])
             }))
             .collect::<Vec<_>>();
-    write_parquet(schema, properties(compression, &strings), columns)
+    write_parquet(schema, properties(compression, device, &strings), columns)
 }
 
 pub(super) fn parquet_wide(
@@ -268,10 +273,8 @@ pub(super) fn parquet_wide(
     part: &Part<'_>,
 ) -> ::parquet::errors::Result<Vec<u8>> {
     const OPTIONAL: Repetition = Repetition::OPTIONAL;
-    const REQUIRED: Repetition = Repetition::REQUIRED;
     let columns = wide_columns(part);
     let mut fields = vec![
-        string_field("device", REQUIRED),
         timestamp_field("window_start"),
         timestamp_field("window_end"),
     ];
@@ -286,10 +289,7 @@ pub(super) fn parquet_wide(
         .build()?;
 
     let rows = wide_rows(&columns, part.rows);
-    let n = rows.len();
-    let device = ByteArray::from(part.device);
     let mut data = vec![
-        Column::required(Leaf::Bytes(vec![device; n])),
         Column::required(Leaf::Int64(rows.iter().map(|r| micros(r.0)).collect())),
         Column::required(Leaf::Int64(rows.iter().map(|r| micros(r.1)).collect())),
     ];
@@ -317,9 +317,5 @@ pub(super) fn parquet_wide(
             });
         }
     }
-    write_parquet(
-        schema,
-        properties(compression, &[ColumnPath::from("device")]),
-        data,
-    )
+    write_parquet(schema, properties(compression, part.device, &[]), data)
 }
