@@ -149,7 +149,7 @@ mod thread;
 mod writer;
 
 pub use budget::{LOW_WATER_PERCENT, WINDOW_BYTES, files_bound};
-pub use delivery::{MAX_PART_ROWS, PartPlan, PartRows, Plan};
+pub use delivery::{LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use follow::Restored;
 pub use lock::{AtPath, FileId, SpoolLock, lock_path};
 pub use reader::{AgentState, SinkRecord, SourceState, SpoolReader};
@@ -265,6 +265,16 @@ pub struct SpoolOptions {
     pub sinks: Vec<(String, &'static str)>,
     /// The configured live feeds (see [`crate::flow::LiveStats`]): (name, kind word).
     pub live: Vec<(String, &'static str)>,
+    /// How each sink's late rows wait to go out together; a sink not named here sends
+    /// them at once ([`LateParts::AT_ONCE`]).
+    pub late: HashMap<String, LateParts>,
+}
+
+impl SpoolOptions {
+    /// How `sink`'s late rows wait.
+    pub fn late_parts(&self, sink: &str) -> LateParts {
+        self.late.get(sink).copied().unwrap_or(LateParts::AT_ONCE)
+    }
 }
 
 /// The writer. Only [`SpoolHandle`]'s thread holds one.
