@@ -32,17 +32,18 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-# DuckDB reads the output back (a reader we did not write); moto serves S3.
+# DuckDB, pyarrow and polars read the output back (readers we did not write); moto
+# serves S3.
 venv="$PWD/target/test-python"
-if ! "$venv/bin/python" -c 'import duckdb, pytz, moto.server, boto3' >/dev/null 2>&1; then
-    echo "==> installing DuckDB and moto for the tests into $venv"
+if ! "$venv/bin/python" -c 'import duckdb, pytz, moto.server, boto3, pyarrow, polars' >/dev/null 2>&1; then
+    echo "==> installing DuckDB, pyarrow, polars and moto for the tests into $venv"
     command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
     [ -x "$venv/bin/pip" ] || {
         rm -rf "$venv"
         python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
     }
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        'duckdb==2.0.0' 'pytz' 'moto[server]==5.2.5'
+        'duckdb==2.0.0' 'pytz' 'moto[server]==5.2.5' 'pyarrow==26.0.1' 'polars==2.1.0'
 fi
 export EDGESPOOL_PYTHON="$venv/bin/python"
 
