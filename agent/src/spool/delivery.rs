@@ -52,8 +52,8 @@ pub(super) struct Unplanned {
 impl Unplanned {
     /// Until when these rows wait (Unix ms), or `None` if a part of them is due now:
     /// the oldest has waited `grace_ms`, or `max_rows` or a part's bytes wait, or they
-    /// are no late rows (a backlog). A clock that went back (the oldest committed "in
-    /// the future") does not hold them back longer than `grace_ms` from now.
+    /// are no late rows (a backlog). Rows committed "in the future" (the clock went back
+    /// since) go at once rather than wait for the clock to catch up.
     pub(super) fn due_ms(&self, late: LateParts, part_cap: u64, now_ms: i64) -> Option<i64> {
         if self.rows == 0
             || late.grace_ms <= 0

@@ -908,3 +908,23 @@ fn the_budget_drops_waiting_late_rows_oldest_first_and_they_never_go_out() {
         "the rest arrives, once"
     );
 }
+
+#[test]
+fn late_rows_committed_before_the_clock_went_back_do_not_wait_for_it_to_catch_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, late_options(HOUR_MS, 10_000)).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush_at(vec![row("s.t", 0, 1.0)], 60_000))
+        .expect("commit");
+    assert_eq!(drain(&mut spool, &mut reader, "a", HOUR_MS).len(), 1);
+    spool
+        .commit(&flush_at(vec![row("s.t", 60, 2.0)], 5 * HOUR_MS))
+        .expect("a late row, stamped by a clock running hours ahead");
+    assert_eq!(
+        drain(&mut spool, &mut reader, "a", HOUR_MS + 1000),
+        vec![(0, 1, vec![2.0])],
+        "the clock went back: the row goes at once"
+    );
+}
