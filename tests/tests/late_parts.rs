@@ -1,6 +1,7 @@
 //! Late rows for a partition already delivered, end to end: device-stamped stragglers that
-//! arrive over several flushes wait for the sink's `late_grace` and land as one part; with
-//! `late_grace = "0s"` each flush's stragglers make a part of their own, as before.
+//! arrive over several flushes wait for the sink's `late_grace` (through a `kill -9`) and
+//! land as one part; with `late_grace = "0s"` each flush's stragglers make a part of their
+//! own, as before.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -67,7 +68,7 @@ fn means(rows: &[Value]) -> Vec<f64> {
 }
 
 #[test]
-fn stragglers_of_several_flushes_wait_for_the_late_grace_and_land_as_one_part() {
+fn stragglers_of_several_flushes_wait_for_the_late_grace_through_a_kill_and_land_as_one_part() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, agent, config) = delivered_minutes(dir.path(), "late_grace = \"30s\"");
     let out = dir.path().join("out");
@@ -87,6 +88,9 @@ fn stragglers_of_several_flushes_wait_for_the_late_grace_and_land_as_one_part() 
     let text = edgespool(&["status", "--config", config.to_str().expect("utf-8 path")]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("(3 of them late, waiting until "), "{text}");
+    // Killed while they wait: they are in the spool, and keep waiting after the restart.
+    agent.kill9();
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
     let parts = wait_for("the late part", Duration::from_secs(90), || {
         let parts = minute_zero_parts(&read_tree(&out));
         (parts.len() > 1).then_some(parts)
