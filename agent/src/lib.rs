@@ -104,6 +104,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .filter(|s| s.kind.is_live())
             .map(|s| (s.name.clone(), s.kind.word()))
             .collect(),
+        late: config
+            .sinks
+            .iter()
+            .filter_map(|s| {
+                let (grace, max_rows) = s.kind.late_parts()?;
+                let late = spool::LateParts {
+                    grace_ms: grace.as_millis().min(i64::MAX as u128) as i64,
+                    max_rows: i64::from(max_rows.get()),
+                };
+                Some((s.name.clone(), late))
+            })
+            .collect(),
     };
     let opened = Spool::open(&agent.spool, options)?;
     let marks = opened.marks()?;

@@ -179,6 +179,11 @@ pub struct SinkStatus {
     pub oldest_pending: Option<String>,
     /// Parts delivered (lifetime).
     pub delivered_parts: i64,
+    /// Late rows (for partitions it already has a part of) waiting to go out together
+    /// as one part: counted in `pending_rows` too.
+    pub late_waiting: i64,
+    /// When the oldest of them has waited the sink's `late_grace` (RFC 3339).
+    pub late_due: Option<String>,
     /// The last delivery (RFC 3339).
     pub last_success: Option<String>,
     /// The last error, without secrets.
@@ -307,6 +312,8 @@ pub fn read(path: &Path, now_ms: i64) -> Result<Status, SpoolError> {
             pending_partitions: s.pending_partitions,
             oldest_pending: s.oldest_pending.map(clock::rfc3339),
             delivered_parts: s.delivered_parts,
+            late_waiting: s.late_waiting,
+            late_due: time(s.late_due_ms),
             last_success: time(s.last_success_ms),
             last_error: s.last_error,
             last_error_at: time(s.last_error_ms),
@@ -577,6 +584,13 @@ pub fn render(status: &Status, now_ms: i64) -> String {
                 " in {} partitions, oldest {oldest}",
                 sink.pending_partitions
             );
+        }
+        if sink.late_waiting > 0 {
+            let _ = write!(line, " ({} of them late", sink.late_waiting);
+            if let Some(due) = &sink.late_due {
+                let _ = write!(line, ", waiting until {due}");
+            }
+            line.push(')');
         }
         let _ = write!(
             line,

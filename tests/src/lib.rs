@@ -1221,7 +1221,7 @@ retry_max = "1s"
 /// A `local` sink named `archive` under `dir/archive`.
 pub fn archive_sink(dir: &Path) -> String {
     format!(
-        "[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nretry_max = \"1s\"\n",
+        "[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nretry_max = \"1s\"\nlate_grace = \"0s\"\n",
         dir.join("archive").display()
     )
 }
@@ -1268,6 +1268,7 @@ access_key_id = "test"
 secret_access_key_file = "{{secret_file}}"
 retry_max = "1s"
 timeout = "3s"
+late_grace = "0s"
 {extra}
 "#,
     )
@@ -1500,7 +1501,7 @@ pub fn thermal_source(dir: &Path, interval: &str) -> String {
 /// A `local` sink writing to `dir/out`.
 pub fn out_sink(dir: &Path) -> String {
     format!(
-        "[[sinks]]\nkind = \"local\"\npath = \"{}\"\n",
+        "[[sinks]]\nkind = \"local\"\npath = \"{}\"\nlate_grace = \"0s\"\n",
         dir.join("out").display()
     )
 }

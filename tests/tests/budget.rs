@@ -52,7 +52,7 @@ fn idle_source(dir: &Path) -> String {
 
 fn config(dir: &Path, file: &str, source: &str) -> PathBuf {
     let text = format!(
-        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"1s\"\ndisk_budget = \"1 MiB\"\n\n{source}\n[[sinks]]\nkind = \"local\"\nname = \"out\"\npath = \"{}\"\nretry_max = \"1s\"\n",
+        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"1s\"\ndisk_budget = \"1 MiB\"\n\n{source}\n[[sinks]]\nkind = \"local\"\nname = \"out\"\npath = \"{}\"\nretry_max = \"1s\"\nlate_grace = \"0s\"\n",
         dir.join("spool.db").display(),
         dir.join("out").display()
     );

@@ -41,6 +41,7 @@ kind = "local"
 name = "archive"
 path = "{out}"
 retry_max = "2s"
+late_grace = "0s"
 "#,
         spool = dir.join("spool.db").display(),
         out = out.display(),
@@ -763,7 +764,7 @@ fn sensors_lists_a_fake_tree_and_its_snippet_runs() {
 
     let snippet = &text[text.find("[[sources]]").expect("a snippet")..];
     let body = format!(
-        "{snippet}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\n",
+        "{snippet}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nlate_grace = \"0s\"\n",
         dir.path().join("out").display()
     );
     let config = edgespool_tests::write_agent_config(dir.path(), &body);

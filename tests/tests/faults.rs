@@ -262,7 +262,7 @@ fn a_day_long_outage_is_delivered_completely_once_the_sink_returns() {
     let server = JsonServer::start(bodies, purpleair_body(&[]));
     let sinks = s3_sink_at(&s3.endpoint, "lake", "");
     let text = format!(
-        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"60s\"\npartition = \"1h\"\ngrace = \"0s\"\n{}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\n{}",
+        "[agent]\ndevice_id = \"e2e\"\nspool = \"{}\"\nwindow = \"60s\"\npartition = \"1h\"\ngrace = \"0s\"\n{}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nlate_grace = \"0s\"\n{}",
         dir.path().join("spool.db").display(),
         table_source(&server.url, &["pm", "Temperature"]),
         dir.path().join("archive").display(),

@@ -45,6 +45,7 @@ unit = "celsius"
 kind = "local"
 name = "archive"
 path = "{out}"
+late_grace = "0s"
 "#,
         port = broker.port,
         out = dir.join("out").display(),
@@ -178,6 +179,7 @@ interval = "200ms"
 kind = "local"
 name = "archive"
 path = "{out}"
+late_grace = "0s"
 
 [[sinks]]
 kind = "mqtt"

@@ -34,6 +34,7 @@ payload = "number"
 kind = "local"
 name = "archive"
 path = "{out}"
+late_grace = "0s"
 "#,
         count = COUNT_SUBSCRIPTION,
         port = broker.port,

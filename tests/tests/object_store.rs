@@ -64,7 +64,7 @@ fn an_outage_of_the_store_delays_nothing_else_and_every_partition_lands_once() {
             "prefix = \"wide\"\nformat = \"ndjson\"\nlayout = \"wide\"",
         ),
         format!(
-            "[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\n",
+            "[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nlate_grace = \"0s\"\n",
             archive.display()
         ),
     ]

@@ -22,7 +22,7 @@ fn body(i: i64) -> String {
 /// The HTTP table source and a `local` sink at `dir/out`.
 fn config(dir: &Path, url: &str) -> PathBuf {
     let body = format!(
-        "{}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nretry_max = \"2s\"\n",
+        "{}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nretry_max = \"2s\"\nlate_grace = \"0s\"\n",
         table_source(url, &["pm", "Temperature"]),
         dir.join("out").display()
     );

@@ -145,7 +145,7 @@ fn a_power_cut_at_random_instants_loses_no_committed_window_and_leaves_no_short_
     std::fs::write(
         &config,
         format!(
-            "[agent]\ndevice_id = \"e2e\"\nspool = \"{spool}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"0s\"\n{source}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{archive}\"\nretry_max = \"1s\"\n",
+            "[agent]\ndevice_id = \"e2e\"\nspool = \"{spool}\"\nwindow = \"1s\"\npartition = \"1m\"\ngrace = \"0s\"\n{source}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{archive}\"\nretry_max = \"1s\"\nlate_grace = \"0s\"\n",
             spool = fs.path().join("spool/spool.db").display(),
             source = table_source(&server.url, &["pm", "Temperature"]),
             archive = archive.display(),

@@ -1,6 +1,7 @@
 //! The `[[sinks]]`: object-store sinks, PostgreSQL and the MQTT feed, their checks and
 //! their parsing (each store's own keys and the file formats are in `store.rs`).
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -55,6 +56,15 @@ impl SinkKind {
         }
     }
 
+    /// How long late rows wait and how many at most, for a sink that writes files (a
+    /// part each); `None` where late rows merge in place (PostgreSQL) or are not kept.
+    pub fn late_parts(&self) -> Option<(Duration, NonZeroU32)> {
+        match self {
+            SinkKind::Object(object) => Some((object.late_grace, object.late_max_rows)),
+            SinkKind::Postgres(_) | SinkKind::Mqtt(_) => None,
+        }
+    }
+
     /// Whether the sink is a live feed of windows as they close rather than a receiver of
     /// closed partitions: the spool keeps no delivery records for it and holds nothing
     /// back for it.
@@ -83,6 +93,11 @@ pub struct ObjectSink {
     pub timeout: Duration,
     /// Objects larger than this go up as multipart uploads, in parts of this size.
     pub part_size: u64,
+    /// Late rows for a partition already delivered wait until the oldest has waited this
+    /// long, then go out as one part (zero: with the next plan, a part per straggler).
+    pub late_grace: Duration,
+    /// …or until this many late rows wait for the partition.
+    pub late_max_rows: NonZeroU32,
     /// Where the objects go.
     pub store: Store,
 }
@@ -135,6 +150,12 @@ struct ObjectCommon {
     /// Default 5m.
     #[serde(default = "default_retry_max", deserialize_with = "duration")]
     retry_max: Duration,
+    /// Default 1h.
+    #[serde(default = "default_late_grace", deserialize_with = "duration")]
+    late_grace: Duration,
+    /// Default 10000.
+    #[serde(default = "default_late_max_rows")]
+    late_max_rows: NonZeroU32,
 }
 
 /// The keys of the remote stores only.
@@ -151,6 +172,12 @@ struct Transfer {
 
 fn default_retry_max() -> Duration {
     Duration::from_secs(300)
+}
+fn default_late_grace() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_late_max_rows() -> NonZeroU32 {
+    NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN)
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
@@ -551,6 +578,8 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
             retry_max: common.retry_max,
             timeout: transfer.timeout,
             part_size: transfer.part_size.as_u64(),
+            late_grace: common.late_grace,
+            late_max_rows: common.late_max_rows,
             store,
         })),
     })

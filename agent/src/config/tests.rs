@@ -51,13 +51,44 @@ fn an_s3_sink_gets_the_lake_defaults() {
 }
 
 #[test]
+fn late_rows_wait_an_hour_by_default_and_late_grace_parses_like_other_durations() {
+    let late = |sink: &str| {
+        let config = Config::parse(&with_sink(sink), Path::new("x.toml")).expect("valid");
+        config.sinks[0].kind.late_parts()
+    };
+    let local = "[[sinks]]\nkind = \"local\"\npath = \"/o\"\n";
+    assert_eq!(
+        late(local).map(|(grace, rows)| (grace.as_secs(), rows.get())),
+        Some((3600, 10_000))
+    );
+    let short = format!("{local}late_grace = \"5s\"\nlate_max_rows = 50\n");
+    assert_eq!(
+        late(&short).map(|(grace, rows)| (grace, rows.get())),
+        Some((Duration::from_secs(5), 50))
+    );
+    let off = format!("{local}late_grace = \"0s\"\n");
+    assert_eq!(late(&off).map(|(grace, _)| grace), Some(Duration::ZERO));
+    let pg = "[[sinks]]\nkind = \"postgres\"\nhost = \"db\"\n";
+    assert_eq!(late(pg), None, "PostgreSQL merges late rows in place");
+    assert_eq!(
+        error_of(&with_sink(&format!("{local}late_grace = \"soon\"\n"))),
+        "edgespool.toml:12:14: invalid duration \"soon\" (expected number at 0); write it like \
+         \"500ms\", \"10s\", \"5m\" or \"1h\""
+    );
+    assert_eq!(
+        error_of(&with_sink(&format!("{local}late_max_rows = 0\n"))),
+        "edgespool.toml:12:17: invalid value: integer `0`, expected a nonzero u32"
+    );
+}
+
+#[test]
 fn an_unknown_sink_key_lists_what_that_kind_accepts() {
     let text = with_sink("[[sinks]]\nkind = \"gcs\"\nbucket = \"b\"\n  endpoint = \"x\"\n");
     assert_eq!(
         error_of(&text),
         "edgespool.toml:12:3: unknown key `endpoint` for a sink of kind \"gcs\"; expected one of \
-         `bucket`, `compression`, `format`, `keys`, `layout`, `name`, `part_size`, `prefix`, `retry_max`, \
-         `service_account_key`, `service_account_key_file`, `timeout`"
+         `bucket`, `compression`, `format`, `keys`, `late_grace`, `late_max_rows`, `layout`, `name`, \
+         `part_size`, `prefix`, `retry_max`, `service_account_key`, `service_account_key_file`, `timeout`"
     );
     let text = with_sink("[[sinks]]\nkind = \"local\"\npath = \"/o\"\ntimeout = \"1s\"\n");
     assert!(

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::flow::{Series, WindowRow};
 
@@ -15,6 +15,95 @@ const PLAN_AHEAD: usize = 16;
 
 /// The most rows one part holds; a larger backlog of one partition becomes more parts.
 pub const MAX_PART_ROWS: i64 = 200_000;
+
+/// How a sink's late rows (rows of a partition it already has a part of) wait, so that
+/// stragglers go out as one part rather than a file each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LateParts {
+    /// Late rows wait until the oldest of them has waited this long, in ms (0: each
+    /// plan sends what there is).
+    pub grace_ms: i64,
+    /// …or until this many of them wait (or a part's worth of bytes).
+    pub max_rows: i64,
+}
+
+impl LateParts {
+    /// Late rows go out with the next plan, as before `late_grace` existed.
+    pub const AT_ONCE: LateParts = LateParts {
+        grace_ms: 0,
+        max_rows: MAX_PART_ROWS,
+    };
+}
+
+/// The rows of a partition that a sink has a part of and that no part of it holds yet.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Unplanned {
+    /// Windows.
+    pub(super) rows: i64,
+    /// Record bytes.
+    pub(super) bytes: u64,
+    /// When the oldest of them was committed (Unix ms; `None` for rows of an older spool).
+    pub(super) oldest_ms: Option<i64>,
+    /// Some were in the spool when the sink's last part was planned (a part cut at its
+    /// size): the rest of a backlog, not late.
+    pub(super) backlog: bool,
+}
+
+impl Unplanned {
+    /// Until when these rows wait (Unix ms), or `None` if a part of them is due now:
+    /// the oldest has waited `grace_ms`, or `max_rows` or a part's bytes wait, or they
+    /// are no late rows (a backlog). Rows committed "in the future" (the clock went back
+    /// since) go at once rather than wait for the clock to catch up.
+    pub(super) fn due_ms(&self, late: LateParts, part_cap: u64, now_ms: i64) -> Option<i64> {
+        if self.rows == 0
+            || late.grace_ms <= 0
+            || self.backlog
+            || self.rows >= late.max_rows
+            || self.bytes >= part_cap
+        {
+            return None;
+        }
+        let oldest = self.oldest_ms?;
+        let due = oldest.saturating_add(late.grace_ms);
+        (due > now_ms && oldest <= now_ms).then_some(due)
+    }
+}
+
+/// What of `partition` a sink that has parts of it up to `done` has not had planned.
+pub(super) fn unplanned(
+    conn: &Connection,
+    sink: &str,
+    partition: i64,
+    done: i64,
+) -> rusqlite::Result<Unplanned> {
+    let (rows, bytes, first_id): (i64, i64, Option<i64>) = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(rows), 0), COALESCE(SUM(length(record)), 0), MIN(id)
+             FROM batches WHERE partition = ?1 AND id > ?2",
+        )?
+        .query_row(params![partition, done], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    let Some(first_id) = first_id else {
+        return Ok(Unplanned::default());
+    };
+    let oldest_ms: Option<i64> = conn
+        .prepare_cached("SELECT committed_ms FROM batches WHERE id = ?1")?
+        .query_row([first_id], |r| r.get(0))?;
+    // Parts planned by an older edgespool have no `seen_id`: their `last_id` stands in.
+    let seen: Option<i64> = conn
+        .prepare_cached(
+            "SELECT COALESCE(MAX(seen_id), MAX(last_id)) FROM parts
+             WHERE sink = ?1 AND partition = ?2",
+        )?
+        .query_row(params![sink, partition], |r| r.get(0))?;
+    Ok(Unplanned {
+        rows,
+        bytes: bytes.max(0) as u64,
+        oldest_ms,
+        backlog: seen.is_some_and(|seen| first_id <= seen),
+    })
+}
 
 /// A part planned for a sink: the rows it holds are fixed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,24 +205,42 @@ impl Spool {
             .map_err(&err)?;
         let mut wait_until: Option<i64> = None;
         let mut chosen = Vec::new();
+        let late = self.options.late_parts(sink);
+        let part_cap = part_bytes_cap(self.options.budget_bytes);
+        let mut wait = |until: i64| {
+            wait_until = Some(wait_until.map_or(until, |w: i64| w.min(until)));
+        };
         for candidate in &mut candidates {
             let (partition, seconds, done, next_part) = candidate.map_err(&err)?;
             let ready_ms = (partition + i64::from(seconds)) * 1000 + grace;
-            if ready_ms <= now_ms {
-                chosen.push((partition, seconds, done, next_part));
-                if chosen.len() == PLAN_AHEAD {
-                    break;
+            if ready_ms > now_ms {
+                wait(ready_ms);
+                continue;
+            }
+            if next_part > 0 {
+                // Late rows for a partition this sink has a part of: they wait to go
+                // out together (see `LateParts`).
+                let waiting = unplanned(&self.conn, sink, partition, done).map_err(&err)?;
+                if let Some(due_ms) = waiting.due_ms(late, part_cap, now_ms) {
+                    wait(due_ms);
+                    continue;
                 }
-            } else {
-                wait_until = Some(wait_until.map_or(ready_ms, |w: i64| w.min(ready_ms)));
+            }
+            chosen.push((partition, seconds, done, next_part));
+            if chosen.len() == PLAN_AHEAD {
+                break;
             }
         }
         drop(candidates);
         drop(stmt);
         // Several closed partitions are planned in one transaction (one fsync), then
         // sent one by one, oldest first.
-        let part_cap = part_bytes_cap(self.options.budget_bytes);
         let tx = self.conn.transaction().map_err(&err)?;
+        // The series known now: a wide file's columns (fixed by a partition's first
+        // part, see `SpoolReader::read_part`).
+        let series_upto: i64 = tx
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM series", [], |r| r.get(0))
+            .map_err(&err)?;
         let mut first = None;
         for (partition, seconds, after_id, part) in chosen {
             // Whole batches, up to MAX_PART_ROWS windows and a sixteenth of the budget
@@ -165,10 +272,23 @@ impl Spool {
             let Some(last_id) = last_id else {
                 continue;
             };
+            // `seen_id`: the partition's newest rows now; rows above it arrive after this
+            // plan, late.
             tx.execute(
-                "INSERT INTO parts (sink, partition, part, after_id, last_id, rows, planned_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![sink, partition, part, after_id, last_id, rows, now_ms],
+                "INSERT INTO parts (sink, partition, part, after_id, last_id, rows, planned_ms,
+                                    seen_id, series_upto)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
+                         (SELECT max_id FROM partitions WHERE partition = ?2), ?8)",
+                params![
+                    sink,
+                    partition,
+                    part,
+                    after_id,
+                    last_id,
+                    rows,
+                    now_ms,
+                    series_upto
+                ],
             )
             .map_err(&err)?;
             first.get_or_insert(PartPlan {

@@ -27,20 +27,24 @@
 //!        first_partition, first_id)              where and in which flush it was first
 //!                                                seen (v2; NULL for series older than v2)
 //! batches(id INTEGER PK, partition, rows,        the windows one flush closed in one
-//!         record BLOB)                           partition: `rows` windows with ids
+//!         record BLOB, committed_ms)             partition: `rows` windows with ids
 //!                                                id-rows+1 ..= id; record = 0x00 0x02 and
 //!                                                postcard of [StoredWindow] (`record.rs`:
 //!                                                the versions; an older edgespool's unversioned
 //!                                                record still reads). Window ids are issued by the
 //!                                                spool, only grow and are never reused.
+//!                                                committed_ms (v5): the flush's time
 //! partitions(partition PK, seconds, max_id, rows) what each partition holds now
-//! sinks(name PK, kind, active, last_success_ms,  per-sink outcome, for status
-//!       last_error, last_error_ms, retrying_since_ms, next_attempt_ms)
+//! sinks(name PK, kind, active, last_success_ms,  per-sink outcome, for status;
+//!       last_error, last_error_ms, retrying_since_ms, next_attempt_ms,
+//!       late_grace_ms, late_max_rows)            (v5) its [`LateParts`], as configured
 //! parts(sink, partition, part, after_id, last_id, rows, planned_ms, delivered_ms,
-//!       dropped_ms)
+//!       dropped_ms, seen_id, series_upto)
 //!       PK(sink, partition, part): part N of a partition for a sink holds the windows
 //!       of that partition with after_id < id <= last_id; dropped_ms (v3): the disk
-//!       budget dropped it whole before it was delivered (see Full disk)
+//!       budget dropped it whole before it was delivered (see Full disk); seen_id (v5):
+//!       the partition's max_id when planned (rows above it came later: late rows);
+//!       series_upto (v5): the highest series id then (part 0's fixes the wide columns)
 //! marks(series INTEGER PK, device_ms)            (v4) per series with device-stamped
 //!                                                samples: the newest device timestamp
 //!                                                committed (its mark), never lowered
@@ -62,6 +66,12 @@
 //!    closed (their end plus the grace period has passed) and hold windows with ids above
 //!    the sink's last planned part get a new part row each: `after_id` = that last id, `last_id` = the highest id now
 //!    there. Rows that arrive later (late data) have higher ids: they go to the next part.
+//!    Late rows (ids above the sink's last `seen_id` for the partition) wait for the sink's
+//!    [`LateParts`]: until the oldest was committed `late_grace` ago, or `late_max_rows`
+//!    or a part's bytes of them wait; then they are planned as one part. Waiting rows are
+//!    committed batches like any other (a restart keeps them and their `committed_ms`;
+//!    the budget drops them oldest first). What was there at the last plan but did not
+//!    fit in its part goes at once.
 //! 2. *Send*: the uploader reads exactly the rows of the part and writes them under a key
 //!    made from the partition and part number.
 //! 3. *Acknowledge*: once the sink says the part is durable at the destination (a file
@@ -167,7 +177,7 @@ mod thread;
 mod writer;
 
 pub use budget::{LOW_WATER_PERCENT, WINDOW_BYTES, files_bound};
-pub use delivery::{MAX_PART_ROWS, PartPlan, PartRows, Plan};
+pub use delivery::{LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use follow::Restored;
 pub use lock::{AtPath, FileId, SpoolLock, lock_path};
 pub use reader::{AgentState, SinkRecord, SourceState, SpoolReader};
@@ -283,6 +293,16 @@ pub struct SpoolOptions {
     pub sinks: Vec<(String, &'static str)>,
     /// The configured live feeds (see [`crate::flow::LiveStats`]): (name, kind word).
     pub live: Vec<(String, &'static str)>,
+    /// How each sink's late rows wait to go out together; a sink not named here sends
+    /// them at once ([`LateParts::AT_ONCE`]).
+    pub late: HashMap<String, LateParts>,
+}
+
+impl SpoolOptions {
+    /// How `sink`'s late rows wait.
+    pub fn late_parts(&self, sink: &str) -> LateParts {
+        self.late.get(sink).copied().unwrap_or(LateParts::AT_ONCE)
+    }
 }
 
 /// The writer. Only [`SpoolHandle`]'s thread holds one.

@@ -12,6 +12,7 @@ use crate::flow::{LiveState, Problem, Series, WindowRow};
 
 use super::budget::used_bytes;
 use super::record::StoredWindow;
+use super::delivery::unplanned;
 use super::schema::APPLICATION_ID;
 use super::{CACHE_KIB, FileId, PartPlan, PartRows, Recovery, Restored, SpoolError, sqlite};
 
@@ -101,6 +102,11 @@ pub struct SinkRecord {
     pub oldest_pending: Option<i64>,
     /// Parts delivered.
     pub delivered_parts: i64,
+    /// Late rows (of partitions it has a part of) that no part holds yet: waiting for
+    /// `late_grace` to pass (or for the sink, while it is retrying).
+    pub late_waiting: i64,
+    /// When the oldest of them has waited `late_grace`, Unix ms.
+    pub late_due_ms: Option<i64>,
 }
 
 impl SpoolReader {
@@ -151,9 +157,12 @@ impl SpoolReader {
     }
 
     /// The rows of a planned part, ordered by window start, series and id, and the series
-    /// a wide file of it gives columns to: every series first seen in this partition or
-    /// an earlier one, in a flush this part includes. That set is the same for every
-    /// partition while the configured series are, and the same for a retried part.
+    /// a wide file of it gives columns to: every series the spool knew when the sink's
+    /// first part of this partition was planned (`parts.series_upto`), so every part of a
+    /// partition has the same columns (the encoder adds a series that only a late row
+    /// brings), partitions planned together have the same columns, and a retried part
+    /// the same bytes. (For a first part planned by an older edgespool: every series
+    /// first seen in this partition or an earlier one, in a flush this part includes.)
     /// The set is read only `with_series` (for a wide layout); otherwise it is empty.
     pub fn read_part(
         &mut self,
@@ -176,18 +185,35 @@ impl SpoolReader {
                 series: Vec::new(),
             });
         }
-        let ids: Vec<i64> = self
+        let upto: Option<i64> = self
             .conn
-            .prepare_cached(
-                "SELECT id FROM series
-                 WHERE COALESCE(first_partition, 0) <= ?1 AND COALESCE(first_id, 0) <= ?2
-                 ORDER BY id",
+            .query_row(
+                "SELECT series_upto FROM parts WHERE sink = ?1 AND partition = ?2
+                 ORDER BY part LIMIT 1",
+                params![plan.sink, plan.partition],
+                |r| r.get(0),
             )
-            .and_then(|mut stmt| {
-                stmt.query_map(params![plan.partition, plan.last_id], |r| r.get(0))?
-                    .collect()
-            })
-            .map_err(self.err())?;
+            .optional()
+            .map_err(self.err())?
+            .flatten();
+        let ids: Vec<i64> = match upto {
+            Some(upto) => self
+                .conn
+                .prepare_cached("SELECT id FROM series WHERE id <= ?1 ORDER BY id")
+                .and_then(|mut stmt| stmt.query_map([upto], |r| r.get(0))?.collect()),
+            None => self
+                .conn
+                .prepare_cached(
+                    "SELECT id FROM series
+                     WHERE COALESCE(first_partition, 0) <= ?1 AND COALESCE(first_id, 0) <= ?2
+                     ORDER BY id",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(params![plan.partition, plan.last_id], |r| r.get(0))?
+                        .collect()
+                }),
+        }
+        .map_err(self.err())?;
         let mut series = Vec::with_capacity(ids.len());
         for id in ids {
             series.push(self.series(id)?);
@@ -348,12 +374,15 @@ impl SpoolReader {
             .prepare(
                 "SELECT name, kind, last_success_ms, last_error, last_error_ms, retrying_since_ms,
                         next_attempt_ms,
-                        (SELECT COUNT(*) FROM parts t WHERE t.sink = s.name AND t.delivered_ms IS NOT NULL)
+                        (SELECT COUNT(*) FROM parts t WHERE t.sink = s.name AND t.delivered_ms IS NOT NULL),
+                        late_grace_ms
                  FROM sinks s WHERE active = 1 ORDER BY name",
             )
             .map_err(&err)?;
+        let mut graces = Vec::new();
         let mut sinks: Vec<SinkRecord> = stmt
             .query_map([], |r| {
+                graces.push(r.get::<_, i64>(8)?);
                 Ok(SinkRecord {
                     name: r.get(0)?,
                     kind: r.get(1)?,
@@ -366,6 +395,8 @@ impl SpoolReader {
                     pending_partitions: 0,
                     oldest_pending: None,
                     delivered_parts: r.get(7)?,
+                    late_waiting: 0,
+                    late_due_ms: None,
                 })
             })
             .map_err(&err)?
@@ -394,6 +425,33 @@ impl SpoolReader {
                     sink.pending_rows += n;
                     sink.pending_partitions += 1;
                     sink.oldest_pending.get_or_insert(partition);
+                }
+            }
+        }
+        drop(pending);
+        let mut planned = self
+            .conn
+            .prepare(
+                "SELECT t.partition, MAX(t.last_id) FROM parts t
+                 JOIN partitions p ON p.partition = t.partition
+                 WHERE t.sink = ?1 GROUP BY t.partition ORDER BY t.partition",
+            )
+            .map_err(&err)?;
+        for (sink, grace_ms) in sinks.iter_mut().zip(graces) {
+            let done: Vec<(i64, i64)> = planned
+                .query_map([&sink.name], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(&err)?
+                .collect::<Result<_, _>>()
+                .map_err(&err)?;
+            for (partition, done) in done {
+                let waiting = unplanned(&self.conn, &sink.name, partition, done).map_err(&err)?;
+                if waiting.rows == 0 || waiting.backlog {
+                    continue;
+                }
+                sink.late_waiting += waiting.rows;
+                if let Some(oldest) = waiting.oldest_ms {
+                    let due = oldest.saturating_add(grace_ms);
+                    sink.late_due_ms = Some(sink.late_due_ms.map_or(due, |d| d.min(due)));
                 }
             }
         }

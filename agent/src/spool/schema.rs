@@ -78,6 +78,14 @@ ALTER TABLE parts ADD COLUMN dropped_ms INTEGER;
     r#"
 CREATE TABLE marks (series INTEGER PRIMARY KEY, device_ms INTEGER NOT NULL);
 "#,
+    // Late rows wait for their sink's grace (see `LateParts`); wide columns fixed per partition.
+    r#"
+ALTER TABLE batches ADD COLUMN committed_ms INTEGER;
+ALTER TABLE parts ADD COLUMN seen_id INTEGER;
+ALTER TABLE parts ADD COLUMN series_upto INTEGER;
+ALTER TABLE sinks ADD COLUMN late_grace_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sinks ADD COLUMN late_max_rows INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// A corrupt spool found at start and moved aside, as `status` shows it.
@@ -251,10 +259,13 @@ pub(super) fn open_file(path: &Path, options: &SpoolOptions) -> Result<Connectio
     tx.execute("UPDATE sinks SET active = 0", [])
         .map_err(&err)?;
     for (name, kind) in &options.sinks {
+        let late = options.late_parts(name);
         tx.execute(
-            "INSERT INTO sinks (name, kind, active) VALUES (?1, ?2, 1)
-             ON CONFLICT (name) DO UPDATE SET kind = ?2, active = 1",
-            params![name, kind],
+            "INSERT INTO sinks (name, kind, active, late_grace_ms, late_max_rows)
+             VALUES (?1, ?2, 1, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET kind = ?2, active = 1, late_grace_ms = ?3,
+               late_max_rows = ?4",
+            params![name, kind, late.grace_ms, late.max_rows],
         )
         .map_err(&err)?;
     }

@@ -14,6 +14,7 @@ fn options(sinks: &[&str]) -> SpoolOptions {
         sources: Vec::new(),
         sinks: sinks.iter().map(|s| (s.to_string(), "local")).collect(),
         live: Vec::new(),
+        late: HashMap::new(),
     }
 }
 
@@ -213,7 +214,7 @@ fn a_part_planned_before_a_crash_is_sent_again_with_the_same_rows() {
 }
 
 #[test]
-fn a_wide_column_set_holds_earlier_series_and_is_the_same_on_retry() {
+fn a_wide_column_set_is_every_series_known_at_the_first_plan_and_the_same_on_retry() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("spool.db");
     let mut spool = Spool::open(&path, options(&["a"])).expect("open");
@@ -234,11 +235,16 @@ fn a_wide_column_set_holds_earlier_series_and_is_the_same_on_retry() {
     let first_try = reader.read_part(&hour0, true).expect("read");
     assert_eq!(
         names(&first_try),
-        ["s.a"],
-        "s.b starts later; s.c came after the plan"
+        ["s.a", "s.b"],
+        "hours 0 and 1 were planned together, when s.a and s.b were known; s.c came after"
+    );
+    let retry = reader.read_part(&hour0, true).expect("read");
+    assert_eq!(
+        names(&retry),
+        names(&first_try),
+        "a retry has the same columns"
     );
     spool.delivered(&hour0, 0).expect("deliver");
-    // Hour 1 was planned together with hour 0, before s.c existed.
     let Plan::Ready(hour1) = spool.plan("a", i64::MAX / 4).expect("plan") else {
         panic!("hour 1");
     };
@@ -246,7 +252,7 @@ fn a_wide_column_set_holds_earlier_series_and_is_the_same_on_retry() {
     assert_eq!(
         names(&hour1_rows),
         ["s.a", "s.b"],
-        "hour 1 was committed before s.c existed"
+        "the same columns as hour 0"
     );
     assert_eq!(hour1_rows.rows.len(), 1);
     spool.delivered(&hour1, 0).expect("deliver");
@@ -254,10 +260,14 @@ fn a_wide_column_set_holds_earlier_series_and_is_the_same_on_retry() {
         panic!("the late part of hour 0");
     };
     assert_eq!((hour0_late.partition, hour0_late.part), (0, 1));
+    let late = reader.read_part(&hour0_late, true).expect("read");
     assert_eq!(
-        names(&reader.read_part(&hour0_late, true).expect("read")),
-        ["s.a", "s.c"]
+        names(&late),
+        ["s.a", "s.b"],
+        "a partition's later parts keep its first part's columns (the encoder adds s.c, \
+         which only its own late row brings)"
     );
+    assert_eq!(late.rows.len(), 1);
     spool.delivered(&hour0_late, 0).expect("deliver");
     let Plan::Ready(hour2) = spool.plan("a", i64::MAX / 4).expect("plan") else {
         panic!("hour 2");
@@ -703,4 +713,273 @@ fn a_spool_of_schema_version_3_opens_and_keeps_marks_from_then_on() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
     assert_eq!(version as usize, schema::MIGRATIONS.len());
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// The test options with late rows of sink "a" waiting `grace_ms`, at most `max_rows`.
+fn late_options(grace_ms: i64, max_rows: i64) -> SpoolOptions {
+    let mut opts = options(&["a"]);
+    opts.late
+        .insert("a".to_owned(), LateParts { grace_ms, max_rows });
+    opts
+}
+
+fn flush_at(rows: Vec<WindowRow>, now_ms: i64) -> Flush {
+    let mut flush = flush(rows);
+    flush.now_ms = now_ms;
+    flush
+}
+
+fn late_waiting(reader: &SpoolReader) -> (i64, Option<i64>) {
+    let sinks = reader.sinks().expect("sinks");
+    (sinks[0].late_waiting, sinks[0].late_due_ms)
+}
+
+#[test]
+fn late_rows_of_several_flushes_go_out_as_one_part_once_the_oldest_waited_the_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let grace = 2 * HOUR_MS;
+    let mut spool = Spool::open(&path, late_options(grace, 10_000)).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush_at(
+            vec![row("s.t", 0, 1.0), row("s.t", 60, 2.0)],
+            120_000,
+        ))
+        .expect("commit");
+    assert_eq!(
+        drain(&mut spool, &mut reader, "a", HOUR_MS),
+        vec![(0, 0, vec![1.0, 2.0])],
+        "a partition's first part does not wait for the late grace"
+    );
+    // Three flushes bring stragglers for hour 0; hour 1 fills meanwhile.
+    for (i, at) in [10_000, 70_000, 130_000].into_iter().enumerate() {
+        let straggler = row(
+            if i == 1 { "s.u" } else { "s.t" },
+            120 + 60 * i as i64,
+            3.0 + i as f64,
+        );
+        spool
+            .commit(&flush_at(
+                vec![straggler, row("s.t", 3600 + 60 * i as i64, 9.0)],
+                HOUR_MS + at,
+            ))
+            .expect("late commit");
+        assert_eq!(
+            spool.plan("a", HOUR_MS + at + 1).expect("plan"),
+            Plan::Wait(Some(2 * HOUR_MS)),
+            "hour 1 is not closed yet; the late rows wait"
+        );
+    }
+    assert_eq!(late_waiting(&reader), (3, Some(HOUR_MS + 10_000 + grace)));
+    assert_eq!(
+        drain(&mut spool, &mut reader, "a", 2 * HOUR_MS),
+        vec![(3600, 0, vec![9.0, 9.0, 9.0])],
+        "hour 1 goes when it closes; hour 0's late rows still wait"
+    );
+    assert_eq!(
+        spool.plan("a", 2 * HOUR_MS).expect("plan"),
+        Plan::Wait(Some(HOUR_MS + 10_000 + grace))
+    );
+    assert_eq!(
+        drain(&mut spool, &mut reader, "a", HOUR_MS + 10_000 + grace),
+        vec![(0, 1, vec![3.0, 4.0, 5.0])],
+        "one part, not three"
+    );
+    assert_eq!(late_waiting(&reader), (0, None));
+    assert_eq!(reader.totals().expect("totals").0, 0, "all delivered");
+}
+
+#[test]
+fn late_rows_go_at_once_when_as_many_as_the_cap_wait() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, late_options(HOUR_MS, 3)).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush_at(vec![row("s.t", 0, 1.0)], 60_000))
+        .expect("commit");
+    assert_eq!(drain(&mut spool, &mut reader, "a", HOUR_MS).len(), 1);
+    for (i, value) in [2.0, 3.0].into_iter().enumerate() {
+        spool
+            .commit(&flush_at(
+                vec![row("s.t", 60 * (i as i64 + 1), value)],
+                HOUR_MS + 1000,
+            ))
+            .expect("late commit");
+        assert!(drain(&mut spool, &mut reader, "a", HOUR_MS + 2000).is_empty());
+    }
+    spool
+        .commit(&flush_at(vec![row("s.u", 0, 4.0)], HOUR_MS + 3000))
+        .expect("the third late row");
+    assert_eq!(
+        drain(&mut spool, &mut reader, "a", HOUR_MS + 3000),
+        vec![(0, 1, vec![4.0, 2.0, 3.0])],
+        "the cap sends them long before the grace is over"
+    );
+}
+
+#[test]
+fn late_rows_keep_waiting_across_a_restart_and_their_plan_is_the_same_after_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let opts = || late_options(HOUR_MS, 10_000);
+    {
+        let mut spool = Spool::open(&path, opts()).expect("open");
+        let mut reader = SpoolReader::open(&path).expect("reader");
+        spool
+            .commit(&flush_at(vec![row("s.t", 0, 1.0)], 60_000))
+            .expect("commit");
+        assert_eq!(drain(&mut spool, &mut reader, "a", HOUR_MS).len(), 1);
+        spool
+            .commit(&flush_at(vec![row("s.t", 60, 2.0)], HOUR_MS + 5_000))
+            .expect("late commit");
+    } // stopped (or killed: the late row is committed)
+    let first = {
+        let mut spool = Spool::open(&path, opts()).expect("reopen");
+        assert_eq!(
+            spool.plan("a", HOUR_MS + 6_000).expect("plan"),
+            Plan::Wait(Some(2 * HOUR_MS + 5_000)),
+            "the wait counts from the commit, not from the restart"
+        );
+        spool
+            .commit(&flush_at(vec![row("s.t", 120, 3.0)], HOUR_MS + 7_000))
+            .expect("another late commit");
+        let Plan::Ready(plan) = spool.plan("a", 2 * HOUR_MS + 5_000).expect("plan") else {
+            panic!("the late part is due");
+        };
+        assert_eq!((plan.part, plan.rows), (1, 2));
+        plan
+    }; // killed between planning and delivering
+    let mut spool = Spool::open(&path, opts()).expect("reopen");
+    spool
+        .commit(&flush_at(vec![row("s.t", 180, 4.0)], 2 * HOUR_MS + 9_000))
+        .expect("a late row after the plan");
+    let Plan::Ready(again) = spool.plan("a", 2 * HOUR_MS + 10_000).expect("plan") else {
+        panic!("the planned part is still due");
+    };
+    assert_eq!(again, first, "the same rows under the same part");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    let rows: Vec<f64> = reader
+        .read_part(&again, false)
+        .expect("read")
+        .rows
+        .iter()
+        .map(|r| r.stats.mean)
+        .collect();
+    assert_eq!(rows, [2.0, 3.0]);
+    spool
+        .delivered(&again, 2 * HOUR_MS + 10_000)
+        .expect("deliver");
+    assert_eq!(
+        spool.plan("a", 2 * HOUR_MS + 10_000).expect("plan"),
+        Plan::Wait(Some(3 * HOUR_MS + 9_000)),
+        "the row after the plan waits for a part of its own"
+    );
+}
+
+#[test]
+fn the_rest_of_a_partition_cut_by_the_part_size_is_no_late_row_and_goes_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut opts = late_options(HOUR_MS, 10_000);
+    // Parts of at most 10 KiB of records: about two flushes of 60 windows.
+    opts.budget_bytes = 160 * 1024;
+    let mut spool = Spool::open(&path, opts).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    for flush_no in 0..10 {
+        let rows = (0..60)
+            .map(|m| {
+                row(
+                    &format!("s.{m}"),
+                    60 * flush_no,
+                    (flush_no * 100 + m) as f64,
+                )
+            })
+            .collect();
+        spool
+            .commit(&flush_at(rows, 60_000 * (flush_no + 1)))
+            .expect("commit");
+    }
+    let parts = drain(&mut spool, &mut reader, "a", HOUR_MS);
+    assert!(
+        parts.len() > 2,
+        "the partition was cut: {} parts",
+        parts.len()
+    );
+    assert_eq!(
+        parts.iter().map(|(_, _, v)| v.len()).sum::<usize>(),
+        600,
+        "every row went, none waited for the late grace"
+    );
+}
+
+#[test]
+fn the_budget_drops_waiting_late_rows_oldest_first_and_they_never_go_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut opts = late_options(1000 * HOUR_MS, 10_000);
+    opts.budget_bytes = 128 * 1024;
+    let mut spool = Spool::open(&path, opts).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush_at(vec![row("s.t", 0, -1.0)], 60_000))
+        .expect("commit");
+    assert_eq!(drain(&mut spool, &mut reader, "a", HOUR_MS).len(), 1);
+    spool
+        .commit(&flush_at(vec![row("s.t", 60, -2.0)], HOUR_MS + 1000))
+        .expect("a late row");
+    assert_eq!(late_waiting(&reader).0, 1);
+    // The sink goes down for a long outage: nothing more is planned.
+    for hour in 1..100 {
+        let rows = (0..60)
+            .map(|m| row(&format!("s.{}", m % 10), hour * 3600 + m * 60, m as f64))
+            .collect();
+        spool
+            .commit(&flush_at(rows, hour * HOUR_MS + 1000))
+            .expect("commit");
+    }
+    assert!(spool.used_bytes().expect("used") <= 128 * 1024);
+    let dropped = reader.counters().expect("counters")["rows.dropped"];
+    assert!(dropped > 0);
+    assert_eq!(
+        late_waiting(&reader),
+        (0, None),
+        "the oldest windows went first"
+    );
+    let held = reader.totals().expect("totals").0;
+    assert_eq!(dropped as i64 + held, 99 * 60 + 1);
+    let parts = drain(&mut spool, &mut reader, "a", i64::MAX / 4);
+    assert!(
+        parts.iter().all(|(partition, _, _)| *partition > 0),
+        "nothing more of hour 0: {:?}",
+        parts.first()
+    );
+    assert_eq!(
+        parts.iter().map(|(_, _, v)| v.len() as i64).sum::<i64>(),
+        held,
+        "the rest arrives, once"
+    );
+}
+
+#[test]
+fn late_rows_committed_before_the_clock_went_back_do_not_wait_for_it_to_catch_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, late_options(HOUR_MS, 10_000)).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush_at(vec![row("s.t", 0, 1.0)], 60_000))
+        .expect("commit");
+    assert_eq!(drain(&mut spool, &mut reader, "a", HOUR_MS).len(), 1);
+    spool
+        .commit(&flush_at(vec![row("s.t", 60, 2.0)], 5 * HOUR_MS))
+        .expect("a late row, stamped by a clock running hours ahead");
+    assert_eq!(
+        drain(&mut spool, &mut reader, "a", HOUR_MS + 1000),
+        vec![(0, 1, vec![2.0])],
+        "the clock went back: the row goes at once"
+    );
 }

@@ -101,9 +101,12 @@ impl Spool {
                 self.next_id += rows;
                 let record = super::record::encode(&windows);
                 tx.prepare_cached(
-                    "INSERT INTO batches (id, partition, rows, record) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO batches (id, partition, rows, record, committed_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
-                .and_then(|mut insert| insert.execute(params![id, partition, rows, record]))
+                .and_then(|mut insert| {
+                    insert.execute(params![id, partition, rows, record, flush.now_ms])
+                })
                 .map_err(&err)?;
                 tx.execute(
                     "INSERT INTO partitions (partition, seconds, max_id, rows) VALUES (?1, ?2, ?3, ?4)
