@@ -37,6 +37,7 @@ fn options() -> SpoolOptions {
         sources: Vec::new(),
         sinks: vec![("a".into(), "local")],
         live: Vec::new(),
+        late: std::collections::HashMap::new(),
     }
 }
 

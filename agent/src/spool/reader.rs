@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::flow::{LiveState, Problem, Series, WindowRow};
 
 use super::budget::used_bytes;
-use super::record::StoredWindow;
 use super::delivery::unplanned;
+use super::record::StoredWindow;
 use super::schema::APPLICATION_ID;
 use super::{CACHE_KIB, FileId, PartPlan, PartRows, Recovery, Restored, SpoolError, sqlite};
 
