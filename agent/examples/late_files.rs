@@ -45,10 +45,13 @@ fn window(series: &Arc<Series>, start: i64, value: f64) -> WindowRow {
             min: value - 0.4,
             max: value + 0.4,
             mean: value,
+            mean_rest: 0.0,
             stdev: Some(0.21),
             median: value,
             first: value - 0.1,
             last: value + 0.1,
+            first_ms: start * 1000 + 2_000,
+            last_ms: start * 1000 + 57_000,
         },
     }
 }
@@ -124,6 +127,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             open_windows: 0,
             live: Vec::new(),
             clock: Default::default(),
+            marks: Vec::new(),
         })?;
         while let Plan::Ready(plan) = spool.plan(&sink, now_ms)? {
             let part = reader.read_part(&plan, false)?;
