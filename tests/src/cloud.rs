@@ -99,6 +99,13 @@ elif command == "list":
                       "content_type": blob.content_settings.content_type or "",
                       "blocks": len(blocks)})
     print(json.dumps(found))
+elif command == "sas":
+    import datetime
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+    expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+    print(json.dumps(generate_container_sas(
+        account, container, account_key=key, expiry=expiry,
+        permission=ContainerSasPermissions(create=True, write=True))))
 elif command == "mirror":
     target = sys.argv[6]
     client = service.get_container_client(container)
@@ -206,6 +213,15 @@ impl AzuriteServer {
         self.client(&["list", container])
             .ok()
             .map(|listed| objects_of(&listed))
+    }
+
+    /// A shared access signature (the query string) that may create and write blobs in
+    /// `container` for an hour, and nothing else.
+    pub fn write_only_sas(&self, container: &str) -> String {
+        let sas = self
+            .client(&["sas", container])
+            .unwrap_or_else(|e| panic!("cannot make a SAS for {container}: {e}"));
+        sas.as_str().expect("a SAS is a string").to_owned()
     }
 
     /// Downloads every blob of a container below `dir`, keys as paths.

@@ -75,13 +75,19 @@ timeout = "5s"
     )
 }
 
-/// The archive's keys (NDJSON), each as a store's key under `prefix` with extension `ext`.
+/// The archive's keys (NDJSON), each as a store's key under `prefix` ("" for none)
+/// with extension `ext`.
 fn archive_keys(dir: &Path, prefix: &str, ext: &str) -> Vec<String> {
+    let lead = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
     read_tree(&dir.join("archive"))
         .iter()
         .map(|f| {
             let stem = f.key.strip_suffix(".ndjson").expect("an NDJSON key");
-            format!("{prefix}/{stem}.{ext}")
+            format!("{lead}{stem}.{ext}")
         })
         .collect()
 }
@@ -364,8 +370,10 @@ fn a_missing_azure_container_is_named_in_status_and_filled_once_made() {
         let status = agent.try_status()?;
         (find_sink(&status, "blob")?["state"] == "retrying").then_some(status)
     });
+    wait_for("minute 0 in the archive", Duration::from_secs(30), || {
+        (ndjson_count(&read_tree(&dir.path().join("archive"))) == 1).then_some(())
+    });
     let key = &archive_keys(dir.path(), "", "ndjson")[0];
-    let key = key.trim_start_matches('/');
     assert_eq!(
         sink_status(&status, "blob")["last_error"],
         format!(
@@ -382,9 +390,90 @@ fn a_missing_azure_container_is_named_in_status_and_filled_once_made() {
     let objects = azurite.list("lake");
     assert_eq!(
         objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
-        [key]
+        [key.as_str()]
     );
     agent.terminate();
+}
+
+#[test]
+fn a_write_only_shared_access_signature_is_enough_for_azure_and_never_shows() {
+    if let Some(reason) = AzuriteServer::unavailable() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut azurite = AzuriteServer::start(&dir.path().join("azurite.log"));
+    azurite.create_container("lake");
+    // Create and write on the container, nothing else; given with its leading `?`.
+    let sas = azurite.write_only_sas("lake");
+    let sas_file = write_file(dir.path(), "credentials/azure-sas", &format!("?{sas}\n"));
+    let sink = format!(
+        r#"
+[[sinks]]
+kind = "azure"
+name = "blob"
+account = "{AZURITE_ACCOUNT}"
+container = "lake"
+endpoint = "{endpoint}"
+sas_token_file = "{sas_file}"
+format = "ndjson"
+retry_max = "1s"
+timeout = "5s"
+"#,
+        endpoint = azurite.endpoint,
+        sas_file = sas_file.display()
+    );
+    let server = JsonServer::start(vec![minute(0)], purpleair_body(&[]));
+    let config = write_config(dir.path(), &server.url, &sink);
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+    caught_up_with(&agent, "blob", 1);
+    // A failing request (Azurite away) is where a signature in a URL would show.
+    azurite.stop();
+    server.push(minute(1));
+    let failing = wait_for("the sink retrying", Duration::from_secs(60), || {
+        let status = agent.try_status()?;
+        (find_sink(&status, "blob")?["state"] == "retrying").then_some(status)
+    });
+    azurite.start_again();
+    let status = caught_up_with(&agent, "blob", 2);
+    agent.terminate();
+    let objects = azurite.list("lake");
+    assert_eq!(
+        objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
+        archive_keys(dir.path(), "", "ndjson")
+    );
+    let mirror = dir.path().join("mirror");
+    azurite.mirror("lake", &mirror.join("ndjson"));
+    assert_same_bytes_as_the_archive(dir.path(), &mirror);
+    // The signature is a credential: neither the log nor status shows it.
+    let signature = sas
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("sig="))
+        .expect("a SAS has a signature");
+    let log = fs::read_to_string(dir.path().join("agent.log")).expect("log");
+    assert!(
+        sink_status(&failing, "blob")["last_error"].is_string(),
+        "{failing}"
+    );
+    for text in [log, failing.to_string(), status.to_string()] {
+        assert!(!text.contains(signature), "the SAS shows: {text}");
+    }
+}
+
+/// Waits until sink `name` has delivered `parts` parts and every sink is caught up.
+fn caught_up_with(agent: &Agent, name: &str, parts: u64) -> Value {
+    wait_for(
+        &format!("{name} with {parts} parts delivered"),
+        Duration::from_secs(60),
+        || {
+            let status = agent.try_status()?;
+            let caught_up = status["sinks"]
+                .as_array()?
+                .iter()
+                .all(|s| s["state"] == "ok" && s["pending_rows"] == 0);
+            (caught_up && find_sink(&status, name)?["delivered_parts"] == parts).then_some(status)
+        },
+    )
 }
 
 #[test]
