@@ -3,9 +3,11 @@
 #
 # It builds the agent once and the end-to-end tests reuse that build. Servers the tests
 # need are installed here when they are missing: into a venv under target/ from PyPI,
-# DuckDB, pandas, pyarrow, polars and boto3 to read the output back and moto as the
-# S3-compatible server; from Debian, PostgreSQL, Mosquitto, libfaketime and fuse3. Each test starts its own servers
-# on free loopback ports in temp dirs and stops them, even when it fails.
+# DuckDB, pandas, pyarrow, polars, boto3 and azure-storage-blob to read the output back,
+# moto as the S3-compatible server and gcp-storage-emulator for GCS; from npm into
+# target/, Azurite for Azure Blob Storage; from Debian, PostgreSQL, Mosquitto,
+# libfaketime and fuse3. Each test starts its own servers on free loopback ports in temp
+# dirs and stops them, even when it fails.
 #
 #   scripts/test.sh            the suite as CI runs it (fault loops at a reduced count)
 #   scripts/test.sh --long     the fault loops at full count: 50 kill -9, 30 fault batches
@@ -42,11 +44,33 @@ if ! "$venv/bin/python" -c 'import duckdb, pytz, moto.server, boto3, pandas, pya
         rm -rf "$venv"
         python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
     }
-    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         'duckdb==2.0.0' 'pytz' 'moto[server]==5.2.5' \
         'pandas==3.1.1' 'pyarrow==26.0.1' 'polars==2.1.0'
 fi
 export EDGESPOOL_PYTHON="$venv/bin/python"
+
+# Google Cloud Storage: gcp-storage-emulator serves it; Azure: Microsoft's own client
+# reads Azurite's blobs back.
+if ! "$venv/bin/python" -c 'import gcp_storage_emulator, azure.storage.blob' >/dev/null 2>&1; then
+    echo "==> installing gcp-storage-emulator and azure-storage-blob for the tests into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        'gcp-storage-emulator==2026.7.19' 'azure-storage-blob==12.31.1'
+fi
+
+# Azurite, the Azure Blob Storage emulator, from npm into target/test-node (3.35.0: the
+# last release that runs on Node 20). Without Node and npm the Azure tests say SKIPPED.
+node_prefix="$PWD/target/test-node"
+export EDGESPOOL_AZURITE="$node_prefix/node_modules/.bin/azurite-blob"
+if [ ! -x "$EDGESPOOL_AZURITE" ]; then
+    command -v npm >/dev/null 2>&1 || apt_install nodejs npm ||
+        echo "==> npm could not be installed: the Azure tests will be skipped"
+    if command -v npm >/dev/null 2>&1; then
+        echo "==> installing Azurite for the tests into $node_prefix"
+        npm install --silent --no-audit --no-fund --prefix "$node_prefix" 'azurite@3.35.0' ||
+            echo "==> Azurite could not be installed: the Azure tests will be skipped"
+    fi
+fi
 
 # PostgreSQL: the tests run their own servers (initdb in a temp dir, a free loopback
 # port), so only the programs are needed, never a running system service.

@@ -3,6 +3,7 @@
 //!
 //! Everything started here is stopped on drop, so a failing test leaves nothing behind.
 
+pub mod cloud;
 pub mod powercut;
 
 use std::collections::VecDeque;

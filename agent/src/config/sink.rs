@@ -337,11 +337,17 @@ pub(super) fn validate_sink(sink: &SinkConfig) -> Result<(), String> {
             }
         }
         Store::Gcs(gcs) => {
-            one_secret(
+            endpoint(&gcs.endpoint)?;
+            let key = one_secret(
                 "service_account_key",
                 &gcs.service_account_key,
                 &gcs.service_account_key_file,
             )?;
+            if gcs.anonymous && key.is_some() {
+                return Err(format!(
+                    "sink {name:?}: anonymous = true sends no credentials; remove the service account key or anonymous"
+                ));
+            }
         }
         Store::Azure(azure) => {
             endpoint(&azure.endpoint)?;

@@ -64,6 +64,13 @@ pub struct GcsStore {
     /// (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file, the metadata server) are used.
     #[serde(default)]
     pub service_account_key_file: Option<SecretFile>,
+    /// Another endpoint than `https://storage.googleapis.com`: a GCS emulator or a
+    /// proxy (`https://…`, or `http://…` for plain HTTP).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Send no credentials at all (an emulator, which wants none); excludes a key.
+    #[serde(default)]
+    pub anonymous: bool,
 }
 
 /// `kind = "azure"`.

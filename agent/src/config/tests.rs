@@ -82,13 +82,42 @@ fn late_rows_wait_an_hour_by_default_and_late_grace_parses_like_other_durations(
 }
 
 #[test]
+fn a_gcs_sink_takes_an_endpoint_and_no_credentials() {
+    let text = with_sink(
+        "[[sinks]]\nkind = \"gcs\"\nbucket = \"lake\"\nendpoint = \"http://127.0.0.1:4443\"\nanonymous = true\n",
+    );
+    let config = Config::parse(&text, Path::new("x.toml")).expect("valid");
+    let SinkKind::Object(object) = &config.sinks[0].kind else {
+        panic!("an object sink");
+    };
+    let Store::Gcs(gcs) = &object.store else {
+        panic!("a gcs store: {object:?}");
+    };
+    assert_eq!(gcs.endpoint.as_deref(), Some("http://127.0.0.1:4443"));
+    assert!(gcs.anonymous && gcs.service_account_key.is_none());
+    let text = with_sink("[[sinks]]\nkind = \"gcs\"\nbucket = \"lake\"\n");
+    let config = Config::parse(&text, Path::new("x.toml")).expect("valid");
+    let SinkKind::Object(object) = &config.sinks[0].kind else {
+        panic!("an object sink");
+    };
+    let Store::Gcs(gcs) = &object.store else {
+        panic!("a gcs store: {object:?}");
+    };
+    assert!(
+        gcs.endpoint.is_none() && !gcs.anonymous,
+        "Google, with credentials"
+    );
+}
+
+#[test]
 fn an_unknown_sink_key_lists_what_that_kind_accepts() {
-    let text = with_sink("[[sinks]]\nkind = \"gcs\"\nbucket = \"b\"\n  endpoint = \"x\"\n");
+    let text = with_sink("[[sinks]]\nkind = \"gcs\"\nbucket = \"b\"\n  region = \"x\"\n");
     assert_eq!(
         error_of(&text),
-        "edgespool.toml:12:3: unknown key `endpoint` for a sink of kind \"gcs\"; expected one of \
-         `bucket`, `compression`, `format`, `keys`, `late_grace`, `late_max_rows`, `layout`, `name`, \
-         `part_size`, `prefix`, `retry_max`, `service_account_key`, `service_account_key_file`, `timeout`"
+        "edgespool.toml:12:3: unknown key `region` for a sink of kind \"gcs\"; expected one of \
+         `anonymous`, `bucket`, `compression`, `endpoint`, `format`, `keys`, `late_grace`, `late_max_rows`, \
+         `layout`, `name`, `part_size`, `prefix`, `retry_max`, `service_account_key`, \
+         `service_account_key_file`, `timeout`"
     );
     let text = with_sink("[[sinks]]\nkind = \"local\"\npath = \"/o\"\ntimeout = \"1s\"\n");
     assert!(
@@ -104,6 +133,14 @@ fn sink_settings_that_cannot_work_are_refused() {
         (
             "kind = \"s3\"\nbucket = \"b\"\nendpoint = \"minio:9000\"",
             "sink \"s3\": endpoint \"minio:9000\" must start with https:// or http://",
+        ),
+        (
+            "kind = \"gcs\"\nbucket = \"b\"\nendpoint = \"127.0.0.1:4443\"",
+            "sink \"gcs\": endpoint \"127.0.0.1:4443\" must start with https:// or http://",
+        ),
+        (
+            "kind = \"gcs\"\nbucket = \"b\"\nanonymous = true\nservice_account_key = \"{}\"",
+            "sink \"gcs\": anonymous = true sends no credentials; remove the service account key or anonymous",
         ),
         (
             "kind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"a\"",

@@ -42,6 +42,9 @@ pub struct ObjectSink {
     location: String,
     /// A local folder's root, whose folders are fsynced after each write.
     local_root: Option<PathBuf>,
+    /// The error code a store answers with when the container a sink writes to does
+    /// not exist, and what to say instead of its answer.
+    missing: Option<(&'static str, String)>,
 }
 
 impl ObjectSink {
@@ -78,6 +81,27 @@ impl ObjectSink {
                 Store::Local(local) => Some(local.path.clone()),
                 _ => None,
             },
+            missing: match &config.store {
+                Store::Azure(azure) => Some((
+                    "ContainerNotFound",
+                    format!(
+                        "container {:?} does not exist in account {:?}; create it \
+                         (edgespool does not create containers)",
+                        azure.container, azure.account
+                    ),
+                )),
+                _ => None,
+            },
+        }
+    }
+
+    /// The store's error as the sink's status shows it: a missing container said so in
+    /// a sentence, anything else as the store put it.
+    fn explain(&self, error: &object_store::Error) -> String {
+        let text = error.to_string();
+        match &self.missing {
+            Some((code, message)) if text.contains(code) => message.clone(),
+            _ => text,
         }
     }
 }
@@ -173,13 +197,27 @@ fn s3_opener(s3: &S3Store, config: &ObjectConfig) -> Opener {
 
 fn gcs_opener(gcs: &GcsStore, config: &ObjectConfig) -> Opener {
     let gcs = gcs.clone();
-    let options = client_options(config, None);
+    let options = client_options(config, gcs.endpoint.as_deref());
     let retry = retry_config(config);
     Arc::new(move || {
         let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
             .with_bucket_name(&gcs.bucket)
             .with_client_options(options.clone())
             .with_retry(retry.clone());
+        if let Some(endpoint) = &gcs.endpoint {
+            builder = builder.with_base_url(endpoint.trim_end_matches('/'));
+        }
+        if gcs.anonymous {
+            // Design: no token is asked for (from Google, or a VM's metadata server).
+            // Skipping the signature alone is not enough: object_store 0.14 still asks
+            // its credential provider on uploads, so an empty static token stands in.
+            let empty = object_store::gcp::GcpCredential {
+                bearer: String::new(),
+            };
+            builder = builder
+                .with_skip_signature(true)
+                .with_credentials(Arc::new(object_store::StaticCredentialProvider::new(empty)));
+        }
         let key = config::one_secret(
             "service_account_key",
             &gcs.service_account_key,
@@ -328,13 +366,13 @@ impl Sink for ObjectSink {
                 let upload = store
                     .put_multipart_opts(&path, options)
                     .await
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| fail(self.explain(&e)))?;
                 let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
                 writer.put(bytes::Bytes::from(body));
                 writer.finish().await
             }
         };
-        written.map_err(|e| fail(e.to_string()))?;
+        written.map_err(|e| fail(self.explain(&e)))?;
         if let Some(root) = &self.local_root {
             // Design: object_store synced the file's folder and the folders it created;
             // the ones above, up to the root, are synced as well, in case an earlier run
@@ -352,6 +390,58 @@ impl Sink for ObjectSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The object sink of a one-sink configuration with these store keys.
+    fn object_config(store: &str) -> ObjectConfig {
+        let text = format!(
+            "[agent]\ndevice_id = \"d\"\nspool = \"/tmp/s.db\"\n\n[[sources]]\nkind = \"system\"\n\n[[sinks]]\n{store}\n"
+        );
+        let config = config::Config::parse(&text, std::path::Path::new("x.toml")).expect("valid");
+        match &config.sinks[0].kind {
+            config::SinkKind::Object(object) => (**object).clone(),
+            other => panic!("an object sink: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_http_only_for_an_endpoint_written_with_http() {
+        let allowed = |endpoint: Option<&str>| {
+            let config = object_config("kind = \"gcs\"\nbucket = \"b\"");
+            client_options(&config, endpoint)
+                .get_config_value(&object_store::ClientConfigKey::AllowHttp)
+        };
+        assert_eq!(
+            allowed(Some("http://127.0.0.1:4443")).as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            allowed(Some("https://gcs.example")).as_deref(),
+            Some("false")
+        );
+        assert_eq!(allowed(None).as_deref(), Some("false"));
+    }
+
+    #[test]
+    fn a_missing_azure_container_is_said_in_a_sentence() {
+        let config = object_config("kind = \"azure\"\naccount = \"acct\"\ncontainer = \"raw\"");
+        let sink = ObjectSink::new("lake", &config);
+        let missing = object_store::Error::Generic {
+            store: "MicrosoftAzure",
+            source: "Client error with status 404 Not Found: <Code>ContainerNotFound</Code>".into(),
+        };
+        assert_eq!(
+            sink.explain(&missing),
+            "container \"raw\" does not exist in account \"acct\"; create it (edgespool does not create containers)"
+        );
+        let other = object_store::Error::Generic {
+            store: "MicrosoftAzure",
+            source: "connection refused".into(),
+        };
+        assert_eq!(
+            sink.explain(&other),
+            "Generic MicrosoftAzure error: connection refused"
+        );
+    }
 
     #[test]
     fn only_staging_files_are_removed() {
