@@ -232,6 +232,21 @@ pub fn describe(config: &Config, path: &Path) -> String {
                     topics.join(", ")
                 )
             }
+            SourceKind::Listen(listen) => {
+                let detail = format!(
+                    "serves http://{}/ (/api/v2/write, /write, /samples), token {}, max_body {}, max_lines {}",
+                    listen.address,
+                    if listen.token().is_some() {
+                        "<secret>"
+                    } else {
+                        "none"
+                    },
+                    listen.max_body,
+                    listen.max_lines
+                );
+                let _ = writeln!(out, "source     {} (listen): {detail}", s.name);
+                continue;
+            }
             SourceKind::Http(http) => {
                 let mut d = format!("GET {}", http.url);
                 let secrets: Vec<&String> = http

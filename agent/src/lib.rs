@@ -2,7 +2,8 @@
 //!
 //! The stages, in the order data flows through them (see DESIGN.md):
 //!
-//! 1. [`source`]: sensors, files and HTTP APIs, each in its own task, produce samples;
+//! 1. [`source`]: sensors, files and HTTP APIs, each in its own task, produce samples
+//!    (and devices push them to a `listen` source's HTTP server);
 //! 2. [`aggregate`]: tumbling windows, aligned to UTC, reduce samples to window rows;
 //! 3. [`spool`]: one SQLite writer commits closed windows, one transaction per flush;
 //! 4. [`sink`]: one uploader per sink sends closed partitions, then records delivery;
@@ -43,7 +44,7 @@ use tracing::{info, warn};
 
 use crate::aggregate::AggregateTask;
 use crate::config::Config;
-use crate::config::SinkKind;
+use crate::config::{SinkKind, SourceKind};
 use crate::flow::{LiveLink, LiveStats, SourceStats};
 use crate::sink::{MqttFeed, Uploader};
 use crate::source::SourceTask;
@@ -126,6 +127,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut tasks = JoinSet::new();
     let mut stats = Vec::new();
     for source_config in &config.sources {
+        if let SourceKind::Listen(listen) = &source_config.kind {
+            let source_stats = Arc::new(SourceStats::new(&source_config.name, "listen"));
+            stats.push(Arc::clone(&source_stats));
+            let server = source::listen::ListenServer::bind(
+                &source_config.name,
+                listen,
+                source_stats,
+                samples_tx.clone(),
+                stopping.clone(),
+            )
+            .map_err(|source| RunError::Source {
+                name: source_config.name.clone(),
+                source,
+            })?;
+            tasks.spawn(server.run());
+            continue;
+        }
         let built =
             source::build(source_config, &agent.spool).map_err(|source| RunError::Source {
                 name: source_config.name.clone(),

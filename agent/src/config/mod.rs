@@ -6,13 +6,14 @@
 //! here, once, and only ever printed as `<secret>`.
 //!
 //! The files: `agent.rs` the `[agent]` table, `source.rs` the `[[sources]]`, `sink.rs` the
-//! `[[sinks]]`, `store.rs` each object store's keys and the file formats, `broker.rs` the MQTT connection both share, `secret.rs` secrets,
+//! `[[sinks]]`, `store.rs` each object store's keys and the file formats, `broker.rs` the MQTT connection both share, `listen.rs` the `listen` source's server, `secret.rs` secrets,
 //! `durations.rs` durations, `located.rs` errors and their positions, `tables.rs` the
 //! splitting of `[[sources]]` and `[[sinks]]` tables.
 
 mod agent;
 mod broker;
 mod durations;
+mod listen;
 mod located;
 mod secret;
 mod sink;
@@ -31,6 +32,7 @@ use toml::de::DeTable;
 pub use self::agent::{AgentConfig, ClockPolicy, WhenFull};
 pub use self::broker::MqttConnection;
 pub use self::durations::Seconds;
+pub use self::listen::{DEFAULT_LISTEN_ADDRESS, ListenSource, listen_address};
 pub use self::located::ConfigError;
 pub use self::secret::{Secret, SecretFile, one_secret};
 pub use self::sink::{MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store};

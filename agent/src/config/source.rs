@@ -12,6 +12,7 @@ use toml::de::DeValue;
 
 use super::broker::{MqttConnection, default_qos, validate_broker};
 use super::durations::duration;
+use super::listen::{ListenSource, validate_listen};
 use super::located::{Located, value_span};
 use super::secret::{Secret, SecretFile};
 use super::tables::{field_names, kind_of, split_table, without_kind};
@@ -54,6 +55,8 @@ pub enum SourceKind {
     Http(Box<HttpSource>),
     /// Topics of an MQTT broker.
     Mqtt(Box<MqttSource>),
+    /// An HTTP server devices push to (InfluxDB line protocol, JSON).
+    Listen(Box<ListenSource>),
 }
 
 impl SourceKind {
@@ -64,6 +67,7 @@ impl SourceKind {
             SourceKind::Sysfs(_) => "sysfs",
             SourceKind::Http(_) => "http",
             SourceKind::Mqtt(_) => "mqtt",
+            SourceKind::Listen(_) => "listen",
         }
     }
 }
@@ -276,7 +280,7 @@ impl MqttSource {
 /// The largest packet MQTT can carry (a remaining length of 268,435,455 bytes): 256 MiB.
 pub const MAX_PACKET_LIMIT: u64 = 268_435_455;
 
-fn default_max_series() -> NonZeroU32 {
+pub(super) fn default_max_series() -> NonZeroU32 {
     NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN)
 }
 
@@ -427,6 +431,8 @@ pub(super) fn validate_source(source: &SourceConfig) -> Result<(), String> {
             Ok(())
         }
         SourceKind::Mqtt(mqtt) => validate_mqtt(name, mqtt),
+        // Checked as it is parsed, where the address's position is known.
+        SourceKind::Listen(_) => Ok(()),
     }
 }
 
@@ -508,9 +514,9 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
     let kind = kind_of(
         &table,
         "sources",
-        "\"system\", \"sysfs\", \"http\", \"mqtt\"",
+        "\"system\", \"sysfs\", \"http\", \"mqtt\", \"listen\"",
     )?;
-    let kind_span = value_span(&table, "kind").unwrap_or(span);
+    let kind_span = value_span(&table, "kind").unwrap_or(span.clone());
     Ok(match kind.as_str() {
         "system" => {
             let s: SystemSource = without_kind(table)?;
@@ -555,11 +561,26 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 kind: SourceKind::Mqtt(Box::new(s)),
             }
         }
+        "listen" => {
+            let address_at = value_span(&table, "address");
+            let s: ListenSource = without_kind(table)?;
+            validate_listen(&s.name, &s).map_err(|(at_address, why)| {
+                let at = if at_address { address_at.clone() } else { None };
+                (at.or(Some(span.clone())), why)
+            })?;
+            SourceConfig {
+                name: s.name.clone(),
+                interval: default_interval(),
+                timeout: s.timeout,
+                repeats: s.repeats,
+                kind: SourceKind::Listen(Box::new(s)),
+            }
+        }
         other => {
             return Err((
                 Some(kind_span),
                 format!(
-                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\""
+                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"listen\""
                 ),
             ));
         }

@@ -12,6 +12,8 @@
 //! `nulls` and `not_finite`; neither is an invalid value nor a problem.
 
 pub(crate) mod http;
+mod line_protocol;
+pub mod listen;
 pub(crate) mod mqtt;
 mod sysfs;
 pub(crate) use sysfs::parse_file;
@@ -117,6 +119,12 @@ pub fn build(config: &SourceConfig, spool_path: &Path) -> Result<Box<dyn Source>
         SourceKind::Sysfs(s) => Box::new(sysfs::SysfsSource::new(&config.name, s)),
         SourceKind::Http(s) => Box::new(http::HttpSource::new(&config.name, s, config.timeout)?),
         SourceKind::Mqtt(s) => Box::new(mqtt::MqttSource::new(&config.name, s)?),
+        // Design: a server is no sampled source; `run` starts it as a task of its own.
+        SourceKind::Listen(_) => {
+            return Err(SourceError::Parse {
+                reason: "a listen source is served by listen::ListenServer, not sampled".into(),
+            });
+        }
     })
 }
 
