@@ -88,35 +88,7 @@ impl ListenServer {
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(tokio::net::TcpListener::from_std)
             .map_err(|err| parse(format!("cannot listen on {address}: {err}")))?;
-        let json_fields = config
-            .fields
-            .iter()
-            .map(|f| {
-                let series = Series::new(format!("{name}.{}", f.name), f.unit.as_deref());
-                (f.clone(), Arc::new(series))
-            })
-            .collect();
-        let shared = Shared {
-            name: name.to_owned(),
-            token: config.token().map(|t| t.expose().to_owned()),
-            max_body: usize::try_from(config.max_body.as_u64()).unwrap_or(usize::MAX),
-            max_lines: config.max_lines.get() as usize,
-            timeout: config.timeout,
-            booleans: config.booleans,
-            keep_repeats: config.repeats == Repeats::Keep,
-            json_fields,
-            timestamp: config.timestamp.clone(),
-            names: Mutex::new(Names {
-                source: name.to_owned(),
-                by_key: HashMap::new(),
-                made: 0,
-                max: config.max_series.get(),
-            }),
-            reports: Mutex::new(Reports::new(REPORT_PERIOD)),
-            stats,
-            samples,
-            stopping: shutdown.clone(),
-        };
+        let shared = Shared::new(name, config, stats, samples, shutdown.clone());
         Ok(ListenServer {
             listener,
             shared: Arc::new(shared),
@@ -155,6 +127,46 @@ impl ListenServer {
         }
         drop(self.listener);
         while connections.join_next().await.is_some() {}
+    }
+}
+
+impl Shared {
+    fn new(
+        name: &str,
+        config: &ListenSource,
+        stats: Arc<SourceStats>,
+        samples: mpsc::Sender<Sampled>,
+        stopping: watch::Receiver<bool>,
+    ) -> Shared {
+        let json_fields = config
+            .fields
+            .iter()
+            .map(|f| {
+                let series = Series::new(format!("{name}.{}", f.name), f.unit.as_deref());
+                (f.clone(), Arc::new(series))
+            })
+            .collect();
+        Shared {
+            name: name.to_owned(),
+            token: config.token().map(|t| t.expose().to_owned()),
+            max_body: usize::try_from(config.max_body.as_u64()).unwrap_or(usize::MAX),
+            max_lines: config.max_lines.get() as usize,
+            timeout: config.timeout,
+            booleans: config.booleans,
+            keep_repeats: config.repeats == Repeats::Keep,
+            json_fields,
+            timestamp: config.timestamp.clone(),
+            names: Mutex::new(Names {
+                source: name.to_owned(),
+                by_key: HashMap::new(),
+                made: 0,
+                max: config.max_series.get(),
+            }),
+            reports: Mutex::new(Reports::new(REPORT_PERIOD)),
+            stats,
+            samples,
+            stopping,
+        }
     }
 }
 
@@ -963,6 +975,102 @@ mod tests {
         assert_eq!(
             batch.series_refused.as_deref(),
             Some("max_series (2) reached: push.m.c and other new series are not made")
+        );
+    }
+
+    fn listen_config(extra: &str) -> ListenSource {
+        let text = format!(
+            "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"listen\"\nname = \"push\"\n{extra}\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n"
+        );
+        let config =
+            crate::config::Config::parse(&text, std::path::Path::new("t.toml")).expect("valid");
+        let crate::config::SourceKind::Listen(listen) = &config.sources[0].kind else {
+            panic!("a listen source");
+        };
+        (**listen).clone()
+    }
+
+    fn sampled(n: usize) -> Batch {
+        let series = Arc::new(Series::new("push.m.v", None));
+        let mut batch = Batch::default();
+        for i in 0..n {
+            batch.push(&series, Stamp::Own(i as i64), 1.0);
+        }
+        batch
+    }
+
+    #[tokio::test]
+    async fn a_full_aggregator_channel_is_answered_503_and_nothing_is_taken() {
+        let config = listen_config("timeout = \"50ms\"");
+        let stats = Arc::new(SourceStats::new("push", "listen"));
+        let (tx, mut rx) = mpsc::channel(1);
+        let (_stop, stopping) = watch::channel(false);
+        let shared = Shared::new("push", &config, Arc::clone(&stats), tx, stopping);
+        // The first fills the channel; the second finds no room within the timeout.
+        shared
+            .hand_over(&mut sampled(2), 0, Instant::now())
+            .await
+            .unwrap_or_else(|r| panic!("room for the first: {}", r.message));
+        let mut second = sampled(3);
+        let refused = shared
+            .hand_over(&mut second, 0, Instant::now())
+            .await
+            .err()
+            .expect("no room for the second");
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            refused.message,
+            "the aggregator is busy; nothing taken, send again later"
+        );
+        let response = shared.refuse(Endpoint::V2, refused);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        assert_eq!(second.samples.len(), 3, "the refused samples are not taken");
+        let deltas = stats.take_deltas();
+        assert_eq!((deltas.samples, deltas.errors), (2, 1));
+        // Once the aggregator takes the first, the second goes.
+        assert_eq!(rx.recv().await.map(|s| s.samples.len()), Some(2));
+        shared
+            .hand_over(&mut second, 0, Instant::now())
+            .await
+            .unwrap_or_else(|r| panic!("room now: {}", r.message));
+        assert_eq!(rx.recv().await.map(|s| s.samples.len()), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_stopping_agent_takes_no_more() {
+        let config = listen_config("");
+        let stats = Arc::new(SourceStats::new("push", "listen"));
+        let (tx, mut rx) = mpsc::channel(8);
+        let (stop, stopping) = watch::channel(false);
+        let shared = Shared::new("push", &config, stats, tx, stopping);
+        stop.send(true).expect("a receiver");
+        let refused = shared
+            .hand_over(&mut sampled(1), 0, Instant::now())
+            .await
+            .err()
+            .expect("stopping");
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(rx.try_recv().is_err(), "nothing handed over");
+    }
+
+    #[test]
+    fn listen_config_errors_point_at_the_address() {
+        let text = "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"listen\"\nname = \"push\"\naddress = \"pi.local:80\"\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n";
+        let err = crate::config::Config::parse(text, std::path::Path::new("t.toml"))
+            .expect_err("not an IP address");
+        assert_eq!(
+            err.to_string(),
+            "t.toml:6:11: source \"push\": address \"pi.local:80\" is not an IP address and port, e.g. \"127.0.0.1:8086\" or \"0.0.0.0:8086\""
+        );
+        let text = text.replace(
+            "pi.local:80",
+            "127.0.0.1:8086\"\ntoken = \"a\"\ntoken_file = \"/dev/null",
+        );
+        let err =
+            crate::config::Config::parse(&text, std::path::Path::new("t.toml")).expect_err("both");
+        assert_eq!(
+            err.to_string(),
+            "t.toml:3:1: source \"push\": give `token` or `token_file`, not both"
         );
     }
 
