@@ -38,7 +38,7 @@ use tracing::{info, warn};
 
 use super::http::{event_time, number};
 use super::line_protocol::{FieldValue, Point, Precision, is_blank, parse_line};
-use super::report::{Kind, Reports};
+use super::report::{Kind, Line, Reports};
 use super::{Batch, EARLIEST_MS, REPORT_PERIOD, SourceError, log};
 use crate::clock;
 use crate::config::{JsonField, ListenSource, Repeats, listen_address};
@@ -207,12 +207,10 @@ enum Endpoint {
     Json,
 }
 
-/// A request answered with an error, and how `status` counts it.
+/// A request answered with an error (counted in `errors`) and nothing of it taken.
 struct Refusal {
     status: StatusCode,
     message: String,
-    /// Counted in `errors` (a refused request) rather than not at all.
-    counted: bool,
 }
 
 impl Refusal {
@@ -220,7 +218,6 @@ impl Refusal {
         Refusal {
             status,
             message: message.into(),
-            counted: true,
         }
     }
 }
@@ -237,22 +234,20 @@ impl Shared {
                 let body = serde_json::json!({"name": "edgespool", "status": "pass"});
                 return json(StatusCode::OK, body.to_string());
             }
-            (_, "/api/v2/write" | "/write" | "/samples" | "/query" | "/ping" | "/health")
-                if req.method() != Method::POST && path != "/query" =>
-            {
-                return error(
-                    Endpoint::V2,
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "use POST to write",
-                );
-            }
-            (_, "/query") => {
+            (&Method::GET | &Method::POST, "/query") => {
                 if let Err(refusal) = self.authorize(req.headers(), &query(&req), peer) {
                     return self.refuse(Endpoint::V1, refusal);
                 }
                 // Writers that create their database first (Telegraf's influxdb output).
                 let body = serde_json::json!({"results": [{"statement_id": 0}]});
                 return json(StatusCode::OK, body.to_string());
+            }
+            (_, "/api/v2/write" | "/write" | "/samples" | "/query" | "/ping" | "/health") => {
+                return error(
+                    Endpoint::V2,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method not allowed: write with POST",
+                );
             }
             _ => {
                 return error(
@@ -282,11 +277,9 @@ impl Shared {
         let query = query(&req);
         self.authorize(req.headers(), &query, peer)?;
         let precision = match query.iter().find(|(k, _)| k == "precision") {
-            Some((_, p)) if endpoint != Endpoint::Json => Precision::parse(p).map_err(|why| {
-                let mut refusal = Refusal::new(StatusCode::BAD_REQUEST, why);
-                refusal.counted = false;
-                refusal
-            })?,
+            Some((_, p)) if endpoint != Endpoint::Json => {
+                Precision::parse(p).map_err(|why| Refusal::new(StatusCode::BAD_REQUEST, why))?
+            }
             _ => Precision::Nanoseconds,
         };
         if endpoint == Endpoint::Json && self.json_fields.is_empty() {
@@ -589,15 +582,17 @@ impl Shared {
 
     /// Answers a refused request, counting it.
     fn refuse(&self, endpoint: Endpoint, refusal: Refusal) -> Response<Full<Bytes>> {
-        if refusal.counted {
-            let at = Instant::now();
-            self.stats.count_error();
-            self.stats.problem(clock::now_ms(), refusal.message.clone());
-            if let Ok(mut reports) = self.reports.lock() {
-                log(
-                    &self.name,
-                    reports.note(Kind::Failed, at, 1, refusal.message.clone()),
-                );
+        let at = Instant::now();
+        self.stats.count_error();
+        self.stats.problem(clock::now_ms(), refusal.message.clone());
+        if let Ok(mut reports) = self.reports.lock()
+            && let Some(line) = reports.note(Kind::Failed, at, 1, refusal.message.clone())
+        {
+            let Line { message, more, .. } = line;
+            if more == 0 {
+                warn!(source = %self.name, error = %message, "request refused");
+            } else {
+                warn!(source = %self.name, error = %message, "request refused ({more} more since the last report)");
             }
         }
         let mut response = error(endpoint, refusal.status, &refusal.message);
@@ -1015,8 +1010,7 @@ mod tests {
         let refused = shared
             .hand_over(&mut second, 0, Instant::now())
             .await
-            .err()
-            .expect("no room for the second");
+            .expect_err("no room for the second");
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             refused.message,
@@ -1047,8 +1041,7 @@ mod tests {
         let refused = shared
             .hand_over(&mut sampled(1), 0, Instant::now())
             .await
-            .err()
-            .expect("stopping");
+            .expect_err("stopping");
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(rx.try_recv().is_err(), "nothing handed over");
     }
