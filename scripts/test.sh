@@ -4,7 +4,7 @@
 # It builds the agent once and the end-to-end tests reuse that build. Servers the tests
 # need are installed here when they are missing: into a venv under target/ from PyPI,
 # DuckDB, pandas, pyarrow, polars, boto3 and azure-storage-blob to read the output back,
-# influxdb-client to write line protocol to the listen source,
+# influxdb-client and influxdb to write line protocol to the listen source,
 # moto as the S3-compatible server and gcp-storage-emulator for GCS; from npm into
 # target/, Azurite for Azure Blob Storage; from Debian, PostgreSQL, Mosquitto,
 # libfaketime and fuse3. Each test starts its own servers on free loopback ports in temp
@@ -59,10 +59,12 @@ if ! "$venv/bin/python" -c 'import gcp_storage_emulator, azure.storage.blob' >/d
         'gcp-storage-emulator==2026.7.19' 'azure-storage-blob==12.31.1'
 fi
 
-# The listen source's writer: InfluxDB's own Python client library (line protocol, gzip).
-if ! "$venv/bin/python" -c 'import influxdb_client' >/dev/null 2>&1; then
-    echo "==> installing influxdb-client for the tests into $venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'influxdb-client==1.50.0'
+# The listen source's writers: InfluxDB's own Python client libraries, for InfluxDB 2
+# (influxdb-client) and InfluxDB 1 (influxdb): line protocol, gzip, tokens, basic auth.
+if ! "$venv/bin/python" -c 'import influxdb_client, influxdb' >/dev/null 2>&1; then
+    echo "==> installing influxdb-client and influxdb for the tests into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        'influxdb-client==1.50.0' 'influxdb==5.3.2'
 fi
 
 # Azurite, the Azure Blob Storage emulator, from npm into target/test-node (3.35.0: the

@@ -341,6 +341,84 @@ fn pushed_line_protocol_and_json_land_as_windows_and_bad_writes_do_not() {
     );
 }
 
+/// Writes with the InfluxDB 1 client (`influxdb` package): argv port, password, first
+/// second. Five points by `/write` with basic auth and gzip, then one with a wrong
+/// password; prints the status of each write.
+const INFLUX_1_CLIENT: &str = r#"
+import json, sys
+from influxdb import InfluxDBClient
+from influxdb.exceptions import InfluxDBClientError
+
+port, password, t0 = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+
+def write(password, points):
+    client = InfluxDBClient(host="127.0.0.1", port=port, username="me", password=password,
+                            database="home", gzip=True)
+    try:
+        client.write_points(points, time_precision="s")
+        return 204
+    except InfluxDBClientError as err:
+        return err.code
+
+room = [{"measurement": "room", "tags": {"floor": "1"}, "fields": {"temp": 20.0 + i, "on": True},
+         "time": t0 + i} for i in range(5)]
+print(json.dumps({"room": write(password, room),
+                  "wrong": write("wrong", [{"measurement": "intruder", "fields": {"v": 1.0},
+                                            "time": t0}])}))
+"#;
+
+#[test]
+fn an_influxdb_1_client_writes_with_basic_auth_and_gzip() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config = config(dir.path(), port);
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+    let t0 = T0 + 7200;
+    wait_for("the server to answer", Duration::from_secs(30), || {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://127.0.0.1:{port}/ping"))
+            .output()
+            .ok()?;
+        (out.stdout == b"204").then_some(())
+    });
+    let out = Command::new(python())
+        .args(["-c", INFLUX_1_CLIENT])
+        .arg(port.to_string())
+        .arg(TOKEN)
+        .arg(t0.to_string())
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "the influxdb script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(answers, serde_json::json!({"room": 204, "wrong": 401}));
+    // Five temperatures and five booleans (as 1).
+    wait_for("the samples counted", Duration::from_secs(30), || {
+        let status = agent.try_status()?;
+        (find_source(&status, "push")?["samples"].as_u64()? == 10).then_some(())
+    });
+    let config_path = config.clone();
+    settle(agent, Duration::from_secs(60), || {
+        edgespool_tests::try_status_json(&config_path)
+            .and_then(|s| find_source(&s, "push")?["errors"].as_u64())
+            == Some(1)
+    });
+    let rows: Vec<Value> = read_tree(&dir.path().join("out"))
+        .into_iter()
+        .flat_map(|f| f.rows)
+        .collect();
+    let temps: Vec<(String, u64, f64)> =
+        (0..5).map(|i| (utc(t0 + i), 1, 20.0 + i as f64)).collect();
+    assert_eq!(windows(&rows, "push.room.temp"), temps);
+    let on: Vec<(String, u64, f64)> = (0..5).map(|i| (utc(t0 + i), 1, 1.0)).collect();
+    assert_eq!(windows(&rows, "push.room.on"), on);
+    assert!(!rows.iter().any(|r| r["series"] == "push.intruder.v"));
+}
+
 #[test]
 fn a_listen_source_on_another_machine_s_address_needs_a_token() {
     let dir = tempfile::tempdir().expect("temp dir");
