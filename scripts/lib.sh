@@ -1,5 +1,5 @@
 # Shared by the benchmark scripts (bench.sh, bench-drain.sh, bench-postgres.sh,
-# bench-mqtt.sh), sourced before they change folder:
+# bench-mqtt.sh, bench-listen.sh), sourced before they change folder:
 #
 #   . "$(dirname "$0")/lib.sh"
 #
