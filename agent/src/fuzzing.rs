@@ -151,3 +151,20 @@ pub fn config(data: &[u8]) {
         Err(other) => panic!("an error without a place: {other}"),
     }
 }
+
+/// A body of InfluxDB line protocol, as the `listen` source reads a request; the first
+/// byte picks the precision.
+pub fn line_protocol(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let precision = ["ns", "us", "ms", "s", "m", "h"][usize::from(first) % 6];
+    let batch = crate::source::listen::read_for_fuzzing(text, precision);
+    check(&batch);
+    for sample in &batch.samples {
+        assert!(sample.value.is_finite(), "a sample that is no number");
+    }
+}

@@ -445,6 +445,64 @@ mod tests {
         assert_eq!(parse_line("m v=1 7\r").expect("valid").timestamp, Some(7));
     }
 
+    /// A name or tag value escaped as a writer escapes it.
+    fn escaped(text: &str, measurement: bool) -> String {
+        let mut out = String::new();
+        for c in text.chars() {
+            if c == ',' || c == ' ' || (c == '=' && !measurement) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_a_point_or_a_reason_never_a_panic(line in "\\PC{0,60}") {
+            let _ = parse_line(&line);
+        }
+
+        #[test]
+        fn escaped_names_and_values_read_back_as_written(
+            measurement in "[a-z][a-z ,=é]{0,7}",
+            tag in "[a-z][a-z ,=]{0,5}",
+            value in "[a-z0-9 ,=]{1,6}",
+            field in "[a-z][a-z ,=]{0,5}",
+            x in -1e9f64..1e9,
+            text in "[a-z ,=\"\\\\]{0,8}",
+            timestamp in proptest::option::of(proptest::num::i64::ANY),
+        ) {
+            let string = text.replace('\\', "\\\\").replace('"', "\\\"");
+            let mut line = format!(
+                "{},{}={} {}={x:?},s=\"{string}\"",
+                escaped(&measurement, true),
+                escaped(&tag, false),
+                escaped(&value, false),
+                escaped(&field, false),
+            );
+            if let Some(t) = timestamp {
+                line.push_str(&format!(" {t}"));
+            }
+            let point = parse_line(&line).map_err(|why| {
+                proptest::test_runner::TestCaseError::fail(format!("{line:?}: {why}"))
+            })?;
+            proptest::prop_assert_eq!(point.measurement.as_ref(), measurement.as_str());
+            proptest::prop_assert_eq!(
+                point.tags,
+                vec![(Cow::Owned(tag), Cow::Owned(value))]
+            );
+            proptest::prop_assert_eq!(
+                point.fields,
+                vec![
+                    (Cow::Owned(field), FieldValue::Float(x)),
+                    (Cow::Borrowed("s"), FieldValue::String)
+                ]
+            );
+            proptest::prop_assert_eq!(point.timestamp, timestamp);
+        }
+    }
+
     #[test]
     fn precision_floors_timestamps_to_the_millisecond() {
         let p = |text| Precision::parse(text).expect("a precision");

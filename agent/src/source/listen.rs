@@ -733,6 +733,22 @@ fn read_lines(
     Ok(read)
 }
 
+/// Reads a body of line protocol as a request to a source named `fuzz` is read, every
+/// series allowed: for the fuzz target ([`crate::fuzzing::line_protocol`]).
+#[doc(hidden)]
+pub fn read_for_fuzzing(text: &str, precision: &str) -> Batch {
+    let mut names = Names {
+        source: "fuzz".to_owned(),
+        by_key: HashMap::new(),
+        made: 0,
+        max: u32::MAX,
+    };
+    let mut batch = Batch::default();
+    let precision = Precision::parse(precision).unwrap_or(Precision::Nanoseconds);
+    let _ = read_lines(text, precision, true, usize::MAX, &mut names, &mut batch);
+    batch
+}
+
 /// The query parameters of a request, decoded.
 fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
     let text = req.uri().query().unwrap_or("");
