@@ -532,6 +532,13 @@ impl Shared {
                 ));
             }
         };
+        // Design: the aggregator drains its channel once, when asked to stop; a permit
+        // granted by that drain is too late. Checked again after the wait, the send that
+        // follows (no await between) is before the aggregator sees the stop (the runtime
+        // has one thread), so its drain takes the samples.
+        if *self.stopping.borrow() {
+            return Err(busy("edgespool is stopping; send again later"));
+        }
         self.stats.count_samples(batch.samples.len() as u64);
         permit.send(Sampled {
             samples: std::mem::take(&mut batch.samples),
@@ -1060,6 +1067,31 @@ mod tests {
             .expect_err("stopping");
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(rx.try_recv().is_err(), "nothing handed over");
+    }
+
+    #[tokio::test]
+    async fn a_stop_while_waiting_for_room_takes_nothing() {
+        let config = listen_config("");
+        let stats = Arc::new(SourceStats::new("push", "listen"));
+        let (tx, mut rx) = mpsc::channel(1);
+        let (stop, stopping) = watch::channel(false);
+        let shared = Shared::new("push", &config, stats, tx, stopping);
+        shared
+            .hand_over(&mut sampled(1), 0, Instant::now())
+            .await
+            .unwrap_or_else(|r| panic!("room for the first: {}", r.message));
+        // The second waits for room; the stop comes, and the aggregator's drain makes room.
+        let mut second = sampled(2);
+        let waiting = shared.hand_over(&mut second, 0, Instant::now());
+        let (handed, drained) = tokio::join!(waiting, async {
+            tokio::task::yield_now().await;
+            stop.send(true).expect("a receiver");
+            rx.recv().await.map(|s| s.samples.len())
+        });
+        assert_eq!(drained, Some(1));
+        let refused = handed.expect_err("too late for the drain");
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(rx.try_recv().is_err(), "nothing after the drain");
     }
 
     #[test]
