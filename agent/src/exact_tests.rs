@@ -38,6 +38,7 @@ fn options() -> SpoolOptions {
         sinks: vec![("a".into(), "local")],
         live: Vec::new(),
         late: std::collections::HashMap::new(),
+        each_flush: Default::default(),
     }
 }
 

@@ -3,12 +3,15 @@
 //! 1. `INSERT INTO edgespool_loads (…, partition, part)` with `ON CONFLICT DO NOTHING`:
 //!    if the row was there already, this part was committed before (the acknowledgement
 //!    was lost, or the agent died before recording the delivery) and nothing else is done.
-//! 2. A first part (`part-0000`) of a partition is copied straight into the table: no
-//!    earlier load holds its windows. Should one do (a table fed by an earlier spool),
-//!    the unique violation rolls it back and it goes the way of later parts:
+//!    A later part's record takes in the earlier parts' of its partition (one row per
+//!    partition, however many flushes sent parts of it; see `load`).
+//! 2. The rows are copied straight into the table: a part of the open partition (the
+//!    sink gets each flush's windows, `deliver = "each_flush"`) or a partition's first
+//!    part holds windows no earlier load holds. Should one be there (late rows of a
+//!    window loaded before, a table fed by an earlier spool), the unique violation rolls
+//!    the part back and it goes through staging:
 //! 3. `COPY` into a temporary staging table, then `INSERT … SELECT` into the table; a
-//!    row whose (device, series, window_start) exists (late rows of a window loaded
-//!    before) is merged into it.
+//!    row whose (device, series, window_start) exists is merged into it.
 //! 4. `COMMIT`; only then does the uploader record the delivery in the spool.
 //!
 //! A connection lost anywhere before the commit (a server restart mid-COPY) rolls the
@@ -18,7 +21,8 @@
 //! unencrypted in clear text or as an MD5 hash ([`plaintext`]); SCRAM proves it without
 //! sending it and is allowed either way.
 //!
-//! Creating the tables takes an advisory lock first, so that agents starting together
+//! Creating the tables (and the index on (series, window_start), added to a table made
+//! by an earlier edgespool) takes an advisory lock first, so that agents starting together
 //! against an empty database do not trip over each other's `CREATE … IF NOT EXISTS`.
 
 mod plaintext;
@@ -197,7 +201,7 @@ impl PostgresSink {
         // advisory lock per schema (the loads table is shared by every table in it),
         // held to the end of this transaction, lets one agent create and the others
         // find what it made.
-        let tx = client.transaction().await.map_err(fail)?;
+        let mut tx = client.transaction().await.map_err(fail)?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&setup_lock_key(schema)],
@@ -277,6 +281,7 @@ impl PostgresSink {
                 tracing::info!(sink = %self.name, table = %self.table(), columns = %added.join(", "), "added columns to the table");
             }
         }
+        self.ensure_series_index(&mut tx).await?;
         tx.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS \"{schema}\".{LOADS_TABLE} (
                      target text NOT NULL,
@@ -293,11 +298,55 @@ impl PostgresSink {
         Ok(())
     }
 
+    /// Adds the index on (series, window_start) when the table lacks it (a new table, or
+    /// one made by an earlier edgespool), under the setup lock. A role that may not
+    /// (it does not own the table) logs a warning and loads on without it.
+    async fn ensure_series_index(
+        &self,
+        tx: &mut tokio_postgres::Transaction<'_>,
+    ) -> Result<(), SinkError> {
+        let fail = |e: tokio_postgres::Error| self.setup(crate::with_causes(&e));
+        let (schema, table) = (&self.config.schema, &self.config.table);
+        // PostgreSQL cuts names to 63 bytes; the table's name is ASCII (validated).
+        let mut index = format!("{table}_series_window_start");
+        index.truncate(63);
+        let found = tx
+            .query_opt(
+                "SELECT 1 FROM pg_indexes WHERE schemaname = $1 AND tablename = $2 AND indexname = $3",
+                &[schema, table, &index],
+            )
+            .await
+            .map_err(fail)?;
+        if found.is_some() {
+            return Ok(());
+        }
+        let savepoint = tx.savepoint("edgespool_index").await.map_err(fail)?;
+        let sql = format!(
+            "CREATE INDEX IF NOT EXISTS \"{index}\" ON {} (series, window_start)",
+            self.table()
+        );
+        match savepoint.batch_execute(&sql).await {
+            Ok(()) => {
+                savepoint.commit().await.map_err(fail)?;
+                tracing::info!(sink = %self.name, table = %self.table(), index = %index, "added the index on (series, window_start)");
+            }
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                savepoint.rollback().await.map_err(fail)?;
+                tracing::warn!(sink = %self.name, table = %self.table(), error = %crate::with_causes(&e),
+                    "cannot add the index on (series, window_start), which queries of one series over all devices need; its owner can: {sql}");
+            }
+            Err(e) => return Err(fail(e)),
+        }
+        Ok(())
+    }
+
     /// Loads one part in one transaction; `false` when it had been loaded before.
     ///
-    /// `direct`: COPY straight into the table, for a first part, whose windows no
-    /// earlier load can hold; a unique violation (a table that does hold them, say from
-    /// an earlier spool) rolls back and the caller loads through staging instead.
+    /// `direct`: COPY straight into the table, tried first (most parts hold new windows
+    /// only); a unique violation (late rows of a window loaded before, a table fed by an
+    /// earlier spool) rolls back and the caller loads through staging instead.
     async fn load(
         &self,
         client: &mut Client,
@@ -325,6 +374,33 @@ impl PostgresSink {
         if new == 0 {
             tx.commit().await?;
             return Ok(false);
+        }
+        if plan.part > 0 {
+            // Design: the spool plans part N only once every earlier part of the sink is
+            // recorded delivered (durably: the plan's commit syncs what came before), so
+            // no earlier part of this partition is ever sent again; its record folds
+            // into this one, and the table keeps one row per partition, not one per flush.
+            tx.execute(
+                &format!(
+                    "WITH gone AS (
+                       DELETE FROM \"{schema}\".{LOADS_TABLE}
+                       WHERE target = $1 AND device = $2 AND partition_start = to_timestamp($3::bigint)
+                         AND part < $4
+                       RETURNING rows)
+                     UPDATE \"{schema}\".{LOADS_TABLE}
+                     SET rows = rows + (SELECT COALESCE(SUM(rows), 0) FROM gone)
+                     WHERE target = $1 AND device = $2 AND partition_start = to_timestamp($3::bigint)
+                       AND part = $4",
+                    schema = self.config.schema
+                ),
+                &[
+                    &self.config.table,
+                    &delivery.device,
+                    &plan.partition,
+                    &(plan.part as i32),
+                ],
+            )
+            .await?;
         }
         let names: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
             .iter()
@@ -455,7 +531,7 @@ impl Sink for PostgresSink {
         );
         let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
         let attempt = async {
-            match self.load(client, &delivery, plan.part == 0).await {
+            match self.load(client, &delivery, true).await {
                 Err(LoadError::Conflict) => self.load(client, &delivery, false).await,
                 other => other,
             }
