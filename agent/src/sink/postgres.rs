@@ -3,7 +3,7 @@
 //! 1. `INSERT INTO edgespool_loads (…, partition, part)` with `ON CONFLICT DO NOTHING`:
 //!    if the row was there already, this part was committed before (the acknowledgement
 //!    was lost, or the agent died before recording the delivery) and nothing else is done.
-//!    A later part's record takes in the earlier parts' of its partition (one row per
+//!    A later part moves its partition's record on to its number (one row per
 //!    partition, however many flushes sent parts of it; see `load`).
 //! 2. The rows are copied straight into the table: a part of the open partition (the
 //!    sink gets each flush's windows, `deliver = "each_flush"`) or a partition's first
@@ -355,52 +355,51 @@ impl PostgresSink {
     ) -> Result<bool, LoadError> {
         let plan = delivery.plan;
         let tx = client.transaction().await?;
-        let new = tx
-            .execute(
+        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &self.config.table,
+            &delivery.device,
+            &plan.partition,
+            &(plan.part as i32),
+            &(delivery.rows.len() as i32),
+        ];
+        // Design: the spool plans part N only once every earlier part of the sink is
+        // recorded delivered (durably: the plan's commit syncs what came before), so no
+        // earlier part of this partition is ever sent again. Its record moves on to part
+        // N (rows adding up) instead of a row per part: one row per partition however
+        // many flushes sent parts of it, and no privilege beyond INSERT and UPDATE.
+        let moved_on = if plan.part > 0 {
+            tx.execute(
+                &format!(
+                    "UPDATE \"{schema}\".{LOADS_TABLE} l
+                     SET part = $4, rows = l.rows + $5, loaded_at = now()
+                     WHERE l.target = $1 AND l.device = $2
+                       AND l.partition_start = to_timestamp($3::bigint)
+                       AND l.part = (SELECT max(m.part) FROM \"{schema}\".{LOADS_TABLE} m
+                                     WHERE m.target = $1 AND m.device = $2
+                                       AND m.partition_start = to_timestamp($3::bigint))
+                       AND l.part < $4",
+                    schema = self.config.schema
+                ),
+                &key,
+            )
+            .await?
+        } else {
+            0
+        };
+        let new = moved_on
+            + tx.execute(
                 &format!(
                     "INSERT INTO \"{}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
-                     VALUES ($1, $2, to_timestamp($3::bigint), $4, $5) ON CONFLICT DO NOTHING",
+                     SELECT $1, $2, to_timestamp($3::bigint), $4, $5 WHERE $6
+                     ON CONFLICT DO NOTHING",
                     self.config.schema
                 ),
-                &[
-                    &self.config.table,
-                    &delivery.device,
-                    &plan.partition,
-                    &(plan.part as i32),
-                    &(delivery.rows.len() as i32),
-                ],
+                &[key[0], key[1], key[2], key[3], key[4], &(moved_on == 0)],
             )
             .await?;
         if new == 0 {
             tx.commit().await?;
             return Ok(false);
-        }
-        if plan.part > 0 {
-            // Design: the spool plans part N only once every earlier part of the sink is
-            // recorded delivered (durably: the plan's commit syncs what came before), so
-            // no earlier part of this partition is ever sent again; its record folds
-            // into this one, and the table keeps one row per partition, not one per flush.
-            tx.execute(
-                &format!(
-                    "WITH gone AS (
-                       DELETE FROM \"{schema}\".{LOADS_TABLE}
-                       WHERE target = $1 AND device = $2 AND partition_start = to_timestamp($3::bigint)
-                         AND part < $4
-                       RETURNING rows)
-                     UPDATE \"{schema}\".{LOADS_TABLE}
-                     SET rows = rows + (SELECT COALESCE(SUM(rows), 0) FROM gone)
-                     WHERE target = $1 AND device = $2 AND partition_start = to_timestamp($3::bigint)
-                       AND part = $4",
-                    schema = self.config.schema
-                ),
-                &[
-                    &self.config.table,
-                    &delivery.device,
-                    &plan.partition,
-                    &(plan.part as i32),
-                ],
-            )
-            .await?;
         }
         let names: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
             .iter()
