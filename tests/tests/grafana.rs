@@ -197,22 +197,44 @@ fn put(path: &Path, value: &str) {
     std::fs::rename(&staging, path).expect("rename");
 }
 
-/// A pulse oximeter as sysfs files under `root`: SpO2 and pulse change every 200 ms,
-/// until `stop` (or five minutes).
-fn oximeter(root: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::fs::create_dir_all(&root).expect("device folder");
-    put(&root.join("spo2"), "97\n");
-    put(&root.join("bpm"), "72\n");
-    std::thread::spawn(move || {
-        for i in 0..1500u32 {
-            if stop.load(Ordering::Relaxed) {
-                return;
+/// A pulse oximeter as sysfs files: SpO2 and pulse change every 200 ms (for five
+/// minutes at most) until it is dropped.
+struct Oximeter {
+    stop: Arc<AtomicBool>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Oximeter {
+    fn start(root: PathBuf) -> Oximeter {
+        std::fs::create_dir_all(&root).expect("device folder");
+        put(&root.join("spo2"), "97\n");
+        put(&root.join("bpm"), "72\n");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let writer = std::thread::spawn(move || {
+            for i in 0..1500u32 {
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                put(&root.join("spo2"), &format!("{}\n", 94 + i % 6));
+                put(&root.join("bpm"), &format!("{}\n", 60 + (i * 7) % 31));
+                std::thread::sleep(Duration::from_millis(200));
             }
-            put(&root.join("spo2"), &format!("{}\n", 94 + i % 6));
-            put(&root.join("bpm"), &format!("{}\n", 60 + (i * 7) % 31));
-            std::thread::sleep(Duration::from_millis(200));
+        });
+        Oximeter {
+            stop,
+            writer: Some(writer),
         }
-    })
+    }
+}
+
+impl Drop for Oximeter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 /// The agent: device `pi-a`, 5 s windows, hourly partitions, the oximeter's two files
@@ -263,8 +285,7 @@ fn now_range() -> (String, String) {
 fn every_panel_of_the_dashboard_shows_the_current_minute_from_a_live_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pg = PgServer::start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = oximeter(dir.path().join("device"), Arc::clone(&stop));
+    let oximeter = Oximeter::start(dir.path().join("device"));
     let config = write_config(dir.path(), &pg, "");
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
     let board = dashboard();
@@ -421,8 +442,7 @@ fn every_panel_of_the_dashboard_shows_the_current_minute_from_a_live_agent() {
         "one row per device and time"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    let _ = writer.join();
+    drop(oximeter);
     let exit = agent.terminate();
     assert!(exit.success(), "{exit:?}");
     assert_eq!(
@@ -439,16 +459,14 @@ fn every_panel_of_the_dashboard_shows_the_current_minute_from_a_live_agent() {
 fn one_series_over_all_devices_is_read_through_its_index() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pg = PgServer::start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = oximeter(dir.path().join("device"), Arc::clone(&stop));
+    let oximeter = Oximeter::start(dir.path().join("device"));
     let config = write_config(dir.path(), &pg, "");
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
     wait_for("the table", Duration::from_secs(60), || {
         let n = pg.try_psql("postgres", "SELECT count(*) FROM edgespool_windows")?;
         (n != "0").then_some(())
     });
-    stop.store(true, Ordering::Relaxed);
-    let _ = writer.join();
+    drop(oximeter);
     agent.terminate();
     assert_eq!(
         pg.psql(
