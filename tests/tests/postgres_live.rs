@@ -1,6 +1,6 @@
 //! PostgreSQL live: with `deliver = "each_flush"` (the default) the windows of each flush
-//! are in the table long before their partition closes, and a `kill -9` mid-stream
-//! duplicates none: after the restart the table holds every spooled window once, the
+//! are in the table long before their partition closes, and neither a crash between a
+//! part's COMMIT and its record in the spool nor a `kill -9` mid-stream duplicates any: after the restart the table holds every spooled window once, the
 //! same windows as an archive that waited for the partition.
 //!
 //! The agent samples a fake sysfs thermal zone every 250 ms on its own clock, in 5 s
@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, PG_PASSWORD, PgServer, archive_sink, find_sink, pg_sink, read_tree, thermal_source,
-    try_status_json, wait_for, write_file,
+    Agent, PG_PASSWORD, PgServer, archive_sink, find_sink, pg_sink, read_tree, status_json,
+    thermal_source, try_status_json, wait_for, write_file,
 };
 
 const PARTITION_S: i64 = 120;
@@ -57,7 +57,28 @@ fn windows_land_each_flush_and_a_kill_9_mid_stream_duplicates_none() {
     let pg = PgServer::start();
     let config = write_config(dir.path(), &pg);
     let log = dir.path().join("agent.log");
+
+    // Killed right after its first part's COMMIT, before the spool recorded it.
+    let mut crashed =
+        Agent::start_with_env(&config, &log, &[("EDGESPOOL_FAILPOINT", "after-upload:db")]);
+    wait_for(
+        "the agent killed at the failpoint",
+        Duration::from_secs(60),
+        || (!crashed.is_running()).then_some(()),
+    );
+    drop(crashed);
+    let first = count(&pg);
+    assert!(first > 0, "the first flush's part was committed");
+    let status = status_json(&config);
+    assert_eq!(
+        find_sink(&status, "db").expect("db")["delivered_parts"],
+        0,
+        "its delivery was not recorded: {status}"
+    );
     let agent = Agent::start(&config, &log);
+    wait_for("the part sent again", Duration::from_secs(30), || {
+        agent.log_text().contains("(loaded before)").then_some(())
+    });
 
     // Windows of the partition still open: only a per-flush delivery puts them there.
     let live = wait_for(
