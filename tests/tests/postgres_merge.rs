@@ -1,5 +1,5 @@
 //! PostgreSQL merges by time: a table made by an earlier edgespool gets `first_time` and
-//! `last_time` added, and late rows earlier in time take `first`, later ones `last`.
+//! `last_time` added (and the index on (series, window_start)), and late rows earlier in time take `first`, later ones `last`.
 //!
 //! Rows come from an HTTP table source whose rows carry fractional epoch seconds in
 //! January 2026 (1 s windows, 1 min partitions): their partitions close at once.
@@ -15,7 +15,11 @@ use edgespool_tests::{
 fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
     let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
     let sinks = sinks.replace("{password_file}", &password.display().to_string());
-    write_agent_config(dir, &format!("{}\n{sinks}", table_source(url, &["pm"])))
+    // `repeats = "keep"`: the tie below is a second value at the same time, as devices
+    // that send several per timestamp do; dropped as a repeat, it would never merge.
+    let source = table_source(url, &["pm"])
+        .replace("[sources.table]", "repeats = \"keep\"\n[sources.table]");
+    write_agent_config(dir, &format!("{source}\n{sinks}"))
 }
 
 /// A table body: (sensor, last_seen as written, pm).
@@ -97,6 +101,14 @@ fn an_old_table_gets_the_time_columns_and_late_rows_merge_first_and_last_by_time
         "first_time timestamp with time zone\nlast_time timestamp with time zone"
     );
     assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'edgespool_windows_series_window_start'"
+        ),
+        "CREATE INDEX edgespool_windows_series_window_start ON public.edgespool_windows USING btree (series, window_start)",
+        "the old table gets the index for one series over all devices"
+    );
+    assert_eq!(
         row(&pg, "pa.7.pm", t60).as_deref(),
         Some("1|1|1|1.000000|03:01:00.500|03:01:00.500")
     );
@@ -129,4 +141,8 @@ fn an_old_table_gets_the_time_columns_and_late_rows_merge_first_and_last_by_time
     agent.terminate();
     let log = std::fs::read_to_string(dir.path().join("agent.log")).expect("log");
     assert!(log.contains("added columns to the table"), "{log}");
+    assert!(
+        log.contains("added the index on (series, window_start)"),
+        "{log}"
+    );
 }
