@@ -442,6 +442,12 @@ fn every_panel_of_the_dashboard_shows_the_current_minute_from_a_live_agent() {
         "one row per device and time"
     );
 
+    // Several flushes, several parts of the hour.
+    wait_for("three parts delivered", Duration::from_secs(60), || {
+        let status = agent.try_status()?;
+        let db = edgespool_tests::find_sink(&status, "db")?;
+        (db["delivered_parts"].as_u64()? >= 3).then_some(())
+    });
     drop(oximeter);
     let exit = agent.terminate();
     assert!(exit.success(), "{exit:?}");
