@@ -15,7 +15,13 @@ use edgespool_tests::{
 fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
     let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
     let sinks = sinks.replace("{password_file}", &password.display().to_string());
-    write_agent_config(dir, &format!("{}\n{sinks}", table_source(url, &["pm"])))
+    // Several values of one sensor may share a timestamp here (the tie below): the source
+    // keeps repeats, as a device that sends several readings per timestamp needs.
+    let source = table_source(url, &["pm"]).replace(
+        "interval = \"100ms\"\n",
+        "interval = \"100ms\"\nrepeats = \"keep\"\n",
+    );
+    write_agent_config(dir, &format!("{source}\n{sinks}"))
 }
 
 /// A table body: (sensor, last_seen as written, pm).
