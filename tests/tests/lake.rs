@@ -46,6 +46,8 @@ fn bodies(device: usize) -> Vec<String> {
         .collect()
 }
 
+/// `device`'s agent: 1 s windows in hourly partitions, the table source `pa` on `url`,
+/// then `sinks`.
 fn agent_config(dir: &Path, device: &str, url: &str, sinks: &str) -> PathBuf {
     let text = format!(
         "[agent]\ndevice_id = \"{device}\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1h\"\ngrace = \"0s\"\n\n\
@@ -56,13 +58,13 @@ fn agent_config(dir: &Path, device: &str, url: &str, sinks: &str) -> PathBuf {
     write_file(dir, &format!("{device}.toml"), &text)
 }
 
-/// Local sinks for [`TREES`] under `out`, each with `extra` keys.
-fn local_sinks(out: &Path, extra: &str) -> String {
+/// Local sinks for [`TREES`] under `out`.
+fn local_sinks(out: &Path) -> String {
     TREES
         .iter()
         .map(|(prefix, keys)| {
             format!(
-                "\n[[sinks]]\nkind = \"local\"\nname = \"{prefix}\"\npath = \"{}\"\nprefix = \"{prefix}\"\n{keys}\n{extra}\n",
+                "\n[[sinks]]\nkind = \"local\"\nname = \"{prefix}\"\npath = \"{}\"\nprefix = \"{prefix}\"\n{keys}\n",
                 out.display()
             )
         })
@@ -102,10 +104,10 @@ fn finish(run: Run, samples: u64) {
 }
 
 /// Both devices' agents at once, into the same folders under `dir/out`, the sinks of
-/// [`TREES`] with `extra` keys; 48 hours, two sensors, two columns each.
-fn make_tree(dir: &Path, extra: &str) -> PathBuf {
+/// [`TREES`]; 48 hours, two sensors, two columns each.
+fn make_tree(dir: &Path) -> PathBuf {
     let out = dir.join("out");
-    let sinks = local_sinks(&out, extra);
+    let sinks = local_sinks(&out);
     let runs: Vec<Run> = DEVICES
         .iter()
         .enumerate()
@@ -241,7 +243,7 @@ fn types(value: &Value, columns: &[&str]) -> Vec<String> {
 #[test]
 fn every_reader_reads_the_tree_as_one_table_with_integer_partitions_on_every_date() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = make_tree(dir.path(), "");
+    let out = make_tree(dir.path());
     let seen = read_with_every_reader(&out);
     let report = serde_json::to_string_pretty(&seen).expect("json");
     let at = |key: &str| {

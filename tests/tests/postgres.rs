@@ -132,10 +132,11 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
     );
 
     // A straggler for a window already loaded is merged into its row, not dropped and
-    // not duplicated. (Its own time, half a second into the same 1 s window, in epoch
-    // milliseconds: one at T0 + 60 would repeat minute 1's reading, one at T0 + 75 is
-    // in another window.)
-    server.push(purpleair_body(&[(7, (T0 + 60) * 1000 + 500, 100.0, 0.0)]));
+    // not duplicated. (Half a second into the window: one at T0 + 60 itself would repeat
+    // minute 1's reading.)
+    let at = (T0 + 60).to_string();
+    let straggler = purpleair_body(&[(7, T0 + 60, 100.0, 0.0)]).replace(&at, &format!("{at}.5"));
+    server.push(straggler);
     wait_for("the late part loaded", Duration::from_secs(30), || {
         let loads = pg.try_psql(
             "postgres",
