@@ -224,6 +224,26 @@ print(json.dumps({"duck": duck, "exact": exact, "types": types, "naive_rows": na
                   "samples": sum(len(v) for v in windows.values())}))
 "#;
 
+/// Runs the Spark SQL of docs/formats.md (the block that reads `input_file_name()`) over
+/// the tree with pyspark, and prints its rows as [`MERGE`] prints DuckDB's.
+const SPARK: &str = r#"
+import json, re, sys
+from pyspark.sql import SparkSession
+root, docs = sys.argv[1], open(sys.argv[2]).read()
+sql = [b for b in re.findall(r"```sql\n(.*?)```", docs, re.S) if "input_file_name()" in b][0]
+spark = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+         .config("spark.sql.session.timeZone", "UTC").getOrCreate())
+spark.sparkContext.setLogLevel("ERROR")
+spark.read.parquet(root).createOrReplaceTempView("edgespool_windows")
+spark.sql(sql).createOrReplaceTempView("merged")
+rows = spark.sql("""SELECT device, series, unix_millis(window_start), count, min, max, mean,
+    stdev, median, first, unix_millis(first_time), last, unix_millis(last_time)
+    FROM merged ORDER BY device, series, window_start""").collect()
+num = lambda x: None if x is None else repr(float(x))
+print(json.dumps([[r[0], r[1], r[2], r[3], *map(num, r[4:10]), r[10], num(r[11]), r[12]] for r in rows]))
+spark.stop()
+"#;
+
 /// A merged window: key, count, then the f64 columns and the two times.
 #[derive(Debug, Clone, PartialEq)]
 struct Window {
@@ -463,4 +483,26 @@ fn the_documented_merge_folds_late_parts_into_the_rows_postgres_merged_in_place(
     }
     let exit = agent.terminate();
     assert!(exit.success(), "{exit:?}");
+
+    // The Spark SQL too, where a Python with pyspark (and a Java) is given: the suite
+    // leaves it out, as pyspark would add more than a minute to each run.
+    let Some(spark) = std::env::var_os("EDGESPOOL_PYSPARK") else {
+        eprintln!("SKIPPED: the Spark merge SQL (EDGESPOOL_PYSPARK names a Python with pyspark)");
+        return;
+    };
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/formats.md");
+    let run = Command::new(&spark)
+        .args(["-c", SPARK])
+        .arg(&out)
+        .arg(&docs)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {spark:?}: {e}"));
+    assert!(
+        run.status.success(),
+        "the Spark merge failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&run.stdout).expect("the Spark script printed JSON");
+    assert_same("Spark vs PostgreSQL", &windows(json_rows(&rows)), &postgres);
 }
