@@ -73,9 +73,10 @@ fn late_bodies(device: usize) -> Vec<String> {
 /// Hours of 5 January that get late readings.
 const LATE_HOURS: i64 = 10;
 
-/// The samples of [`late_bodies`] that are kept (two columns of two sensors, each hour),
-/// and the repeats (sensor 9's two columns).
+/// The samples of [`late_bodies`] that are kept: two columns of two sensors, each hour.
 const LATE_SAMPLES: u64 = LATE_HOURS as u64 * 4;
+
+/// The repeats of [`late_bodies`]: sensor 9's two columns at its mark.
 const REPEATS: u64 = 2;
 
 /// [`purpleair_body`] with `last_seen` in fractional seconds.
