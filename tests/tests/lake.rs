@@ -94,6 +94,8 @@ fn body_at(rows: &[(u32, f64, f64, f64)]) -> String {
     .to_string()
 }
 
+/// `device`'s agent: 1 s windows in hourly partitions, the table source `pa` on `url`,
+/// then `sinks`.
 fn agent_config(dir: &Path, device: &str, url: &str, sinks: &str) -> PathBuf {
     let text = format!(
         "[agent]\ndevice_id = \"{device}\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1h\"\ngrace = \"0s\"\n\n\
@@ -104,13 +106,14 @@ fn agent_config(dir: &Path, device: &str, url: &str, sinks: &str) -> PathBuf {
     write_file(dir, &format!("{device}.toml"), &text)
 }
 
-/// Local sinks for [`TREES`] under `out`, each with `extra` keys.
-fn local_sinks(out: &Path, extra: &str) -> String {
+/// Local sinks for [`TREES`] under `out`; late rows go at once (`late_grace = "0s"`), so
+/// that the late readings of an hour make its `part-0001` before the agent stops.
+fn local_sinks(out: &Path) -> String {
     TREES
         .iter()
         .map(|(prefix, keys)| {
             format!(
-                "\n[[sinks]]\nkind = \"local\"\nname = \"{prefix}\"\npath = \"{}\"\nprefix = \"{prefix}\"\n{keys}\n{extra}\n",
+                "\n[[sinks]]\nkind = \"local\"\nname = \"{prefix}\"\npath = \"{}\"\nprefix = \"{prefix}\"\n{keys}\nlate_grace = \"0s\"\n",
                 out.display()
             )
         })
@@ -155,11 +158,11 @@ fn finish(run: Run, samples: u64, repeats: u64) {
 }
 
 /// Both devices' agents at once, into the same folders under `dir/out`, the sinks of
-/// [`TREES`] with `extra` keys; 48 hours, two sensors, two columns each. Then, restarted,
+/// [`TREES`]; 48 hours, two sensors, two columns each. Then, restarted,
 /// [`late_bodies`]: a late part for each of hours 0-9 of 5 January.
-fn make_tree(dir: &Path, extra: &str) -> PathBuf {
+fn make_tree(dir: &Path) -> PathBuf {
     let out = dir.join("out");
-    let sinks = local_sinks(&out, extra);
+    let sinks = local_sinks(&out);
     for (feed, samples, repeats) in [
         (bodies as fn(usize) -> Vec<String>, 48 * 4, 0),
         (late_bodies, 48 * 4 + LATE_SAMPLES + REPEATS, REPEATS),
@@ -400,7 +403,7 @@ fn fed(bodies: &[String]) -> (f64, u64) {
 #[test]
 fn every_reader_reads_the_tree_as_one_table_with_integer_partitions_on_every_date() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = make_tree(dir.path(), "late_grace = \"0s\"");
+    let out = make_tree(dir.path());
     let seen = read_with_every_reader(&out);
     let report = serde_json::to_string_pretty(&seen).expect("json");
     let at = |key: &str| {

@@ -38,7 +38,7 @@ use crate::config::{PostgresSink as PgSinkConfig, SslMode};
 use crate::flow::WindowRow;
 
 /// The table's columns, in order, with their SQL types as `information_schema` names them.
-const COLUMNS: [(&str, &str); 17] = [
+const COLUMNS: [(&str, &str); 18] = [
     ("device", "text"),
     ("series", "text"),
     ("unit", "text"),
@@ -55,11 +55,12 @@ const COLUMNS: [(&str, &str); 17] = [
     ("last", "double precision"),
     ("first_time", "timestamp with time zone"),
     ("last_time", "timestamp with time zone"),
+    ("mean_rest", "double precision"),
     ("loaded_at", "timestamp with time zone"),
 ];
 
 /// Columns an earlier edgespool's table lacks, added to it under the setup lock.
-const ADDED_COLUMNS: [&str; 2] = ["first_time", "last_time"];
+const ADDED_COLUMNS: [&str; 3] = ["first_time", "last_time", "mean_rest"];
 
 /// The table of loaded parts, beside the data table in the same schema.
 const LOADS_TABLE: &str = "edgespool_loads";
@@ -218,7 +219,7 @@ impl PostgresSink {
                 .map(|(name, ty)| {
                     let not_null = match *name {
                         "unit" | "stdev" | "min" | "max" | "mean" | "median" | "first" | "last"
-                        | "first_time" | "last_time" => "",
+                        | "first_time" | "last_time" | "mean_rest" => "",
                         "tags" => " NOT NULL DEFAULT '{}'",
                         "loaded_at" => " NOT NULL DEFAULT now()",
                         _ => " NOT NULL",
@@ -265,7 +266,8 @@ impl PostgresSink {
                 // A table made by an earlier edgespool: its rows keep NULL times.
                 let columns: Vec<String> = added
                     .iter()
-                    .map(|name| format!("ADD COLUMN IF NOT EXISTS \"{name}\" timestamptz"))
+                    .filter_map(|name| COLUMNS.iter().find(|(n, _)| n == name))
+                    .map(|(name, ty)| format!("ADD COLUMN IF NOT EXISTS \"{name}\" {ty}"))
                     .collect();
                 tx.batch_execute(&format!(
                     "ALTER TABLE {} {}",
@@ -365,17 +367,19 @@ impl PostgresSink {
         }
         copy.finish().await?;
         if !direct {
+            let (mean, mean_rest, delta) = merge_sql();
             tx.batch_execute(&format!(
                 "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM edgespool_staging
                  ON CONFLICT (device, series, window_start) DO UPDATE SET
                    count = t.count + EXCLUDED.count,
                    min = LEAST(t.min, EXCLUDED.min),
                    max = GREATEST(t.max, EXCLUDED.max),
-                   mean = t.mean + (EXCLUDED.mean - t.mean) * EXCLUDED.count / (t.count + EXCLUDED.count),
+                   mean = {mean},
+                   mean_rest = {mean_rest},
                    stdev = sqrt(GREATEST(0,
                        coalesce(t.stdev, 0) ^ 2 * (t.count - 1)
                        + coalesce(EXCLUDED.stdev, 0) ^ 2 * (EXCLUDED.count - 1)
-                       + (EXCLUDED.mean - t.mean) ^ 2 * (t.count::float8 * EXCLUDED.count / (t.count + EXCLUDED.count)))
+                       + {delta} ^ 2 * (t.count::float8 * EXCLUDED.count / (t.count + EXCLUDED.count)))
                        / (t.count + EXCLUDED.count - 1)),
                    median = (t.median * t.count + EXCLUDED.median * EXCLUDED.count) / (t.count + EXCLUDED.count),
                    first = CASE WHEN EXCLUDED.first_time < t.first_time THEN EXCLUDED.first ELSE t.first END,
@@ -390,6 +394,24 @@ impl PostgresSink {
         tx.commit().await?;
         Ok(true)
     }
+}
+
+/// The merged mean and its rest, and the difference of the two means, in SQL: what
+/// [`Stats::merge`](crate::flow::Stats::merge) computes, step by step (PostgreSQL's
+/// `float8` is IEEE double, rounded the same way). Each mean is `mean + mean_rest`, the
+/// NULL rest of an earlier edgespool's row taken as 0.
+fn merge_sql() -> (String, String, String) {
+    let delta =
+        "((EXCLUDED.mean - t.mean) + (coalesce(EXCLUDED.mean_rest, 0) - coalesce(t.mean_rest, 0)))";
+    // two_sum(a, b): the sum, and what its rounding left out.
+    let a = "t.mean";
+    let b = format!(
+        "(coalesce(t.mean_rest, 0) + {delta} * (EXCLUDED.count::float8 / (t.count + EXCLUDED.count)))"
+    );
+    let sum = format!("({a} + {b})");
+    let b_part = format!("({sum} - {a})");
+    let rest = format!("(({a} - ({sum} - {b_part})) + ({b} - {b_part}))");
+    (sum, rest, delta.to_owned())
 }
 
 /// The advisory lock that serialises creating tables in `schema`: the same for every
@@ -573,7 +595,7 @@ mod tests {
         assert_eq!(
             text.lines().next(),
             Some(
-                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z"
+                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z,0.0"
             )
         );
     }

@@ -305,7 +305,23 @@ pub fn parse_timestamp(value: &serde_json::Value) -> Result<i64, String> {
 /// 0001-01-01T00:00:00Z in Unix ms: the earliest timestamp taken.
 const EARLIEST_MS: i64 = -62_135_596_800_000;
 
-/// A JSON number of epoch seconds (or milliseconds), floored to the millisecond.
+/// The unit of an epoch number, told by its magnitude, as the power of ten that makes it
+/// milliseconds: seconds below 1e11 (until the year 5138), milliseconds below 1e14,
+/// microseconds below 1e17, nanoseconds above (InfluxDB's and Go's default precision).
+fn ms_scale(magnitude: f64) -> i32 {
+    if magnitude < 1e11 {
+        3
+    } else if magnitude < 1e14 {
+        0
+    } else if magnitude < 1e17 {
+        -3
+    } else {
+        -6
+    }
+}
+
+/// A JSON number of epoch seconds, milliseconds, microseconds or nanoseconds (by its
+/// magnitude, see [`ms_scale`]), floored to the millisecond.
 ///
 /// Design: a fraction is read from the number's decimal digits, not from its `f64`:
 /// 1700000000.123 is 1700000000.12299990654 as an `f64`, and a float floor of that
@@ -314,10 +330,11 @@ const EARLIEST_MS: i64 = -62_135_596_800_000;
 /// significant digits.
 fn epoch_ms(n: &serde_json::Number) -> Option<i64> {
     if let Some(i) = n.as_i64() {
-        return if i.unsigned_abs() < 100_000_000_000 {
-            i.checked_mul(1000)
-        } else {
-            Some(i)
+        return match ms_scale(i.unsigned_abs() as f64) {
+            3 => i.checked_mul(1000),
+            0 => Some(i),
+            // Microseconds or nanoseconds: floor division, towards the past.
+            scale => Some(i.div_euclid(10_i64.pow(scale.unsigned_abs()))),
         };
     }
     let x = n.as_f64().filter(|x| x.is_finite())?;
@@ -333,8 +350,7 @@ fn epoch_ms(n: &serde_json::Number) -> Option<i64> {
     let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let digits: u128 = format!("{whole}{fraction}").parse().ok()?;
     // digits × 10^scale is the magnitude, in ms.
-    let seconds = x.abs() < 1e11;
-    let scale = exponent - fraction.len() as i32 + if seconds { 3 } else { 0 };
+    let scale = exponent - fraction.len() as i32 + ms_scale(x.abs());
     let magnitude = if scale >= 0 {
         digits.checked_mul(10u128.checked_pow(scale as u32)?)?
     } else {
@@ -393,6 +409,30 @@ mod tests {
 
     /// 2025-12-31T23:59:59.9996Z, less than a millisecond before a year's end, in every
     /// form a source takes: each floors to 23:59:59.999, in 2025.
+    #[test]
+    fn epoch_microseconds_and_nanoseconds_floor_to_the_millisecond() {
+        // 2026-12-31T23:59:59.9996Z: the last millisecond of the year, not the next year.
+        let last_ms = 1_798_761_599_999;
+        assert_eq!(
+            parse_timestamp(&json!(1_798_761_599_999_600_i64)),
+            Ok(last_ms)
+        );
+        assert_eq!(
+            parse_timestamp(&json!(1_798_761_599_999_600_000_i64)),
+            Ok(last_ms)
+        );
+        assert_eq!(parse_timestamp(&json!(1.7987615999996e15)), Ok(last_ms));
+        // Before 1970, towards the past: -1.5 ms in microseconds is -2 ms.
+        assert_eq!(
+            parse_timestamp(&json!(-100_000_000_001_500_i64)),
+            Ok(-100_000_000_002)
+        );
+        assert_eq!(
+            parse_timestamp(&json!(1_700_000_000_123_456_789_i64)),
+            Ok(1_700_000_000_123)
+        );
+    }
+
     #[test]
     fn every_timestamp_form_floors_to_the_millisecond() {
         const LAST_MS_OF_2025: i64 = 1_767_225_599_999;

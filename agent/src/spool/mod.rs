@@ -16,7 +16,7 @@
 //!   is *planned* (its row range fixed and committed) before it is sent, so a retry after
 //!   a crash sends exactly the same rows under the same key.
 //!
-//! # Schema (version 4)
+//! # Schema (version 5)
 //! ```text
 //! meta(key TEXT PK, value TEXT)                  'agent': state as JSON (heartbeat, pid, config);
 //!                                                'next_id': the next window id;
