@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sinks: Vec::new(),
         live: Vec::new(),
         late: Default::default(),
+        each_flush: Default::default(),
     };
     let mut spool = Spool::open(std::path::Path::new(&path), options)?;
     let series: Vec<Arc<Series>> = (0..series_count)

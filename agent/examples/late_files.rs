@@ -85,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
         )]
         .into(),
+        each_flush: Default::default(),
     };
     let mut spool = Spool::open(std::path::Path::new(&path), options)?;
     let mut reader = SpoolReader::open(std::path::Path::new(&path))?;

@@ -14,13 +14,14 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::aggregate::Aggregator;
+use crate::aggregate::{Aggregator, Pushed};
 use crate::flow::{AggregateCounts, Flush, Sample, Series, Stats, WindowRow};
 use crate::source::parse_timestamp;
 use crate::spool::{Plan, Spool, SpoolOptions, SpoolReader};
 
 /// Samples that share a timestamp are ties here, as a source with `repeats = "keep"` takes
-/// them (with the default, the later ones would be repeats: see `aggregate`'s tests).
+/// them; one pass of the random test takes the same arrivals with repeats dropped, the
+/// default, against a reference that keeps the first of each millisecond.
 const KEEP_TIES: bool = true;
 
 const WINDOW: u32 = 60;
@@ -38,6 +39,7 @@ fn options() -> SpoolOptions {
         sinks: vec![("a".into(), "local")],
         live: Vec::new(),
         late: std::collections::HashMap::new(),
+        each_flush: Default::default(),
     }
 }
 
@@ -278,6 +280,39 @@ fn random_samples_match_an_exact_computation_through_the_aggregator_the_spool_an
             spread,
         );
         assert_eq!(rows[0].stats.median, whole.median, "round {round}: median");
+
+        // The same arrivals from a source that drops repeats (the default): of each
+        // millisecond the first finite sample to arrive is taken, and every later sample
+        // of that millisecond, whatever its value, is a repeat; a NaN is counted, not taken.
+        let mut dropping = Aggregator::new(WINDOW);
+        let repeats = drawn
+            .iter()
+            .zip(&forms)
+            .filter(|(d, f)| dropping.push_from(sample(d, **f), !KEEP_TIES) == Pushed::Repeat)
+            .count();
+        let mut taken_ms = std::collections::HashSet::new();
+        let kept: Vec<Drawn> = drawn
+            .iter()
+            .filter(|d| {
+                let ms = d.micros.div_euclid(1000);
+                let fresh = !taken_ms.contains(&ms);
+                if fresh && d.j.is_some() {
+                    taken_ms.insert(ms);
+                }
+                fresh
+            })
+            .copied()
+            .collect();
+        assert_eq!(repeats, drawn.len() - kept.len(), "round {round}: repeats");
+        let rows = dropping.take_all();
+        let once = exact(&kept, offset, q);
+        check(
+            &format!("round {round} repeats dropped"),
+            &rows[0].stats,
+            &once,
+            spread,
+        );
+        assert_eq!(rows[0].stats.median, once.median, "round {round}: median");
 
         // Two random groups, each aggregated on its own, both through the spool, merged.
         let in_a: Vec<bool> = drawn.iter().map(|_| rng.random_bool(0.5)).collect();

@@ -117,6 +117,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Some((s.name.clone(), late))
             })
             .collect(),
+        each_flush: config
+            .sinks
+            .iter()
+            .filter(|s| s.kind.delivers_each_flush())
+            .map(|s| s.name.clone())
+            .collect(),
     };
     let opened = Spool::open(&agent.spool, options)?;
     let marks = opened.marks()?;

@@ -6,8 +6,9 @@
 //! write: Microsoft's `azure-storage-blob` for Azurite, the emulator's own JSON API
 //! (GCS's object listing and `alt=media` downloads) through Python's urllib.
 //!
-//! `scripts/test.sh` installs both (`target/test-node`, `target/test-python`). A test
-//! that finds its emulator missing says `SKIPPED: …` and why, rather than passing.
+//! `scripts/test.sh` installs both (`target/test-node`, `target/test-python`) and sets
+//! `EDGESPOOL_REQUIRE_EMULATORS`: a test that finds its emulator missing then fails. Run
+//! by hand without it (`cargo test` alone), such a test says `SKIPPED: …` and why.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +40,19 @@ pub struct CloudObject {
 }
 
 /// The objects a client script printed, sorted by key.
+/// Why an emulator cannot run, for a test to skip, or a panic with it when
+/// `EDGESPOOL_REQUIRE_EMULATORS` is set (as `scripts/test.sh` sets it): the suite as CI
+/// runs it never passes a test it did not run.
+fn required_unless(missing: Option<String>) -> Option<String> {
+    if let Some(reason) = &missing {
+        assert!(
+            std::env::var_os("EDGESPOOL_REQUIRE_EMULATORS").is_none(),
+            "{reason} (EDGESPOOL_REQUIRE_EMULATORS is set: the emulator must be there)"
+        );
+    }
+    missing
+}
+
 fn objects_of(listed: &Value) -> Vec<CloudObject> {
     let mut objects: Vec<CloudObject> = listed
         .as_array()
@@ -134,12 +148,12 @@ impl AzuriteServer {
     /// Why Azurite cannot run here (`azurite-blob` not installed), or `None`.
     pub fn unavailable() -> Option<String> {
         let program = AzuriteServer::program();
-        (!program.exists()).then(|| {
+        required_unless((!program.exists()).then(|| {
             format!(
                 "{} is missing: scripts/test.sh installs Azurite with npm (node and npm needed)",
                 program.display()
             )
-        })
+        }))
     }
 
     fn program() -> PathBuf {
@@ -308,12 +322,12 @@ impl GcsEmulator {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        (!found).then(|| {
+        required_unless((!found).then(|| {
             format!(
                 "{} has no gcp_storage_emulator: scripts/test.sh installs it from PyPI",
                 python()
             )
-        })
+        }))
     }
 
     /// Starts the emulator with `bucket` made, logging to `log`; waits until it listens.

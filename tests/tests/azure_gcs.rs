@@ -4,7 +4,8 @@
 //!
 //! Every test also writes to a local folder: the keys and bytes in the store must be the
 //! ones the folder holds, so that nothing here spells out the key scheme. Without the
-//! emulator (not installed) a test says `SKIPPED` and why.
+//! emulator a test fails under `scripts/test.sh` and says `SKIPPED` under a bare
+//! `cargo test` (see tests/src/cloud.rs).
 
 use std::fs;
 use std::path::{Path, PathBuf};

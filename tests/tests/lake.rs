@@ -1,11 +1,16 @@
 //! The output tree read as a data lake: pandas, pyarrow.dataset, polars and DuckDB (from
 //! `$EDGESPOOL_PYTHON`, which scripts/test.sh makes) read what two agents wrote into one
-//! folder, with no option beyond hive partitioning.
+//! folder, with no option beyond hive partitioning (the wide layout, whose columns grew,
+//! with the one option per reader that docs/formats.md gives), and DuckDB folds the late
+//! parts with the merge SQL of docs/formats.md.
 //!
 //! The rows come from an HTTP table source whose rows carry their own timestamps: one
 //! reading per hour of 9 December 2025 and of 5 January 2026, so that the tree holds
 //! hours 0 to 23, days below and above 10 and months 1 and 12. Those partitions are long
-//! closed: each goes out as soon as it is committed.
+//! closed: each goes out as soon as it is committed. Then each agent is restarted and
+//! fed late readings for hours 0 to 9 of 5 January: a second reading of sensor 7 in a
+//! window already delivered, a sensor 11 never seen before, and sensor 9's newest
+//! reading again (a repeat, dropped): each of those hours gets a `part-0001`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,6 +51,51 @@ fn bodies(device: usize) -> Vec<String> {
         .collect()
 }
 
+/// The late readings of device `device`, after the first 48 hours were delivered: for
+/// hours 0-9 of 5 January, sensor 7 half a second after its reading (the same 1 s window)
+/// and sensor 11 a quarter of a second after it; then sensor 9's newest reading (hour 23)
+/// again with other values, a repeat.
+fn late_bodies(device: usize) -> Vec<String> {
+    let mut bodies: Vec<String> = (0..LATE_HOURS)
+        .map(|h| {
+            let t = (DAYS[1] + h * 3600 + 60) as f64;
+            let v = (device * 1000 + 24) as f64 + h as f64;
+            body_at(&[
+                (7, t + 0.5, v + 0.25, 22.0),
+                (11, t + 0.25, v + 0.125, 23.0),
+            ])
+        })
+        .collect();
+    bodies.push(body_at(&[(9, (DAYS[1] + 23 * 3600 + 60) as f64, 5.0, 5.0)]));
+    bodies
+}
+
+/// Hours of 5 January that get late readings.
+const LATE_HOURS: i64 = 10;
+
+/// The samples of [`late_bodies`] that are kept: two columns of two sensors, each hour.
+const LATE_SAMPLES: u64 = LATE_HOURS as u64 * 4;
+
+/// The repeats of [`late_bodies`]: sensor 9's two columns at its mark.
+const REPEATS: u64 = 2;
+
+/// [`purpleair_body`] with `last_seen` in fractional seconds.
+fn body_at(rows: &[(u32, f64, f64, f64)]) -> String {
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|(id, seen, pm, temperature)| {
+            serde_json::json!([id, pm, 1, "Label", temperature, null, seen])
+        })
+        .collect();
+    serde_json::json!({
+        "fields": ["ID", "pm", "age", "Label", "Temperature", "Voc", "last_seen"],
+        "data": data,
+    })
+    .to_string()
+}
+
+/// `device`'s agent: 1 s windows in hourly partitions, the table source `pa` on `url`,
+/// then `sinks`.
 fn agent_config(dir: &Path, device: &str, url: &str, sinks: &str) -> PathBuf {
     let text = format!(
         "[agent]\ndevice_id = \"{device}\"\nspool = \"{}\"\nwindow = \"1s\"\npartition = \"1h\"\ngrace = \"0s\"\n\n\
@@ -56,13 +106,14 @@ fn agent_config(dir: &Path, device: &str, url: &str, sinks: &str) -> PathBuf {
     write_file(dir, &format!("{device}.toml"), &text)
 }
 
-/// Local sinks for [`TREES`] under `out`, each with `extra` keys.
-fn local_sinks(out: &Path, extra: &str) -> String {
+/// Local sinks for [`TREES`] under `out`; late rows go at once (`late_grace = "0s"`), so
+/// that the late readings of an hour make its `part-0001` before the agent stops.
+fn local_sinks(out: &Path) -> String {
     TREES
         .iter()
         .map(|(prefix, keys)| {
             format!(
-                "\n[[sinks]]\nkind = \"local\"\nname = \"{prefix}\"\npath = \"{}\"\nprefix = \"{prefix}\"\n{keys}\n{extra}\n",
+                "\n[[sinks]]\nkind = \"local\"\nname = \"{prefix}\"\npath = \"{}\"\nprefix = \"{prefix}\"\n{keys}\nlate_grace = \"0s\"\n",
                 out.display()
             )
         })
@@ -89,8 +140,8 @@ fn start(dir: &Path, device: &str, bodies: Vec<String>, sinks: &str) -> Run {
 }
 
 /// Waits until every body was served and every row delivered, stops the agent and checks
-/// that it took `samples` samples.
-fn finish(run: Run, samples: u64) {
+/// that it read `samples` samples in its lifetime, `repeats` of them repeats.
+fn finish(run: Run, samples: u64, repeats: u64) {
     let Run {
         server,
         config,
@@ -98,31 +149,44 @@ fn finish(run: Run, samples: u64) {
     } = run;
     settle(agent, Duration::from_secs(120), || server.exhausted());
     let status = status_json(&config);
-    assert_eq!(source_status(&status, "pa")["samples"], samples);
+    let pa = source_status(&status, "pa");
+    assert_eq!(
+        (&pa["samples"], &pa["repeats"]),
+        (&samples.into(), &repeats.into()),
+        "{pa}"
+    );
 }
 
 /// Both devices' agents at once, into the same folders under `dir/out`, the sinks of
-/// [`TREES`] with `extra` keys; 48 hours, two sensors, two columns each.
-fn make_tree(dir: &Path, extra: &str) -> PathBuf {
+/// [`TREES`]; 48 hours, two sensors, two columns each. Then, restarted,
+/// [`late_bodies`]: a late part for each of hours 0-9 of 5 January.
+fn make_tree(dir: &Path) -> PathBuf {
     let out = dir.join("out");
-    let sinks = local_sinks(&out, extra);
-    let runs: Vec<Run> = DEVICES
-        .iter()
-        .enumerate()
-        .map(|(d, device)| start(dir, device, bodies(d), &sinks))
-        .collect();
-    for run in runs {
-        finish(run, 48 * 4);
+    let sinks = local_sinks(&out);
+    for (feed, samples, repeats) in [
+        (bodies as fn(usize) -> Vec<String>, 48 * 4, 0),
+        (late_bodies, 48 * 4 + LATE_SAMPLES + REPEATS, REPEATS),
+    ] {
+        let runs: Vec<Run> = DEVICES
+            .iter()
+            .enumerate()
+            .map(|(d, device)| start(dir, device, feed(d), &sinks))
+            .collect();
+        for run in runs {
+            finish(run, samples, repeats);
+        }
     }
     out
 }
 
-/// Reads the tree with every reader and prints what each saw, as JSON.
+/// Reads the tree with every reader and prints what each saw, as JSON. `argv[2]` is the
+/// DuckDB merge SQL of docs/formats.md, run over every `long` tree.
 const READERS: &str = r#"
-import glob, json, sys
-import duckdb, pandas as pd, polars as pl, pyarrow.dataset as ds, pyarrow.parquet as pq
-root = sys.argv[1]
+import glob, json, re, sys
+import duckdb, pandas as pd, polars as pl, pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq
+root, merge_sql = sys.argv[1], sys.argv[2]
 PARTS = ["year", "month", "day", "hour"]
+TIMES = ["window_start", "first_time", "last_time"]
 out = {}
 
 def attempt(key, read):
@@ -155,28 +219,93 @@ def duck(q, columns):
         seen["before_10"] = f"{type(e).__name__}: {e}"
     return seen
 
-for tree, count in [("parquet", "count"), ("wide", "count_pa_7_pm")]:
-    columns = ["device", *PARTS, "window_start", count]
-    def pandas():
-        df = pd.read_parquet(f"{root}/{tree}")
-        return {
-            "rows": len(df),
-            "types": pandas_types(df, columns),
-            "devices": sorted(str(d) for d in df["device"].unique()),
-            "hours": sorted(int(h) for h in df["hour"].unique()),
-            "months": sorted(int(m) for m in df["month"].unique()),
-        }
-    attempt(f"pandas {tree}", pandas)
-    def arrow():
-        t = ds.dataset(f"{root}/{tree}", format="parquet", partitioning="hive").to_table()
-        return {"rows": t.num_rows, "types": {c: str(t.schema.field(c).type) for c in columns}}
-    attempt(f"pyarrow {tree}", arrow)
-    def polars():
-        p = pl.read_parquet(f"{root}/{tree}/**/*.parquet", hive_partitioning=True)
-        return {"rows": p.height, "types": {c: str(p.schema[c]) for c in columns}}
-    attempt(f"polars {tree}", polars)
-    q = f"FROM read_parquet('{root}/{tree}/**/*.parquet', hive_partitioning = true)"
-    attempt(f"duckdb {tree}", lambda: duck(q, columns))
+def merged(reader, path):
+    # The documented merge, on another reader as docs/formats.md says for text.
+    source = re.search(r"read_parquet\('out/\*\*/\*\.parquet',[^)]*\)", merge_sql).group(0)
+    extra = {"read_parquet": ", file_row_number = true", "read_json": "",
+             "read_csv": ", types = {'stdev': 'DOUBLE'}"}[reader]
+    sql = merge_sql.replace(source, f"{reader}('{path}', hive_partitioning = true, filename = true{extra})")
+    if reader != "read_parquet":
+        sql = sql.replace(", file_row_number", "")
+    windows, samples, total = duckdb.sql(
+        f"SELECT count(*), sum(count), sum(count * mean) FROM ({sql})").fetchall()[0]
+    return {"windows": windows, "samples": samples, "total": total}
+
+def counts(columns, rows):
+    # Samples in a wide table: every count_ column summed, nulls skipped.
+    return sum(r[c] or 0 for r in rows for c in columns if c.startswith("count_"))
+
+# The long layout: no option beyond hive partitioning.
+columns = ["device", *PARTS, *TIMES, "count"]
+def pandas():
+    df = pd.read_parquet(f"{root}/parquet")
+    return {
+        "rows": len(df),
+        "types": pandas_types(df, columns),
+        "devices": sorted(str(d) for d in df["device"].unique()),
+        "hours": sorted(int(h) for h in df["hour"].unique()),
+        "months": sorted(int(m) for m in df["month"].unique()),
+    }
+attempt("pandas parquet", pandas)
+def arrow():
+    t = ds.dataset(f"{root}/parquet", format="parquet", partitioning="hive").to_table()
+    return {"rows": t.num_rows, "types": {c: str(t.schema.field(c).type) for c in columns}}
+attempt("pyarrow parquet", arrow)
+def polars():
+    p = pl.read_parquet(f"{root}/parquet/**/*.parquet", hive_partitioning=True)
+    return {"rows": p.height, "types": {c: str(p.schema[c]) for c in columns}}
+attempt("polars parquet", polars)
+q = f"FROM read_parquet('{root}/parquet/**/*.parquet', hive_partitioning = true)"
+attempt("duckdb parquet", lambda: duck(q, columns))
+attempt("merged parquet", lambda: merged("read_parquet", f"{root}/parquet/**/*.parquet"))
+
+# The wide layout, whose late parts have sensor 11's columns: the one option per reader.
+wide = f"{root}/wide"
+paths = files("wide", "parquet")
+columns = ["device", *PARTS, "window_start", "count_pa_7_pm", "count_pa_11_pm"]
+def wide_pandas():
+    plain = pd.read_parquet(wide)
+    d = ds.dataset(wide, format="parquet", partitioning="hive")
+    schema = pa.unify_schemas([d.schema] + [pq.read_schema(f) for f in d.files])
+    df = pd.read_parquet(wide, schema=schema)
+    return {
+        "rows": len(df),
+        "types": pandas_types(df, columns),
+        "samples": int(sum(df[c].sum() for c in df.columns if c.startswith("count_"))),
+        "plain_has_11": "count_pa_11_pm" in plain.columns,
+    }
+attempt("pandas wide", wide_pandas)
+def wide_arrow():
+    plain = ds.dataset(wide, format="parquet", partitioning="hive")
+    schema = pa.unify_schemas([plain.schema] + [pq.read_schema(f) for f in plain.files])
+    t = ds.dataset(wide, format="parquet", partitioning="hive", schema=schema).to_table()
+    return {
+        "rows": t.num_rows,
+        "types": {c: str(t.schema.field(c).type) for c in columns},
+        "samples": counts(t.column_names, t.to_pylist()),
+        "plain_has_11": "count_pa_11_pm" in plain.to_table().column_names,
+    }
+attempt("pyarrow wide", wide_arrow)
+def wide_polars():
+    p = pl.concat([pl.scan_parquet(f, hive_partitioning=True) for f in paths],
+                  how="diagonal_relaxed").collect()
+    try:
+        pl.read_parquet(f"{wide}/**/*.parquet", hive_partitioning=True)
+        plain = "read"
+    except Exception as e:
+        plain = type(e).__name__
+    return {"rows": p.height, "types": {c: str(p.schema[c]) for c in columns},
+            "samples": counts(p.columns, p.to_dicts()), "plain": plain}
+attempt("polars wide", wide_polars)
+def wide_duck():
+    q = f"FROM read_parquet('{wide}/**/*.parquet', hive_partitioning = true, union_by_name = true)"
+    seen = duck(q, columns)
+    names = [c for c in duckdb.sql(f"SELECT * {q} LIMIT 0").columns if c.startswith("count_")]
+    seen["samples"] = duckdb.sql(f"SELECT {' + '.join(f'coalesce(sum({c}), 0)' for c in names)} {q}").fetchall()[0][0]
+    return seen
+attempt("duckdb wide", wide_duck)
+
+for tree in ["parquet", "wide"]:
     def alone():
         one = files(tree, "parquet")[0]
         meta = pq.read_metadata(one).metadata or {}
@@ -189,9 +318,9 @@ for tree, count in [("parquet", "count"), ("wide", "count_pa_7_pm")]:
 
 for tree, ext in [("ndjson", "ndjson"), ("ndjson_gz", "ndjson.gz"), ("csv", "csv"), ("csv_gz", "csv.gz")]:
     paths = files(tree, ext)
-    columns = ["device", *PARTS, "window_start", "count"]
-    json = "ndjson" in ext
-    reader = "read_json" if json else "read_csv"
+    columns = ["device", *PARTS, *TIMES, "count"]
+    json_format = "ndjson" in ext
+    reader = "read_json" if json_format else "read_csv"
     q = f"FROM {reader}('{root}/{tree}/**/*.{ext}', hive_partitioning = true)"
     def duck_text():
         seen = duck(q, columns)
@@ -199,22 +328,40 @@ for tree, ext in [("ndjson", "ndjson"), ("ndjson_gz", "ndjson.gz"), ("csv", "csv
         seen["samples"] = duckdb.sql(f"SELECT sum(count) {q}").fetchall()[0][0]
         return seen
     attempt(f"duckdb {tree}", duck_text)
+    attempt(f"merged {tree}", lambda: merged(reader, f"{root}/{tree}/**/*.{ext}"))
     # pandas, file by file, the compression inferred from the extension.
     def pandas():
-        df = pd.concat([pd.read_json(f, lines=True) if json else pd.read_csv(f) for f in paths])
+        df = pd.concat([pd.read_json(f, lines=True) if json_format else pd.read_csv(f) for f in paths])
         return {"rows": len(df), "count": str(df["count"].dtype), "columns": sorted(df.columns)}
     attempt(f"pandas {tree}", pandas)
     def arrow():
-        t = ds.dataset(f"{root}/{tree}", format="json" if json else "csv", partitioning="hive").to_table()
-        return {"rows": t.num_rows, "types": {c: str(t.schema.field(c).type) for c in columns}}
+        t = ds.dataset(f"{root}/{tree}", format="json" if json_format else "csv", partitioning="hive").to_table()
+        return {"rows": t.num_rows, "types": {c: str(t.schema.field(c).type) for c in ["device", *PARTS, "count"]}}
     attempt(f"pyarrow {tree}", arrow)
-print(__import__("json").dumps(out, default=str))
+print(json.dumps(out, default=str))
 "#;
+
+/// The merge SQL of docs/formats.md: the block that starts `-- One row per window (DuckDB)`.
+fn documented_merge_sql() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/formats.md");
+    let docs = std::fs::read_to_string(&path).expect("docs/formats.md reads");
+    let start = docs
+        .find("```sql\n-- One row per window (DuckDB)\n")
+        .expect("docs/formats.md gives the DuckDB merge SQL");
+    let block = &docs[start + "```sql\n".len()..];
+    let end = block.find("```").expect("the block ends");
+    block[..end].trim().trim_end_matches(';').to_owned()
+}
 
 fn read_with_every_reader(root: &Path) -> Value {
     let python = python();
     let run = Command::new(&python)
-        .args(["-c", READERS, &root.display().to_string()])
+        .args([
+            "-c",
+            READERS,
+            &root.display().to_string(),
+            &documented_merge_sql(),
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}; run the suite with scripts/test.sh"));
@@ -238,10 +385,25 @@ fn types(value: &Value, columns: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The values of the readings `bodies` hold, repeats left out: the sum of `pm` and
+/// `Temperature` over every row, and how many values.
+fn fed(bodies: &[String]) -> (f64, u64) {
+    let mut sum = 0.0;
+    let mut n = 0;
+    for body in bodies {
+        let body: Value = serde_json::from_str(body).expect("a body");
+        for row in body["data"].as_array().expect("rows") {
+            sum += row[1].as_f64().expect("pm") + row[4].as_f64().expect("Temperature");
+            n += 2;
+        }
+    }
+    (sum, n)
+}
+
 #[test]
 fn every_reader_reads_the_tree_as_one_table_with_integer_partitions_on_every_date() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = make_tree(dir.path(), "");
+    let out = make_tree(dir.path());
     let seen = read_with_every_reader(&out);
     let report = serde_json::to_string_pretty(&seen).expect("json");
     let at = |key: &str| {
@@ -250,65 +412,166 @@ fn every_reader_reads_the_tree_as_one_table_with_integer_partitions_on_every_dat
             .clone()
     };
     let parts = ["year", "month", "day", "hour"];
+    let times = ["window_start", "first_time", "last_time"];
     let hours: Vec<u64> = (0..24).collect();
+    // Per device: 48 hours × 2 sensors × 2 columns in part-0000, then in the late parts
+    // a row per late hour for sensor 7's and sensor 11's two columns.
+    let late_rows = 2 * LATE_HOURS as u64 * 4;
+    let long_rows = 2 * 48 * 4 + late_rows;
+    // One row per window: sensor 7's late rows fold into the windows they came late to.
+    let windows = 2 * 48 * 4 + late_rows / 2;
+    let wide_rows = 2 * 48 + 2 * LATE_HOURS as u64;
+    let (total, values) = DEVICES
+        .iter()
+        .enumerate()
+        .map(|(d, _)| {
+            let late = late_bodies(d);
+            let (a, n) = fed(&bodies(d));
+            let (b, m) = fed(&late[..late.len() - 1]);
+            (a + b, n + m)
+        })
+        .fold((0.0, 0), |(s, n), (a, m)| (s + a, n + m));
+    assert_eq!(values, long_rows, "every value a row of one sample");
 
-    for tree in ["parquet", "wide"] {
-        // Long: two devices × 48 hours × 4 series; wide: one row per window.
-        let rows = if tree == "parquet" { 384 } else { 96 };
-        let count = if tree == "parquet" {
-            "count"
-        } else {
-            "count_pa_7_pm"
-        };
-        let pandas = at(&format!("pandas {tree}"));
-        assert_eq!(pandas["rows"], rows, "pandas {tree}: {report}");
-        assert_eq!(pandas["devices"], serde_json::json!(DEVICES), "{report}");
-        assert_eq!(pandas["hours"], serde_json::json!(hours), "{report}");
-        assert_eq!(pandas["months"], serde_json::json!([1, 12]), "{report}");
-        assert_eq!(
-            types(&pandas, &parts),
-            vec!["category[int32]"; 4],
-            "pandas {tree}: {report}"
-        );
-        assert_eq!(
-            types(&pandas, &["window_start", count]),
-            ["datetime64[us, UTC]", "int64"],
-            "pandas {tree}: {report}"
-        );
-        let arrow = at(&format!("pyarrow {tree}"));
-        assert_eq!(arrow["rows"], rows, "{report}");
-        assert_eq!(types(&arrow, &parts), vec!["int32"; 4], "{report}");
-        assert_eq!(
-            types(&arrow, &["device", "window_start", count]),
-            ["string", "timestamp[us, tz=UTC]", "int64"],
-            "{report}"
-        );
-        let polars = at(&format!("polars {tree}"));
-        assert_eq!(polars["rows"], rows, "{report}");
-        assert_eq!(types(&polars, &parts), vec!["Int64"; 4], "{report}");
-        assert_eq!(
-            types(&polars, &["device", "window_start", count]),
-            [
-                "String",
-                "Datetime(time_unit='us', time_zone='UTC')",
-                "Int64"
-            ],
-            "{report}"
-        );
+    // The long layout, with no option: late parts are rows like any other.
+    let pandas = at("pandas parquet");
+    assert_eq!(pandas["rows"], long_rows, "pandas: {report}");
+    assert_eq!(pandas["devices"], serde_json::json!(DEVICES), "{report}");
+    assert_eq!(pandas["hours"], serde_json::json!(hours), "{report}");
+    assert_eq!(pandas["months"], serde_json::json!([1, 12]), "{report}");
+    assert_eq!(
+        types(&pandas, &parts),
+        vec!["category[int32]"; 4],
+        "{report}"
+    );
+    assert_eq!(
+        types(&pandas, &[&times[..], &["count"]].concat()),
+        [
+            "datetime64[us, UTC]",
+            "datetime64[us, UTC]",
+            "datetime64[us, UTC]",
+            "int64"
+        ],
+        "{report}"
+    );
+    let arrow = at("pyarrow parquet");
+    assert_eq!(arrow["rows"], long_rows, "{report}");
+    assert_eq!(types(&arrow, &parts), vec!["int32"; 4], "{report}");
+    assert_eq!(
+        types(&arrow, &[&["device"][..], &times, &["count"]].concat()),
+        [
+            "string",
+            "timestamp[us, tz=UTC]",
+            "timestamp[us, tz=UTC]",
+            "timestamp[us, tz=UTC]",
+            "int64"
+        ],
+        "{report}"
+    );
+    let polars = at("polars parquet");
+    assert_eq!(polars["rows"], long_rows, "{report}");
+    assert_eq!(types(&polars, &parts), vec!["Int64"; 4], "{report}");
+    let utc = "Datetime(time_unit='us', time_zone='UTC')";
+    assert_eq!(
+        types(&polars, &[&["device"][..], &times, &["count"]].concat()),
+        ["String", utc, utc, utc, "Int64"],
+        "{report}"
+    );
+    let tz = "TIMESTAMP WITH TIME ZONE";
+    for tree in ["parquet", "ndjson", "ndjson_gz", "csv", "csv_gz"] {
         let duck = at(&format!("duckdb {tree}"));
-        assert_eq!(duck["rows"], rows, "{report}");
-        assert_eq!(types(&duck, &parts), vec!["BIGINT"; 4], "{report}");
+        assert_eq!(duck["rows"], long_rows, "{tree}: {report}");
+        assert_eq!(types(&duck, &parts), vec!["BIGINT"; 4], "{tree}: {report}");
         assert_eq!(
-            types(&duck, &["device", "window_start", count]),
-            ["VARCHAR", "TIMESTAMP WITH TIME ZONE", "BIGINT"],
-            "{report}"
+            types(&duck, &[&["device"][..], &times, &["count"]].concat()),
+            ["VARCHAR", tz, tz, tz, "BIGINT"],
+            "{tree}: {report}"
         );
+        // Hours 0-9 of both days, and the late parts (all in hours 0-9).
         assert_eq!(
             duck["before_10"],
-            rows / 24 * 10,
-            "WHERE hour < 10: {report}"
+            2 * 2 * 10 * 4 + late_rows,
+            "WHERE hour < 10, {tree}: {report}"
         );
         assert_eq!(duck["devices"], serde_json::json!(DEVICES), "{report}");
+        // The merge of docs/formats.md: one row per window, every sample once.
+        let merged = at(&format!("merged {tree}"));
+        assert_eq!(
+            (&merged["windows"], &merged["samples"]),
+            (&windows.into(), &values.into()),
+            "{tree}: {report}"
+        );
+        let sum = merged["total"].as_f64().expect("a total");
+        assert!(
+            (sum - total).abs() <= 1e-12 * total,
+            "{tree}: {sum} vs {total}"
+        );
+    }
+
+    // The wide layout: sensor 11's columns are in the late parts only. Read plainly,
+    // pyarrow and pandas drop them and polars fails; with the one option each, every
+    // column is there.
+    let samples = |reader: &Value| reader["samples"].as_u64();
+    let pandas = at("pandas wide");
+    assert_eq!(pandas["rows"], wide_rows, "{report}");
+    assert_eq!(pandas["plain_has_11"], false, "{report}");
+    assert_eq!(samples(&pandas), Some(values), "{report}");
+    // Given the unified schema, pandas takes the partition columns' types from it.
+    assert_eq!(types(&pandas, &parts), vec!["int32"; 4], "{report}");
+    assert_eq!(
+        types(
+            &pandas,
+            &["window_start", "count_pa_7_pm", "count_pa_11_pm"]
+        ),
+        ["datetime64[us, UTC]", "int64", "float64"],
+        "count_pa_11_pm has nulls, which pandas holds as NaN: {report}"
+    );
+    let arrow = at("pyarrow wide");
+    assert_eq!(arrow["rows"], wide_rows, "{report}");
+    assert_eq!(arrow["plain_has_11"], false, "{report}");
+    assert_eq!(samples(&arrow), Some(values), "{report}");
+    assert_eq!(types(&arrow, &parts), vec!["int32"; 4], "{report}");
+    assert_eq!(
+        types(
+            &arrow,
+            &["device", "window_start", "count_pa_7_pm", "count_pa_11_pm"]
+        ),
+        ["string", "timestamp[us, tz=UTC]", "int64", "int64"],
+        "{report}"
+    );
+    let polars = at("polars wide");
+    assert_eq!(polars["rows"], wide_rows, "{report}");
+    assert_eq!(polars["plain"], "SchemaError", "{report}");
+    assert_eq!(samples(&polars), Some(values), "{report}");
+    assert_eq!(types(&polars, &parts), vec!["Int64"; 4], "{report}");
+    assert_eq!(
+        types(
+            &polars,
+            &["device", "window_start", "count_pa_7_pm", "count_pa_11_pm"]
+        ),
+        ["String", utc, "Int64", "Int64"],
+        "{report}"
+    );
+    let duck = at("duckdb wide");
+    assert_eq!(duck["rows"], wide_rows, "{report}");
+    assert_eq!(samples(&duck), Some(values), "{report}");
+    assert_eq!(types(&duck, &parts), vec!["BIGINT"; 4], "{report}");
+    assert_eq!(
+        types(
+            &duck,
+            &["device", "window_start", "count_pa_7_pm", "count_pa_11_pm"]
+        ),
+        ["VARCHAR", tz, "BIGINT", "BIGINT"],
+        "{report}"
+    );
+    assert_eq!(
+        duck["before_10"],
+        2 * 2 * 10 + 2 * LATE_HOURS as u64,
+        "WHERE hour < 10: {report}"
+    );
+    assert_eq!(duck["devices"], serde_json::json!(DEVICES), "{report}");
+
+    for tree in ["parquet", "wide"] {
         let file = at(&format!("file {tree}"));
         let columns: Vec<&str> = file["columns"]
             .as_array()
@@ -326,20 +589,12 @@ fn every_reader_reads_the_tree_as_one_table_with_integer_partitions_on_every_dat
         let duck = at(&format!("duckdb {tree}"));
         assert_eq!(
             duck["files"],
-            2 * 48,
-            "one part per device and hour: {report}"
+            2 * 48 + 2 * LATE_HOURS as u64,
+            "a part per device and hour, and a late part per late hour: {report}"
         );
-        assert_eq!(duck["rows"], 384, "{tree}: {report}");
-        assert_eq!(duck["samples"], 2 * 48 * 4, "{report}");
-        assert_eq!(types(&duck, &parts), vec!["BIGINT"; 4], "{tree}: {report}");
-        assert_eq!(
-            types(&duck, &["device", "window_start", "count"]),
-            ["VARCHAR", "TIMESTAMP WITH TIME ZONE", "BIGINT"],
-            "{tree}: {report}"
-        );
-        assert_eq!(duck["before_10"], 160, "WHERE hour < 10: {report}");
+        assert_eq!(duck["samples"], values, "{report}");
         let pandas = at(&format!("pandas {tree}"));
-        assert_eq!(pandas["rows"], 384, "{tree}: {report}");
+        assert_eq!(pandas["rows"], long_rows, "{tree}: {report}");
         assert_eq!(pandas["count"], "int64", "{tree}: {report}");
         assert!(
             !pandas["columns"]
@@ -349,7 +604,7 @@ fn every_reader_reads_the_tree_as_one_table_with_integer_partitions_on_every_dat
             "{tree}: the device is in the key only: {report}"
         );
         let arrow = at(&format!("pyarrow {tree}"));
-        assert_eq!(arrow["rows"], 384, "{tree}: {report}");
+        assert_eq!(arrow["rows"], long_rows, "{tree}: {report}");
         assert_eq!(types(&arrow, &parts), vec!["int32"; 4], "{tree}: {report}");
         assert_eq!(
             types(&arrow, &["device", "count"]),
@@ -358,17 +613,23 @@ fn every_reader_reads_the_tree_as_one_table_with_integer_partitions_on_every_dat
         );
     }
 
-    // The gzip files are gzip, and the plain ones are not.
+    // The gzip files are gzip, and the plain ones are not; late parts are there.
     let files = read_tree(&out);
     let gz: Vec<&str> = files
         .iter()
         .map(|f| f.key.as_str())
         .filter(|k| k.ends_with(".gz"))
         .collect();
-    assert_eq!(gz.len(), 2 * 2 * 48, "{gz:?}");
+    assert_eq!(gz.len(), 2 * (2 * 48 + 2 * LATE_HOURS as usize), "{gz:?}");
     assert!(
         gz.iter()
             .any(|k| k.contains("/year=2025/month=12/day=9/hour=0/")),
+        "{gz:?}"
+    );
+    assert!(
+        gz.iter().any(|k| k.ends_with(
+            "ndjson_gz/device=pi-b/year=2026/month=1/day=5/hour=9/pi-b-20260105T0900-part-0001.ndjson.gz"
+        )),
         "{gz:?}"
     );
     for key in &gz {
@@ -388,6 +649,7 @@ fn padded_keys_keep_the_earlier_folders_for_an_existing_lake() {
     finish(
         start(dir.path(), "pi-a", bodies(0)[..12].to_vec(), &sinks),
         12 * 4,
+        0,
     );
     let keys: Vec<String> = read_tree(&out).into_iter().map(|f| f.key).collect();
     assert_eq!(keys.len(), 12, "{keys:?}");
@@ -440,6 +702,7 @@ fn compressed_objects_keep_their_content_type_and_say_their_content_encoding() {
     finish(
         start(dir.path(), "pi-a", bodies(0)[..3].to_vec(), &sinks),
         3 * 4,
+        0,
     );
 
     let mirror = dir.path().join("mirror");

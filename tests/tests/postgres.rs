@@ -132,8 +132,11 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
     );
 
     // A straggler for a window already loaded is merged into its row, not dropped and
-    // not duplicated. (Its own time: one at T0 + 60 would repeat minute 1's reading.)
-    server.push(purpleair_body(&[(7, T0 + 60 + 15, 100.0, 0.0)]));
+    // not duplicated. (Half a second into the window: one at T0 + 60 itself would repeat
+    // minute 1's reading.)
+    let at = (T0 + 60).to_string();
+    let straggler = purpleair_body(&[(7, T0 + 60, 100.0, 0.0)]).replace(&at, &format!("{at}.5"));
+    server.push(straggler);
     wait_for("the late part loaded", Duration::from_secs(30), || {
         let loads = pg.try_psql(
             "postgres",

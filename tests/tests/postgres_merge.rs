@@ -1,5 +1,6 @@
 //! PostgreSQL merges by time: a table made by an earlier edgespool gets `first_time` and
-//! `last_time` added, and late rows earlier in time take `first`, later ones `last`.
+//! `last_time` added (and the index on (series, window_start)), and late rows earlier in
+//! time take `first`, later ones `last`.
 //!
 //! Rows come from an HTTP table source whose rows carry fractional epoch seconds in
 //! January 2026 (1 s windows, 1 min partitions): their partitions close at once.
@@ -15,7 +16,13 @@ use edgespool_tests::{
 fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
     let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
     let sinks = sinks.replace("{password_file}", &password.display().to_string());
-    write_agent_config(dir, &format!("{}\n{sinks}", table_source(url, &["pm"])))
+    // Several values of one sensor may share a timestamp here (the tie below): the source
+    // keeps repeats, as a device that sends several readings per timestamp needs.
+    let source = table_source(url, &["pm"]).replace(
+        "interval = \"100ms\"\n",
+        "interval = \"100ms\"\nrepeats = \"keep\"\n",
+    );
+    write_agent_config(dir, &format!("{source}\n{sinks}"))
 }
 
 /// A table body: (sensor, last_seen as written, pm).
@@ -97,6 +104,14 @@ fn an_old_table_gets_the_time_columns_and_late_rows_merge_first_and_last_by_time
         "first_time timestamp with time zone\nlast_time timestamp with time zone"
     );
     assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'edgespool_windows_series_window_start'"
+        ),
+        "CREATE INDEX edgespool_windows_series_window_start ON public.edgespool_windows USING btree (series, window_start)",
+        "the old table gets the index for one series over all devices"
+    );
+    assert_eq!(
         row(&pg, "pa.7.pm", t60).as_deref(),
         Some("1|1|1|1.000000|03:01:00.500|03:01:00.500")
     );
@@ -129,4 +144,85 @@ fn an_old_table_gets_the_time_columns_and_late_rows_merge_first_and_last_by_time
     agent.terminate();
     let log = std::fs::read_to_string(dir.path().join("agent.log")).expect("log");
     assert!(log.contains("added columns to the table"), "{log}");
+    assert!(
+        log.contains("added the index on (series, window_start)"),
+        "{log}"
+    );
+}
+
+/// The sample standard deviation of `values`, exactly (to the last rounding): every
+/// value near 1.7e9 is a whole number of 2^-22, so the sums are exact in `i128`.
+fn exact_stdev(values: &[f64]) -> f64 {
+    let units: Vec<i128> = values
+        .iter()
+        .map(|v| {
+            let k = v * 4_194_304.0;
+            assert_eq!(k.fract(), 0.0, "{v} is a whole number of 2^-22");
+            k as i128
+        })
+        .collect();
+    let n = units.len() as i128;
+    let sum: i128 = units.iter().sum();
+    let squares: i128 = units.iter().map(|k| k * k).sum();
+    let variance = (n * squares - sum * sum) as f64 / (n * (n - 1)) as f64;
+    variance.sqrt() / 4_194_304.0
+}
+
+#[test]
+fn a_late_merge_on_a_large_offset_keeps_the_standard_deviation_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = PgServer::start();
+    let t = T0 + 60;
+    // An energy meter in Wh near 1.7e9, a hundredth apart: ten readings, then ten late.
+    let text: Vec<String> = (0..20).map(|i| format!("1700000000.{i:02}")).collect();
+    let values: Vec<f64> = text.iter().map(|v| v.parse().expect("a number")).collect();
+    let at = |i: usize| format!("{t}.{:03}", i * 40);
+    let readings = |range: std::ops::Range<usize>| -> String {
+        let rows: Vec<(u32, String, &str)> = range.map(|i| (5, at(i), text[i].as_str())).collect();
+        let data: Vec<String> = rows
+            .iter()
+            .map(|(id, seen, pm)| format!("[{id}, {pm}, {seen}]"))
+            .collect();
+        format!(
+            "{{\"fields\": [\"ID\", \"pm\", \"last_seen\"], \"data\": [{}]}}",
+            data.join(", ")
+        )
+    };
+    let server = JsonServer::start(vec![readings(0..10)], body(&[]));
+    let config = write_config(dir.path(), &server.url, &pg_sink(&pg, "db", ""));
+    let agent = Agent::start(&config, &dir.path().join("agent.log"));
+    let query = format!(
+        "SELECT count, mean, stdev, mean_rest FROM edgespool_windows
+         WHERE series = 'pa.5.pm' AND window_start = to_timestamp({t})"
+    );
+    wait_for("the first ten loaded", Duration::from_secs(60), || {
+        pg.try_psql("postgres", &query)
+            .filter(|r| r.starts_with("10|"))
+    });
+    server.push(readings(10..20));
+    let merged = wait_for("the late ten merged", Duration::from_secs(60), || {
+        pg.try_psql("postgres", &query)
+            .filter(|r| r.starts_with("20|"))
+    });
+    agent.terminate();
+    let fields: Vec<f64> = merged
+        .split('|')
+        .map(|f| f.parse().expect("a number"))
+        .collect();
+    let want = exact_stdev(&values);
+    let relative = (fields[2] - want).abs() / want;
+    assert!(
+        relative <= 1e-12,
+        "stdev {} against {want}: {relative:e} relative ({merged})",
+        fields[2]
+    );
+    let exact_mean: f64 = {
+        let units: i128 = values.iter().map(|v| (v * 4_194_304.0) as i128).sum();
+        (units as f64 / 20.0) / 4_194_304.0
+    };
+    assert!(
+        (fields[1] - exact_mean).abs() <= 2.5e-7,
+        "mean {} against {exact_mean}",
+        fields[1]
+    );
 }

@@ -1,5 +1,5 @@
 //! The wide layout read as one table by pyarrow.dataset, polars and DuckDB (readers we did
-//! not write, from `$EDGESPOOL_PYTHON`): partitions planned together have the same columns
+//! not write, from `$EDGESPOOL_PYTHON`), with hive partitioning: partitions planned together have the same columns
 //! even where a series appears later, so the readers need no option; where a series first
 //! appears after a partition was delivered, the one option per reader that docs/formats.md
 //! gives reads every column.
@@ -14,8 +14,9 @@ use edgespool_tests::{
 };
 use serde_json::Value;
 
-/// Reads `root`'s Parquet files with each reader, as docs/formats.md shows: `plain` with
-/// no options, `merged` with the one option that reads columns that grew. Prints, per
+/// Reads `root`'s Parquet files with each reader, as docs/formats.md shows, with hive
+/// partitioning: `plain` with no other option, `merged` with the one option that reads
+/// columns that grew. Prints, per
 /// reader, the column names and the rows, or the error.
 const READERS: &str = r#"
 import glob, json, sys
@@ -31,23 +32,23 @@ def run(name, read):
 def pyarrow_read():
     import pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq
     if mode == "plain":
-        table = ds.dataset(root, format="parquet").to_table()
+        table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
     else:
-        first = ds.dataset(root, format="parquet")
+        first = ds.dataset(root, format="parquet", partitioning="hive")
         schema = pa.unify_schemas([first.schema] + [pq.read_schema(f) for f in first.files])
-        table = ds.dataset(root, format="parquet", schema=schema).to_table()
+        table = ds.dataset(root, format="parquet", partitioning="hive", schema=schema).to_table()
     return table.column_names, table.to_pylist()
 def polars_read():
     import polars as pl
     if mode == "plain":
-        frame = pl.read_parquet(root + "/**/*.parquet", hive_partitioning=False)
+        frame = pl.read_parquet(root + "/**/*.parquet", hive_partitioning=True)
     else:
-        frame = pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed").collect()
+        frame = pl.concat([pl.scan_parquet(f, hive_partitioning=True) for f in files], how="diagonal_relaxed").collect()
     return frame.columns, frame.to_dicts()
 def duckdb_read():
     import duckdb
     option = "" if mode == "plain" else ", union_by_name = true"
-    rel = duckdb.sql(f"SELECT * FROM read_parquet('{root}/**/*.parquet', hive_partitioning = false{option})")
+    rel = duckdb.sql(f"SELECT * FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true{option})")
     return rel.columns, [dict(zip(rel.columns, r)) for r in rel.fetchall()]
 run("pyarrow", pyarrow_read)
 run("polars", polars_read)
@@ -78,6 +79,17 @@ fn sum(reader: &Value, column: &str) -> f64 {
         .iter()
         .filter_map(|r| r[column].as_f64())
         .sum()
+}
+
+/// Every row a reader returned has the device and the hour from the path.
+fn assert_partition(name: &str, reader: &Value) {
+    for row in reader["rows"].as_array().expect("rows") {
+        assert_eq!(
+            (&row["device"], &row["hour"]),
+            (&Value::from("e2e"), &Value::from(3)),
+            "{name}: {row}"
+        );
+    }
 }
 
 fn has_columns(reader: &Value, columns: &[&str]) -> bool {
@@ -121,6 +133,8 @@ fn wide_files_of_a_device_read_as_one_table_and_a_series_added_later_with_one_op
         "mean_pa_9_pm",
         "count_pa_9_pm",
         "window_start",
+        "device",
+        "hour",
     ];
     let plain = read_with_each(&out, "plain");
     for name in ["pyarrow", "polars", "duckdb"] {
@@ -130,6 +144,7 @@ fn wide_files_of_a_device_read_as_one_table_and_a_series_added_later_with_one_op
             "{name} reads both files whole with no option: {reader}"
         );
         assert_eq!(reader["rows"].as_array().map(Vec::len), Some(3), "{name}");
+        assert_partition(name, reader);
         assert_eq!(sum(reader, "mean_pa_9_pm"), 4.0, "{name}: {reader}");
         assert_eq!(sum(reader, "mean_pa_7_pm"), 3.0, "{name}: {reader}");
     }
@@ -147,6 +162,7 @@ fn wide_files_of_a_device_read_as_one_table_and_a_series_added_later_with_one_op
             "{name} reads the grown columns with its documented option: {reader}"
         );
         assert_eq!(reader["rows"].as_array().map(Vec::len), Some(4), "{name}");
+        assert_partition(name, reader);
         assert_eq!(sum(reader, "mean_pa_11_pm"), 8.0, "{name}: {reader}");
         assert_eq!(sum(reader, "count_pa_9_pm"), 1.0, "{name}: {reader}");
     }

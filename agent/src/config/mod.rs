@@ -35,7 +35,9 @@ pub use self::durations::Seconds;
 pub use self::listen::{DEFAULT_LISTEN_ADDRESS, ListenSource, listen_address};
 pub use self::located::ConfigError;
 pub use self::secret::{Secret, SecretFile, one_secret};
-pub use self::sink::{MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store};
+pub use self::sink::{
+    Deliver, MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store,
+};
 pub use self::source::{
     FileFormat, HttpSource, JsonField, MqttSource, MqttSubscription, Payload, Redirects, Repeats,
     SourceConfig, SourceKind, SysfsFile, SysfsSource, SystemSource, TableConfig,

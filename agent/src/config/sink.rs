@@ -65,6 +65,13 @@ impl SinkKind {
         }
     }
 
+    /// Whether the sink takes parts of the open partition, the windows of each flush
+    /// soon after their commit (`deliver = "each_flush"`, PostgreSQL's default), rather
+    /// than a partition once it has closed.
+    pub fn delivers_each_flush(&self) -> bool {
+        matches!(self, SinkKind::Postgres(pg) if pg.deliver == Deliver::EachFlush)
+    }
+
     /// Whether the sink is a live feed of windows as they close rather than a receiver of
     /// closed partitions: the spool keeps no delivery records for it and holds nothing
     /// back for it.
@@ -276,6 +283,21 @@ pub struct PostgresSink {
     /// Longest wait between two retries (default 5m).
     #[serde(default = "default_retry_max", deserialize_with = "duration")]
     pub retry_max: Duration,
+    /// When windows go to the table: "each_flush" (the default: the windows of each
+    /// flush soon after they are committed) or "hourly" (a partition once it closed).
+    #[serde(default)]
+    pub deliver: Deliver,
+}
+
+/// When a PostgreSQL sink gets its windows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deliver {
+    /// The windows of each flush, as parts of the open partition (live dashboards).
+    #[default]
+    EachFlush,
+    /// A partition once it has closed (its end plus the grace), as the object stores.
+    Hourly,
 }
 
 fn default_pg_schema() -> String {

@@ -306,6 +306,36 @@ fn a_postgres_sink_is_checked() {
 }
 
 #[test]
+fn a_postgres_sink_delivers_each_flush_unless_told_hourly_and_object_stores_have_no_such_key() {
+    let each = |keys: &str| {
+        let text = with_sink(&format!(
+            "[[sinks]]\nkind = \"postgres\"\nhost = \"db\"\n{keys}"
+        ));
+        let config = Config::parse(&text, Path::new("x.toml")).expect("valid");
+        config.sinks[0].kind.delivers_each_flush()
+    };
+    assert!(each(""));
+    assert!(each("deliver = \"each_flush\"\n"));
+    assert!(!each("deliver = \"hourly\"\n"));
+    let bad = with_sink("[[sinks]]\nkind = \"postgres\"\nhost = \"db\"\ndeliver = \"often\"\n");
+    assert!(
+        error_of(&bad).contains("unknown variant `often`, expected `each_flush` or `hourly`"),
+        "{}",
+        error_of(&bad)
+    );
+    let local = with_sink("[[sinks]]\nkind = \"local\"\npath = \"/o\"\n");
+    let config = Config::parse(&local, Path::new("x.toml")).expect("valid");
+    assert!(!config.sinks[0].kind.delivers_each_flush());
+    let object =
+        with_sink("[[sinks]]\nkind = \"local\"\npath = \"/o\"\ndeliver = \"each_flush\"\n");
+    assert!(
+        error_of(&object).contains("deliver"),
+        "{}",
+        error_of(&object)
+    );
+}
+
+#[test]
 fn mqtt_subscriptions_are_checked() {
     let source = |sub: &str| {
         MINIMAL.replace(

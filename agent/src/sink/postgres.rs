@@ -3,12 +3,15 @@
 //! 1. `INSERT INTO edgespool_loads (…, partition, part)` with `ON CONFLICT DO NOTHING`:
 //!    if the row was there already, this part was committed before (the acknowledgement
 //!    was lost, or the agent died before recording the delivery) and nothing else is done.
-//! 2. A first part (`part-0000`) of a partition is copied straight into the table: no
-//!    earlier load holds its windows. Should one do (a table fed by an earlier spool),
-//!    the unique violation rolls it back and it goes the way of later parts:
+//!    A later part moves its partition's record on to its number (one row per
+//!    partition, however many flushes sent parts of it; see `load`).
+//! 2. The rows are copied straight into the table: a part of the open partition (the
+//!    sink gets each flush's windows, `deliver = "each_flush"`) or a partition's first
+//!    part holds windows no earlier load holds. Should one be there (late rows of a
+//!    window loaded before, a table fed by an earlier spool), the unique violation rolls
+//!    the part back and it goes through staging:
 //! 3. `COPY` into a temporary staging table, then `INSERT … SELECT` into the table; a
-//!    row whose (device, series, window_start) exists (late rows of a window loaded
-//!    before) is merged into it.
+//!    row whose (device, series, window_start) exists is merged into it.
 //! 4. `COMMIT`; only then does the uploader record the delivery in the spool.
 //!
 //! A connection lost anywhere before the commit (a server restart mid-COPY) rolls the
@@ -18,7 +21,8 @@
 //! unencrypted in clear text or as an MD5 hash ([`plaintext`]); SCRAM proves it without
 //! sending it and is allowed either way.
 //!
-//! Creating the tables takes an advisory lock first, so that agents starting together
+//! Creating the tables (and the index on (series, window_start), added to a table made
+//! by an earlier edgespool) takes an advisory lock first, so that agents starting together
 //! against an empty database do not trip over each other's `CREATE … IF NOT EXISTS`.
 
 mod plaintext;
@@ -38,7 +42,7 @@ use crate::config::{PostgresSink as PgSinkConfig, SslMode};
 use crate::flow::WindowRow;
 
 /// The table's columns, in order, with their SQL types as `information_schema` names them.
-const COLUMNS: [(&str, &str); 17] = [
+const COLUMNS: [(&str, &str); 18] = [
     ("device", "text"),
     ("series", "text"),
     ("unit", "text"),
@@ -55,11 +59,12 @@ const COLUMNS: [(&str, &str); 17] = [
     ("last", "double precision"),
     ("first_time", "timestamp with time zone"),
     ("last_time", "timestamp with time zone"),
+    ("mean_rest", "double precision"),
     ("loaded_at", "timestamp with time zone"),
 ];
 
 /// Columns an earlier edgespool's table lacks, added to it under the setup lock.
-const ADDED_COLUMNS: [&str; 2] = ["first_time", "last_time"];
+const ADDED_COLUMNS: [&str; 3] = ["first_time", "last_time", "mean_rest"];
 
 /// The table of loaded parts, beside the data table in the same schema.
 const LOADS_TABLE: &str = "edgespool_loads";
@@ -197,7 +202,7 @@ impl PostgresSink {
         // advisory lock per schema (the loads table is shared by every table in it),
         // held to the end of this transaction, lets one agent create and the others
         // find what it made.
-        let tx = client.transaction().await.map_err(fail)?;
+        let mut tx = client.transaction().await.map_err(fail)?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&setup_lock_key(schema)],
@@ -218,7 +223,7 @@ impl PostgresSink {
                 .map(|(name, ty)| {
                     let not_null = match *name {
                         "unit" | "stdev" | "min" | "max" | "mean" | "median" | "first" | "last"
-                        | "first_time" | "last_time" => "",
+                        | "first_time" | "last_time" | "mean_rest" => "",
                         "tags" => " NOT NULL DEFAULT '{}'",
                         "loaded_at" => " NOT NULL DEFAULT now()",
                         _ => " NOT NULL",
@@ -265,7 +270,8 @@ impl PostgresSink {
                 // A table made by an earlier edgespool: its rows keep NULL times.
                 let columns: Vec<String> = added
                     .iter()
-                    .map(|name| format!("ADD COLUMN IF NOT EXISTS \"{name}\" timestamptz"))
+                    .filter_map(|name| COLUMNS.iter().find(|(n, _)| n == name))
+                    .map(|(name, ty)| format!("ADD COLUMN IF NOT EXISTS \"{name}\" {ty}"))
                     .collect();
                 tx.batch_execute(&format!(
                     "ALTER TABLE {} {}",
@@ -277,6 +283,7 @@ impl PostgresSink {
                 tracing::info!(sink = %self.name, table = %self.table(), columns = %added.join(", "), "added columns to the table");
             }
         }
+        self.ensure_series_index(&mut tx).await?;
         tx.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS \"{schema}\".{LOADS_TABLE} (
                      target text NOT NULL,
@@ -293,11 +300,55 @@ impl PostgresSink {
         Ok(())
     }
 
+    /// Adds the index on (series, window_start) when the table lacks it (a new table, or
+    /// one made by an earlier edgespool), under the setup lock. A role that may not
+    /// (it does not own the table) logs a warning and loads on without it.
+    async fn ensure_series_index(
+        &self,
+        tx: &mut tokio_postgres::Transaction<'_>,
+    ) -> Result<(), SinkError> {
+        let fail = |e: tokio_postgres::Error| self.setup(crate::with_causes(&e));
+        let (schema, table) = (&self.config.schema, &self.config.table);
+        // PostgreSQL cuts names to 63 bytes; the table's name is ASCII (validated).
+        let mut index = format!("{table}_series_window_start");
+        index.truncate(63);
+        let found = tx
+            .query_opt(
+                "SELECT 1 FROM pg_indexes WHERE schemaname = $1 AND tablename = $2 AND indexname = $3",
+                &[schema, table, &index],
+            )
+            .await
+            .map_err(fail)?;
+        if found.is_some() {
+            return Ok(());
+        }
+        let savepoint = tx.savepoint("edgespool_index").await.map_err(fail)?;
+        let sql = format!(
+            "CREATE INDEX IF NOT EXISTS \"{index}\" ON {} (series, window_start)",
+            self.table()
+        );
+        match savepoint.batch_execute(&sql).await {
+            Ok(()) => {
+                savepoint.commit().await.map_err(fail)?;
+                tracing::info!(sink = %self.name, table = %self.table(), index = %index, "added the index on (series, window_start)");
+            }
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                savepoint.rollback().await.map_err(fail)?;
+                tracing::warn!(sink = %self.name, table = %self.table(), error = %crate::with_causes(&e),
+                    "cannot add the index on (series, window_start), which queries of one series over all devices need; its owner can: {sql}");
+            }
+            Err(e) => return Err(fail(e)),
+        }
+        Ok(())
+    }
+
     /// Loads one part in one transaction; `false` when it had been loaded before.
     ///
-    /// `direct`: COPY straight into the table, for a first part, whose windows no
-    /// earlier load can hold; a unique violation (a table that does hold them, say from
-    /// an earlier spool) rolls back and the caller loads through staging instead.
+    /// `direct`: COPY straight into the table, tried first (most parts hold new windows
+    /// only); a unique violation (late rows of a window loaded before, a table fed by an
+    /// earlier spool) rolls back and the caller loads through staging instead.
     async fn load(
         &self,
         client: &mut Client,
@@ -306,20 +357,46 @@ impl PostgresSink {
     ) -> Result<bool, LoadError> {
         let plan = delivery.plan;
         let tx = client.transaction().await?;
-        let new = tx
-            .execute(
+        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &self.config.table,
+            &delivery.device,
+            &plan.partition,
+            &(plan.part as i32),
+            &(delivery.rows.len() as i32),
+        ];
+        // Design: the spool plans part N only once every earlier part of the sink is
+        // recorded delivered (durably: the plan's commit syncs what came before), so no
+        // earlier part of this partition is ever sent again. Its record moves on to part
+        // N (rows adding up) instead of a row per part: one row per partition however
+        // many flushes sent parts of it, and no privilege beyond INSERT and UPDATE.
+        let moved_on = if plan.part > 0 {
+            tx.execute(
+                &format!(
+                    "UPDATE \"{schema}\".{LOADS_TABLE} l
+                     SET part = $4, rows = l.rows + $5, loaded_at = now()
+                     WHERE l.target = $1 AND l.device = $2
+                       AND l.partition_start = to_timestamp($3::bigint)
+                       AND l.part = (SELECT max(m.part) FROM \"{schema}\".{LOADS_TABLE} m
+                                     WHERE m.target = $1 AND m.device = $2
+                                       AND m.partition_start = to_timestamp($3::bigint))
+                       AND l.part < $4",
+                    schema = self.config.schema
+                ),
+                &key,
+            )
+            .await?
+        } else {
+            0
+        };
+        let new = moved_on
+            + tx.execute(
                 &format!(
                     "INSERT INTO \"{}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
-                     VALUES ($1, $2, to_timestamp($3::bigint), $4, $5) ON CONFLICT DO NOTHING",
+                     SELECT $1, $2, to_timestamp($3::bigint), $4, $5 WHERE $6
+                     ON CONFLICT DO NOTHING",
                     self.config.schema
                 ),
-                &[
-                    &self.config.table,
-                    &delivery.device,
-                    &plan.partition,
-                    &(plan.part as i32),
-                    &(delivery.rows.len() as i32),
-                ],
+                &[key[0], key[1], key[2], key[3], key[4], &(moved_on == 0)],
             )
             .await?;
         if new == 0 {
@@ -365,17 +442,19 @@ impl PostgresSink {
         }
         copy.finish().await?;
         if !direct {
+            let (mean, mean_rest, delta) = merge_sql();
             tx.batch_execute(&format!(
                 "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM edgespool_staging
                  ON CONFLICT (device, series, window_start) DO UPDATE SET
                    count = t.count + EXCLUDED.count,
                    min = LEAST(t.min, EXCLUDED.min),
                    max = GREATEST(t.max, EXCLUDED.max),
-                   mean = t.mean + (EXCLUDED.mean - t.mean) * EXCLUDED.count / (t.count + EXCLUDED.count),
+                   mean = {mean},
+                   mean_rest = {mean_rest},
                    stdev = sqrt(GREATEST(0,
                        coalesce(t.stdev, 0) ^ 2 * (t.count - 1)
                        + coalesce(EXCLUDED.stdev, 0) ^ 2 * (EXCLUDED.count - 1)
-                       + (EXCLUDED.mean - t.mean) ^ 2 * (t.count::float8 * EXCLUDED.count / (t.count + EXCLUDED.count)))
+                       + {delta} ^ 2 * (t.count::float8 * EXCLUDED.count / (t.count + EXCLUDED.count)))
                        / (t.count + EXCLUDED.count - 1)),
                    median = (t.median * t.count + EXCLUDED.median * EXCLUDED.count) / (t.count + EXCLUDED.count),
                    first = CASE WHEN EXCLUDED.first_time < t.first_time THEN EXCLUDED.first ELSE t.first END,
@@ -390,6 +469,24 @@ impl PostgresSink {
         tx.commit().await?;
         Ok(true)
     }
+}
+
+/// The merged mean and its rest, and the difference of the two means, in SQL: what
+/// [`Stats::merge`](crate::flow::Stats::merge) computes, step by step (PostgreSQL's
+/// `float8` is IEEE double, rounded the same way). Each mean is `mean + mean_rest`, the
+/// NULL rest of an earlier edgespool's row taken as 0.
+fn merge_sql() -> (String, String, String) {
+    let delta =
+        "((EXCLUDED.mean - t.mean) + (coalesce(EXCLUDED.mean_rest, 0) - coalesce(t.mean_rest, 0)))";
+    // two_sum(a, b): the sum, and what its rounding left out.
+    let a = "t.mean";
+    let b = format!(
+        "(coalesce(t.mean_rest, 0) + {delta} * (EXCLUDED.count::float8 / (t.count + EXCLUDED.count)))"
+    );
+    let sum = format!("({a} + {b})");
+    let b_part = format!("({sum} - {a})");
+    let rest = format!("(({a} - ({sum} - {b_part})) + ({b} - {b_part}))");
+    (sum, rest, delta.to_owned())
 }
 
 /// The advisory lock that serialises creating tables in `schema`: the same for every
@@ -455,7 +552,7 @@ impl Sink for PostgresSink {
         );
         let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
         let attempt = async {
-            match self.load(client, &delivery, plan.part == 0).await {
+            match self.load(client, &delivery, true).await {
                 Err(LoadError::Conflict) => self.load(client, &delivery, false).await,
                 other => other,
             }
@@ -573,7 +670,7 @@ mod tests {
         assert_eq!(
             text.lines().next(),
             Some(
-                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z"
+                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z,0.0"
             )
         );
     }

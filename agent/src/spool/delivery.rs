@@ -105,6 +105,37 @@ pub(super) fn unplanned(
     })
 }
 
+/// The counter of a sink's delivered parts whose rows [`prune_parts`] deleted.
+pub(super) fn pruned_counter(sink: &str) -> String {
+    format!("sink.{sink}.parts_pruned")
+}
+
+/// Deletes the delivered parts of `sink` in `partition` between its first and its last
+/// (counted in [`pruned_counter`]), so that a sink that gets a part per flush keeps two
+/// rows per partition, as many as one that gets a part per partition and its late part.
+///
+/// Design: what the spool needs of a partition's parts is in those two: the last holds
+/// the highest `last_id`, `part` and `seen_id` (planning, deletion, `status`), the first
+/// the wide columns' `series_upto`. Parts not delivered (pending, dropped) stay.
+fn prune_parts(tx: &rusqlite::Transaction<'_>, sink: &str, partition: i64) -> rusqlite::Result<()> {
+    let pruned = tx
+        .prepare_cached(
+            "DELETE FROM parts
+             WHERE sink = ?1 AND partition = ?2 AND delivered_ms IS NOT NULL
+               AND part > (SELECT MIN(part) FROM parts WHERE sink = ?1 AND partition = ?2)
+               AND part < (SELECT MAX(part) FROM parts WHERE sink = ?1 AND partition = ?2)",
+        )?
+        .execute(params![sink, partition])?;
+    if pruned > 0 {
+        tx.prepare_cached(
+            "INSERT INTO counters (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = value + ?2",
+        )?
+        .execute(params![pruned_counter(sink), pruned as i64])?;
+    }
+    Ok(())
+}
+
 /// A part planned for a sink: the rows it holds are fixed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartPlan {
@@ -181,15 +212,20 @@ impl Spool {
             )
             .map_err(&err)?;
 
+        // Design: per partition held, a lookup of the sink's parts by key, so a plan
+        // costs what the spool holds, not the sink's history of parts.
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT p.partition, p.seconds, d.done, d.next_part FROM partitions p
-                 LEFT JOIN (SELECT partition, MAX(last_id) AS done, MAX(part) + 1 AS next_part
-                            FROM parts WHERE sink = ?1 GROUP BY partition) d
-                   ON d.partition = p.partition
-                 WHERE p.max_id > COALESCE(d.done, 0)
-                 ORDER BY p.partition",
+                "SELECT partition, seconds, done, next_part FROM (
+                   SELECT p.partition, p.seconds, p.max_id,
+                     (SELECT MAX(t.last_id) FROM parts t
+                      WHERE t.sink = ?1 AND t.partition = p.partition) AS done,
+                     (SELECT MAX(t.part) + 1 FROM parts t
+                      WHERE t.sink = ?1 AND t.partition = p.partition) AS next_part
+                   FROM partitions p)
+                 WHERE max_id > COALESCE(done, 0)
+                 ORDER BY partition",
             )
             .map_err(&err)?;
         let grace = self.options.grace_ms;
@@ -206,6 +242,7 @@ impl Spool {
         let mut wait_until: Option<i64> = None;
         let mut chosen = Vec::new();
         let late = self.options.late_parts(sink);
+        let each_flush = self.options.each_flush(sink);
         let part_cap = part_bytes_cap(self.options.budget_bytes);
         let mut wait = |until: i64| {
             wait_until = Some(wait_until.map_or(until, |w: i64| w.min(until)));
@@ -213,11 +250,14 @@ impl Spool {
         for candidate in &mut candidates {
             let (partition, seconds, done, next_part) = candidate.map_err(&err)?;
             let ready_ms = (partition + i64::from(seconds)) * 1000 + grace;
-            if ready_ms > now_ms {
+            let open = ready_ms > now_ms;
+            if open && !each_flush {
                 wait(ready_ms);
                 continue;
             }
-            if next_part > 0 {
+            // The open partition's rows since the sink's last part go as they are (a
+            // sink that delivers each flush); no row of it is late yet.
+            if next_part > 0 && !open {
                 // Late rows for a partition this sink has a part of: they wait to go
                 // out together (see `LateParts`).
                 let waiting = unplanned(&self.conn, sink, partition, done).map_err(&err)?;
@@ -337,6 +377,7 @@ impl Spool {
             params![plan.sink, now_ms],
         )
         .map_err(&err)?;
+        prune_parts(&tx, &plan.sink, plan.partition).map_err(&err)?;
         // The id up to which every active sink has this partition.
         let everyone_has: Option<i64> = tx
             .query_row(

@@ -16,7 +16,7 @@
 //!   is *planned* (its row range fixed and committed) before it is sent, so a retry after
 //!   a crash sends exactly the same rows under the same key.
 //!
-//! # Schema (version 4)
+//! # Schema (version 5)
 //! ```text
 //! meta(key TEXT PK, value TEXT)                  'agent': state as JSON (heartbeat, pid, config);
 //!                                                'next_id': the next window id;
@@ -184,7 +184,7 @@ pub use reader::{AgentState, SinkRecord, SourceState, SpoolReader};
 pub use schema::Recovery;
 pub use thread::{SpoolHandle, SpoolThread};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -296,12 +296,21 @@ pub struct SpoolOptions {
     /// How each sink's late rows wait to go out together; a sink not named here sends
     /// them at once ([`LateParts::AT_ONCE`]).
     pub late: HashMap<String, LateParts>,
+    /// The sinks that take parts of the open partition (`deliver = "each_flush"`): the
+    /// rows committed since their last part, at every plan. The others wait for a
+    /// partition to close.
+    pub each_flush: HashSet<String>,
 }
 
 impl SpoolOptions {
     /// How `sink`'s late rows wait.
     pub fn late_parts(&self, sink: &str) -> LateParts {
         self.late.get(sink).copied().unwrap_or(LateParts::AT_ONCE)
+    }
+
+    /// Whether `sink` takes parts of the open partition.
+    pub fn each_flush(&self, sink: &str) -> bool {
+        self.each_flush.contains(sink)
     }
 }
 

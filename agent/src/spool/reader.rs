@@ -374,7 +374,9 @@ impl SpoolReader {
             .prepare(
                 "SELECT name, kind, last_success_ms, last_error, last_error_ms, retrying_since_ms,
                         next_attempt_ms,
-                        (SELECT COUNT(*) FROM parts t WHERE t.sink = s.name AND t.delivered_ms IS NOT NULL),
+                        (SELECT COUNT(*) FROM parts t WHERE t.sink = s.name AND t.delivered_ms IS NOT NULL)
+                          + COALESCE((SELECT value FROM counters
+                                      WHERE name = 'sink.' || s.name || '.parts_pruned'), 0),
                         late_grace_ms
                  FROM sinks s WHERE active = 1 ORDER BY name",
             )

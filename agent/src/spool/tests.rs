@@ -15,6 +15,7 @@ fn options(sinks: &[&str]) -> SpoolOptions {
         sinks: sinks.iter().map(|s| (s.to_string(), "local")).collect(),
         live: Vec::new(),
         late: HashMap::new(),
+        each_flush: Default::default(),
     }
 }
 
@@ -370,7 +371,8 @@ fn drop_oldest_keeps_the_spool_under_its_budget_and_counts() {
 #[derive(Debug, Clone)]
 enum Op {
     Commit(Vec<(u8, u16)>),
-    Deliver(u8),
+    /// Deliver to a sink what it has at this hour (sink "a" takes the open partition).
+    Deliver(u8, u8),
     Reopen,
 }
 
@@ -378,7 +380,7 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     use proptest::prelude::*;
     prop_oneof![
         proptest::collection::vec((0u8..3, 0u16..600), 0..8).prop_map(Op::Commit),
-        (0u8..2).prop_map(Op::Deliver),
+        (0u8..2, 0u8..12).prop_map(|(sink, hour)| Op::Deliver(sink, hour)),
         Just(Op::Reopen),
     ]
 }
@@ -392,7 +394,12 @@ proptest::proptest! {
     fn every_committed_row_reaches_every_sink_once(ops in proptest::collection::vec(op(), 1..40)) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("spool.db");
-        let mut spool = Spool::open(&path, options(&["a", "b"])).expect("open");
+        let opts = || {
+            let mut opts = options(&["a", "b"]);
+            opts.each_flush.insert("a".to_owned());
+            opts
+        };
+        let mut spool = Spool::open(&path, opts()).expect("open");
         let mut reader = SpoolReader::open(&path).expect("reader");
         let mut model: Vec<f64> = Vec::new();
         let mut received: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
@@ -407,15 +414,16 @@ proptest::proptest! {
                     }).collect();
                     spool.commit(&flush(rows)).expect("commit");
                 }
-                Op::Deliver(sink) => {
+                Op::Deliver(sink, hour) => {
                     let name = ["a", "b"][sink as usize];
-                    for (_, _, values) in drain(&mut spool, &mut reader, name, i64::MAX / 4) {
+                    let now_ms = i64::from(hour) * HOUR_MS + 1_000;
+                    for (_, _, values) in drain(&mut spool, &mut reader, name, now_ms) {
                         received[sink as usize].extend(values);
                     }
                 }
                 Op::Reopen => {
                     drop(spool);
-                    spool = Spool::open(&path, options(&["a", "b"])).expect("reopen");
+                    spool = Spool::open(&path, opts()).expect("reopen");
                 }
             }
         }
@@ -981,5 +989,159 @@ fn late_rows_committed_before_the_clock_went_back_do_not_wait_for_it_to_catch_up
         drain(&mut spool, &mut reader, "a", HOUR_MS + 1000),
         vec![(0, 1, vec![2.0])],
         "the clock went back: the row goes at once"
+    );
+}
+
+/// The test options with sinks "db" (each flush) and "archive" (closed partitions).
+fn each_flush_options() -> SpoolOptions {
+    let mut opts = options(&["db", "archive"]);
+    opts.each_flush.insert("db".to_owned());
+    opts
+}
+
+fn ready(spool: &mut Spool, sink: &str, now_ms: i64) -> PartPlan {
+    match spool.plan(sink, now_ms).expect("plan") {
+        Plan::Ready(plan) => plan,
+        other => panic!("a part for {sink} at {now_ms}: {other:?}"),
+    }
+}
+
+fn means(reader: &mut SpoolReader, plan: &PartPlan) -> Vec<f64> {
+    let rows = reader.read_part(plan, false).expect("read").rows;
+    rows.iter().map(|r| r.stats.mean).collect()
+}
+
+fn parts_of(spool: &Spool, sink: &str) -> Vec<(i64, u32)> {
+    let mut stmt = spool
+        .conn
+        .prepare("SELECT partition, part FROM parts WHERE sink = ?1 ORDER BY partition, part")
+        .expect("prepare");
+    stmt.query_map([sink], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+#[test]
+fn an_each_flush_sink_gets_the_open_partition_per_flush_and_a_crash_sends_the_same_part() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, each_flush_options()).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush_at(
+            vec![row("s.t", 0, 1.0), row("s.t", 60, 2.0)],
+            121_000,
+        ))
+        .expect("commit");
+    let first = ready(&mut spool, "db", 121_000);
+    assert_eq!((first.partition, first.part, first.rows), (0, 0, 2));
+    assert_eq!(means(&mut reader, &first), [1.0, 2.0]);
+    assert_eq!(
+        spool.plan("archive", 121_000).expect("plan"),
+        Plan::Wait(Some(HOUR_MS)),
+        "the archive waits for the hour to close"
+    );
+    spool.delivered(&first, 121_500).expect("deliver");
+    assert_eq!(
+        spool.plan("db", 121_500).expect("plan"),
+        Plan::Wait(None),
+        "nothing new: the sink waits for the next flush"
+    );
+
+    // The next flush's row is the next part; the agent dies before recording it.
+    spool
+        .commit(&flush_at(vec![row("s.t", 120, 3.0)], 181_000))
+        .expect("commit");
+    let second = ready(&mut spool, "db", 181_000);
+    assert_eq!(
+        (second.part, second.after_id, second.rows),
+        (1, first.last_id, 1)
+    );
+    drop(spool);
+    let mut spool = Spool::open(&path, each_flush_options()).expect("reopen");
+    spool
+        .commit(&flush_at(vec![row("s.t", 180, 4.0)], 241_000))
+        .expect("a flush after the restart");
+    let again = ready(&mut spool, "db", 241_000);
+    assert_eq!(
+        again, second,
+        "the same part, the same rows: the sink's key says loaded"
+    );
+    assert_eq!(means(&mut reader, &again), [3.0]);
+    spool.delivered(&again, 241_500).expect("deliver");
+    let third = ready(&mut spool, "db", 241_500);
+    assert_eq!((third.part, means(&mut reader, &third)), (2, vec![4.0]));
+    spool.delivered(&third, 241_600).expect("deliver");
+    assert_eq!(
+        reader.totals().expect("totals").0,
+        4,
+        "the archive has none of them yet: every row is kept"
+    );
+
+    // The hour closes: the archive gets it whole, in one part.
+    assert_eq!(
+        drain(&mut spool, &mut reader, "archive", HOUR_MS),
+        vec![(0, 0, vec![1.0, 2.0, 3.0, 4.0])]
+    );
+    assert_eq!(
+        reader.totals().expect("totals").0,
+        0,
+        "both sinks have them"
+    );
+    // A late row of hour 0: a part for each sink, the database's at once.
+    spool
+        .commit(&flush_at(vec![row("s.t", 240, 5.0)], HOUR_MS + 100_000))
+        .expect("late commit");
+    assert_eq!(
+        drain(&mut spool, &mut reader, "db", HOUR_MS + 100_000),
+        vec![(0, 3, vec![5.0])]
+    );
+    assert_eq!(
+        drain(&mut spool, &mut reader, "archive", HOUR_MS + 100_000),
+        vec![(0, 1, vec![5.0])]
+    );
+    // Delivered parts between a partition's first and last are pruned; status counts them.
+    assert_eq!(parts_of(&spool, "db"), [(0, 0), (0, 3)]);
+    let db = reader
+        .sinks()
+        .expect("sinks")
+        .into_iter()
+        .find(|s| s.name == "db")
+        .expect("db");
+    assert_eq!((db.delivered_parts, db.pending_rows), (4, 0));
+}
+
+#[test]
+fn a_backlog_goes_as_one_part_per_partition_not_one_per_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, each_flush_options()).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    // The database is down for two hours and a half: nothing is planned meanwhile.
+    for minute in 0..150 {
+        spool
+            .commit(&flush_at(
+                vec![row("s.t", minute * 60, minute as f64)],
+                (minute * 60 + 61) * 1000,
+            ))
+            .expect("commit");
+    }
+    let parts: Vec<(i64, u32, usize)> = drain(&mut spool, &mut reader, "db", 9_061_000)
+        .into_iter()
+        .map(|(partition, part, values)| (partition, part, values.len()))
+        .collect();
+    assert_eq!(
+        parts,
+        [(0, 0, 60), (3600, 0, 60), (7200, 0, 30)],
+        "two closed hours whole, and the open one's rows so far"
+    );
+    spool
+        .commit(&flush_at(vec![row("s.t", 9000, 150.0)], 9_061_000))
+        .expect("commit");
+    assert_eq!(
+        drain(&mut spool, &mut reader, "db", 9_061_000),
+        vec![(7200, 1, vec![150.0])],
+        "then each flush"
     );
 }

@@ -36,7 +36,8 @@ pub enum LongCsv {
     /// empty `tags` when there are none.
     File,
     /// PostgreSQL's `COPY … (FORMAT csv)` of the table's columns: no header, `device`
-    /// first, `window_seconds` for `window_end`, `{}` for no tags (the column is NOT NULL).
+    /// first, `window_seconds` for `window_end`, `{}` for no tags (the column is NOT NULL),
+    /// and `mean_rest` last.
     Copy,
 }
 
@@ -58,6 +59,7 @@ pub fn long_csv(
     let mut window: Option<(i64, String, String)> = None;
     let mut floats: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
     let mut ints: [itoa::Buffer; 2] = std::array::from_fn(|_| itoa::Buffer::new());
+    let mut rest = ryu::Buffer::new();
     for row in rows {
         let s = &row.stats;
         let tags = tags.entry(row.series.as_ref()).or_insert_with(|| {
@@ -87,23 +89,27 @@ pub fn long_csv(
             LongCsv::File => None,
             LongCsv::Copy => Some(device),
         };
-        w.write_record(lead.into_iter().chain([
-            row.series.name.as_str(),
-            row.series.unit.as_deref().unwrap_or(""),
-            tags.as_str(),
-            start.as_str(),
-            end,
-            i2.format(s.count),
-            f1.format_finite(s.min),
-            f2.format_finite(s.max),
-            f3.format_finite(s.mean),
-            s.stdev.map_or("", |v| f4.format_finite(v)),
-            f5.format_finite(s.median),
-            f6.format_finite(s.first),
-            f7.format_finite(s.last),
-            &clock::rfc3339_ms(s.first_ms),
-            &clock::rfc3339_ms(s.last_ms),
-        ]))?;
+        w.write_record(
+            lead.into_iter()
+                .chain([
+                    row.series.name.as_str(),
+                    row.series.unit.as_deref().unwrap_or(""),
+                    tags.as_str(),
+                    start.as_str(),
+                    end,
+                    i2.format(s.count),
+                    f1.format_finite(s.min),
+                    f2.format_finite(s.max),
+                    f3.format_finite(s.mean),
+                    s.stdev.map_or("", |v| f4.format_finite(v)),
+                    f5.format_finite(s.median),
+                    f6.format_finite(s.first),
+                    f7.format_finite(s.last),
+                    &clock::rfc3339_ms(s.first_ms),
+                    &clock::rfc3339_ms(s.last_ms),
+                ])
+                .chain((flavour == LongCsv::Copy).then(|| rest.format_finite(s.mean_rest))),
+        )?;
     }
     w.into_inner().map_err(|e| e.into_error().into())
 }
