@@ -6,7 +6,7 @@
 //! here, once, and only ever printed as `<secret>`.
 //!
 //! The files: `agent.rs` the `[agent]` table, `source.rs` the `[[sources]]`, `sink.rs` the
-//! `[[sinks]]`, `store.rs` each object store's keys and the file formats, `broker.rs` the MQTT connection both share, `secret.rs` secrets,
+//! `[[sinks]]`, `serial.rs` the serial source, `store.rs` each object store's keys and the file formats, `broker.rs` the MQTT connection both share, `secret.rs` secrets,
 //! `durations.rs` durations, `located.rs` errors and their positions, `tables.rs` the
 //! splitting of `[[sources]]` and `[[sinks]]` tables.
 
@@ -15,6 +15,7 @@ mod broker;
 mod durations;
 mod located;
 mod secret;
+mod serial;
 mod sink;
 mod source;
 mod store;
@@ -33,6 +34,10 @@ pub use self::broker::MqttConnection;
 pub use self::durations::Seconds;
 pub use self::located::ConfigError;
 pub use self::secret::{Secret, SecretFile, one_secret};
+pub use self::serial::{
+    FlowControl, LineFormat, Parity, SerialField, SerialSource, SerialTimestamp, format_has_offset,
+    parse_utc_offset,
+};
 pub use self::sink::{MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store};
 pub use self::source::{
     FileFormat, HttpSource, JsonField, MqttSource, MqttSubscription, Payload, Redirects, Repeats,

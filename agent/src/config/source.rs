@@ -54,6 +54,8 @@ pub enum SourceKind {
     Http(Box<HttpSource>),
     /// Topics of an MQTT broker.
     Mqtt(Box<MqttSource>),
+    /// Lines of a device on a serial port.
+    Serial(Box<super::serial::SerialSource>),
 }
 
 impl SourceKind {
@@ -64,6 +66,7 @@ impl SourceKind {
             SourceKind::Sysfs(_) => "sysfs",
             SourceKind::Http(_) => "http",
             SourceKind::Mqtt(_) => "mqtt",
+            SourceKind::Serial(_) => "serial",
         }
     }
 }
@@ -427,6 +430,8 @@ pub(super) fn validate_source(source: &SourceConfig) -> Result<(), String> {
             Ok(())
         }
         SourceKind::Mqtt(mqtt) => validate_mqtt(name, mqtt),
+        // Checked as it is parsed, each error at its value (config/serial.rs).
+        SourceKind::Serial(_) => Ok(()),
     }
 }
 
@@ -508,7 +513,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
     let kind = kind_of(
         &table,
         "sources",
-        "\"system\", \"sysfs\", \"http\", \"mqtt\"",
+        "\"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\"",
     )?;
     let kind_span = value_span(&table, "kind").unwrap_or(span);
     Ok(match kind.as_str() {
@@ -555,11 +560,12 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 kind: SourceKind::Mqtt(Box::new(s)),
             }
         }
+        "serial" => super::serial::parse_serial(table)?,
         other => {
             return Err((
                 Some(kind_span),
                 format!(
-                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\""
+                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\""
                 ),
             ));
         }

@@ -13,6 +13,7 @@
 
 pub(crate) mod http;
 pub(crate) mod mqtt;
+mod serial;
 mod sysfs;
 pub(crate) use sysfs::parse_file;
 mod report;
@@ -117,6 +118,7 @@ pub fn build(config: &SourceConfig, spool_path: &Path) -> Result<Box<dyn Source>
         SourceKind::Sysfs(s) => Box::new(sysfs::SysfsSource::new(&config.name, s)),
         SourceKind::Http(s) => Box::new(http::HttpSource::new(&config.name, s, config.timeout)?),
         SourceKind::Mqtt(s) => Box::new(mqtt::MqttSource::new(&config.name, s)?),
+        SourceKind::Serial(s) => Box::new(serial::SerialSource::new(&config.name, s)?),
     })
 }
 
