@@ -33,14 +33,15 @@ struct Device {
 impl Device {
     /// A new pty whose slave `link` points to (replacing a stale link).
     fn plug(link: &Path) -> Device {
-        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("a pty master");
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .expect("a pty master");
         grantpt(&master).expect("grantpt");
         unlockpt(&master).expect("unlockpt");
         let name = ptsname(&master, Vec::new()).expect("the slave's name");
         let slave_path = PathBuf::from(name.to_str().expect("a UTF-8 pts path"));
         let slave = rustix::fs::open(
             &slave_path,
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
         .expect("the slave opens");
@@ -89,6 +90,32 @@ impl Device {
                 || (rustix::io::ioctl_fionread(&self.slave).ok()? == 0).then_some(()),
             );
         }
+    }
+
+    /// Writes bytes that make no line and waits until the agent has read them: it is
+    /// stopped while the kernel takes them in (a hung-up tty drops what was not read, and
+    /// the kernel hands a write to the reader a moment later), then let go.
+    fn play_unterminated(&mut self, bytes: &[u8], agent: rustix::process::Pid) {
+        use rustix::process::{Signal, kill_process};
+        kill_process(agent, Signal::STOP).expect("the agent stops");
+        self.master
+            .write_all(bytes)
+            .expect("the pty takes the bytes");
+        let waiting = wait_for(
+            "the kernel to queue the bytes",
+            Duration::from_secs(30),
+            || {
+                let n = rustix::io::ioctl_fionread(&self.slave).ok()?;
+                (n as usize == bytes.len()).then_some(n)
+            },
+        );
+        kill_process(agent, Signal::CONT).expect("the agent goes on");
+        assert_eq!(waiting as usize, bytes.len());
+        wait_for(
+            "the agent to read what was written",
+            Duration::from_secs(30),
+            || (rustix::io::ioctl_fionread(&self.slave).ok()? == 0).then_some(()),
+        );
     }
 
     /// Unplugs: the agent's reads end; the link goes, as udev removes it.
@@ -233,7 +260,11 @@ fn an_oximeter_session_lands_through_a_pty_unplugged_and_plugged_back() {
     assert_eq!(status["nulls"], expected.missing, "{status}");
 
     // Unplugged in the middle of a line.
-    device.play(b"01/02/26 04:00:31 SN=0000012345 SPO2=09");
+    let pid = agent.status()["daemon"]["pid"]
+        .as_i64()
+        .expect("the agent's pid");
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    device.play_unterminated(b"01/02/26 04:00:31 SN=0000012345 SPO2=09", pid);
     device.unplug();
     let status = wait_for(
         "status to say the port is gone",
