@@ -224,7 +224,7 @@ impl Port {
                 Ok(guard) => guard,
                 Err(err) => return Ended::Failed(err),
             };
-            let read = guard.try_io(|inner| (&*inner.get_ref()).read(&mut buf));
+            let read = guard.try_io(|inner| inner.get_ref().read(&mut buf));
             let n = match read {
                 Err(_would_block) => continue,
                 Ok(Ok(0)) => return Ended::HungUp,
