@@ -13,7 +13,7 @@
 
 pub(crate) mod http;
 pub(crate) mod mqtt;
-mod serial;
+pub(crate) mod serial;
 mod sysfs;
 pub(crate) use sysfs::parse_file;
 mod report;

@@ -272,6 +272,27 @@ impl Port {
     }
 }
 
+/// Reads bytes from a port as the source would (for the fuzz targets): cut into lines
+/// of at most `max_line` bytes, each parsed, the port closed at the end.
+pub(crate) fn read_bytes(name: &str, config: &SerialConfig, chunks: &[&[u8]]) -> Batch {
+    let mut batch = Batch::default();
+    let Ok(mut parser) = Parser::new(name, config) else {
+        return batch;
+    };
+    let max_line = config.max_line.as_u64() as usize;
+    let mut lines = Lines::new(max_line);
+    for chunk in chunks {
+        lines.feed(chunk, |piece| match piece {
+            Piece::Line(line) => parser.read(line, 1_767_322_800_000, &mut batch),
+            other => batch.invalid.push(describe(&other, max_line)),
+        });
+    }
+    if let Some(piece) = lines.close() {
+        batch.invalid.push(describe(&piece, max_line));
+    }
+    batch
+}
+
 /// What a dropped piece of a line was, for `status`.
 fn describe(piece: &Piece<'_>, max_line: usize) -> String {
     match piece {
