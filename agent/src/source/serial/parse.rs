@@ -30,6 +30,8 @@ pub struct Parser {
     format: Format,
     /// Scale, offset and unit by field name.
     fields: HashMap<String, SerialField>,
+    /// For JSON lines: (field, pointer), in the configuration's order.
+    pointers: Vec<(String, String)>,
     /// The timestamp, when lines carry one.
     timestamp: Option<Timestamp>,
     /// Series made so far, by field name, and the most there may be.
@@ -88,6 +90,11 @@ impl Parser {
                 .fields
                 .iter()
                 .map(|f| (f.name.clone(), f.clone()))
+                .collect(),
+            pointers: config
+                .fields
+                .iter()
+                .filter_map(|f| Some((f.name.clone(), f.pointer.clone()?)))
                 .collect(),
             timestamp,
             series: HashMap::new(),
@@ -245,13 +252,10 @@ impl Parser {
             .as_ref()
             .map(|t| doc.pointer(&t.field).map_or(Raw::Absent, Raw::Json));
         let stamp = self.stamp(stamp_raw, now_ms, batch);
-        let fields: Vec<(String, String)> = self
-            .fields
-            .values()
-            .filter_map(|f| Some((f.name.clone(), f.pointer.clone()?)))
-            .collect();
-        for (name, pointer) in fields {
-            let value = match doc.pointer(&pointer) {
+        // Taken out while samples are pushed (which needs `self`), put back after.
+        let pointers = std::mem::take(&mut self.pointers);
+        for (name, pointer) in &pointers {
+            let value = match doc.pointer(pointer) {
                 None => {
                     batch.invalid.push(format!("no value at {pointer}"));
                     continue;
@@ -260,12 +264,13 @@ impl Parser {
                     batch.nulls += 1;
                     continue;
                 }
-                Some(value) => number(value, &pointer, batch),
+                Some(value) => number(value, pointer, batch),
             };
             if let Some(x) = value {
-                self.push(&name, stamp, x, batch);
+                self.push(name, stamp, x, batch);
             }
         }
+        self.pointers = pointers;
     }
 
     /// The line's time: its timestamp field, or its arrival (also when the field is bad,
@@ -592,6 +597,18 @@ unit = "%"
             [("s.cpm".into(), 18.0, 1_767_322_800_250, false)]
         );
         assert_eq!(batch.nulls, 1);
+        // In the configuration's order, each scaled.
+        let batch = read(
+            &mut p,
+            br#"{"ts": "2026-01-02 04:00:01", "geiger": {"cpm": 20, "usv": 0.125}}"#,
+        );
+        assert_eq!(
+            samples(&batch),
+            [
+                ("s.cpm".into(), 20.0, 1_767_322_801_000, false),
+                ("s.usv".into(), 125.0, 1_767_322_801_000, false),
+            ]
+        );
         assert_eq!(
             read(&mut p, b"[1, 2]").invalid,
             ["line is not a JSON object: [1, 2]"]
