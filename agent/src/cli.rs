@@ -209,6 +209,23 @@ pub fn describe(config: &Config, path: &Path) -> String {
                     .collect();
                 files.join(", ")
             }
+            SourceKind::Serial(serial) => {
+                let parity = match serial.parity {
+                    crate::config::Parity::None => 'N',
+                    crate::config::Parity::Odd => 'O',
+                    crate::config::Parity::Even => 'E',
+                };
+                format!(
+                    "{} at {} baud, {}{}{}, flow control {}, {} lines",
+                    serial.port.display(),
+                    serial.baud,
+                    serial.data_bits,
+                    parity,
+                    serial.stop_bits,
+                    format!("{:?}", serial.flow_control).to_lowercase(),
+                    format!("{:?}", serial.format).to_lowercase()
+                )
+            }
             SourceKind::Mqtt(mqtt) => {
                 let topics: Vec<&str> = mqtt
                     .subscriptions

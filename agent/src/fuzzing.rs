@@ -168,3 +168,96 @@ pub fn line_protocol(data: &[u8]) {
         assert!(sample.value.is_finite(), "a sample that is no number");
     }
 }
+
+/// Serial sources, one per line format: the pulse oximeter's regex with its device time,
+/// an Arduino plotter, CSV with a timestamp column, JSON by pointer; short lines, so that
+/// the limit is met.
+const SERIAL: &str = r#"
+[agent]
+device_id = "fuzz"
+spool = "/nonexistent/spool.db"
+
+[[sources]]
+kind = "serial"
+name = "oxi"
+port = "/dev/null"
+max_line = "200 B"
+format = "regex"
+regex = '^(?P<time>\d\d/\d\d/\d\d \d\d:\d\d:\d\d) SN=\d+ SPO2=(?P<spo2>[\d.+-]+)% BPM=(?P<bpm>[\d.+-]+) PI=(?P<pi>[\d.+-]+)%'
+[sources.timestamp]
+field = "time"
+format = "%m/%d/%y %H:%M:%S"
+utc_offset = "+01:00"
+
+[[sources]]
+kind = "serial"
+name = "ard"
+port = "/dev/null"
+max_line = "64 B"
+format = "plotter"
+columns = ["temp", "_", "hum"]
+max_series = 8
+
+[[sources]]
+kind = "serial"
+name = "csv"
+port = "/dev/null"
+format = "csv"
+columns = ["t", "temp", "hum"]
+[sources.timestamp]
+field = "t"
+
+[[sources]]
+kind = "serial"
+name = "json"
+port = "/dev/null"
+format = "json"
+[sources.timestamp]
+field = "/ts"
+[[sources.fields]]
+name = "cpm"
+pointer = "/geiger/cpm"
+scale = 0.5
+
+[[sinks]]
+kind = "local"
+path = "/nonexistent/out"
+"#;
+
+/// Bytes from a serial port (cut in two at the first NUL, as two reads), through every
+/// line format.
+pub fn serial_bytes(data: &[u8]) {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    let config =
+        CONFIG.get_or_init(|| Config::parse(SERIAL, Path::new("fuzz.toml")).expect("valid"));
+    let chunks: Vec<&[u8]> = match data.iter().position(|&b| b == 0) {
+        Some(i) => vec![&data[..i], &data[i + 1..]],
+        None => vec![data],
+    };
+    for source in &config.sources {
+        let SourceKind::Serial(serial) = &source.kind else {
+            unreachable!("only serial sources");
+        };
+        let batch = crate::source::serial::read_bytes(&source.name, serial, &chunks);
+        check(&batch);
+        assert!(batch.samples.iter().all(|s| s.value.is_finite()));
+    }
+}
+
+#[cfg(test)]
+mod serial_tests {
+    /// The fuzz entry takes the shapes its corpus starts from without a panic.
+    #[test]
+    fn the_serial_fuzz_entry_reads_every_format() {
+        let seeds: [&[u8]; 5] = [
+            b"11/21/26 14:05:33 SN=0000012345 SPO2=097% BPM=072 PI=01.23% SPCO=--.-%\r\n11/21/26 14:05:34 SN=0000012345 SPO2=---% BPM=--- PI=--.--%\r\n",
+            b"temp:21.5,hum:40\n21.5 7 40 1e308 -1e308\n",
+            b"1767322800,21.5,40\n\x00t,temp,hum\n",
+            b"{\"ts\": 1767322800, \"geiger\": {\"cpm\": 18}}\n{\"geiger\n",
+            &[0xff, 0xfe, b'\n', b'1', 0, b' ', b'2', b'\n'],
+        ];
+        for seed in seeds {
+            super::serial_bytes(seed);
+        }
+    }
+}

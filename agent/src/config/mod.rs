@@ -6,7 +6,7 @@
 //! here, once, and only ever printed as `<secret>`.
 //!
 //! The files: `agent.rs` the `[agent]` table, `source.rs` the `[[sources]]`, `sink.rs` the
-//! `[[sinks]]`, `store.rs` each object store's keys and the file formats, `broker.rs` the MQTT connection both share, `listen.rs` the `listen` source's server, `secret.rs` secrets,
+//! `[[sinks]]`, `serial.rs` the serial source, `store.rs` each object store's keys and the file formats, `broker.rs` the MQTT connection both share, `listen.rs` the `listen` source's server, `secret.rs` secrets,
 //! `durations.rs` durations, `located.rs` errors and their positions, `tables.rs` the
 //! splitting of `[[sources]]` and `[[sinks]]` tables.
 
@@ -16,6 +16,7 @@ mod durations;
 mod listen;
 mod located;
 mod secret;
+mod serial;
 mod sink;
 mod source;
 mod store;
@@ -37,6 +38,10 @@ pub use self::located::ConfigError;
 pub use self::secret::{Secret, SecretFile, one_secret};
 pub use self::sink::{
     Deliver, MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store,
+};
+pub use self::serial::{
+    FlowControl, LineFormat, Parity, SerialField, SerialSource, SerialTimestamp, format_has_offset,
+    parse_utc_offset,
 };
 pub use self::source::{
     FileFormat, HttpSource, JsonField, MqttSource, MqttSubscription, Payload, Redirects, Repeats,

@@ -57,6 +57,8 @@ pub enum SourceKind {
     Mqtt(Box<MqttSource>),
     /// An HTTP server devices push to (InfluxDB line protocol, JSON).
     Listen(Box<ListenSource>),
+    /// Lines of a device on a serial port.
+    Serial(Box<super::serial::SerialSource>),
 }
 
 impl SourceKind {
@@ -68,6 +70,7 @@ impl SourceKind {
             SourceKind::Http(_) => "http",
             SourceKind::Mqtt(_) => "mqtt",
             SourceKind::Listen(_) => "listen",
+            SourceKind::Serial(_) => "serial",
         }
     }
 }
@@ -433,6 +436,8 @@ pub(super) fn validate_source(source: &SourceConfig) -> Result<(), String> {
         SourceKind::Mqtt(mqtt) => validate_mqtt(name, mqtt),
         // Checked as it is parsed, where the address's position is known.
         SourceKind::Listen(_) => Ok(()),
+        // Checked as it is parsed, each error at its value (config/serial.rs).
+        SourceKind::Serial(_) => Ok(()),
     }
 }
 
@@ -515,6 +520,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
         &table,
         "sources",
         "\"system\", \"sysfs\", \"http\", \"mqtt\", \"listen\"",
+        "\"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\"",
     )?;
     let kind_span = value_span(&table, "kind").unwrap_or(span.clone());
     Ok(match kind.as_str() {
@@ -576,11 +582,13 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
                 kind: SourceKind::Listen(Box::new(s)),
             }
         }
+        "serial" => super::serial::parse_serial(table)?,
         other => {
             return Err((
                 Some(kind_span),
                 format!(
                     "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"listen\""
+                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\""
                 ),
             ));
         }

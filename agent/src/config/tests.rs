@@ -511,7 +511,7 @@ fn an_unknown_kind_points_at_the_kind() {
     let text = MINIMAL.replace("kind = \"system\"", "kind = \"sistem\"");
     assert_eq!(
         error_of(&text),
-        "edgespool.toml:7:8: unknown source kind \"sistem\"; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"listen\""
+        "edgespool.toml:7:8: unknown source kind \"sistem\"; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\", \"listen\""
     );
 }
 

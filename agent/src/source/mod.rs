@@ -15,6 +15,7 @@ pub(crate) mod http;
 mod line_protocol;
 pub mod listen;
 pub(crate) mod mqtt;
+pub(crate) mod serial;
 mod sysfs;
 pub(crate) use sysfs::parse_file;
 mod report;
@@ -125,6 +126,7 @@ pub fn build(config: &SourceConfig, spool_path: &Path) -> Result<Box<dyn Source>
                 reason: "a listen source is served by listen::ListenServer, not sampled".into(),
             });
         }
+        SourceKind::Serial(s) => Box::new(serial::SerialSource::new(&config.name, s)?),
     })
 }
 
