@@ -36,12 +36,12 @@ pub use self::durations::Seconds;
 pub use self::listen::{DEFAULT_LISTEN_ADDRESS, ListenSource, listen_address};
 pub use self::located::ConfigError;
 pub use self::secret::{Secret, SecretFile, one_secret};
-pub use self::sink::{
-    Deliver, MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store,
-};
 pub use self::serial::{
     FlowControl, LineFormat, Parity, SerialField, SerialSource, SerialTimestamp, format_has_offset,
     parse_utc_offset,
+};
+pub use self::sink::{
+    Deliver, MqttSink, ObjectSink, PostgresSink, SinkConfig, SinkKind, SslMode, Store,
 };
 pub use self::source::{
     FileFormat, HttpSource, JsonField, MqttSource, MqttSubscription, Payload, Redirects, Repeats,

@@ -519,8 +519,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
     let kind = kind_of(
         &table,
         "sources",
-        "\"system\", \"sysfs\", \"http\", \"mqtt\", \"listen\"",
-        "\"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\"",
+        "\"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\", \"listen\"",
     )?;
     let kind_span = value_span(&table, "kind").unwrap_or(span.clone());
     Ok(match kind.as_str() {
@@ -587,8 +586,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
             return Err((
                 Some(kind_span),
                 format!(
-                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"listen\""
-                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\""
+                    "unknown source kind {other:?}; expected one of \"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\", \"listen\""
                 ),
             ));
         }
