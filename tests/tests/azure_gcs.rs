@@ -154,6 +154,44 @@ fn assert_same_bytes_as_the_archive(dir: &Path, mirror: &Path) {
 }
 
 /// Waits until every sink of `agent` is `ok` with nothing pending, and returns status.
+/// While the store is away: minutes 3-5 are served, the local archive gets them, and
+/// both store sinks (`first` and `text`) retry with three partitions pending, `first`'s
+/// last error naming the oldest of them. Returns that status.
+fn minutes_3_to_5_wait(server: &JsonServer, agent: &Agent, dir: &Path, first: &str) -> Value {
+    for i in 3..6 {
+        server.push(minute(i));
+    }
+    let status = wait_for(
+        &format!("the {first} and text sinks retrying with minutes 3-5 pending"),
+        Duration::from_secs(60),
+        || {
+            let status = agent.try_status()?;
+            [first, "text"]
+                .iter()
+                .all(|name| {
+                    find_sink(&status, name)
+                        .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 3)
+                })
+                .then_some(status)
+        },
+    );
+    wait_for(
+        "minutes 3-5 in the archive",
+        Duration::from_secs(30),
+        || (ndjson_count(&read_tree(&dir.join("archive"))) == 6).then_some(()),
+    );
+    let oldest_pending = &archive_keys(dir, "parquet", "parquet")[3];
+    let error = sink_status(&status, first)["last_error"]
+        .as_str()
+        .expect("a last error")
+        .to_owned();
+    assert!(
+        error.starts_with(&format!("{first}: cannot write {oldest_pending}: ")),
+        "the oldest pending part is retried first: {error}"
+    );
+    status
+}
+
 fn caught_up(agent: &Agent) -> Value {
     wait_for("every sink caught up", Duration::from_secs(60), || {
         let status = agent.try_status()?;
@@ -218,37 +256,7 @@ fn azure_gets_every_partition_once_through_an_outage_of_azurite() {
 
     // Azurite goes away; minutes 3-5 arrive meanwhile.
     azurite.stop();
-    for i in 3..6 {
-        server.push(minute(i));
-    }
-    let status = wait_for(
-        "the Azure sinks retrying with minutes 3-5 pending",
-        Duration::from_secs(60),
-        || {
-            let status = agent.try_status()?;
-            ["blob", "text"]
-                .iter()
-                .all(|name| {
-                    find_sink(&status, name)
-                        .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 3)
-                })
-                .then_some(status)
-        },
-    );
-    wait_for(
-        "minutes 3-5 in the archive",
-        Duration::from_secs(30),
-        || (ndjson_count(&read_tree(&dir.path().join("archive"))) == 6).then_some(()),
-    );
-    let oldest_pending = &archive_keys(dir.path(), "parquet", "parquet")[3];
-    let error = sink_status(&status, "blob")["last_error"]
-        .as_str()
-        .expect("a last error")
-        .to_owned();
-    assert!(
-        error.starts_with(&format!("blob: cannot write {oldest_pending}: ")),
-        "the oldest pending part is retried first: {error}"
-    );
+    let status = minutes_3_to_5_wait(&server, &agent, dir.path(), "blob");
     assert_eq!(sink_status(&status, "archive")["state"], "ok");
 
     // Azurite comes back on the same port with the same data: the pending partitions
@@ -522,37 +530,7 @@ fn gcs_through_an_endpoint_gets_every_partition_once_through_an_outage() {
 
     // The emulator goes away; minutes 3-5 arrive meanwhile.
     gcs.stop();
-    for i in 3..6 {
-        server.push(minute(i));
-    }
-    let status = wait_for(
-        "the GCS sinks retrying with minutes 3-5 pending",
-        Duration::from_secs(60),
-        || {
-            let status = agent.try_status()?;
-            ["bucket", "text"]
-                .iter()
-                .all(|name| {
-                    find_sink(&status, name)
-                        .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 3)
-                })
-                .then_some(status)
-        },
-    );
-    wait_for(
-        "minutes 3-5 in the archive",
-        Duration::from_secs(30),
-        || (ndjson_count(&read_tree(&dir.path().join("archive"))) == 6).then_some(()),
-    );
-    let oldest_pending = &archive_keys(dir.path(), "parquet", "parquet")[3];
-    let error = sink_status(&status, "bucket")["last_error"]
-        .as_str()
-        .expect("a last error")
-        .to_owned();
-    assert!(
-        error.starts_with(&format!("bucket: cannot write {oldest_pending}: ")),
-        "the oldest pending part is retried first: {error}"
-    );
+    let status = minutes_3_to_5_wait(&server, &agent, dir.path(), "bucket");
 
     // Back on the same port with the same data on disk.
     gcs.start_again();
