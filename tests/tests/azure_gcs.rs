@@ -530,7 +530,7 @@ fn gcs_through_an_endpoint_gets_every_partition_once_through_an_outage() {
 
     // The emulator goes away; minutes 3-5 arrive meanwhile.
     gcs.stop();
-    let status = minutes_3_to_5_wait(&server, &agent, dir.path(), "bucket");
+    minutes_3_to_5_wait(&server, &agent, dir.path(), "bucket");
 
     // Back on the same port with the same data on disk.
     gcs.start_again();
