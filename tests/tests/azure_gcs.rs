@@ -154,6 +154,34 @@ fn assert_same_bytes_as_the_archive(dir: &Path, mirror: &Path) {
 }
 
 /// Waits until every sink of `agent` is `ok` with nothing pending, and returns status.
+/// Minutes 0-2 in the store (six objects, Parquet and NDJSON) and in the local archive,
+/// under the same keys. Returns the store's objects.
+fn minutes_0_to_2(
+    dir: &Path,
+    store: &str,
+    list: impl Fn() -> Option<Vec<CloudObject>>,
+) -> Vec<CloudObject> {
+    let before = wait_for(
+        &format!("minutes 0-2 in the {store}"),
+        Duration::from_secs(60),
+        || list().filter(|objects| objects.len() == 6),
+    );
+    wait_for(
+        "minutes 0-2 in the archive",
+        Duration::from_secs(30),
+        || (ndjson_count(&read_tree(&dir.join("archive"))) == 3).then_some(()),
+    );
+    assert_eq!(
+        keys_under(&before, "parquet"),
+        archive_keys(dir, "parquet", "parquet")
+    );
+    assert_eq!(
+        keys_under(&before, "ndjson"),
+        archive_keys(dir, "ndjson", "ndjson")
+    );
+    before
+}
+
 /// While the store is away: minutes 3-5 are served, the local archive gets them, and
 /// both store sinks (`first` and `text`) retry with three partitions pending, `first`'s
 /// last error naming the oldest of them. Returns that status.
@@ -222,27 +250,7 @@ fn azure_gets_every_partition_once_through_an_outage_of_azurite() {
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
 
     // Minutes 0-2, in both formats, under the keys the local folder has.
-    let before = wait_for(
-        "minutes 0-2 in the container",
-        Duration::from_secs(60),
-        || {
-            let objects = azurite.try_list("lake")?;
-            (objects.len() == 6).then_some(objects)
-        },
-    );
-    wait_for(
-        "minutes 0-2 in the archive",
-        Duration::from_secs(30),
-        || (ndjson_count(&read_tree(&dir.path().join("archive"))) == 3).then_some(()),
-    );
-    assert_eq!(
-        keys_under(&before, "parquet"),
-        archive_keys(dir.path(), "parquet", "parquet")
-    );
-    assert_eq!(
-        keys_under(&before, "ndjson"),
-        archive_keys(dir.path(), "ndjson", "ndjson")
-    );
+    let before = minutes_0_to_2(dir.path(), "container", || azurite.try_list("lake"));
     let parquet = before.iter().find(|o| o.key.starts_with("parquet/"));
     assert_eq!(
         parquet.map(|o| o.content_type.as_str()),
@@ -502,23 +510,7 @@ fn gcs_through_an_endpoint_gets_every_partition_once_through_an_outage() {
     let config = write_config(dir.path(), &server.url, &sinks);
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
 
-    let before = wait_for("minutes 0-2 in the bucket", Duration::from_secs(60), || {
-        let objects = gcs.try_list()?;
-        (objects.len() == 6).then_some(objects)
-    });
-    wait_for(
-        "minutes 0-2 in the archive",
-        Duration::from_secs(30),
-        || (ndjson_count(&read_tree(&dir.path().join("archive"))) == 3).then_some(()),
-    );
-    assert_eq!(
-        keys_under(&before, "parquet"),
-        archive_keys(dir.path(), "parquet", "parquet")
-    );
-    assert_eq!(
-        keys_under(&before, "ndjson"),
-        archive_keys(dir.path(), "ndjson", "ndjson")
-    );
+    let before = minutes_0_to_2(dir.path(), "bucket", || gcs.try_list());
     let types: std::collections::BTreeSet<&str> =
         before.iter().map(|o| o.content_type.as_str()).collect();
     assert_eq!(
