@@ -21,7 +21,7 @@
 //! (its newest committed device timestamp), which the spool keeps across restarts.
 //! Samples on the agent's own clock are never repeats.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,47 +132,119 @@ pub const MAX_READINGS_PER_WINDOW: usize = MAX_VALUES_PER_WINDOW;
 /// the series has this many, is taken (a late row).
 pub const RECENT_READINGS: usize = 128;
 
-/// The device timestamps taken of one series.
+/// Sorted device timestamps (ms) in little room: offsets from a base in 32 bits while
+/// they span less than about 49 days (a series' recent readings do), full otherwise.
+#[derive(Debug, Clone)]
+enum Stamps {
+    Narrow { base: i64, offsets: Vec<u32> },
+    Wide(Vec<i64>),
+}
+
+impl Default for Stamps {
+    fn default() -> Stamps {
+        Stamps::Narrow {
+            base: 0,
+            offsets: Vec::new(),
+        }
+    }
+}
+
+impl Stamps {
+    fn len(&self) -> usize {
+        match self {
+            Stamps::Narrow { offsets, .. } => offsets.len(),
+            Stamps::Wide(all) => all.len(),
+        }
+    }
+
+    /// Where `t` is, or would be inserted to keep the order.
+    fn search(&self, t: i64) -> Result<usize, usize> {
+        match self {
+            Stamps::Narrow { base, offsets } => match u32::try_from(t - base) {
+                Ok(offset) => offsets.binary_search(&offset),
+                Err(_) if t < *base => Err(0),
+                Err(_) => Err(offsets.len()),
+            },
+            Stamps::Wide(all) => all.binary_search(&t),
+        }
+    }
+
+    /// Inserts `t` at `at` (from [`Stamps::search`]), widening the base or the
+    /// representation when `t` does not fit.
+    fn insert(&mut self, at: usize, t: i64) {
+        if let Stamps::Narrow { base, offsets } = self {
+            if offsets.is_empty() {
+                *base = t;
+            }
+            if let Ok(offset) = u32::try_from(t - *base) {
+                offsets.insert(at, offset);
+                return;
+            }
+            let newest = offsets.last().map_or(t, |&o| *base + i64::from(o)).max(t);
+            let oldest = (*base).min(t);
+            if u32::try_from(newest - oldest).is_ok() {
+                // Rebased on the oldest: every offset stays exact.
+                let shift = (*base - oldest) as u32;
+                offsets.iter_mut().for_each(|o| *o += shift);
+                *base = oldest;
+                offsets.insert(at, (t - oldest) as u32);
+                return;
+            }
+            let all: Vec<i64> = offsets.iter().map(|&o| *base + i64::from(o)).collect();
+            *self = Stamps::Wide(all);
+        }
+        if let Stamps::Wide(all) = self {
+            all.insert(at, t);
+        }
+    }
+
+    /// Bytes held on the heap.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Stamps::Narrow { offsets, .. } => offsets.capacity() * size_of::<u32>(),
+            Stamps::Wide(all) => all.capacity() * size_of::<i64>(),
+        }
+    }
+
+    fn remove_first(&mut self) {
+        match self {
+            Stamps::Narrow { offsets, .. } => {
+                offsets.remove(0);
+            }
+            Stamps::Wide(all) => {
+                all.remove(0);
+            }
+        }
+    }
+}
+
+/// The device timestamps taken of one series. Those of its open windows are kept by
+/// their [`Accumulator`]s.
 #[derive(Debug, Default)]
 struct Readings {
-    /// Per open window (its start, seconds): the device timestamps taken, sorted.
-    open: HashMap<i64, Vec<i64>>,
     /// The newest device timestamps of flushed windows, at most [`RECENT_READINGS`],
     /// sorted. After a restart, the mark alone.
-    committed: VecDeque<i64>,
+    committed: Stamps,
     /// The newest device timestamp committed: the mark the spool has (or is given with
     /// the next flush).
     mark: Option<i64>,
 }
 
 impl Readings {
-    /// Whether `timestamp_ms` of the window at `start` was taken already.
-    fn has(&self, start: i64, timestamp_ms: i64) -> bool {
-        self.committed.binary_search(&timestamp_ms).is_ok()
-            || self
-                .open
-                .get(&start)
-                .is_some_and(|taken| taken.binary_search(&timestamp_ms).is_ok())
+    /// Whether `timestamp_ms` was taken in a flushed window.
+    fn has(&self, timestamp_ms: i64) -> bool {
+        self.committed.search(timestamp_ms).is_ok()
     }
 
-    /// Notes a timestamp taken into the open window at `start`.
-    fn note(&mut self, start: i64, timestamp_ms: i64) {
-        let taken = self.open.entry(start).or_default();
-        if taken.len() >= MAX_READINGS_PER_WINDOW {
-            return;
-        }
-        if let Err(at) = taken.binary_search(&timestamp_ms) {
-            taken.insert(at, timestamp_ms);
-        }
-    }
-
-    /// Moves the window at `start`, flushed, to the committed timestamps; returns the
-    /// series' new mark if the window moved it on (a late row's older readings do not).
-    fn commit(&mut self, start: i64) -> Option<i64> {
-        let taken = self.open.remove(&start)?;
-        let newest = taken.last().copied();
-        for timestamp_ms in taken {
-            self.remember(timestamp_ms);
+    /// Moves the timestamps of the window at `start`, flushed, to the committed ones;
+    /// returns the series' new mark if the window moved it on (a late row's older
+    /// readings do not).
+    fn commit(&mut self, start: i64, offsets: &[u32]) -> Option<i64> {
+        let at = |o: u32| start * 1000 + i64::from(o);
+        let newest = offsets.last().map(|&o| at(o));
+        for &offset in offsets {
+            self.remember(at(offset));
         }
         let newest = newest.filter(|&n| self.mark.is_none_or(|m| n > m))?;
         self.mark = Some(newest);
@@ -181,14 +253,14 @@ impl Readings {
 
     /// Remembers one committed timestamp, keeping the newest [`RECENT_READINGS`].
     fn remember(&mut self, timestamp_ms: i64) {
-        let Err(at) = self.committed.binary_search(&timestamp_ms) else {
+        let Err(at) = self.committed.search(timestamp_ms) else {
             return;
         };
         if self.committed.len() >= RECENT_READINGS {
             if at == 0 {
                 return;
             }
-            self.committed.pop_front();
+            self.committed.remove_first();
             self.committed.insert(at - 1, timestamp_ms);
         } else {
             self.committed.insert(at, timestamp_ms);
@@ -250,21 +322,82 @@ struct Accumulator {
     first: (i64, f64),
     last: (i64, f64),
     values: Vec<f64>,
-    /// Once the cap is reached: the values beyond it.
-    tail: Option<Tail>,
+    /// The device timestamps taken (of sources checked for repeats), as ms from the
+    /// window's start (a window is shorter than a day), sorted; at most
+    /// [`MAX_READINGS_PER_WINDOW`].
+    stamps: Vec<u32>,
+    /// Once the cap is reached: the values beyond it (boxed: few windows reach it).
+    tail: Option<Box<Tail>>,
+    /// The values the series' previous window kept: the room `values` and `stamps`
+    /// grow to at once (see [`grow`]).
+    expect: usize,
+}
+
+/// Makes room for one more item: a small start, then at once the `expect`ed length (the
+/// series' previous window), then doubling as usual beyond it.
+///
+/// Design: exact room at a steady rate (60 values, not 64), allocated once; the start
+/// is small because around a window's end the next window opens while this one is still
+/// full, and the closing window's storage is what the next one grows into.
+fn grow<T>(items: &mut Vec<T>, expect: usize) {
+    const START: usize = 4;
+    let (len, capacity) = (items.len(), items.capacity());
+    if len < capacity {
+        return;
+    }
+    let want = if capacity < START {
+        START.min(expect.max(1))
+    } else if len < expect {
+        expect
+    } else {
+        2 * len
+    };
+    items.reserve_exact(want - len);
 }
 
 impl Accumulator {
-    fn new(timestamp_ms: i64, value: f64) -> Accumulator {
+    /// A window's first value, with room for `expect` values (the series' previous
+    /// window kept as many: at a steady rate the storage is allocated once, exactly).
+    fn new(timestamp_ms: i64, value: f64, expect: usize) -> Accumulator {
+        let mut values = Vec::new();
+        grow(&mut values, expect);
+        values.push(value);
         Accumulator {
             count: 1,
             min: value,
             max: value,
             first: (timestamp_ms, value),
             last: (timestamp_ms, value),
-            values: vec![value],
+            values,
+            stamps: Vec::new(),
             tail: None,
+            expect,
         }
+    }
+
+    /// Whether the device timestamp `offset` (ms from the window's start) was taken.
+    fn has(&self, offset: u32) -> bool {
+        self.stamps.binary_search(&offset).is_ok()
+    }
+
+    /// Notes a device timestamp taken (ms from the window's start), with room for as
+    /// many as values are kept.
+    fn note(&mut self, offset: u32) {
+        if self.stamps.len() >= MAX_READINGS_PER_WINDOW {
+            return;
+        }
+        if let Err(at) = self.stamps.binary_search(&offset) {
+            grow(&mut self.stamps, self.expect);
+            self.stamps.insert(at, offset);
+        }
+    }
+
+    /// Bytes held on the heap by this window's kept values and timestamps.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        self.values.capacity() * size_of::<f64>()
+            + self.stamps.capacity() * size_of::<u32>()
+            + self.tail.as_ref().map_or(0, |_| size_of::<Tail>())
     }
 
     /// Adds a value; `true` when this is the first one beyond `cap` (the window is
@@ -280,18 +413,19 @@ impl Accumulator {
             self.last = (timestamp_ms, value);
         }
         if self.values.len() < cap {
+            grow(&mut self.values, self.expect);
             self.values.push(value);
             return false;
         }
         let capped = self.tail.is_none();
         let tail = self.tail.get_or_insert_with(|| {
             let kept = Moments::of(&self.values);
-            Tail {
+            Box::new(Tail {
                 shift: (kept.mean, kept.mean_rest),
                 count: 0,
                 d1: Sum::default(),
                 d2: Sum::default(),
-            }
+            })
         });
         tail.add(value);
         capped
@@ -300,7 +434,7 @@ impl Accumulator {
     fn finish(mut self) -> Stats {
         let mut moments = Moments::of(&self.values);
         if let Some(tail) = self.tail {
-            moments = moments.pool(tail.moments());
+            moments = moments.pool((*tail).moments());
         }
         let stdev = (self.count > 1).then(|| (moments.m2 / (self.count - 1) as f64).sqrt());
         Stats {
@@ -339,13 +473,32 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// What the aggregator keeps of a series' flushed windows.
+#[derive(Debug, Clone, Copy)]
+struct Flushed {
+    /// The latest window start flushed.
+    start: i64,
+    /// The values the window flushed last kept.
+    kept: usize,
+}
+
 /// The open windows of every series.
 #[derive(Debug)]
 pub struct Aggregator {
     window_ms: i64,
-    open: HashMap<(Arc<Series>, i64), Accumulator>,
-    /// The latest window start flushed per series: a sample at or before it is late.
-    flushed: HashMap<Arc<Series>, i64>,
+    /// The open windows by start (seconds), each with its series' accumulators.
+    // Design: a table per window rather than one keyed by series and start: around a
+    // window's end both it and the next are open, and one table would stay sized for
+    // twice the series; a window's own table is freed whole when it is flushed.
+    open: BTreeMap<i64, HashMap<Arc<Series>, Accumulator>>,
+    /// How many windows `open` holds, over all starts.
+    open_count: usize,
+    /// The newest window flushed (its start) and its series: the room the table of a
+    /// window after it starts with (a late row's table starts small).
+    last_window: (i64, usize),
+    /// Per series: the latest window start flushed (a sample at or before it is late)
+    /// and the values its window kept (the room the next window starts with).
+    flushed: HashMap<Arc<Series>, Flushed>,
     /// Device timestamps taken, per series with device-stamped samples.
     readings: HashMap<Arc<Series>, Readings>,
     /// Marks advanced since the last [`Aggregator::take_marks`].
@@ -360,7 +513,9 @@ impl Aggregator {
     pub fn new(window_seconds: u32) -> Aggregator {
         Aggregator {
             window_ms: i64::from(window_seconds) * 1000,
-            open: HashMap::new(),
+            open: BTreeMap::new(),
+            open_count: 0,
+            last_window: (i64::MIN, 0),
             flushed: HashMap::new(),
             readings: HashMap::new(),
             marks: HashMap::new(),
@@ -409,12 +564,7 @@ impl Aggregator {
     pub fn push_from(&mut self, mut sample: Sample, keep_repeats: bool) -> Pushed {
         let mut start = sample.timestamp_ms.div_euclid(self.window_ms) * self.window_ms / 1000;
         let checked = !sample.own_clock && !keep_repeats;
-        if checked
-            && self
-                .readings
-                .get(&sample.series)
-                .is_some_and(|r| r.has(start, sample.timestamp_ms))
-        {
+        if checked && self.is_repeat(&sample.series, start, sample.timestamp_ms) {
             return Pushed::Repeat;
         }
         self.counts.samples += 1;
@@ -422,39 +572,65 @@ impl Aggregator {
             self.counts.non_finite += 1;
             return Pushed::Taken;
         }
-        if let Some(&last) = self.flushed.get(&sample.series)
-            && start <= last
+        let flushed = self.flushed.get(&sample.series).copied();
+        if let Some(last) = flushed
+            && start <= last.start
         {
             if sample.own_clock {
-                start = last + self.window_ms / 1000;
+                start = last.start + self.window_ms / 1000;
                 sample.timestamp_ms = start * 1000;
                 self.counts.clamped += 1;
             } else {
                 self.counts.late += 1;
             }
         }
-        let key = (sample.series, start);
-        if let Some(acc) = self.open.get_mut(&key) {
+        let full = self.open_count >= MAX_OPEN_WINDOWS;
+        let room = if start > self.last_window.0 {
+            self.last_window.1
+        } else {
+            0
+        };
+        let window = self
+            .open
+            .entry(start)
+            .or_insert_with(|| HashMap::with_capacity(room));
+        let acc = if let Some(acc) = window.get_mut(&sample.series) {
             if acc.add(sample.timestamp_ms, sample.value, self.values_cap) {
                 self.counts.capped += 1;
             }
-        } else if self.open.len() >= MAX_OPEN_WINDOWS {
+            acc
+        } else if full {
+            if window.is_empty() {
+                self.open.remove(&start);
+            }
             self.counts.overflow += 1;
             return Pushed::Taken;
         } else {
-            self.open.insert(
-                key.clone(),
-                Accumulator::new(sample.timestamp_ms, sample.value),
-            );
-        }
+            self.open_count += 1;
+            let expect = flushed.map_or(1, |f| f.kept).min(self.values_cap);
+            window.entry(sample.series).or_insert(Accumulator::new(
+                sample.timestamp_ms,
+                sample.value,
+                expect,
+            ))
+        };
         if checked {
-            let (series, start) = key;
-            self.readings
-                .entry(series)
-                .or_default()
-                .note(start, sample.timestamp_ms);
+            acc.note((sample.timestamp_ms - start * 1000) as u32);
         }
         Pushed::Taken
+    }
+
+    /// Whether a device-stamped reading of `series` at `timestamp_ms` (in the window at
+    /// `start`) was taken already.
+    fn is_repeat(&self, series: &Arc<Series>, start: i64, timestamp_ms: i64) -> bool {
+        self.open
+            .get(&start)
+            .and_then(|window| window.get(series))
+            .is_some_and(|acc| acc.has((timestamp_ms - start * 1000) as u32))
+            || self
+                .readings
+                .get(series)
+                .is_some_and(|r| r.has(timestamp_ms))
     }
 
     /// Removes and returns every window that has closed by `now_ms`, ordered by start
@@ -462,19 +638,20 @@ impl Aggregator {
     pub fn take_closed(&mut self, now_ms: i64) -> Vec<WindowRow> {
         let window_ms = self.window_ms;
         let closed = |start: i64| start * 1000 + window_ms + SETTLE_MS <= now_ms;
-        let keys: Vec<_> = self
-            .open
-            .keys()
-            .filter(|(_, start)| closed(*start))
-            .cloned()
-            .collect();
-        self.finish(keys)
+        let mut windows = Vec::new();
+        while let Some(entry) = self.open.first_entry() {
+            if !closed(*entry.key()) {
+                break;
+            }
+            windows.push(entry.remove_entry());
+        }
+        self.finish(windows)
     }
 
     /// Removes and returns every open window, closed or not (at shutdown).
     pub fn take_all(&mut self) -> Vec<WindowRow> {
-        let keys: Vec<_> = self.open.keys().cloned().collect();
-        self.finish(keys)
+        let windows = std::mem::take(&mut self.open).into_iter().collect();
+        self.finish(windows)
     }
 
     /// The counters since the last call, resetting them.
@@ -484,29 +661,53 @@ impl Aggregator {
 
     /// How many windows are open.
     pub fn open_windows(&self) -> usize {
-        self.open.len()
+        self.open_count
     }
 
-    fn finish(&mut self, keys: Vec<(Arc<Series>, i64)>) -> Vec<WindowRow> {
+    /// Bytes the open windows hold on the heap for their kept values and timestamps,
+    /// and how many values they keep.
+    #[cfg(test)]
+    fn kept_heap(&self) -> (usize, usize) {
+        self.open
+            .values()
+            .flat_map(|w| w.values())
+            .fold((0, 0), |(bytes, kept), acc| {
+                (bytes + acc.heap_bytes(), kept + acc.values.len())
+            })
+    }
+
+    fn finish(&mut self, windows: Vec<(i64, HashMap<Arc<Series>, Accumulator>)>) -> Vec<WindowRow> {
         let seconds = (self.window_ms / 1000) as u32;
-        let mut rows: Vec<WindowRow> = keys
-            .into_iter()
-            .filter_map(|key| {
-                let acc = self.open.remove(&key)?;
-                let last = self.flushed.entry(Arc::clone(&key.0)).or_insert(key.1);
-                *last = (*last).max(key.1);
-                if let Some(newest) = self.readings.get_mut(&key.0).and_then(|r| r.commit(key.1)) {
-                    let mark = self.marks.entry(Arc::clone(&key.0)).or_insert(newest);
+        let mut rows = Vec::with_capacity(windows.iter().map(|(_, w)| w.len()).sum());
+        for (start, window) in windows {
+            self.open_count -= window.len();
+            if start >= self.last_window.0 {
+                self.last_window = (start, window.len());
+            }
+            for (series, acc) in window {
+                let kept = acc.values.len();
+                let last = self
+                    .flushed
+                    .entry(Arc::clone(&series))
+                    .or_insert(Flushed { start, kept });
+                if start >= last.start {
+                    *last = Flushed { start, kept };
+                }
+                let newest = (!acc.stamps.is_empty())
+                    .then(|| self.readings.entry(Arc::clone(&series)).or_default())
+                    .and_then(|r| r.commit(start, &acc.stamps));
+                if let Some(newest) = newest {
+                    let mark = self.marks.entry(Arc::clone(&series)).or_insert(newest);
                     *mark = (*mark).max(newest);
                 }
-                Some(WindowRow {
-                    series: key.0,
-                    start: key.1,
+                rows.push(WindowRow {
+                    series,
+                    start,
                     seconds,
                     stats: acc.finish(),
-                })
-            })
-            .collect();
+                });
+            }
+        }
         rows.sort_by(|a, b| (a.start, &a.series).cmp(&(b.start, &b.series)));
         rows
     }
@@ -919,6 +1120,85 @@ mod tests {
         }
         assert_eq!(agg.push(sample(&series, 9_000, 0.0)), Pushed::Taken);
         assert_eq!(agg.take_counts().late, 1);
+    }
+
+    #[test]
+    fn a_steady_series_keeps_twelve_bytes_per_sample_and_four_per_remembered_reading() {
+        // 100 device-stamped series at 1 Hz in 60 s windows: the second window's values
+        // and timestamps have exactly the room the first one needed.
+        let series: Vec<_> = (0..100)
+            .map(|i| Arc::new(Series::new(format!("s.x{i}"), None)))
+            .collect();
+        let mut agg = Aggregator::new(60);
+        let push_window = |agg: &mut Aggregator, window: i64| {
+            for second in 0..60 {
+                for s in &series {
+                    let t = 1_700_000_040_000 + (window * 60 + second) * 1000;
+                    assert_eq!(agg.push(sample(s, t, second as f64)), Pushed::Taken);
+                }
+            }
+        };
+        push_window(&mut agg, 0);
+        assert_eq!(agg.take_closed(1_700_000_040_000 + 62_000).len(), 100);
+        push_window(&mut agg, 1);
+        let (bytes, kept) = agg.kept_heap();
+        assert_eq!(kept, 6_000);
+        assert_eq!(
+            bytes,
+            kept * (size_of::<f64>() + size_of::<u32>()),
+            "a value and its timestamp offset per sample, no spare room"
+        );
+        let remembered: usize = agg
+            .readings
+            .values()
+            .map(|r| r.committed.heap_bytes())
+            .sum();
+        assert_eq!(
+            remembered,
+            100 * 64 * size_of::<u32>(),
+            "60 readings of each series, in room for 64"
+        );
+        // Repeats are still told in the open window and in the flushed one.
+        let t = 1_700_000_040_000 + 61 * 1000;
+        assert_eq!(agg.push(sample(&series[7], t, 0.0)), Pushed::Repeat);
+        assert_eq!(
+            agg.push(sample(&series[7], t - 60_000, 0.0)),
+            Pushed::Repeat
+        );
+    }
+
+    #[test]
+    fn remembered_readings_far_apart_are_kept_exactly() {
+        let mut stamps = Stamps::default();
+        let far = 1i64 << 40;
+        for t in [far, 5, far + 7, -far, 6] {
+            let Err(at) = stamps.search(t) else {
+                panic!("{t} is new");
+            };
+            stamps.insert(at, t);
+        }
+        for t in [-far, 5, 6, far, far + 7] {
+            assert!(stamps.search(t).is_ok(), "{t} remembered");
+        }
+        for t in [-far + 1, 4, 7, far + 6, far - 1] {
+            assert!(stamps.search(t).is_err(), "{t} never taken");
+        }
+        assert!(matches!(stamps, Stamps::Wide(_)));
+        // Close together they stay narrow, whatever the order they came in.
+        let mut near = Stamps::default();
+        for t in [far + 9, far + 3, far + 4_000_000_000, far] {
+            let Err(at) = near.search(t) else {
+                panic!("{t} is new");
+            };
+            near.insert(at, t);
+        }
+        assert!(matches!(near, Stamps::Narrow { .. }));
+        for t in [far, far + 3, far + 9, far + 4_000_000_000] {
+            assert!(near.search(t).is_ok(), "{t} remembered");
+        }
+        near.remove_first();
+        assert!(near.search(far).is_err());
+        assert_eq!(near.len(), 3);
     }
 
     #[test]

@@ -79,6 +79,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
+            crate::memory::tune_allocator();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

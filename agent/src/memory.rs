@@ -7,6 +7,16 @@
 //! file-backed pages (they are re-read from the page cache on demand, not from the SD
 //! card) and to fault them back one page at a time (`MADV_RANDOM`), so the resident set
 //! holds what the loop uses.
+//!
+//! The heap is the other part. glibc's allocator gives each thread that allocates its
+//! own arena (up to eight per core, each reserving 64 MiB of address space and keeping
+//! what it once held), raises its trim threshold after a large block is freed, and
+//! gives freed memory back only from the top of an arena. The agent has few threads
+//! (the runtime's, the spool writer, a blocking pool for reads of the spool), so
+//! [`tune_allocator`] keeps them to [`ARENAS`] arenas with fixed thresholds, and an
+//! uploader calls [`after_delivery`], which gives free pages back to the system
+//! (`malloc_trim`) after a part of at least [`TRIM_AFTER_ROWS`] rows. Other C libraries
+//! (musl) have none of these settings: there the functions do nothing.
 
 /// Drops this process's clean file-backed pages; returns how many mappings it advised.
 pub fn trim_code_pages() -> usize {
@@ -46,6 +56,73 @@ pub fn trim_code_pages() -> usize {
     advised
 }
 
+/// Arenas glibc's allocator may make: threads share them beyond this count.
+pub const ARENAS: i32 = 2;
+
+/// Freed memory at the top of the heap beyond which glibc gives it back at once (and
+/// blocks at least this large are mapped on their own, and unmapped when freed).
+pub const TRIM_THRESHOLD_BYTES: i32 = 256 * 1024;
+
+/// Rows of a delivered part from which [`after_delivery`] gives free memory back.
+pub const TRIM_AFTER_ROWS: usize = 1_000;
+
+/// How many times [`after_delivery`] has given memory back in this process.
+static TRIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the allocator up for a small, long-running process; call before any thread
+/// but the main one starts. Returns whether the C library took the settings.
+pub fn tune_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes the allocator's parameters; called before other
+        // threads exist, as glibc asks for M_ARENA_MAX.
+        unsafe {
+            let arenas = libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+            // Fixed values also turn off glibc's raising of both thresholds each time a
+            // large mapped block is freed (up to 32 MiB, then 64 MiB kept unreturned).
+            let trim = libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+            let mmap = libc::mallopt(libc::M_MMAP_THRESHOLD, TRIM_THRESHOLD_BYTES);
+            arenas == 1 && trim == 1 && mmap == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Gives the allocator's free pages back to the system (from every arena, not just
+/// the top of each); returns whether any were released.
+pub fn release_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free memory of the allocator to the kernel.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Called by an uploader once a part of `rows` rows is delivered: after a large one
+/// (at least [`TRIM_AFTER_ROWS`]), whose rows, encoding and buffers were just freed,
+/// gives the free memory back ([`release_free_memory`]) and counts it ([`trims`]).
+/// Returns whether it did.
+pub fn after_delivery(rows: usize) -> bool {
+    if rows < TRIM_AFTER_ROWS {
+        return false;
+    }
+    release_free_memory();
+    TRIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    true
+}
+
+/// How many times [`after_delivery`] gave memory back in this process.
+pub fn trims() -> u64 {
+    TRIMS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +144,43 @@ mod tests {
         assert!(
             after < before,
             "resident file pages {before} KiB before, {after} KiB after"
+        );
+    }
+
+    fn rss_anon_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("RssAnon in /proc/self/status")
+    }
+
+    #[test]
+    fn a_small_delivery_leaves_the_allocator_alone_and_a_large_one_trims() {
+        let before = trims();
+        assert!(!after_delivery(TRIM_AFTER_ROWS - 1));
+        // Other tests may deliver at the same time: this one's trims are at least its own.
+        assert!(after_delivery(TRIM_AFTER_ROWS));
+        assert!(trims() > before, "a trim after a large delivery is counted");
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn freed_small_blocks_go_back_to_the_system_once_released() {
+        // Many small blocks (below the mapping threshold, so from an arena), all but
+        // the last freed: glibc keeps the pages below the last one until told.
+        let blocks: Vec<Vec<u8>> = (0..40_000).map(|i| vec![i as u8; 1000]).collect();
+        let mut blocks = blocks;
+        let last = blocks.pop();
+        let held = rss_anon_kib();
+        drop(blocks);
+        release_free_memory();
+        let after = rss_anon_kib();
+        drop(last);
+        assert!(
+            after + 20_000 < held,
+            "RssAnon {held} KiB with 40 MB of blocks, {after} KiB once they were freed and released"
         );
     }
 }

@@ -220,6 +220,8 @@ impl Uploader {
                 .map_err(|e| e.to_string())?;
             info!(sink = %self.name, rows = rows.len(), to = %location, "delivered");
             crate::failpoint::point("after-upload", &self.name);
+            drop((rows, series));
+            crate::memory::after_delivery(plan.rows as usize);
         }
         self.spool
             .delivered(plan, clock::now_ms())
