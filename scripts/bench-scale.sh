@@ -4,7 +4,9 @@
 #
 # A generator (Python, one keep-alive connection over loopback) posts one point per
 # series every second, stamped with that second, to a `listen` source (InfluxDB line
-# protocol): device-stamped samples, so the repeat check's readings are kept too. The
+# protocol): device-stamped samples, so the repeat check's readings are kept too. Each
+# series is a tag of one measurement (`bench,sensor=s00042 value=…`), or with
+# BENCH_TAGS=0 a measurement of its own without tags (`s00042 value=…`). The
 # partition is short (BENCH_PARTITION, 5m, with a 5 s grace) so that deliveries happen
 # within the run; the sink is a local folder on tmpfs, so /proc/PID/io write_bytes is the spool's alone.
 #
@@ -24,6 +26,7 @@ RUNS=${BENCH_RUNS:-3}
 MINUTES=${BENCH_MINUTES:-8}
 SERIES_LIST=${BENCH_SERIES:-"100 1000 10000"}
 PARTITION=${BENCH_PARTITION:-5m}
+TAGS=${BENCH_TAGS:-1}
 TOKEN="bench-token"
 
 if [ -n "${BENCH_BIN:-}" ]; then
@@ -41,9 +44,10 @@ stop_at_exit gen
 # SECONDS seconds, each batch stamped with its second; stops early on an answer other
 # than 204 (and says so).
 generate() {
-    python3 - "$1" "$2" "$3" <<'PY'
+    python3 - "$1" "$2" "$3" "$TAGS" <<'PY'
 import http.client, sys, time
 port, series, seconds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+line = "bench,sensor=s%05d value=%.2f %d\n" if sys.argv[4] != "0" else "s%05d value=%.2f %d\n"
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 headers = {"Authorization": "Token bench-token", "Content-Type": "text/plain; charset=utf-8"}
 second = int(time.time())
@@ -52,7 +56,7 @@ for i in range(seconds):
     pause = second - time.time()
     if pause > 0:
         time.sleep(pause)
-    body = "".join("bench,sensor=s%05d value=%.2f %d\n" % (s, 20 + ((s + second) % 1000) / 100, second)
+    body = "".join(line % (s, 20 + ((s + second) % 1000) / 100, second)
                    for s in range(series)).encode()
     conn.request("POST", "/api/v2/write?org=x&bucket=y&precision=s", body=body, headers=headers)
     answer = conn.getresponse()
@@ -135,7 +139,7 @@ TOML
 done
 
 echo
-echo "$RUNS run(s) of $MINUTES minutes, 1 Hz, 60 s windows, $PARTITION partitions, listen source, local sink on tmpfs; medians:"
+echo "$RUNS run(s) of $MINUTES minutes, 1 Hz, 60 s windows, $PARTITION partitions, listen source (tags: $TAGS), local sink on tmpfs; medians:"
 printf '%8s %10s %14s %14s %12s %16s\n' series "CPU s/h" "RSS KiB" "RssAnon KiB" "VmHWM KiB" "spool MB/h"
 for n in $SERIES_LIST; do
     # shellcheck disable=SC2086 # the lists are space-separated numbers
