@@ -16,9 +16,14 @@
 //! A reading is counted once (DESIGN.md, invariant 6): a sample on its device's clock whose
 //! series and timestamp equal those of one already taken is a *repeat*, dropped (the
 //! first value stays) and counted for its source, unless the source keeps repeats.
-//! [`Readings`] holds what is needed to tell: exact per open window, the newest
-//! [`RECENT_READINGS`] committed timestamps per series beyond, and each series' *mark*
-//! (its newest committed device timestamp), which the spool keeps across restarts.
+//! What is needed to tell: exact per open window (its accumulator keeps the timestamps
+//! taken, beside the values), and in [`Readings`] the newest [`RECENT_READINGS`]
+//! committed timestamps per series beyond, and each series' *mark* (its newest
+//! committed device timestamp), which the spool keeps across restarts.
+//!
+//! Memory: a sample of an open window costs 12 bytes (its value and its timestamp as an
+//! offset from the window's start), in room grown once to the count of the series'
+//! previous window; a remembered reading 4 bytes (see [`Stamps`]).
 //! Samples on the agent's own clock are never repeats.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
