@@ -9,7 +9,7 @@
 //! holds what the loop uses.
 //!
 //! The heap is the other part. glibc's allocator gives each thread that allocates its
-//! own arena (up to eight per core, each reserving 64 MiB of address space and keeping
+//! own arena (up to eight per core on a 64-bit system, two on a 32-bit one, each keeping
 //! what it once held), raises its trim threshold after a large block is freed, and
 //! gives freed memory back only from the top of an arena. The agent has few threads
 //! (the runtime's, the spool writer, a blocking pool for reads of the spool), so
