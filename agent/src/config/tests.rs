@@ -115,7 +115,7 @@ fn an_unknown_sink_key_lists_what_that_kind_accepts() {
     assert_eq!(
         error_of(&text),
         "edgespool.toml:12:3: unknown key `region` for a sink of kind \"gcs\"; expected one of \
-         `anonymous`, `bucket`, `compression`, `endpoint`, `format`, `keys`, `late_grace`, `late_max_rows`, \
+         `anonymous`, `bucket`, `chunk_rows`, `compression`, `endpoint`, `format`, `keys`, `late_grace`, `late_max_rows`, \
          `layout`, `name`, `part_size`, `prefix`, `retry_max`, `service_account_key`, \
          `service_account_key_file`, `timeout`"
     );
