@@ -144,7 +144,7 @@ if kind == "parquet":
     rel = duckdb.sql(f"SELECT count(*), count(DISTINCT (series, window_start)), "
                      f"sum(mean) FILTER (WHERE series LIKE '%.pm'), "
                      f"sum(mean) FILTER (WHERE series LIKE '%.Temperature') FROM read_parquet('{path}')")
-    out["duckdb"] = list(rel.fetchone())
+    out["duckdb"] = list(rel.fetchall()[0])
 else:
     import pandas as pd
     frame = pd.read_json(path, lines=True)
