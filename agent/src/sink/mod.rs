@@ -72,14 +72,22 @@ impl Chunks {
     /// spool reader cuts them): for tests, and for callers that have the rows.
     pub fn of(rows: Vec<WindowRow>, chunk_rows: usize) -> Chunks {
         let total = rows.len();
-        let mut chunks: Vec<Vec<WindowRow>> = Vec::new();
+        let mut starts: Vec<Vec<WindowRow>> = Vec::new();
         for row in rows {
-            let fits = chunks.last().is_some_and(|c| {
-                c.len() < chunk_rows.max(1) || c.last().is_some_and(|l| l.start == row.start)
-            });
+            match starts.last_mut() {
+                Some(start) if start.last().is_some_and(|l| l.start == row.start) => {
+                    start.push(row)
+                }
+                _ => starts.push(vec![row]),
+            }
+        }
+        let mut chunks: Vec<Vec<WindowRow>> = Vec::new();
+        for start in starts {
             match chunks.last_mut() {
-                Some(chunk) if fits => chunk.push(row),
-                _ => chunks.push(vec![row]),
+                Some(chunk) if chunk.len() + start.len() <= chunk_rows.max(1) => {
+                    chunk.extend(start)
+                }
+                _ => chunks.push(start),
             }
         }
         let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
@@ -336,6 +344,46 @@ impl Uploader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(start: i64) -> WindowRow {
+        WindowRow {
+            series: Arc::new(Series::new("s.a", None)),
+            start,
+            seconds: 60,
+            stats: crate::flow::Stats::single(1.0),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spool_reader_that_stops_early_fails_the_delivery_rather_than_shorten_the_part() {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tx.send(Ok(vec![row(0)])).await.expect("sent");
+        drop(tx);
+        let mut chunks = Chunks {
+            chunks: rx,
+            total: 3,
+            seen: 0,
+        };
+        assert_eq!(
+            chunks.next().await.expect("a chunk").map(|c| c.len()),
+            Some(1)
+        );
+        assert_eq!(
+            chunks.next().await.err().as_deref(),
+            Some("the spool reader stopped after 1 of 3 rows")
+        );
+    }
+
+    #[tokio::test]
+    async fn rows_in_memory_are_cut_into_chunks_of_whole_window_starts() {
+        let rows = vec![row(0), row(0), row(0), row(60), row(120), row(120)];
+        let mut chunks = Chunks::of(rows, 2);
+        let mut sizes = Vec::new();
+        while let Some(chunk) = chunks.next().await.expect("a chunk") {
+            sizes.push(chunk.len());
+        }
+        assert_eq!(sizes, [3, 1, 2]);
+    }
 
     #[test]
     fn backoff_grows_exponentially_to_its_cap() {
