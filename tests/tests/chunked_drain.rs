@@ -137,6 +137,7 @@ def sums(series, means):
     return pm, t
 if kind == "parquet":
     import pyarrow.parquet as pq, duckdb
+    duckdb.execute("SET enable_progress_bar = false")
     table = pq.read_table(path)
     series, starts, means = (table.column(c).to_pylist() for c in ("series", "window_start", "mean"))
     out["pyarrow"] = [table.num_rows, len(set(zip(series, starts))), *sums(series, means)]
