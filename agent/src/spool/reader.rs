@@ -227,11 +227,9 @@ impl SpoolReader {
         })
     }
 
-    /// Starts reading a planned part in chunks of about `chunk_rows` rows: opens a read
-    /// transaction (so that every chunk comes from the same snapshot, whatever the
-    /// writer commits or drops meanwhile) and indexes the part's batches: which window
-    /// starts each holds and how many rows of each. Read the chunks with
-    /// [`SpoolReader::read_chunk`], then call [`SpoolReader::end_part`].
+    /// Starts reading a planned part in chunks of about `chunk_rows` rows: indexes the
+    /// part's batches (which window starts each holds and how many rows of each). Read
+    /// the chunks with [`SpoolReader::read_chunk`], then call [`SpoolReader::end_part`].
     ///
     /// Design: a chunk is a run of whole window starts, so the rows come in the order a
     /// sort of the whole part gives (window start, series, id) and a wide row (all the
@@ -241,14 +239,23 @@ impl SpoolReader {
     /// decoded again for each chunk it has rows in. The chunks depend only on the rows
     /// and `chunk_rows`, so a retried part reads the same chunks.
     ///
+    /// No read transaction is held across the chunks (it would keep the WAL from being
+    /// reset for as long as an upload takes, and the spool's files over their bound).
+    /// Nothing else changes a planned part's rows but the disk budget, which deletes
+    /// them all and marks the part dropped in one transaction: the index is read first
+    /// and the mark after it, so a part not dropped then was indexed whole, and a chunk
+    /// whose batch has gone since fails ([`SpoolError::Record`]) rather than shortening
+    /// the part; the retry then reads the part as dropped.
+    ///
     /// The series a wide file gives columns to: every series the spool knew when the
     /// sink's first part of this partition was planned (`parts.series_upto`), so every
     /// part of a partition has the same columns, partitions planned together have the
     /// same columns, and a retried part the same bytes (for a first part planned by an
     /// older edgespool: every series first seen in this partition or an earlier one, in
     /// a flush this part includes); [`PartReading::wide_series`] adds the series of the
-    /// part's own rows (a series that only a late row brings). It is read only `with_series` (for a wide layout);
-    /// otherwise it is empty. A part the disk budget dropped reads as empty.
+    /// part's own rows (a series that only a late row brings). It is read only
+    /// `with_series` (for a wide layout); otherwise it is empty. A part the disk budget
+    /// dropped reads as empty.
     pub fn begin_part(
         &mut self,
         plan: &PartPlan,
@@ -256,19 +263,13 @@ impl SpoolReader {
         chunk_rows: usize,
     ) -> Result<PartReading, SpoolError> {
         self.end_part();
-        self.conn.execute_batch("BEGIN").map_err(self.err())?;
-        let reading = self.index_part(plan, with_series, chunk_rows.max(1));
-        if reading.is_err() {
-            self.end_part();
-        }
-        reading
+        self.index_part(plan, with_series, chunk_rows.max(1))
     }
 
-    /// Ends the read transaction of [`SpoolReader::begin_part`] (nothing if none is open).
+    /// Ends a reading begun with [`SpoolReader::begin_part`] (ends any read transaction
+    /// left open on this connection).
     pub fn end_part(&mut self) {
         if !self.conn.is_autocommit() {
-            // A read-only transaction has nothing to lose; closing the connection
-            // (dropping the reader) would end it too.
             let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
@@ -287,11 +288,6 @@ impl SpoolReader {
             series: Vec::new(),
             wide_series: Vec::new(),
         };
-        // Design: the dropped mark is read in the same snapshot as the rows: a drop
-        // deletes a part's rows and marks it in one transaction.
-        if self.dropped(plan)? {
-            return Ok(reading);
-        }
         let path = self.path.clone();
         let err = sqlite(&path);
         let mut per_start: BTreeMap<u32, usize> = BTreeMap::new();
@@ -339,6 +335,15 @@ impl SpoolReader {
         }
         drop(found);
         drop(stmt);
+        // Design: after the index (see `begin_part`): a drop deletes a part's rows and
+        // marks it in one transaction.
+        if self.dropped(plan)? {
+            return Ok(PartReading {
+                batches: Vec::new(),
+                rows: 0,
+                ..reading
+            });
+        }
         let mut chunk: Option<(u32, u32, usize)> = None;
         for (offset, rows) in per_start {
             match &mut chunk {
@@ -445,8 +450,14 @@ impl SpoolReader {
             let record: Vec<u8> = self
                 .conn
                 .prepare_cached("SELECT record FROM batches WHERE id = ?1")
-                .and_then(|mut stmt| stmt.query_row([batch.last_id], |r| r.get(0)))
-                .map_err(&err)?;
+                .and_then(|mut stmt| stmt.query_row([batch.last_id], |r| r.get(0)).optional())
+                .map_err(&err)?
+                .ok_or_else(|| SpoolError::Record {
+                    path: path.clone(),
+                    id: batch.last_id,
+                    reason: "deleted while its part was read (the disk budget dropped it)"
+                        .to_owned(),
+                })?;
             let windows = decode(&path, batch.last_id, &record)?;
             drop(record);
             let first_id = batch.last_id - batch.count + 1;
