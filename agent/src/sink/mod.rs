@@ -264,8 +264,8 @@ impl Uploader {
     /// Reads, sends and acknowledges one part.
     ///
     /// Design: the part is read in chunks (`chunk_rows`, whole window starts) on a
-    /// blocking thread, inside one read transaction, and handed to the sink through a
-    /// channel of one chunk: memory holds about two chunks of rows, not the part.
+    /// blocking thread and handed to the sink through a channel of one chunk: memory
+    /// holds about three chunks of rows (one read, one waiting, one encoded), not the part.
     async fn send(&self, plan: &PartPlan, reader: &mut Option<SpoolReader>) -> Result<(), String> {
         let path = self.spool.path().to_owned();
         // Design: the writer's file, read after the plan came back, so a plan made in a
