@@ -184,6 +184,8 @@ fn make_tree(dir: &Path) -> PathBuf {
 const READERS: &str = r#"
 import glob, json, re, sys
 import duckdb, pandas as pd, polars as pl, pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq
+# A query slower than 2 s (a loaded machine) would print a progress bar into the JSON.
+duckdb.execute("SET enable_progress_bar = false")
 root, merge_sql = sys.argv[1], sys.argv[2]
 PARTS = ["year", "month", "day", "hour"]
 TIMES = ["window_start", "first_time", "last_time"]
@@ -370,7 +372,12 @@ fn read_with_every_reader(root: &Path) -> Value {
         "a reader failed (scripts/test.sh installs pandas, pyarrow, polars and DuckDB):\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    serde_json::from_slice(&run.stdout).expect("the readers printed JSON")
+    serde_json::from_slice(&run.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the readers printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&run.stdout)
+        )
+    })
 }
 
 fn types(value: &Value, columns: &[&str]) -> Vec<String> {

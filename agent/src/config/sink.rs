@@ -65,6 +65,14 @@ impl SinkKind {
         }
     }
 
+    /// How many rows the uploader reads from the spool at a time.
+    pub fn chunk_rows(&self) -> NonZeroU32 {
+        match self {
+            SinkKind::Object(object) => object.chunk_rows,
+            SinkKind::Postgres(_) | SinkKind::Mqtt(_) => DEFAULT_CHUNK_ROWS,
+        }
+    }
+
     /// Whether the sink takes parts of the open partition, the windows of each flush
     /// soon after their commit (`deliver = "each_flush"`, PostgreSQL's default), rather
     /// than a partition once it has closed.
@@ -105,6 +113,9 @@ pub struct ObjectSink {
     pub late_grace: Duration,
     /// …or until this many late rows wait for the partition.
     pub late_max_rows: NonZeroU32,
+    /// How many rows the uploader reads from the spool and encodes at a time (a Parquet
+    /// row group each); a window start's rows are never split.
+    pub chunk_rows: NonZeroU32,
     /// Where the objects go.
     pub store: Store,
 }
@@ -163,6 +174,9 @@ struct ObjectCommon {
     /// Default 10000.
     #[serde(default = "default_late_max_rows")]
     late_max_rows: NonZeroU32,
+    /// Default 10000.
+    #[serde(default = "default_chunk_rows")]
+    chunk_rows: NonZeroU32,
 }
 
 /// The keys of the remote stores only.
@@ -185,6 +199,12 @@ fn default_late_grace() -> Duration {
 }
 fn default_late_max_rows() -> NonZeroU32 {
     NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN)
+}
+/// How many rows an uploader reads and encodes at a time unless its sink says otherwise.
+pub const DEFAULT_CHUNK_ROWS: NonZeroU32 = NonZeroU32::new(10_000).expect("not zero");
+
+fn default_chunk_rows() -> NonZeroU32 {
+    DEFAULT_CHUNK_ROWS
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
@@ -608,6 +628,7 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
             part_size: transfer.part_size.as_u64(),
             late_grace: common.late_grace,
             late_max_rows: common.late_max_rows,
+            chunk_rows: common.chunk_rows,
             store,
         })),
     })

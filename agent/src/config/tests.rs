@@ -82,6 +82,26 @@ fn late_rows_wait_an_hour_by_default_and_late_grace_parses_like_other_durations(
 }
 
 #[test]
+fn chunk_rows_defaults_to_ten_thousand_and_refuses_zero_at_its_line_and_column() {
+    let chunk = |sink: &str| {
+        let config = Config::parse(&with_sink(sink), Path::new("x.toml")).expect("valid");
+        config.sinks[0].kind.chunk_rows().get()
+    };
+    let local = "[[sinks]]\nkind = \"local\"\npath = \"/o\"\n";
+    assert_eq!(chunk(local), 10_000);
+    assert_eq!(chunk(&format!("{local}chunk_rows = 2000\n")), 2_000);
+    assert_eq!(
+        chunk("[[sinks]]\nkind = \"postgres\"\nhost = \"db\"\n"),
+        10_000,
+        "PostgreSQL reads with the default (it has no such key)"
+    );
+    assert_eq!(
+        error_of(&with_sink(&format!("{local}chunk_rows = 0\n"))),
+        "edgespool.toml:12:14: invalid value: integer `0`, expected a nonzero u32"
+    );
+}
+
+#[test]
 fn a_gcs_sink_takes_an_endpoint_and_no_credentials() {
     let text = with_sink(
         "[[sinks]]\nkind = \"gcs\"\nbucket = \"lake\"\nendpoint = \"http://127.0.0.1:4443\"\nanonymous = true\n",
@@ -115,7 +135,7 @@ fn an_unknown_sink_key_lists_what_that_kind_accepts() {
     assert_eq!(
         error_of(&text),
         "edgespool.toml:12:3: unknown key `region` for a sink of kind \"gcs\"; expected one of \
-         `anonymous`, `bucket`, `compression`, `endpoint`, `format`, `keys`, `late_grace`, `late_max_rows`, \
+         `anonymous`, `bucket`, `chunk_rows`, `compression`, `endpoint`, `format`, `keys`, `late_grace`, `late_max_rows`, \
          `layout`, `name`, `part_size`, `prefix`, `retry_max`, `service_account_key`, \
          `service_account_key_file`, `timeout`"
     );

@@ -1,7 +1,9 @@
 //! Sinks: where closed partitions go, and the uploader that feeds each one.
 //!
 //! One [`Uploader`] runs per sink. It asks the spool for the oldest closed partition this
-//! sink has not received, encodes it, sends it, and only then records the delivery. On
+//! sink has not received, reads it in chunks and hands them to the sink, which encodes and
+//! sends them as they come (a chunk in memory at a time, not the part), and only then
+//! records the delivery. On
 //! failure it retries the same part with capped exponential backoff and full jitter,
 //! forever, oldest first; one sink being down never holds back another.
 
@@ -20,9 +22,9 @@ use tracing::{info, warn};
 use crate::clock;
 use crate::config::{SinkConfig, SinkKind};
 use crate::flow::{Series, WindowRow};
-use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
+use crate::spool::{PartPlan, Plan, SpoolHandle, SpoolReader};
 
-pub use encode::{Encoding, Part, content_encoding, content_type, encode, extension};
+pub use encode::{Encoder, Encoding, Part, content_encoding, content_type, encode, extension};
 pub use layout::object_key;
 pub use mqtt::MqttFeed;
 pub use postgres::location as postgres_location;
@@ -42,17 +44,92 @@ pub enum SinkError {
     Setup { sink: String, reason: String },
 }
 
-/// What a sink receives: the rows of one part of one partition.
+/// What a sink receives: the rows of one part of one partition, as they are read.
 pub struct Delivery<'a> {
     /// The device id.
     pub device: &'a str,
     /// Which part.
     pub plan: &'a PartPlan,
-    /// Its rows, ordered by window start and series.
-    pub rows: &'a [WindowRow],
-    /// The series a wide file gives columns to (see [`crate::spool::SpoolReader::read_part`]);
-    /// empty unless the sink [wants](Sink::wants_series) them.
+    /// Its rows, ordered by window start and series, a chunk at a time.
+    pub rows: Chunks,
+    /// The series a wide file gives columns to: the partition's column set and the
+    /// series of the part's rows (see [`crate::spool::SpoolReader::begin_part`]); empty
+    /// unless the sink [wants](Sink::wants_series) them.
     pub series: &'a [Arc<Series>],
+}
+
+/// A part's rows, a chunk at a time, as the spool reader reads them (on a thread of its
+/// own, one chunk ahead): whole window starts per chunk, in the order of the part. A
+/// reader that stops early (an error, a panic) is an error, never a shorter part.
+pub struct Chunks {
+    chunks: tokio::sync::mpsc::Receiver<Result<Vec<WindowRow>, String>>,
+    total: usize,
+    seen: usize,
+}
+
+impl Chunks {
+    /// Rows already in memory, cut into chunks of `chunk_rows` (whole window starts, as the
+    /// spool reader cuts them): for tests, and for callers that have the rows.
+    pub fn of(rows: Vec<WindowRow>, chunk_rows: usize) -> Chunks {
+        let total = rows.len();
+        let mut starts: Vec<Vec<WindowRow>> = Vec::new();
+        for row in rows {
+            match starts.last_mut() {
+                Some(start) if start.last().is_some_and(|l| l.start == row.start) => {
+                    start.push(row)
+                }
+                _ => starts.push(vec![row]),
+            }
+        }
+        let mut chunks: Vec<Vec<WindowRow>> = Vec::new();
+        for start in starts {
+            match chunks.last_mut() {
+                Some(chunk) if chunk.len() + start.len() <= chunk_rows.max(1) => {
+                    chunk.extend(start)
+                }
+                _ => chunks.push(start),
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        for chunk in chunks {
+            let _ = tx.try_send(Ok(chunk));
+        }
+        Chunks {
+            chunks: rx,
+            total,
+            seen: 0,
+        }
+    }
+
+    /// How many rows the part holds.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// The next chunk; `None` once every row came.
+    pub async fn next(&mut self) -> Result<Option<Vec<WindowRow>>, String> {
+        match self.chunks.recv().await {
+            Some(Ok(chunk)) => {
+                self.seen += chunk.len();
+                Ok(Some(chunk))
+            }
+            Some(Err(message)) => Err(message),
+            None if self.seen == self.total => Ok(None),
+            None => Err(format!(
+                "the spool reader stopped after {} of {} rows",
+                self.seen, self.total
+            )),
+        }
+    }
+
+    /// Every remaining row, in one vector (for a sink that needs the part whole).
+    pub async fn collect(mut self) -> Result<Vec<WindowRow>, String> {
+        let mut rows = Vec::with_capacity(self.total - self.seen);
+        while let Some(chunk) = self.next().await? {
+            rows.extend(chunk);
+        }
+        Ok(rows)
+    }
 }
 
 /// A destination. Writes must be idempotent: the same delivery twice leaves one copy.
@@ -111,6 +188,8 @@ pub struct Uploader {
     sink: Arc<dyn Sink>,
     spool: SpoolHandle,
     backoff: Backoff,
+    /// Rows read from the spool at a time.
+    chunk_rows: usize,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -133,6 +212,7 @@ impl Uploader {
                 base: Duration::from_secs(1),
                 cap,
             },
+            chunk_rows: usize::try_from(config.kind.chunk_rows().get()).unwrap_or(usize::MAX),
             shutdown,
         }
     }
@@ -182,6 +262,10 @@ impl Uploader {
     }
 
     /// Reads, sends and acknowledges one part.
+    ///
+    /// Design: the part is read in chunks (`chunk_rows`, whole window starts) on a
+    /// blocking thread and handed to the sink through a channel of one chunk: memory
+    /// holds about three chunks of rows (one read, one waiting, one encoded), not the part.
     async fn send(&self, plan: &PartPlan, reader: &mut Option<SpoolReader>) -> Result<(), String> {
         let path = self.spool.path().to_owned();
         // Design: the writer's file, read after the plan came back, so a plan made in a
@@ -190,7 +274,8 @@ impl Uploader {
         let taken = reader.take().filter(|r| r.file() == Some(writer_file));
         let query = plan.clone();
         let with_series = self.sink.wants_series();
-        let (back, rows) = tokio::task::spawn_blocking(move || {
+        let chunk_rows = self.chunk_rows;
+        let (mut back, reading) = tokio::task::spawn_blocking(move || {
             let mut reader = match taken {
                 Some(r) => r,
                 None => SpoolReader::open(&path)?,
@@ -198,30 +283,58 @@ impl Uploader {
             if reader.file() != Some(writer_file) {
                 return Err(crate::spool::SpoolError::NotTheWriters { path });
             }
-            let rows = reader.read_part(&query, with_series);
-            Ok::<_, crate::spool::SpoolError>((reader, rows))
+            let reading = reader.begin_part(&query, with_series, chunk_rows);
+            Ok::<_, crate::spool::SpoolError>((reader, reading))
         })
         .await
         .map_err(|e| format!("spool reader failed: {e}"))?
         .map_err(|e| e.to_string())?;
-        *reader = Some(back);
-        let PartRows { rows, series } = rows.map_err(|e| e.to_string())?;
-        if !rows.is_empty() {
+        let reading = match reading {
+            Ok(reading) => reading,
+            Err(err) => {
+                *reader = Some(back);
+                return Err(err.to_string());
+            }
+        };
+        let total = reading.rows();
+        if total > 0 {
+            let series = reading.wide_series().to_vec();
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let producer = tokio::task::spawn_blocking(move || {
+                for index in 0..reading.chunks() {
+                    let chunk = back.read_chunk(&reading, index).map_err(|e| e.to_string());
+                    let failed = chunk.is_err();
+                    if tx.blocking_send(chunk).is_err() || failed {
+                        break;
+                    }
+                }
+                back.end_part();
+                back
+            });
             let delivery = Delivery {
                 device: &self.device,
                 plan,
-                rows: &rows,
+                rows: Chunks {
+                    chunks: rx,
+                    total,
+                    seen: 0,
+                },
                 series: &series,
             };
-            let location = self
-                .sink
-                .deliver(delivery)
-                .await
-                .map_err(|e| e.to_string())?;
-            info!(sink = %self.name, rows = rows.len(), to = %location, "delivered");
+            // The delivery (and its end of the channel) is dropped when `deliver`
+            // returns, so the reader stops at its next chunk if the sink gave up.
+            let delivered = self.sink.deliver(delivery).await;
+            if let Ok(back) = producer.await {
+                *reader = Some(back);
+            }
+            let location = delivered.map_err(|e| e.to_string())?;
+            info!(sink = %self.name, rows = total, to = %location, "delivered");
             crate::failpoint::point("after-upload", &self.name);
-            drop((rows, series));
-            crate::memory::after_delivery(plan.rows as usize);
+            drop(series);
+            crate::memory::after_delivery(total);
+        } else {
+            back.end_part();
+            *reader = Some(back);
         }
         self.spool
             .delivered(plan, clock::now_ms())
@@ -233,6 +346,46 @@ impl Uploader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(start: i64) -> WindowRow {
+        WindowRow {
+            series: Arc::new(Series::new("s.a", None)),
+            start,
+            seconds: 60,
+            stats: crate::flow::Stats::single(1.0),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spool_reader_that_stops_early_fails_the_delivery_rather_than_shorten_the_part() {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tx.send(Ok(vec![row(0)])).await.expect("sent");
+        drop(tx);
+        let mut chunks = Chunks {
+            chunks: rx,
+            total: 3,
+            seen: 0,
+        };
+        assert_eq!(
+            chunks.next().await.expect("a chunk").map(|c| c.len()),
+            Some(1)
+        );
+        assert_eq!(
+            chunks.next().await.err().as_deref(),
+            Some("the spool reader stopped after 1 of 3 rows")
+        );
+    }
+
+    #[tokio::test]
+    async fn rows_in_memory_are_cut_into_chunks_of_whole_window_starts() {
+        let rows = vec![row(0), row(0), row(0), row(60), row(120), row(120)];
+        let mut chunks = Chunks::of(rows, 2);
+        let mut sizes = Vec::new();
+        while let Some(chunk) = chunks.next().await.expect("a chunk") {
+            sizes.push(chunk.len());
+        }
+        assert_eq!(sizes, [3, 1, 2]);
+    }
 
     #[test]
     fn backoff_grows_exponentially_to_its_cap() {

@@ -9,6 +9,12 @@
 //! so is every folder on the way up to the sink's root (a folder's entry lives in its
 //! parent). A power cut before that leaves the part undelivered in the spool, and it is
 //! written again, whole.
+//!
+//! An object is encoded and sent as the spool reader's chunks come: one that fits in one
+//! upload part (`part_size`) is held and sent with a single PUT; a larger one goes as a
+//! multipart upload, a part at a time with one in flight, and is aborted if the
+//! delivery fails half-way (so no parts are left behind). A local folder's file is
+//! written the same way, to its staging file in pieces of at most 1 MiB.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +26,7 @@ use object_store::{
     RetryConfig, WriteMultipart,
 };
 
-use super::encode::{self, Encoding, Part};
+use super::encode::{self, Encoder, Encoding};
 use super::{Delivery, Sink, SinkError, layout};
 use crate::config::{self, AzureStore, GcsStore, ObjectSink as ObjectConfig, S3Store, Store};
 
@@ -35,7 +41,7 @@ pub struct ObjectSink {
     prefix: String,
     keys: config::Keys,
     encoding: Encoding,
-    /// Remote stores get a Content-Type and multipart uploads; a local folder neither.
+    /// Remote stores get a Content-Type; a local folder none.
     remote: bool,
     part_size: usize,
     /// Where the store is, for log lines ("/data/out", "s3://bucket").
@@ -321,13 +327,6 @@ impl Sink for ObjectSink {
             key: key.clone(),
             reason,
         };
-        let part = Part {
-            device: delivery.device,
-            rows: delivery.rows,
-            series: delivery.series,
-        };
-        let body = encode::encode(self.encoding, &part)
-            .map_err(|e| fail(format!("cannot encode: {e}")))?;
         let path = ObjectPath::parse(&key).map_err(|e| fail(e.to_string()))?;
         let store = self
             .store
@@ -342,34 +341,25 @@ impl Sink for ObjectSink {
                 sink: self.name.clone(),
                 reason,
             })?;
-        let written = if !self.remote {
-            store.put(&path, PutPayload::from(body)).await
-        } else {
-            let mut attributes = Attributes::from_iter([(
-                Attribute::ContentType,
-                encode::content_type(self.encoding.format),
-            )]);
-            if let Some(coding) = encode::content_encoding(self.encoding) {
-                attributes.insert(Attribute::ContentEncoding, coding.into());
-            }
-            if body.len() <= self.part_size {
-                let options = PutOptions {
-                    attributes,
-                    ..PutOptions::default()
-                };
-                store.put_opts(&path, PutPayload::from(body), options).await
+        let mut upload = Upload {
+            store: Arc::clone(store),
+            path,
+            // A local folder's staging file is written in pieces of at most 1 MiB.
+            piece: if self.remote {
+                self.part_size
             } else {
-                let options = object_store::PutMultipartOptions {
-                    attributes,
-                    ..Default::default()
-                };
-                let upload = store
-                    .put_multipart_opts(&path, options)
-                    .await
-                    .map_err(|e| fail(self.explain(&e)))?;
-                let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
-                writer.put(bytes::Bytes::from(body));
-                writer.finish().await
+                self.part_size.min(LOCAL_PIECE)
+            },
+            attributes: self.remote.then(|| self.attributes()),
+            pending: Vec::new(),
+            writer: None,
+        };
+        let sent = self.stream(delivery, &mut upload).await;
+        let written = match sent {
+            Ok(()) => upload.finish().await,
+            Err(reason) => {
+                upload.abort().await;
+                return Err(fail(reason));
             }
         };
         written.map_err(|e| fail(self.explain(&e)))?;
@@ -384,6 +374,130 @@ impl Sink for ObjectSink {
                 .map_err(|e| fail(format!("cannot sync the folders: {e}")))?;
         }
         Ok(format!("{}/{key}", self.location.trim_end_matches('/')))
+    }
+}
+
+/// The most a local folder's write holds before it goes to the staging file.
+const LOCAL_PIECE: usize = 1024 * 1024;
+
+impl ObjectSink {
+    /// A remote object's Content-Type and Content-Encoding.
+    fn attributes(&self) -> Attributes {
+        let mut attributes = Attributes::from_iter([(
+            Attribute::ContentType,
+            encode::content_type(self.encoding.format),
+        )]);
+        if let Some(coding) = encode::content_encoding(self.encoding) {
+            attributes.insert(Attribute::ContentEncoding, coding.into());
+        }
+        attributes
+    }
+
+    /// Encodes the delivery's chunks as they come (on a blocking thread each, the encoder
+    /// moving there and back) and hands the bytes to the upload.
+    async fn stream(&self, mut delivery: Delivery<'_>, upload: &mut Upload) -> Result<(), String> {
+        let mut encoder = Some(Encoder::new(
+            self.encoding,
+            delivery.device,
+            delivery.series,
+        )?);
+        loop {
+            let chunk = delivery.rows.next().await?;
+            let mut working = encoder.take().ok_or("the encoder was lost")?;
+            let (working, bytes) = tokio::task::spawn_blocking(move || match chunk {
+                Some(rows) => {
+                    let bytes = working.push(&rows).map(|b| (b, false));
+                    (Some(working), bytes)
+                }
+                None => (None, working.finish().map(|b| (b, true))),
+            })
+            .await
+            .map_err(|e| format!("the encoder failed: {e}"))
+            .and_then(|(working, bytes)| {
+                bytes
+                    .map(|b| (working, b))
+                    .map_err(|e| format!("cannot encode: {e}"))
+            })?;
+            let (bytes, last) = bytes;
+            upload.write(bytes).await.map_err(|e| self.explain(&e))?;
+            if last {
+                return Ok(());
+            }
+            encoder = working;
+        }
+    }
+}
+
+/// One object being written: held whole while it fits in one upload part (it then goes
+/// as a single PUT), else a multipart upload (a local folder: a staging file) fed a part
+/// at a time, with at most one part in flight.
+struct Upload {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    /// The size of an upload part.
+    piece: usize,
+    /// A remote store's attributes; `None` for a local folder.
+    attributes: Option<Attributes>,
+    /// Bytes not yet handed to a multipart upload.
+    pending: Vec<u8>,
+    writer: Option<WriteMultipart>,
+}
+
+impl Upload {
+    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), object_store::Error> {
+        match &mut self.writer {
+            Some(writer) => {
+                writer.wait_for_capacity(0).await?;
+                writer.write(&bytes);
+            }
+            None => {
+                self.pending.extend_from_slice(&bytes);
+                drop(bytes);
+                if self.pending.len() > self.piece {
+                    let options = object_store::PutMultipartOptions {
+                        attributes: self.attributes.clone().unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    let upload = self.store.put_multipart_opts(&self.path, options).await?;
+                    let mut writer = WriteMultipart::new_with_chunk_size(upload, self.piece);
+                    writer.put(bytes::Bytes::from(std::mem::take(&mut self.pending)));
+                    self.writer = Some(writer);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the object: a single PUT of what is held, or the multipart's last part
+    /// and its completion (a local folder: fsync, rename, fsync of the folder).
+    async fn finish(mut self) -> Result<(), object_store::Error> {
+        match self.writer.take() {
+            Some(writer) => writer.finish().await.map(|_| ()),
+            None => {
+                let body = PutPayload::from(std::mem::take(&mut self.pending));
+                match self.attributes.take() {
+                    Some(attributes) => {
+                        let options = PutOptions {
+                            attributes,
+                            ..PutOptions::default()
+                        };
+                        self.store.put_opts(&self.path, body, options).await
+                    }
+                    None => self.store.put(&self.path, body).await,
+                }
+                .map(|_| ())
+            }
+        }
+    }
+
+    /// Abandons a multipart upload (a local folder: deletes its staging file), so that no
+    /// half object and no parts are left behind.
+    async fn abort(mut self) {
+        if let Some(writer) = self.writer.take()
+            && let Err(err) = writer.abort().await
+        {
+            tracing::warn!(path = %self.path, error = %err, "cannot abort a multipart upload");
+        }
     }
 }
 

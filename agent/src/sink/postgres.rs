@@ -353,6 +353,7 @@ impl PostgresSink {
         &self,
         client: &mut Client,
         delivery: &Delivery<'_>,
+        rows: &[WindowRow],
         direct: bool,
     ) -> Result<bool, LoadError> {
         let plan = delivery.plan;
@@ -362,7 +363,7 @@ impl PostgresSink {
             &delivery.device,
             &plan.partition,
             &(plan.part as i32),
-            &(delivery.rows.len() as i32),
+            &(rows.len() as i32),
         ];
         // Design: the spool plans part N only once every earlier part of the sink is
         // recorded delivered (durably: the plan's commit syncs what came before), so no
@@ -424,16 +425,15 @@ impl PostgresSink {
             ))
             .await?;
         futures_util::pin_mut!(copy);
-        let twice = delivery
-            .rows
+        let twice = rows
             .windows(2)
             .any(|w| w[0].start == w[1].start && w[0].series == w[1].series);
         let merged_rows;
         let rows = if twice {
-            merged_rows = merged(delivery.rows);
+            merged_rows = merged(rows);
             &merged_rows[..]
         } else {
-            delivery.rows
+            rows
         };
         for chunk in rows.chunks(4096) {
             let body = long_csv(delivery.device, chunk, LongCsv::Copy)
@@ -536,7 +536,19 @@ fn merged(rows: &[WindowRow]) -> Vec<WindowRow> {
 
 #[async_trait::async_trait]
 impl Sink for PostgresSink {
-    async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError> {
+    async fn deliver(&self, mut delivery: Delivery<'_>) -> Result<String, SinkError> {
+        // Design: COPY takes the part whole, in one transaction; the rows are gathered
+        // from the reader's chunks first.
+        let chunks = std::mem::replace(&mut delivery.rows, super::Chunks::of(Vec::new(), 1));
+        let rows = chunks.collect().await.map_err(|reason| SinkError::Write {
+            sink: self.name.clone(),
+            key: format!(
+                "part {} of {}",
+                delivery.plan.part,
+                clock::rfc3339(delivery.plan.partition)
+            ),
+            reason,
+        })?;
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
@@ -552,8 +564,8 @@ impl Sink for PostgresSink {
         );
         let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
         let attempt = async {
-            match self.load(client, &delivery, true).await {
-                Err(LoadError::Conflict) => self.load(client, &delivery, false).await,
+            match self.load(client, &delivery, &rows, true).await {
+                Err(LoadError::Conflict) => self.load(client, &delivery, &rows, false).await,
                 other => other,
             }
         };

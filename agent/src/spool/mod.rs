@@ -180,7 +180,7 @@ pub use budget::{LOW_WATER_PERCENT, WINDOW_BYTES, files_bound};
 pub use delivery::{LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use follow::Restored;
 pub use lock::{AtPath, FileId, SpoolLock, lock_path};
-pub use reader::{AgentState, SinkRecord, SourceState, SpoolReader};
+pub use reader::{AgentState, PartReading, SinkRecord, SourceState, SpoolReader};
 pub use schema::Recovery;
 pub use thread::{SpoolHandle, SpoolThread};
 

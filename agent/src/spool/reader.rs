@@ -68,6 +68,55 @@ pub struct SourceState {
     pub last_problem: Option<Problem>,
 }
 
+/// A part being read in chunks (see [`SpoolReader::begin_part`]).
+#[derive(Debug)]
+pub struct PartReading {
+    plan: PartPlan,
+    batches: Vec<BatchIndex>,
+    /// Each chunk's first and last window start, as offsets from the partition's start.
+    chunks: Vec<(u32, u32)>,
+    rows: usize,
+    /// The spool's column set for the partition.
+    series: Vec<Arc<Series>>,
+    /// That and the series of the part's own rows.
+    wide_series: Vec<Arc<Series>>,
+}
+
+/// Where a batch's rows fall: the window starts it holds.
+#[derive(Debug)]
+struct BatchIndex {
+    last_id: i64,
+    count: i64,
+    /// Window starts minus the partition's start, sorted.
+    offsets: Vec<u32>,
+}
+
+impl PartReading {
+    /// How many chunks the part is read in.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// How many rows the part holds (0 for a part the disk budget dropped).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The series a wide file of the part gives columns to, sorted (empty unless asked):
+    /// the partition's column set and the series of the part's own rows.
+    pub fn wide_series(&self) -> &[Arc<Series>] {
+        &self.wide_series
+    }
+}
+
+fn decode(path: &Path, id: i64, record: &[u8]) -> Result<Vec<StoredWindow>, SpoolError> {
+    super::record::decode(record).map_err(|reason| SpoolError::Record {
+        path: path.to_owned(),
+        id,
+        reason,
+    })
+}
+
 /// A read-only connection: the uploaders' and `status`'s.
 pub struct SpoolReader {
     conn: Connection,
@@ -157,34 +206,184 @@ impl SpoolReader {
     }
 
     /// The rows of a planned part, ordered by window start, series and id, and the series
-    /// a wide file of it gives columns to: every series the spool knew when the sink's
-    /// first part of this partition was planned (`parts.series_upto`), so every part of a
-    /// partition has the same columns (the encoder adds a series that only a late row
-    /// brings), partitions planned together have the same columns, and a retried part
-    /// the same bytes. (For a first part planned by an older edgespool: every series
-    /// first seen in this partition or an earlier one, in a flush this part includes.)
-    /// The set is read only `with_series` (for a wide layout); otherwise it is empty.
+    /// a wide file of it gives columns to (see [`SpoolReader::begin_part`]): the whole
+    /// part at once, for tests and small parts; the uploader reads it in chunks.
     pub fn read_part(
         &mut self,
         plan: &PartPlan,
         with_series: bool,
     ) -> Result<PartRows, SpoolError> {
-        let rows = self.read_rows(plan)?;
-        // Design: checked after the rows were read. A drop deletes a part's rows and
-        // marks it dropped in one transaction, so a part not dropped now was whole
-        // when read; one dropped is read as empty, and the uploader sends nothing.
+        let reading = self.begin_part(plan, with_series, usize::MAX)?;
+        let mut rows = Vec::with_capacity(reading.rows());
+        let read = (0..reading.chunks()).try_for_each(|i| {
+            rows.extend(self.read_chunk(&reading, i)?);
+            Ok(())
+        });
+        self.end_part();
+        read?;
+        Ok(PartRows {
+            rows,
+            series: reading.series,
+        })
+    }
+
+    /// Starts reading a planned part in chunks of about `chunk_rows` rows: indexes the
+    /// part's batches (which window starts each holds and how many rows of each). Read
+    /// the chunks with [`SpoolReader::read_chunk`], then call [`SpoolReader::end_part`].
+    ///
+    /// Design: a chunk is a run of whole window starts, so the rows come in the order a
+    /// sort of the whole part gives (window start, series, id) and a wide row (all the
+    /// series of one start) is never split. A chunk holds at most `chunk_rows` rows,
+    /// or one window start's rows if that start alone has more. A batch is one flush,
+    /// usually of one window start; one that holds late rows of earlier starts is
+    /// decoded again for each chunk it has rows in. The chunks depend only on the rows
+    /// and `chunk_rows`, so a retried part reads the same chunks.
+    ///
+    /// No read transaction is held across the chunks (it would keep the WAL from being
+    /// reset for as long as an upload takes, and the spool's files over their bound).
+    /// Nothing else changes a planned part's rows but the disk budget, which deletes
+    /// them all and marks the part dropped in one transaction: the index is read first
+    /// and the mark after it, so a part not dropped then was indexed whole, and a chunk
+    /// whose batch has gone since fails ([`SpoolError::Record`]) rather than shortening
+    /// the part; the retry then reads the part as dropped.
+    ///
+    /// The series a wide file gives columns to: every series the spool knew when the
+    /// sink's first part of this partition was planned (`parts.series_upto`), so every
+    /// part of a partition has the same columns, partitions planned together have the
+    /// same columns, and a retried part the same bytes (for a first part planned by an
+    /// older edgespool: every series first seen in this partition or an earlier one, in
+    /// a flush this part includes); [`PartReading::wide_series`] adds the series of the
+    /// part's own rows (a series that only a late row brings). It is read only
+    /// `with_series` (for a wide layout); otherwise it is empty. A part the disk budget
+    /// dropped reads as empty.
+    pub fn begin_part(
+        &mut self,
+        plan: &PartPlan,
+        with_series: bool,
+        chunk_rows: usize,
+    ) -> Result<PartReading, SpoolError> {
+        self.end_part();
+        self.index_part(plan, with_series, chunk_rows.max(1))
+    }
+
+    /// Ends a reading begun with [`SpoolReader::begin_part`] (ends any read transaction
+    /// left open on this connection).
+    pub fn end_part(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    fn index_part(
+        &mut self,
+        plan: &PartPlan,
+        with_series: bool,
+        chunk_rows: usize,
+    ) -> Result<PartReading, SpoolError> {
+        let mut reading = PartReading {
+            plan: plan.clone(),
+            batches: Vec::new(),
+            chunks: Vec::new(),
+            rows: 0,
+            series: Vec::new(),
+            wide_series: Vec::new(),
+        };
+        let path = self.path.clone();
+        let err = sqlite(&path);
+        let mut per_start: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut row_series: std::collections::BTreeSet<i64> = Default::default();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, rows, record FROM batches
+                 WHERE partition = ?1 AND id > ?2 AND id <= ?3 ORDER BY id",
+            )
+            .map_err(&err)?;
+        let mut found = stmt
+            .query(params![plan.partition, plan.after_id, plan.last_id])
+            .map_err(&err)?;
+        while let Some(row) = found.next().map_err(&err)? {
+            let last_id: i64 = row.get(0).map_err(&err)?;
+            let count: i64 = row.get(1).map_err(&err)?;
+            let record =
+                row.get_ref(2)
+                    .map_err(&err)?
+                    .as_blob()
+                    .map_err(|e| SpoolError::Record {
+                        path: path.clone(),
+                        id: last_id,
+                        reason: e.to_string(),
+                    })?;
+            let windows = decode(&path, last_id, record)?;
+            let mut offsets: Vec<u32> = Vec::new();
+            for window in &windows {
+                *per_start.entry(window.offset).or_default() += 1;
+                if !offsets.contains(&window.offset) {
+                    offsets.push(window.offset);
+                }
+                if with_series {
+                    row_series.insert(window.series);
+                }
+            }
+            offsets.sort_unstable();
+            reading.rows += windows.len();
+            reading.batches.push(BatchIndex {
+                last_id,
+                count,
+                offsets,
+            });
+        }
+        drop(found);
+        drop(stmt);
+        // Design: after the index (see `begin_part`): a drop deletes a part's rows and
+        // marks it in one transaction.
         if self.dropped(plan)? {
-            return Ok(PartRows {
-                rows: Vec::new(),
-                series: Vec::new(),
+            return Ok(PartReading {
+                batches: Vec::new(),
+                rows: 0,
+                ..reading
             });
         }
-        if !with_series {
-            return Ok(PartRows {
-                rows,
-                series: Vec::new(),
-            });
+        let mut chunk: Option<(u32, u32, usize)> = None;
+        for (offset, rows) in per_start {
+            match &mut chunk {
+                Some((_, last, held)) if held.saturating_add(rows) <= chunk_rows => {
+                    *last = offset;
+                    *held += rows;
+                }
+                _ => {
+                    reading
+                        .chunks
+                        .extend(chunk.map(|(first, last, _)| (first, last)));
+                    chunk = Some((offset, offset, rows));
+                }
+            }
         }
+        reading
+            .chunks
+            .extend(chunk.map(|(first, last, _)| (first, last)));
+        if with_series {
+            let ids = self.column_series(plan)?;
+            let mut series = Vec::with_capacity(ids.len());
+            for id in &ids {
+                series.push(self.series(*id)?);
+            }
+            series.sort();
+            let mut wide = series.clone();
+            for id in row_series {
+                if ids.binary_search(&id).is_err() {
+                    wide.push(self.series(id)?);
+                }
+            }
+            wide.sort();
+            reading.series = series;
+            reading.wide_series = wide;
+        }
+        Ok(reading)
+    }
+
+    /// The ids of the series a wide file of this part gives columns to beside its rows'.
+    fn column_series(&self, plan: &PartPlan) -> Result<Vec<i64>, SpoolError> {
         let upto: Option<i64> = self
             .conn
             .query_row(
@@ -196,7 +395,7 @@ impl SpoolReader {
             .optional()
             .map_err(self.err())?
             .flatten();
-        let ids: Vec<i64> = match upto {
+        match upto {
             Some(upto) => self
                 .conn
                 .prepare_cached("SELECT id FROM series WHERE id <= ?1 ORDER BY id")
@@ -213,13 +412,7 @@ impl SpoolReader {
                         .collect()
                 }),
         }
-        .map_err(self.err())?;
-        let mut series = Vec::with_capacity(ids.len());
-        for id in ids {
-            series.push(self.series(id)?);
-        }
-        series.sort();
-        Ok(PartRows { rows, series })
+        .map_err(self.err())
     }
 
     /// Whether the disk budget dropped this part (see `budget.rs`).
@@ -236,40 +429,48 @@ impl SpoolReader {
             .map_err(self.err())
     }
 
-    fn read_rows(&mut self, plan: &PartPlan) -> Result<Vec<WindowRow>, SpoolError> {
+    /// Chunk `index` (from 0, below [`PartReading::chunks`]) of a part begun with
+    /// [`SpoolReader::begin_part`]: its rows, ordered by window start, series and id.
+    pub fn read_chunk(
+        &mut self,
+        reading: &PartReading,
+        index: usize,
+    ) -> Result<Vec<WindowRow>, SpoolError> {
+        let Some(&(first, last)) = reading.chunks.get(index) else {
+            return Ok(Vec::new());
+        };
         let path = self.path.clone();
         let err = sqlite(&path);
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, rows, record FROM batches
-                 WHERE partition = ?1 AND id > ?2 AND id <= ?3 ORDER BY id",
-            )
-            .map_err(&err)?;
-        let raw: Vec<(i64, i64, Vec<u8>)> = stmt
-            .query_map(params![plan.partition, plan.after_id, plan.last_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .map_err(&err)?
-            .collect::<Result<_, _>>()
-            .map_err(&err)?;
-        drop(stmt);
+        let partition = reading.plan.partition;
         let mut rows = Vec::new();
-        for (last_id, count, record) in raw {
-            let windows: Vec<StoredWindow> =
-                super::record::decode(&record).map_err(|reason| SpoolError::Record {
-                    path: self.path.clone(),
-                    id: last_id,
-                    reason,
+        for batch in &reading.batches {
+            if !batch.offsets.iter().any(|o| (first..=last).contains(o)) {
+                continue;
+            }
+            let record: Vec<u8> = self
+                .conn
+                .prepare_cached("SELECT record FROM batches WHERE id = ?1")
+                .and_then(|mut stmt| stmt.query_row([batch.last_id], |r| r.get(0)).optional())
+                .map_err(&err)?
+                .ok_or_else(|| SpoolError::Record {
+                    path: path.clone(),
+                    id: batch.last_id,
+                    reason: "deleted while its part was read (the disk budget dropped it)"
+                        .to_owned(),
                 })?;
-            let first_id = last_id - count + 1;
+            let windows = decode(&path, batch.last_id, &record)?;
+            drop(record);
+            let first_id = batch.last_id - batch.count + 1;
             for (id, window) in (first_id..).zip(windows) {
+                if !(first..=last).contains(&window.offset) {
+                    continue;
+                }
                 let series = self.series(window.series)?;
                 let row = WindowRow {
                     series,
-                    start: plan.partition + i64::from(window.offset),
+                    start: partition + i64::from(window.offset),
                     seconds: window.seconds,
-                    stats: window.stats(plan.partition),
+                    stats: window.stats(partition),
                 };
                 rows.push((id, row));
             }

@@ -1145,3 +1145,122 @@ fn a_backlog_goes_as_one_part_per_partition_not_one_per_flush() {
         "then each flush"
     );
 }
+
+#[test]
+fn a_part_read_in_chunks_keeps_each_window_start_whole_with_its_late_rows_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    // Three flushes (batches) of one part: start 0, start 60, then a late row of start 0
+    // (a series only it brings) with one of start 120.
+    spool
+        .commit(&flush(vec![row("s.b", 0, 1.0), row("s.a", 0, 2.0)]))
+        .expect("commit");
+    spool
+        .commit(&flush(vec![row("s.a", 60, 3.0), row("s.b", 60, 4.0)]))
+        .expect("commit");
+    spool
+        .commit(&flush(vec![row("s.c", 0, 5.0), row("s.a", 120, 6.0)]))
+        .expect("commit");
+    let Plan::Ready(plan) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+        panic!("hour 0 is ready");
+    };
+    let key = |r: &WindowRow| (r.start, r.series.name.clone(), r.stats.mean);
+    let whole: Vec<_> = reader
+        .read_part(&plan, true)
+        .expect("read")
+        .rows
+        .iter()
+        .map(key)
+        .collect();
+    let chunked = |reader: &mut SpoolReader, chunk_rows| {
+        let reading = reader.begin_part(&plan, true, chunk_rows).expect("begin");
+        let chunks: Vec<Vec<_>> = (0..reading.chunks())
+            .map(|i| {
+                let rows = reader.read_chunk(&reading, i).expect("chunk");
+                rows.iter().map(key).collect()
+            })
+            .collect();
+        reader.end_part();
+        let wide: Vec<String> = reading
+            .wide_series()
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        (reading.rows(), chunks, wide)
+    };
+    let (rows, chunks, wide) = chunked(&mut reader, 3);
+    assert_eq!(rows, 6);
+    assert_eq!(
+        chunks,
+        [
+            vec![
+                (0, "s.a".to_owned(), 2.0),
+                (0, "s.b".to_owned(), 1.0),
+                (0, "s.c".to_owned(), 5.0),
+            ],
+            vec![
+                (60, "s.a".to_owned(), 3.0),
+                (60, "s.b".to_owned(), 4.0),
+                (120, "s.a".to_owned(), 6.0),
+            ],
+        ],
+        "whole window starts per chunk, the late row of start 0 with its start"
+    );
+    assert_eq!(
+        wide,
+        ["s.a", "s.b", "s.c"],
+        "the wide columns include the series only a late row brings"
+    );
+    assert_eq!(chunks.concat(), whole, "the order of the whole part");
+    let (_, small, _) = chunked(&mut reader, 1);
+    assert_eq!(
+        small.iter().map(Vec::len).collect::<Vec<_>>(),
+        [3, 2, 1],
+        "a start with more rows than a chunk is one chunk, never split"
+    );
+    assert_eq!(small.concat(), whole);
+    assert_eq!(
+        chunked(&mut reader, 3).1,
+        chunks,
+        "a retry reads the same chunks"
+    );
+}
+
+#[test]
+fn a_part_whose_rows_go_while_it_is_read_in_chunks_fails_rather_than_comes_short() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    let mut reader = SpoolReader::open(&path).expect("reader");
+    spool
+        .commit(&flush(vec![row("s.a", 0, 1.0)]))
+        .expect("commit");
+    spool
+        .commit(&flush(vec![row("s.a", 60, 2.0)]))
+        .expect("commit");
+    let Plan::Ready(plan) = spool.plan("a", i64::MAX / 4).expect("plan") else {
+        panic!("hour 0 is ready");
+    };
+    let reading = reader.begin_part(&plan, false, 1).expect("begin");
+    assert_eq!(reading.chunks(), 2);
+    let first = reader.read_chunk(&reading, 0).expect("chunk 0");
+    assert_eq!(first.len(), 1);
+    // The rows are deleted while the reader is half-way (as the disk budget deletes a
+    // part's rows); the writer commits meanwhile, with no reader holding the WAL.
+    spool.delivered(&plan, 0).expect("deliver");
+    spool
+        .commit(&flush(vec![row("s.a", 3600, 3.0)]))
+        .expect("commit");
+    let err = reader
+        .read_chunk(&reading, 1)
+        .expect_err("the second batch is gone");
+    reader.end_part();
+    assert!(
+        err.to_string().ends_with(
+            "is unreadable: deleted while its part was read (the disk budget dropped it)"
+        ),
+        "{err}"
+    );
+}

@@ -6,12 +6,19 @@ use std::collections::HashMap;
 use crate::clock;
 use crate::flow::{Series, WindowRow};
 
-use super::{LONG_COLUMNS, Part, STATS, stat, wide_columns, wide_rows};
+use super::{LONG_COLUMNS, STATS, WideColumns, stat, wide_rows};
 
 fn csv_writer() -> ::csv::Writer<Vec<u8>> {
     ::csv::WriterBuilder::new()
         .terminator(::csv::Terminator::Any(b'\n'))
         .from_writer(Vec::new())
+}
+
+/// The long layout's header line.
+pub(super) fn long_header() -> Result<Vec<u8>, String> {
+    let mut w = csv_writer();
+    w.write_record(LONG_COLUMNS).map_err(|e| e.to_string())?;
+    csv_finish(w)
 }
 
 fn csv_finish(writer: ::csv::Writer<Vec<u8>>) -> Result<Vec<u8>, String> {
@@ -23,10 +30,6 @@ fn number(buffer: &mut ryu::Buffer, value: Option<f64>) -> &str {
         Some(v) => buffer.format_finite(v),
         None => "",
     }
-}
-
-pub(super) fn csv_long(rows: &[WindowRow]) -> Result<Vec<u8>, String> {
-    long_csv("", rows, LongCsv::File).map_err(|e| e.to_string())
 }
 
 /// The two spellings of the long layout as CSV.
@@ -49,12 +52,27 @@ pub fn long_csv(
     rows: &[WindowRow],
     flavour: LongCsv,
 ) -> Result<Vec<u8>, ::csv::Error> {
+    let mut out = Vec::with_capacity(rows.len() * 160);
+    if flavour == LongCsv::File {
+        let mut w = ::csv::WriterBuilder::new()
+            .terminator(::csv::Terminator::Any(b'\n'))
+            .from_writer(&mut out);
+        w.write_record(LONG_COLUMNS)?;
+        w.flush()?;
+    }
+    out.extend(long_csv_rows(device, rows, flavour)?);
+    Ok(out)
+}
+
+/// [`long_csv`] without the header: the lines of these rows alone.
+pub(super) fn long_csv_rows(
+    device: &str,
+    rows: &[WindowRow],
+    flavour: LongCsv,
+) -> Result<Vec<u8>, ::csv::Error> {
     let mut w = ::csv::WriterBuilder::new()
         .terminator(::csv::Terminator::Any(b'\n'))
         .from_writer(Vec::with_capacity(rows.len() * 160));
-    if flavour == LongCsv::File {
-        w.write_record(LONG_COLUMNS)?;
-    }
     let mut tags: HashMap<&Series, String> = HashMap::new();
     let mut window: Option<(i64, String, String)> = None;
     let mut floats: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
@@ -114,17 +132,23 @@ pub fn long_csv(
     w.into_inner().map_err(|e| e.into_error().into())
 }
 
-pub(super) fn csv_wide(part: &Part<'_>) -> Result<Vec<u8>, String> {
-    let columns = wide_columns(part);
+/// The wide layout's header line.
+pub(super) fn wide_header(columns: &WideColumns) -> Result<Vec<u8>, String> {
     let mut w = csv_writer();
     let mut header = vec!["window_start".to_owned(), "window_end".to_owned()];
     for stem in &columns.stems {
         header.extend(STATS.iter().map(|stat| format!("{stat}_{stem}")));
     }
     w.write_record(&header).map_err(|e| e.to_string())?;
-    let mut record: Vec<String> = Vec::with_capacity(header.len());
+    csv_finish(w)
+}
+
+/// The wide layout's lines of these rows (whole window starts).
+pub(super) fn wide_rows_csv(columns: &WideColumns, rows: &[WindowRow]) -> Result<Vec<u8>, String> {
+    let mut w = csv_writer();
+    let mut record: Vec<String> = Vec::with_capacity(2 + columns.series.len() * STATS.len());
     let mut buffer = ryu::Buffer::new();
-    for (start, end, cells) in wide_rows(&columns, part.rows) {
+    for (start, end, cells) in wide_rows(columns, rows)? {
         record.clear();
         record.push(clock::rfc3339(start));
         record.push(clock::rfc3339(end));

@@ -9,7 +9,7 @@ use crate::clock;
 use crate::config::Format;
 use crate::flow::WindowRow;
 
-use super::{Part, STATS, stat, wide_columns, wide_rows};
+use super::{STATS, WideColumns, stat, wide_rows};
 
 /// One long-layout row, as the JSON formats spell it; `device` only where no key says it.
 #[derive(Serialize)]
@@ -75,49 +75,62 @@ fn write_record(out: &mut Vec<u8>, device: Option<&str>, row: &WindowRow) {
     serde_json::to_writer(out, &record).expect("a record serializes");
 }
 
-pub(super) fn json_wide(format: Format, part: &Part<'_>) -> Vec<u8> {
-    let columns = wide_columns(part);
-    let keys: Vec<Vec<String>> = columns
-        .stems
-        .iter()
-        .map(|stem| {
-            STATS
-                .iter()
-                .map(|stat| serde_json::to_string(&format!("{stat}_{stem}")).unwrap_or_default())
-                .collect()
-        })
-        .collect();
-    let mut out = Vec::new();
-    for (start, end, cells) in wide_rows(&columns, part.rows) {
-        if format == Format::JsonSeq {
-            out.push(0x1e);
-        }
-        let _ = write!(
-            out,
-            "{{\"window_start\":\"{}\",\"window_end\":\"{}\"",
-            clock::rfc3339(start),
-            clock::rfc3339(end)
-        );
-        for (cell, keys) in cells.iter().zip(&keys) {
-            for (i, key) in keys.iter().enumerate() {
-                out.push(b',');
-                out.extend_from_slice(key.as_bytes());
-                out.push(b':');
-                match cell {
-                    Some(stats) if i == 0 => {
-                        let _ = write!(out, "{}", stats.count);
-                    }
-                    Some(stats) => match stat(stats, i) {
-                        Some(v) => {
-                            out.extend_from_slice(ryu::Buffer::new().format_finite(v).as_bytes())
+/// The wide layout's columns and their JSON keys, quoted once per file.
+pub(super) struct WideKeys {
+    columns: WideColumns,
+    keys: Vec<Vec<String>>,
+}
+
+impl WideKeys {
+    pub(super) fn new(columns: WideColumns) -> WideKeys {
+        let keys = columns
+            .stems
+            .iter()
+            .map(|stem| {
+                STATS
+                    .iter()
+                    .map(|stat| {
+                        serde_json::to_string(&format!("{stat}_{stem}")).unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .collect();
+        WideKeys { columns, keys }
+    }
+
+    /// The wide layout's lines of these rows (whole window starts).
+    pub(super) fn rows(&self, format: Format, rows: &[WindowRow]) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        for (start, end, cells) in wide_rows(&self.columns, rows)? {
+            if format == Format::JsonSeq {
+                out.push(0x1e);
+            }
+            let _ = write!(
+                out,
+                "{{\"window_start\":\"{}\",\"window_end\":\"{}\"",
+                clock::rfc3339(start),
+                clock::rfc3339(end)
+            );
+            for (cell, keys) in cells.iter().zip(&self.keys) {
+                for (i, key) in keys.iter().enumerate() {
+                    out.push(b',');
+                    out.extend_from_slice(key.as_bytes());
+                    out.push(b':');
+                    match cell {
+                        Some(stats) if i == 0 => {
+                            let _ = write!(out, "{}", stats.count);
                         }
+                        Some(stats) => match stat(stats, i) {
+                            Some(v) => out
+                                .extend_from_slice(ryu::Buffer::new().format_finite(v).as_bytes()),
+                            None => out.extend_from_slice(b"null"),
+                        },
                         None => out.extend_from_slice(b"null"),
-                    },
-                    None => out.extend_from_slice(b"null"),
+                    }
                 }
             }
+            out.extend_from_slice(b"}\n");
         }
-        out.extend_from_slice(b"}\n");
+        Ok(out)
     }
-    out
 }

@@ -19,12 +19,15 @@
 //! Text formats can be compressed as a whole (gzip or zstd), deterministically: no time
 //! or name in the gzip header, the same level, so a retried upload is byte-identical.
 //!
+//! A file is encoded as its rows come, chunk by chunk ([`Encoder`]): memory holds one
+//! chunk's rows and encoded bytes, not the part's.
+//!
 //! Text formats spell times as RFC 3339 UTC (window times to the second, first_time and
 //! last_time to the millisecond); Parquet stores them as UTC timestamps in
 //! microseconds, counts as int64, statistics as float64, strings dictionary-encoded.
 //!
 //! Files:
-//! - `mod.rs`: [`Encoding`], [`Part`], the format dispatcher [`encode`], and what the
+//! - `mod.rs`: [`Encoding`], [`Part`], the streaming [`Encoder`] and [`encode`], and what the
 //!   formats share: the statistic names, the long layout's columns and the wide column set.
 //! - `json.rs`: NDJSON and JSON Text Sequences.
 //! - `csv.rs`: CSV, including the long-layout CSV that PostgreSQL's COPY reads.
@@ -42,9 +45,8 @@ use std::sync::Arc;
 use crate::config::{Compression, Format, Layout};
 use crate::flow::{Series, Stats, WindowRow};
 
-use self::csv::{csv_long, csv_wide};
-use self::json::{json_long, json_wide};
-use self::parquet::{parquet_long, parquet_wide};
+use self::csv::long_csv_rows;
+use self::json::json_long;
 
 pub use self::csv::{LongCsv, long_csv};
 pub use self::json::json_record;
@@ -141,41 +143,161 @@ fn text_codec(encoding: Encoding) -> Option<Compression> {
     }
 }
 
-/// Encodes a part.
+/// Encodes a part whole (as [`Encoder`] does chunk by chunk, with one chunk).
 pub fn encode(encoding: Encoding, part: &Part<'_>) -> Result<Vec<u8>, String> {
-    let text = match (encoding.format, encoding.layout) {
-        (Format::Ndjson | Format::JsonSeq, Layout::Long) => json_long(encoding.format, part.rows),
-        (Format::Ndjson | Format::JsonSeq, Layout::Wide) => json_wide(encoding.format, part),
-        (Format::Csv, Layout::Long) => csv_long(part.rows)?,
-        (Format::Csv, Layout::Wide) => csv_wide(part)?,
-        (Format::Parquet, Layout::Long) => {
-            return parquet_long(encoding.compression, part.device, part.rows)
-                .map_err(|e| e.to_string());
-        }
-        (Format::Parquet, Layout::Wide) => {
-            return parquet_wide(encoding.compression, part).map_err(|e| e.to_string());
-        }
-    };
-    compress(text_codec(encoding), text).map_err(|e| e.to_string())
+    let series = part_series(part);
+    let mut encoder = Encoder::new(encoding, part.device, &series)?;
+    let mut out = encoder.push(part.rows)?;
+    out.extend(encoder.finish()?);
+    Ok(out)
 }
 
-/// Compresses a text file as a whole. gzip: level 6, and a header with no file name, no
-/// time (MTIME 0) and OS "unknown", so that the bytes depend on the rows alone. zstd:
-/// level 3, one frame that states its content size.
-fn compress(codec: Option<Compression>, text: Vec<u8>) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    match codec {
-        None => Ok(text),
-        Some(Compression::Gzip) => {
-            let out = Vec::with_capacity(text.len() / 4);
-            let mut gz = flate2::GzBuilder::new()
-                .mtime(0)
-                .operating_system(255)
-                .write(out, flate2::Compression::new(6));
-            gz.write_all(&text)?;
-            gz.finish()
+/// A part's column set and its rows' own series (for the wide layout; empty for long).
+fn part_series(part: &Part<'_>) -> Vec<Arc<Series>> {
+    let all: BTreeSet<&Arc<Series>> = part
+        .series
+        .iter()
+        .chain(part.rows.iter().map(|r| &r.series))
+        .collect();
+    all.into_iter().map(Arc::clone).collect()
+}
+
+/// One file, encoded chunk by chunk as its rows come: each [`Encoder::push`] returns the
+/// bytes ready so far, [`Encoder::finish`] the rest. Parquet writes a row group per chunk
+/// (its footer, which indexes them, comes last); the text formats write their rows
+/// through a streaming gzip or zstd compressor. Deterministic: the same chunks give the
+/// same bytes, and the text formats the same bytes however the rows are chunked.
+pub struct Encoder {
+    body: Body,
+    codec: Option<Compressor>,
+    /// Bytes ready before the first chunk (a CSV header), returned with it.
+    head: Vec<u8>,
+}
+
+/// What a format keeps from one chunk to the next.
+enum Body {
+    JsonLong(Format),
+    JsonWide(Format, json::WideKeys),
+    CsvLong,
+    CsvWide(WideColumns),
+    Parquet(parquet::ParquetFile),
+}
+
+/// A streaming compressor over the output buffer (taken after each chunk).
+enum Compressor {
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+}
+
+impl Encoder {
+    /// A file of `encoding` for `device`; `series` are the wide layout's columns (every
+    /// series of the rows to come must be among them), ignored by the long layout.
+    pub fn new(
+        encoding: Encoding,
+        device: &str,
+        series: &[Arc<Series>],
+    ) -> Result<Encoder, String> {
+        let wide = || wide_columns(series);
+        let (body, head) = match (encoding.format, encoding.layout) {
+            (Format::Ndjson | Format::JsonSeq, Layout::Long) => {
+                (Body::JsonLong(encoding.format), Vec::new())
+            }
+            (Format::Ndjson | Format::JsonSeq, Layout::Wide) => (
+                Body::JsonWide(encoding.format, json::WideKeys::new(wide())),
+                Vec::new(),
+            ),
+            (Format::Csv, Layout::Long) => (Body::CsvLong, csv::long_header()?),
+            (Format::Csv, Layout::Wide) => {
+                let columns = wide();
+                let head = csv::wide_header(&columns)?;
+                (Body::CsvWide(columns), head)
+            }
+            (Format::Parquet, layout) => {
+                let columns = (layout == Layout::Wide).then(wide);
+                let file = parquet::ParquetFile::new(encoding.compression, device, columns)
+                    .map_err(|e| e.to_string())?;
+                (Body::Parquet(file), Vec::new())
+            }
+        };
+        let codec = match text_codec(encoding) {
+            None => None,
+            Some(Compression::Gzip) => Some(Compressor::Gzip(
+                flate2::GzBuilder::new()
+                    .mtime(0)
+                    .operating_system(255)
+                    .write(Vec::new(), flate2::Compression::new(6)),
+            )),
+            Some(_) => Some(Compressor::Zstd(
+                zstd::stream::write::Encoder::new(Vec::new(), 3).map_err(|e| e.to_string())?,
+            )),
+        };
+        let mut encoder = Encoder {
+            body,
+            codec,
+            head: Vec::new(),
+        };
+        encoder.head = encoder.compress(head).map_err(|e| e.to_string())?;
+        Ok(encoder)
+    }
+
+    /// Encodes the next rows (ordered by window start and series; a window start's rows
+    /// all in one chunk for the wide layout) and returns the bytes ready.
+    pub fn push(&mut self, rows: &[WindowRow]) -> Result<Vec<u8>, String> {
+        let text = match &mut self.body {
+            Body::JsonLong(format) => json_long(*format, rows),
+            Body::JsonWide(format, keys) => keys.rows(*format, rows)?,
+            Body::CsvLong => long_csv_rows("", rows, LongCsv::File).map_err(|e| e.to_string())?,
+            Body::CsvWide(columns) => csv::wide_rows_csv(columns, rows)?,
+            Body::Parquet(file) => file.push(rows).map_err(|e| e.to_string())?,
+        };
+        let bytes = match self.body {
+            Body::Parquet(_) => text,
+            _ => self.compress(text).map_err(|e| e.to_string())?,
+        };
+        Ok(self.with_head(bytes))
+    }
+
+    /// These bytes, after the head if it was not returned yet.
+    fn with_head(&mut self, bytes: Vec<u8>) -> Vec<u8> {
+        if self.head.is_empty() {
+            return bytes;
         }
-        Some(_) => zstd::bulk::compress(&text, 3),
+        let mut out = std::mem::take(&mut self.head);
+        out.extend(bytes);
+        out
+    }
+
+    /// Ends the file and returns its last bytes (Parquet's footer, the compressor's end).
+    pub fn finish(self) -> Result<Vec<u8>, String> {
+        let Encoder { body, codec, head } = self;
+        let tail = if let Body::Parquet(file) = body {
+            file.finish().map_err(|e| e.to_string())?
+        } else {
+            match codec {
+                None => Vec::new(),
+                Some(Compressor::Gzip(gz)) => gz.finish().map_err(|e| e.to_string())?,
+                Some(Compressor::Zstd(z)) => z.finish().map_err(|e| e.to_string())?,
+            }
+        };
+        let mut out = head;
+        out.extend(tail);
+        Ok(out)
+    }
+
+    /// Text through the compressor, if any; returns the bytes it has ready.
+    fn compress(&mut self, text: Vec<u8>) -> std::io::Result<Vec<u8>> {
+        use std::io::Write;
+        match &mut self.codec {
+            None => Ok(text),
+            Some(Compressor::Gzip(gz)) => {
+                gz.write_all(&text)?;
+                Ok(std::mem::take(gz.get_mut()))
+            }
+            Some(Compressor::Zstd(z)) => {
+                z.write_all(&text)?;
+                Ok(std::mem::take(z.get_mut()))
+            }
+        }
     }
 }
 
@@ -194,24 +316,19 @@ fn stat(stats: &Stats, index: usize) -> Option<f64> {
 }
 
 /// The wide layout's series, in column order, with their column stems.
-struct WideColumns<'a> {
-    series: Vec<&'a Series>,
+struct WideColumns {
+    series: Vec<Arc<Series>>,
     stems: Vec<String>,
-    index: HashMap<&'a Series, usize>,
+    index: HashMap<Arc<Series>, usize>,
 }
 
-/// The series that get columns in a wide file: the part's column set and the rows' own
-/// series, ordered by name and tags. A stem is the series name with every character
-/// other than ASCII letters, digits and `_` replaced by `_`; series that share a name
-/// get their tag values appended, and stems that still clash get `_2`, `_3`, …
-fn wide_columns<'a>(part: &'a Part<'_>) -> WideColumns<'a> {
-    let all: BTreeSet<&Series> = part
-        .series
-        .iter()
-        .map(|s| s.as_ref())
-        .chain(part.rows.iter().map(|r| r.series.as_ref()))
-        .collect();
-    let series: Vec<&Series> = all.into_iter().collect();
+/// The series that get columns in a wide file, ordered by name and tags. A stem is the
+/// series name with every character other than ASCII letters, digits and `_` replaced
+/// by `_`; series that share a name get their tag values appended, and stems that still
+/// clash get `_2`, `_3`, …
+fn wide_columns(series: &[Arc<Series>]) -> WideColumns {
+    let all: BTreeSet<&Arc<Series>> = series.iter().collect();
+    let series: Vec<Arc<Series>> = all.into_iter().map(Arc::clone).collect();
     let mut name_count: HashMap<&str, usize> = HashMap::new();
     for s in &series {
         *name_count.entry(s.name.as_str()).or_default() += 1;
@@ -237,7 +354,11 @@ fn wide_columns<'a>(part: &'a Part<'_>) -> WideColumns<'a> {
         }
         stems.push(stem);
     }
-    let index = series.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    let index = series
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (Arc::clone(s), i))
+        .collect();
     WideColumns {
         series,
         stems,
@@ -245,20 +366,25 @@ fn wide_columns<'a>(part: &'a Part<'_>) -> WideColumns<'a> {
     }
 }
 
+/// One row of a wide file: window start and end, and one optional stats per column.
+type WideRow<'a> = (i64, i64, Vec<Option<&'a Stats>>);
+
 /// The rows of a wide file: per window start, one optional stats per column.
-fn wide_rows<'a>(
-    columns: &WideColumns<'_>,
-    rows: &'a [WindowRow],
-) -> Vec<(i64, i64, Vec<Option<&'a Stats>>)> {
+fn wide_rows<'a>(columns: &WideColumns, rows: &'a [WindowRow]) -> Result<Vec<WideRow<'a>>, String> {
     let mut out: Vec<(i64, i64, Vec<Option<&Stats>>)> = Vec::new();
     for row in rows {
         if out.last().is_none_or(|(start, _, _)| *start != row.start) {
             out.push((row.start, row.end(), vec![None; columns.series.len()]));
         }
-        let slot = columns.index[row.series.as_ref()];
+        let Some(&slot) = columns.index.get(row.series.as_ref()) else {
+            return Err(format!(
+                "series {:?} has no column in this file",
+                row.series.name
+            ));
+        };
         if let Some((_, _, cells)) = out.last_mut() {
             cells[slot] = Some(&row.stats);
         }
     }
-    out
+    Ok(out)
 }

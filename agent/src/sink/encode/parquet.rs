@@ -2,7 +2,7 @@
 //! (The module is named `parquet`; the crate is spelled `::parquet`.)
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ::parquet::basic::{LogicalType, Repetition, TimeUnit, Type as Physical, ZstdLevel};
 use ::parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int64Type};
@@ -14,7 +14,7 @@ use ::parquet::schema::types::{ColumnPath, Type};
 use crate::config::Compression;
 use crate::flow::{Series, WindowRow};
 
-use super::{Part, STATS, stat, wide_columns, wide_rows};
+use super::{STATS, WideColumns, stat, wide_rows};
 
 /// The values of one leaf column, with its definition and repetition levels.
 enum Leaf {
@@ -95,13 +95,82 @@ fn properties(compression: Compression, device: &str, strings: &[ColumnPath]) ->
     builder.build()
 }
 
-/// Writes one row group of `columns` (in schema leaf order) and returns the file.
-fn write_parquet(
-    schema: Type,
-    props: WriterProperties,
+/// The output buffer, shared with the file writer: what a row group wrote is taken out
+/// of it after each chunk.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Shared {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl std::io::Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A Parquet file written a row group per chunk.
+pub(super) struct ParquetFile {
+    writer: SerializedFileWriter<Shared>,
+    out: Shared,
+    /// The wide layout's columns; `None` for the long layout.
+    wide: Option<WideColumns>,
+}
+
+impl ParquetFile {
+    pub(super) fn new(
+        compression: Compression,
+        device: &str,
+        wide: Option<WideColumns>,
+    ) -> ::parquet::errors::Result<ParquetFile> {
+        let (schema, strings) = match &wide {
+            None => (long_schema()?, long_strings()),
+            Some(columns) => (wide_schema(columns)?, Vec::new()),
+        };
+        let props = properties(compression, device, &strings);
+        let out = Shared::default();
+        let writer = SerializedFileWriter::new(out.clone(), Arc::new(schema), Arc::new(props))?;
+        Ok(ParquetFile { writer, out, wide })
+    }
+
+    /// Writes these rows as one row group; returns the bytes written so far.
+    pub(super) fn push(&mut self, rows: &[WindowRow]) -> ::parquet::errors::Result<Vec<u8>> {
+        if !rows.is_empty() {
+            let columns = match &self.wide {
+                None => long_data(rows),
+                Some(columns) => {
+                    wide_data(columns, rows).map_err(::parquet::errors::ParquetError::General)?
+                }
+            };
+            write_group(&mut self.writer, columns)?;
+        }
+        Ok(self.out.take())
+    }
+
+    /// Writes the footer; returns the last bytes.
+    pub(super) fn finish(self) -> ::parquet::errors::Result<Vec<u8>> {
+        let ParquetFile { writer, out, .. } = self;
+        writer.close()?;
+        Ok(out.take())
+    }
+}
+
+/// Writes one row group of `columns` (in schema leaf order).
+fn write_group(
+    writer: &mut SerializedFileWriter<Shared>,
     columns: Vec<Column>,
-) -> ::parquet::errors::Result<Vec<u8>> {
-    let mut writer = SerializedFileWriter::new(Vec::new(), Arc::new(schema), Arc::new(props))?;
+) -> ::parquet::errors::Result<()> {
     let mut group = writer.next_row_group()?;
     let mut columns = columns.into_iter();
     while let Some(mut column) = group.next_column()? {
@@ -131,14 +200,11 @@ fn write_parquet(
         column.close()?;
     }
     group.close()?;
-    writer.into_inner()
+    Ok(())
 }
 
-pub(super) fn parquet_long(
-    compression: Compression,
-    device: &str,
-    rows: &[WindowRow],
-) -> ::parquet::errors::Result<Vec<u8>> {
+/// The long layout's schema.
+fn long_schema() -> ::parquet::errors::Result<Type> {
     const OPTIONAL: Repetition = Repetition::OPTIONAL;
     const REPEATED: Repetition = Repetition::REPEATED;
     const REQUIRED: Repetition = Repetition::REQUIRED;
@@ -168,10 +234,26 @@ pub(super) fn parquet_long(
     }
     fields.push(timestamp_field("first_time"));
     fields.push(timestamp_field("last_time"));
-    let schema = Type::group_type_builder("edgespool")
+    Type::group_type_builder("edgespool")
         .with_fields(fields.into_iter().map(Arc::new).collect())
-        .build()?;
+        .build()
+}
 
+/// The long layout's string columns (dictionary-encoded).
+fn long_strings() -> Vec<ColumnPath> {
+    ["series", "unit"]
+        .iter()
+        .map(|c| ColumnPath::from(*c))
+        .chain(
+            ["key", "value"].iter().map(|leaf| {
+                ColumnPath::new(vec!["tags".into(), "key_value".into(), (*leaf).into()])
+            }),
+        )
+        .collect()
+}
+
+/// The long layout's columns of these rows.
+fn long_data(rows: &[WindowRow]) -> Vec<Column> {
     let n = rows.len();
     let mut series_col = Vec::with_capacity(n);
     let (mut unit_col, mut unit_defs) = (Vec::new(), Vec::with_capacity(n));
@@ -257,23 +339,12 @@ pub(super) fn parquet_long(
     }
     columns.push(Column::required(Leaf::Int64(first_times)));
     columns.push(Column::required(Leaf::Int64(last_times)));
-    let strings =
-        ["series", "unit"]
-            .iter()
-            .map(|c| ColumnPath::from(*c))
-            .chain(["key", "value"].iter().map(|leaf| {
-                ColumnPath::new(vec!["tags".into(), "key_value".into(), (*leaf).into()])
-            }))
-            .collect::<Vec<_>>();
-    write_parquet(schema, properties(compression, device, &strings), columns)
+    columns
 }
 
-pub(super) fn parquet_wide(
-    compression: Compression,
-    part: &Part<'_>,
-) -> ::parquet::errors::Result<Vec<u8>> {
+/// The wide layout's schema for these columns.
+fn wide_schema(columns: &WideColumns) -> ::parquet::errors::Result<Type> {
     const OPTIONAL: Repetition = Repetition::OPTIONAL;
-    let columns = wide_columns(part);
     let mut fields = vec![
         timestamp_field("window_start"),
         timestamp_field("window_end"),
@@ -284,11 +355,14 @@ pub(super) fn parquet_wide(
             fields.push(field(&format!("{stat}_{stem}"), Physical::DOUBLE, OPTIONAL));
         }
     }
-    let schema = Type::group_type_builder("edgespool")
+    Type::group_type_builder("edgespool")
         .with_fields(fields.into_iter().map(Arc::new).collect())
-        .build()?;
+        .build()
+}
 
-    let rows = wide_rows(&columns, part.rows);
+/// The wide layout's columns of these rows (whole window starts).
+fn wide_data(columns: &WideColumns, rows: &[WindowRow]) -> Result<Vec<Column>, String> {
+    let rows = wide_rows(columns, rows)?;
     let mut data = vec![
         Column::required(Leaf::Int64(rows.iter().map(|r| micros(r.0)).collect())),
         Column::required(Leaf::Int64(rows.iter().map(|r| micros(r.1)).collect())),
@@ -317,5 +391,5 @@ pub(super) fn parquet_wide(
             });
         }
     }
-    write_parquet(schema, properties(compression, part.device, &[]), data)
+    Ok(data)
 }

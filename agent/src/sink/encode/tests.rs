@@ -450,3 +450,105 @@ fn sizes_of_one_hour_in_every_format() {
         }
     }
 }
+
+/// A file encoded chunk by chunk with [`super::Encoder`], the chunks cut after `cuts` rows.
+fn encode_chunked(
+    encoding: Encoding,
+    rows: &[WindowRow],
+    known: &[Arc<Series>],
+    cuts: &[usize],
+) -> Vec<u8> {
+    let columns = super::part_series(&part(rows, known));
+    let mut encoder = super::Encoder::new(encoding, "pi-1", &columns).expect("an encoder");
+    let mut out = Vec::new();
+    let mut from = 0;
+    for &cut in cuts.iter().chain([&rows.len()]) {
+        out.extend(encoder.push(&rows[from..cut]).expect("a chunk encodes"));
+        from = cut;
+    }
+    out.extend(encoder.finish().expect("the file ends"));
+    out
+}
+
+#[test]
+fn text_encoded_in_chunks_is_byte_identical_to_the_whole_part_compressed_or_not() {
+    let (rows, known) = wide_fixture();
+    // Cut between window starts (the wide layout needs a start's rows in one chunk).
+    let cuts: Vec<usize> = (1..rows.len())
+        .filter(|&i| rows[i].start != rows[i - 1].start)
+        .collect();
+    assert!(!cuts.is_empty(), "the fixture spans several window starts");
+    for format in [Format::Ndjson, Format::JsonSeq, Format::Csv] {
+        for layout in [Layout::Long, Layout::Wide] {
+            for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+                let encoding = Encoding {
+                    format,
+                    layout,
+                    compression,
+                };
+                let whole = encode(encoding, &part(&rows, &known)).expect("encodes");
+                let chunked = encode_chunked(encoding, &rows, &known, &cuts);
+                assert_eq!(
+                    chunked, whole,
+                    "{format:?} {layout:?} {compression:?}: the same bytes however chunked"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn parquet_in_chunks_writes_a_row_group_per_chunk_with_every_row() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let (rows, known) = wide_fixture();
+    let cuts: Vec<usize> = (1..rows.len())
+        .filter(|&i| rows[i].start != rows[i - 1].start)
+        .collect();
+    for layout in [Layout::Long, Layout::Wide] {
+        let encoding = Encoding {
+            format: Format::Parquet,
+            layout,
+            compression: Compression::Zstd,
+        };
+        let whole = encode(encoding, &part(&rows, &known)).expect("encodes");
+        let chunked = encode_chunked(encoding, &rows, &known, &cuts);
+        assert_eq!(
+            chunked,
+            encode_chunked(encoding, &rows, &known, &cuts),
+            "{layout:?}: the same chunks give the same bytes"
+        );
+        let read = |bytes: Vec<u8>| {
+            let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).expect("reads");
+            let groups = reader.metadata().num_row_groups();
+            let text: Vec<String> = reader
+                .get_row_iter(None)
+                .expect("rows")
+                .map(|r| r.expect("row").to_string())
+                .collect();
+            (groups, text)
+        };
+        let (one_group, whole_rows) = read(whole);
+        let (groups, chunked_rows) = read(chunked);
+        assert_eq!(one_group, 1);
+        assert_eq!(groups, cuts.len() + 1, "{layout:?}: a row group per chunk");
+        assert_eq!(
+            chunked_rows, whole_rows,
+            "{layout:?}: the same rows and values"
+        );
+    }
+}
+
+#[test]
+fn a_wide_row_of_a_series_with_no_column_is_an_error_not_a_lost_value() {
+    let (rows, _) = wide_fixture();
+    let encoding = Encoding {
+        format: Format::Csv,
+        layout: Layout::Wide,
+        compression: Compression::None,
+    };
+    let mut encoder = super::Encoder::new(encoding, "pi-1", &[]).expect("an encoder");
+    let err = encoder
+        .push(&rows)
+        .expect_err("no column for the rows' series");
+    assert!(err.ends_with("has no column in this file"), "{err}");
+}
