@@ -6,10 +6,14 @@
 #   scripts/bench.sh                                  # 3 runs of 20 minutes, at once (~22 min)
 #   BENCH_SERIES=10000 BENCH_COLLECTD=0 scripts/bench.sh   # a row of the scale table
 #   BENCH_RUNS=1 BENCH_MINUTES=3 scripts/bench.sh     # a quick look (no spool figure)
+#   BENCH_SYSFS=1 scripts/bench.sh                    # a real sysfs attribute for every series
 #
 # BENCH_RUNS runs (3) of BENCH_MINUTES (20) each; BENCH_CONCURRENT=1 (the default) starts
 # every run, and collectd's runs, at the same time (each its own spool, output and
 # process), BENCH_CONCURRENT=0 one after the other. BENCH_COLLECTD=0 leaves collectd out.
+# BENCH_SYSFS=1 points every series at the same real sysfs attribute (/sys/class/net/lo/mtu,
+# each series its own open file) instead of the fake tree: files as a Pi's hwmon files
+# are, which the agent reads with no link check (docs/configuration.md, `kind = "sysfs"`).
 #
 # Figures come from the kernel, not from the processes: VmRSS/VmHWM of /proc/PID/status,
 # utime+stime of /proc/PID/stat, write_bytes of /proc/PID/io, each per process.
@@ -34,6 +38,7 @@ MINUTES=${BENCH_MINUTES:-20}
 SERIES=${BENCH_SERIES:-100}
 CONCURRENT=${BENCH_CONCURRENT:-1}
 COLLECTD=${BENCH_COLLECTD:-1}
+SYSFS=${BENCH_SYSFS:-0}
 
 if [ "$MINUTES" -lt 20 ]; then
     echo "note: BENCH_MINUTES=$MINUTES: the spool figure needs at least 20 minutes of 60 s windows" >&2
@@ -62,19 +67,28 @@ work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-bench.XXXXXX")
 shm=$(mktemp -d /dev/shm/edgespool-bench.XXXXXX)
 remove_at_exit "$work" "$shm"
 
-# A fake hwmon tree with one input per series.
-for i in $(seq 1 "$SERIES"); do
-    mkdir -p "$work/sys/class/hwmon/hwmon$i"
-    echo $((40000 + i % 1000)) > "$work/sys/class/hwmon/hwmon$i/temp1_input"
-done
+# A fake hwmon tree with one input per series, or a real sysfs attribute for each.
+if [ "$SYSFS" = 1 ]; then
+    attribute=/sys/class/net/lo/mtu
+    [ -r "$attribute" ] || { echo "$attribute cannot be read: no BENCH_SYSFS here" >&2; exit 1; }
+    tree=/
+    file_of() { echo "$attribute"; }
+else
+    for i in $(seq 1 "$SERIES"); do
+        mkdir -p "$work/sys/class/hwmon/hwmon$i"
+        echo $((40000 + i % 1000)) > "$work/sys/class/hwmon/hwmon$i/temp1_input"
+    done
+    tree=$work
+    file_of() { echo "$work/sys/class/hwmon/hwmon$1/temp1_input"; }
+fi
 
 # agent_config FILE WINDOW SPOOL OUT: the agent's config.
 agent_config() {
     {
         printf '[agent]\ndevice_id = "bench"\nspool = "%s/spool.db"\nwindow = "%s"\npartition = "5m"\ngrace = "5s"\n\n' "$3" "$2"
-        printf '[[sources]]\nkind = "sysfs"\nname = "hw"\nroot = "%s"\ninterval = "1s"\n' "$work"
+        printf '[[sources]]\nkind = "sysfs"\nname = "hw"\nroot = "%s"\ninterval = "1s"\n' "$tree"
         for i in $(seq 1 "$SERIES"); do
-            printf '[[sources.files]]\nfield = "t%d"\npath = "sys/class/hwmon/hwmon%d/temp1_input"\nscale = 0.001\nunit = "celsius"\n' "$i" "$i"
+            printf '[[sources.files]]\nfield = "t%d"\npath = "%s"\nscale = 0.001\nunit = "celsius"\n' "$i" "$(file_of "$i")"
         done
         printf '\n[[sinks]]\nkind = "local"\nname = "archive"\npath = "%s"\n' "$4"
     } > "$1"
@@ -88,7 +102,7 @@ collectd_config() {
         printf 'PluginDir "/usr/lib/collectd"\nTypesDB "/usr/share/collectd/types.db"\n'
         printf 'LoadPlugin table\nLoadPlugin csv\n<Plugin csv>\n  DataDir "%s/csv"\n  StoreRates false\n</Plugin>\n<Plugin table>\n' "$2"
         for i in $(seq 1 "$SERIES"); do
-            printf '  <Table "%s/sys/class/hwmon/hwmon%d/temp1_input">\n    Instance "hwmon%d"\n    Separator " \\n"\n    <Result>\n      Type temperature\n      InstancePrefix "temp1"\n      ValuesFrom 0\n    </Result>\n  </Table>\n' "$work" "$i" "$i"
+            printf '  <Table "%s">\n    Instance "hwmon%d"\n    Separator " \\n"\n    <Result>\n      Type temperature\n      InstancePrefix "temp1"\n      ValuesFrom 0\n    </Result>\n  </Table>\n' "$(file_of "$i")" "$i"
         done
         printf '</Plugin>\n'
     } > "$1"
@@ -190,7 +204,7 @@ med() { median $(column "$1" "$2" | tr -d ,); }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 > 0) printf "%.2f", a / b; else print "n/a"}'; }
 
 echo
-echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz, 60 s windows, 5 min partitions, medians of $RUNS run(s) of $MINUTES min:"
+echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz ($([ "$SYSFS" = 1 ] && echo "$attribute" || echo "a fake hwmon tree")), 60 s windows, 5 min partitions, medians of $RUNS run(s) of $MINUTES min:"
 echo "  CPU: $(med edgespool 1) s per hour (runs: $(column edgespool 1))"
 echo "  resident memory after deliveries: $(med edgespool 2) KiB (VmRSS every 10 s; runs: $(column edgespool 2)), peak $(med edgespool 3) KiB (VmHWM)"
 echo "  spool disk writes: $(med edgespool 4) bytes per hour (runs: $(column edgespool 4))"
