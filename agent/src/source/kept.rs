@@ -111,13 +111,13 @@ struct Open {
     _slot: Slot,
 }
 
-/// A file read whole, again and again.
+/// A file read whole, again and again. It holds no buffer of its own: the reader passes
+/// one, shared by all the files it reads (10,000 files, one buffer).
 #[derive(Debug)]
 pub struct KeptFile {
     path: PathBuf,
     budget: Arc<OpenBudget>,
     open: Option<Open>,
-    bytes: Vec<u8>,
 }
 
 impl KeptFile {
@@ -127,7 +127,6 @@ impl KeptFile {
             path,
             budget,
             open: None,
-            bytes: Vec::with_capacity(256),
         }
     }
 
@@ -136,26 +135,11 @@ impl KeptFile {
         &self.path
     }
 
-    /// The whole file as it is now.
-    pub fn read(&mut self) -> io::Result<&str> {
-        self.refresh()?;
-        self.text()
-    }
-
-    /// What the last successful [`refresh`](Self::refresh) read, as text.
-    pub fn text(&self) -> io::Result<&str> {
-        std::str::from_utf8(&self.bytes)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not valid UTF-8"))
-    }
-
-    /// Reads the whole file as it is now.
-    pub fn refresh(&mut self) -> io::Result<()> {
+    /// The whole file as it is now, read into `bytes`.
+    pub fn read<'b>(&mut self, bytes: &'b mut Vec<u8>) -> io::Result<&'b str> {
         let kept_read = match &self.open {
-            Some(open) => still_linked(open).and_then(|linked| {
-                linked
-                    .then(|| read_whole(&open.file, &mut self.bytes))
-                    .transpose()
-            }),
+            Some(open) => still_linked(open)
+                .and_then(|linked| linked.then(|| read_whole(&open.file, bytes)).transpose()),
             None => Ok(None),
         };
         match kept_read {
@@ -164,7 +148,7 @@ impl KeptFile {
             Ok(None) | Err(_) => {
                 self.open = None;
                 let file = File::open(&self.path)?;
-                read_whole(&file, &mut self.bytes)?;
+                read_whole(&file, bytes)?;
                 if let Some(slot) = self.budget.take() {
                     let check_links = !on_kernel_fs(&file);
                     self.open = Some(Open {
@@ -175,7 +159,8 @@ impl KeptFile {
                 }
             }
         }
-        Ok(())
+        std::str::from_utf8(bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not valid UTF-8"))
     }
 
     /// Whether a descriptor is kept open now.
@@ -252,17 +237,17 @@ mod tests {
         let path = dir.path().join("temp1_input");
         std::fs::write(&path, "41000\n").expect("write");
         let mut file = KeptFile::new(path.clone(), OpenBudget::new(8));
-        assert_eq!(file.read().expect("first read"), "41000\n");
+        assert_eq!(file.read(&mut Vec::new()).expect("first read"), "41000\n");
         let fd = file.kept_fd().expect("kept after the first read");
         // Rewritten in place (the same inode, as sysfs does): the same descriptor reads
         // the new value, a shorter one too.
         std::fs::write(&path, "9\n").expect("rewrite");
-        assert_eq!(file.read().expect("second read"), "9\n");
+        assert_eq!(file.read(&mut Vec::new()).expect("second read"), "9\n");
         assert_eq!(file.kept_fd(), Some(fd), "not reopened");
         assert_eq!(target_of(fd), path);
         let long = "7".repeat(10_000);
         std::fs::write(&path, &long).expect("rewrite longer than the buffer");
-        assert_eq!(file.read().expect("third read"), long);
+        assert_eq!(file.read(&mut Vec::new()).expect("third read"), long);
         assert_eq!(file.kept_fd(), Some(fd), "not reopened");
     }
 
@@ -272,12 +257,15 @@ mod tests {
         let path = dir.path().join("w1_slave");
         std::fs::write(&path, "1\n").expect("write");
         let mut file = KeptFile::new(path.clone(), OpenBudget::new(8));
-        assert_eq!(file.read().expect("read"), "1\n");
+        assert_eq!(file.read(&mut Vec::new()).expect("read"), "1\n");
         let old = file.kept_fd().expect("kept");
         let staged = dir.path().join("w1_slave.new");
         std::fs::write(&staged, "2\n").expect("write the new one");
         std::fs::rename(&staged, &path).expect("rename over");
-        assert_eq!(file.read().expect("read after the rename"), "2\n");
+        assert_eq!(
+            file.read(&mut Vec::new()).expect("read after the rename"),
+            "2\n"
+        );
         let new = file.kept_fd().expect("kept again");
         assert_eq!(target_of(new), path);
         // The old descriptor was closed, not leaked: the number may be reused, but then
@@ -292,15 +280,20 @@ mod tests {
         std::fs::write(&path, "5\n").expect("write");
         let budget = OpenBudget::new(8);
         let mut file = KeptFile::new(path.clone(), Arc::clone(&budget));
-        assert_eq!(file.read().expect("read"), "5\n");
+        assert_eq!(file.read(&mut Vec::new()).expect("read"), "5\n");
         assert_eq!(budget.kept(), 1);
         std::fs::remove_file(&path).expect("unplugged");
-        let err = file.read().expect_err("a removed file cannot be read");
+        let err = file
+            .read(&mut Vec::new())
+            .expect_err("a removed file cannot be read");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(!file.is_kept());
         assert_eq!(budget.kept(), 0, "the slot is given back");
         std::fs::write(&path, "6\n").expect("plugged back");
-        assert_eq!(file.read().expect("read once it is back"), "6\n");
+        assert_eq!(
+            file.read(&mut Vec::new()).expect("read once it is back"),
+            "6\n"
+        );
         assert!(file.is_kept());
     }
 
@@ -318,7 +311,10 @@ mod tests {
         for round in 0..2 {
             for (i, file) in files.iter_mut().enumerate() {
                 std::fs::write(file.path(), format!("{}\n", i + 10 * round)).expect("write");
-                assert_eq!(file.read().expect("read"), format!("{}\n", i + 10 * round));
+                assert_eq!(
+                    file.read(&mut Vec::new()).expect("read"),
+                    format!("{}\n", i + 10 * round)
+                );
             }
         }
         let kept: Vec<bool> = files.iter().map(KeptFile::is_kept).collect();
@@ -331,9 +327,12 @@ mod tests {
     #[test]
     fn proc_files_are_kept_without_a_link_check() {
         let mut file = KeptFile::new(PathBuf::from("/proc/loadavg"), OpenBudget::new(1));
-        let first = file.read().expect("/proc/loadavg reads").to_owned();
+        let first = file
+            .read(&mut Vec::new())
+            .expect("/proc/loadavg reads")
+            .to_owned();
         assert_eq!(first.split_ascii_whitespace().count(), 5, "{first:?}");
-        assert!(file.read().expect("again").ends_with('\n'));
+        assert!(file.read(&mut Vec::new()).expect("again").ends_with('\n'));
         let open = file.open.as_ref().expect("kept");
         assert!(!open.check_links);
     }

@@ -89,8 +89,9 @@ impl Source for SysfsSource {
 }
 
 fn read_all(files: &mut [File], batch: &mut Batch) {
+    let mut bytes = Vec::with_capacity(256);
     for file in files {
-        let text = match file.file.refresh().and_then(|()| file.file.text()) {
+        let text = match file.file.read(&mut bytes) {
             Ok(text) => text,
             Err(err) => {
                 batch

@@ -63,14 +63,15 @@ impl SystemSource {
 
 fn read_files(files: &mut [KeptFile; 3]) -> Readings {
     let [loadavg, meminfo, thermal] = files;
-    let loads = read(loadavg).and_then(|text| {
+    let mut bytes = Vec::with_capacity(2048);
+    let loads = read(loadavg, &mut bytes).and_then(|text| {
         parse_loadavg(text).ok_or_else(|| SourceError::Parse {
             reason: format!("unexpected /proc/loadavg content {:?}", text.trim()),
         })
     });
-    let memory = read(meminfo).map(parse_meminfo);
+    let memory = read(meminfo, &mut bytes).map(parse_meminfo);
     // Many virtual machines have no thermal zone: then the field is simply absent.
-    let cpu_temp = thermal.read().ok().map(|text| {
+    let cpu_temp = thermal.read(&mut bytes).ok().map(|text| {
         text.trim()
             .parse::<f64>()
             .map_err(|_| format!("thermal_zone0/temp holds {:?}, not a number", text.trim()))
@@ -135,13 +136,14 @@ impl Source for SystemSource {
     }
 }
 
-fn read(file: &mut KeptFile) -> Result<&str, SourceError> {
-    file.refresh()
-        .and_then(|()| file.text())
-        .map_err(|err| SourceError::Read {
+fn read<'b>(file: &mut KeptFile, bytes: &'b mut Vec<u8>) -> Result<&'b str, SourceError> {
+    match file.read(bytes) {
+        Ok(text) => Ok(text),
+        Err(err) => Err(SourceError::Read {
             path: file.path().display().to_string(),
             reason: err.to_string(),
-        })
+        }),
+    }
 }
 
 /// The three load averages of `/proc/loadavg`.
