@@ -1,31 +1,65 @@
 #!/usr/bin/env bash
-# Resource benchmark: `edgespool run` with 100 series sampled at 1 Hz, the spool on disk
-# and a local-folder sink, as docs/benchmarks.md describes.
+# Resource benchmark: `edgespool run` with BENCH_SERIES series (100 by default) sampled at
+# 1 Hz in 60 s windows, the spool on disk and a local-folder sink, beside collectd (Debian's
+# package) reading the same files each second, as docs/benchmarks.md describes.
 #
-#   scripts/bench.sh                                  # 3 runs of 10 minutes, medians printed
-#   BENCH_RUNS=1 BENCH_MINUTES=2 BENCH_DISK_SECONDS=120 scripts/bench.sh
+#   scripts/bench.sh                                  # 3 runs of 20 minutes, at once (~22 min)
+#   BENCH_SERIES=10000 BENCH_COLLECTD=0 scripts/bench.sh   # a row of the scale table
+#   BENCH_RUNS=1 BENCH_MINUTES=3 scripts/bench.sh     # a quick look (no spool figure)
+#   BENCH_SYSFS=1 scripts/bench.sh                    # a real sysfs attribute for every series
 #
-# Figures come from the kernel, not from the agent: VmRSS/VmHWM of /proc/PID/status,
-# utime+stime of /proc/PID/stat, write_bytes of /proc/PID/io.
+# BENCH_RUNS runs (3) of BENCH_MINUTES (20) each; BENCH_CONCURRENT=1 (the default) starts
+# every run, and collectd's runs, at the same time (each its own spool, output and
+# process), BENCH_CONCURRENT=0 one after the other. BENCH_COLLECTD=0 leaves collectd out.
+# BENCH_SYSFS=1 points every series at the same real sysfs attribute (/sys/class/net/lo/mtu,
+# each series its own open file) instead of the fake tree: files as a Pi's hwmon files
+# are, which the agent reads with no link check (docs/configuration.md, `kind = "sysfs"`).
 #
-# 1. Resources: 60 s windows for BENCH_MINUTES; resident memory sampled every 10 s, CPU
-#    seconds scaled to an hour.
-# 2. Disk: write_bytes counts only what reaches a block device, so the output folder is on
-#    tmpfs (/dev/shm) and what is counted is the spool's own writes. A flush costs the same
-#    bytes whatever the window length (100 windows of fixed-size statistics), but SQLite
-#    checkpoints its WAL only every ~1 MiB, i.e. every ~45 flushes: 2 s windows make many
-#    flushes and several checkpoints in a few minutes. Bytes per flush × 60 flushes is the
-#    hourly figure for 60 s windows.
-# 3. fsync calls per flush, counted with strace over ten 2 s flushes.
+# Figures come from the kernel, not from the processes: VmRSS/VmHWM of /proc/PID/status,
+# utime+stime of /proc/PID/stat, write_bytes of /proc/PID/io, each per process.
+#
+# 1. CPU: ticks from 5 s after start (start-up left out) to the end, scaled to an hour.
+# 2. Resident memory after deliveries: partitions of 5 minutes, so the sink delivers every
+#    5 minutes; VmRSS every 10 s once the first file is in the output folder, the median.
+#    collectd delivers nothing: its samples are taken from the same instant.
+# 3. Spool writes: write_bytes over the same span, scaled to an hour, with the real 60 s
+#    windows (one flush a minute; SQLite checkpoints its WAL as it does in the field).
+#    write_bytes counts only what reaches a block device: the agent's output folder is on
+#    tmpfs, so what is counted is the spool's own writes. collectd has no spool: its CSV
+#    files, its only store, are on the same disk as the spool.
+# 4. fsync calls per flush, counted with strace over ten 2 s flushes.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 RUNS=${BENCH_RUNS:-3}
-MINUTES=${BENCH_MINUTES:-10}
-DISK_SECONDS=${BENCH_DISK_SECONDS:-300}
-SERIES=100
+MINUTES=${BENCH_MINUTES:-20}
+SERIES=${BENCH_SERIES:-100}
+CONCURRENT=${BENCH_CONCURRENT:-1}
+COLLECTD=${BENCH_COLLECTD:-1}
+SYSFS=${BENCH_SYSFS:-0}
+
+if [ "$MINUTES" -lt 20 ]; then
+    echo "note: BENCH_MINUTES=$MINUTES: the spool figure needs at least 20 minutes of 60 s windows" >&2
+fi
+
+# collectd from Debian, installed if missing.
+collectd_bin=""
+if [ "$COLLECTD" = 1 ]; then
+    if ! command -v collectd >/dev/null 2>&1 && [ ! -x /usr/sbin/collectd ]; then
+        if command -v apt-get >/dev/null 2>&1; then
+            echo "== installing collectd-core (apt-get)" >&2
+            DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends collectd-core >&2 ||
+                echo "apt-get could not install collectd-core" >&2
+        fi
+    fi
+    collectd_bin=$(command -v collectd || { [ -x /usr/sbin/collectd ] && echo /usr/sbin/collectd; } || true)
+    if [ -z "$collectd_bin" ]; then
+        echo "SKIPPED collectd: not installed and apt-get is not available (or failed)" >&2
+        COLLECTD=0
+    fi
+fi
 
 release_build --bin edgespool
 
@@ -33,73 +67,153 @@ work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-bench.XXXXXX")
 shm=$(mktemp -d /dev/shm/edgespool-bench.XXXXXX)
 remove_at_exit "$work" "$shm"
 
-# A fake hwmon tree with one input per series.
-for i in $(seq 1 $SERIES); do
-    mkdir -p "$work/sys/class/hwmon/hwmon$i"
-    echo $((40000 + i)) > "$work/sys/class/hwmon/hwmon$i/temp1_input"
-done
+# A fake hwmon tree with one input per series, or a real sysfs attribute for each.
+if [ "$SYSFS" = 1 ]; then
+    attribute=/sys/class/net/lo/mtu
+    [ -r "$attribute" ] || { echo "$attribute cannot be read: no BENCH_SYSFS here" >&2; exit 1; }
+    tree=/
+    file_of() { echo "$attribute"; }
+else
+    for i in $(seq 1 "$SERIES"); do
+        mkdir -p "$work/sys/class/hwmon/hwmon$i"
+        echo $((40000 + i % 1000)) > "$work/sys/class/hwmon/hwmon$i/temp1_input"
+    done
+    tree=$work
+    file_of() { echo "$work/sys/class/hwmon/hwmon$1/temp1_input"; }
+fi
 
-start_bench_agent() { # $1: window length; sets $agent
-    rm -rf "$work/spool" "$shm/out"
-    mkdir -p "$work/spool"
+# agent_config FILE WINDOW SPOOL OUT: the agent's config.
+agent_config() {
     {
-        printf '[agent]\ndevice_id = "bench"\nspool = "%s/spool/spool.db"\nwindow = "%s"\npartition = "5m"\ngrace = "5s"\n\n' "$work" "$1"
-        printf '[[sources]]\nkind = "sysfs"\nname = "hw"\nroot = "%s"\ninterval = "1s"\n' "$work"
-        for i in $(seq 1 $SERIES); do
-            printf '[[sources.files]]\nfield = "t%d"\npath = "sys/class/hwmon/hwmon%d/temp1_input"\nscale = 0.001\nunit = "celsius"\n' "$i" "$i"
+        printf '[agent]\ndevice_id = "bench"\nspool = "%s/spool.db"\nwindow = "%s"\npartition = "5m"\ngrace = "5s"\n\n' "$3" "$2"
+        printf '[[sources]]\nkind = "sysfs"\nname = "hw"\nroot = "%s"\ninterval = "1s"\n' "$tree"
+        for i in $(seq 1 "$SERIES"); do
+            printf '[[sources.files]]\nfield = "t%d"\npath = "%s"\nscale = 0.001\nunit = "celsius"\n' "$i" "$(file_of "$i")"
         done
-        printf '\n[[sinks]]\nkind = "local"\nname = "archive"\npath = "%s/out"\n' "$shm"
-    } > "$work/bench.toml"
-    start_agent "$work/bench.toml" "$work/agent.log"
+        printf '\n[[sinks]]\nkind = "local"\nname = "archive"\npath = "%s"\n' "$4"
+    } > "$1"
 }
 
-echo "== resources: $RUNS run(s) of $MINUTES min, 60 s windows" >&2
-rss_runs=(); peak_runs=(); cpu_runs=()
-for run in $(seq 1 "$RUNS"); do
-    start_bench_agent 60s
-    sleep 5 # skip start-up: loading the binary, creating the spool
-    c0=$(cpu_ticks "$agent")
-    samples=()
-    end=$((SECONDS + MINUTES * 60))
+# collectd_config FILE DIR: collectd reading the same files every second with its `table`
+# plugin (each file a table of one cell) and writing each value to CSV files under DIR.
+collectd_config() {
+    {
+        printf 'Interval 1\nHostname "bench"\nFQDNLookup false\nBaseDir "%s"\nPIDFile "%s/collectd.pid"\n' "$2" "$2"
+        printf 'PluginDir "/usr/lib/collectd"\nTypesDB "/usr/share/collectd/types.db"\n'
+        printf 'LoadPlugin table\nLoadPlugin csv\n<Plugin csv>\n  DataDir "%s/csv"\n  StoreRates false\n</Plugin>\n<Plugin table>\n' "$2"
+        for i in $(seq 1 "$SERIES"); do
+            printf '  <Table "%s">\n    Instance "hwmon%d"\n    Separator " \\n"\n    <Result>\n      Type temperature\n      InstancePrefix "temp1"\n      ValuesFrom 0\n    </Result>\n  </Table>\n' "$(file_of "$i")" "$i"
+        done
+        printf '</Plugin>\n'
+    } > "$1"
+}
+
+# Processes of a group, by index: their kind (edgespool, collectd), PID, folders.
+kinds=(); pids=(); outs=()
+procs_stop() {
+    local pid
+    for pid in "${pids[@]}"; do
+        [ -n "$pid" ] || continue
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    pids=()
+}
+at_exit procs_stop
+
+# Per run, the figures: "kind cpu_s_per_h rss_kib peak_kib write_bytes_per_h".
+results=()
+
+# measure_group RUN...: starts the runs named (an agent, and collectd if wanted, per
+# run), measures them side by side for MINUTES, stops them and appends to `results`.
+measure_group() {
+    local run i
+    kinds=(); pids=(); outs=()
+    for run in "$@"; do
+        mkdir -p "$work/run$run/spool" "$shm/run$run"
+        agent_config "$work/run$run/bench.toml" 60s "$work/run$run/spool" "$shm/run$run/out"
+        "$BIN" run --config "$work/run$run/bench.toml" 2>> "$work/run$run/agent.log" &
+        kinds+=(edgespool); pids+=("$!"); outs+=("$shm/run$run/out")
+        if [ "$COLLECTD" = 1 ]; then
+            mkdir -p "$work/collectd$run"
+            collectd_config "$work/collectd$run/collectd.conf" "$work/collectd$run"
+            "$collectd_bin" -f -C "$work/collectd$run/collectd.conf" > "$work/collectd$run/log" 2>&1 &
+            kinds+=(collectd); pids+=("$!"); outs+=("")
+        fi
+    done
+    sleep 5 # start-up left out: loading the binary, creating the spool
+    local n=${#pids[@]} t0 c0=() w0=() after=() samples=()
+    t0=$(now)
+    for i in $(seq 0 $((n - 1))); do
+        kill -0 "${pids[$i]}" 2>/dev/null || { echo "${kinds[$i]} exited at start (logs under $work)" >&2; exit 1; }
+        c0[i]=$(cpu_ticks "${pids[$i]}"); w0[i]=$(write_bytes "${pids[$i]}"); after[i]=0; samples[i]=""
+    done
+    local end=$((SECONDS + MINUTES * 60))
     while [ $SECONDS -lt $end ]; do
         sleep 10
-        samples+=("$(proc_kib "$agent" VmRSS)")
+        for i in $(seq 0 $((n - 1))); do
+            if [ "${after[$i]}" = 0 ]; then
+                if [ "${kinds[$i]}" = collectd ]; then
+                    # collectd has no deliveries: from the instant the first agent had one.
+                    [ "${after[$((i - 1))]}" = 1 ] && after[i]=1
+                elif [ -n "$(find "${outs[$i]}" -name '*.ndjson' -print -quit 2>/dev/null)" ]; then
+                    after[i]=1
+                fi
+            fi
+            [ "${after[$i]}" = 1 ] && samples[i]+=" $(proc_kib "${pids[$i]}" VmRSS)"
+        done
     done
-    c1=$(cpu_ticks "$agent")
-    peak=$(proc_kib "$agent" VmHWM)
-    stop_agent
-    rss=$(median "${samples[@]}")
-    cpu=$(awk -v d=$((c1 - c0)) -v t="$CLK_TCK" -v s=$((MINUTES * 60)) 'BEGIN {printf "%.2f", d / t * 3600 / s}')
-    echo "run $run: rss median ${rss} KiB, peak ${peak} KiB, cpu ${cpu} s/h" >&2
-    rss_runs+=("$rss"); peak_runs+=("$peak"); cpu_runs+=("$cpu")
-done
+    local t1 c1 w1 peak cpu rss writes
+    t1=$(now)
+    for i in $(seq 0 $((n - 1))); do
+        c1=$(cpu_ticks "${pids[$i]}"); w1=$(write_bytes "${pids[$i]}"); peak=$(proc_kib "${pids[$i]}" VmHWM)
+        cpu=$(awk -v d=$((c1 - c0[i])) -v t="$CLK_TCK" -v s="$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" 'BEGIN {printf "%.2f", d / t * 3600 / s}')
+        writes=$(awk -v d=$((w1 - w0[i])) -v s="$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" 'BEGIN {printf "%d", d * 3600 / s}')
+        # shellcheck disable=SC2086 # the samples are words
+        if [ -n "${samples[$i]}" ]; then rss=$(median ${samples[$i]}); else rss="none"; fi
+        echo "${kinds[$i]}: cpu $cpu s/h, rss after deliveries $rss KiB, peak $peak KiB, writes $writes B/h" >&2
+        results+=("${kinds[$i]} $cpu $rss $peak $writes")
+    done
+    procs_stop
+}
 
-echo "== disk: 2 s windows for $DISK_SECONDS s" >&2
-start_bench_agent 2s
-sleep 7
-w0=$(write_bytes "$agent")
-sleep "$DISK_SECONDS"
-w1=$(write_bytes "$agent")
-stop_agent
-per_flush=$(( (w1 - w0) * 2 / DISK_SECONDS ))
+echo "== $RUNS run(s) of $MINUTES min, $SERIES series, 60 s windows, $([ "$CONCURRENT" = 1 ] && echo "all at once" || echo "one after the other")$([ "$COLLECTD" = 1 ] && echo ", collectd beside each run")" >&2
+if [ "$CONCURRENT" = 1 ]; then
+    measure_group $(seq 1 "$RUNS")
+else
+    for run in $(seq 1 "$RUNS"); do measure_group "$run"; done
+fi
 
 syncs="(strace not installed)"
 if command -v strace >/dev/null 2>&1; then
-    rm -rf "$work/spool"; mkdir -p "$work/spool"
+    mkdir -p "$work/strace/spool"
+    agent_config "$work/strace/bench.toml" 2s "$work/strace/spool" "$shm/strace-out"
     # fsync and fdatasync calls from 5 s to 25 s after start: ten 2 s flushes, without
     # the spool's creation at start-up and the checkpoint at shutdown.
     t0=$(date +%s.%N)
     timeout -s INT 27 strace -f -qq -ttt -e trace=fsync,fdatasync -o "$work/strace.log" \
-        "$BIN" run --config "$work/bench.toml" 2>/dev/null || true
+        "$BIN" run --config "$work/strace/bench.toml" 2>/dev/null || true
     syncs=$(awk -v t0="$t0" '/fsync|fdatasync/ && $2 >= t0 + 5 && $2 < t0 + 25 {n++} END {print n + 0}' "$work/strace.log")
-    syncs="$syncs in 10 flushes (a WAL checkpoint, every ~45 flushes, adds its own)"
+    syncs="$syncs in 10 flushes"
 fi
 
-rows_per_hour=$((SERIES * 60))
+# column KIND N: the Nth figure of every run of KIND, space separated.
+column() { printf '%s\n' "${results[@]}" | awk -v k="$1" -v n="$2" '$1 == k {printf "%s%s", sep, $(n + 1); sep = ", "}'; }
+# shellcheck disable=SC2046 # the runs' figures are words
+med() { median $(column "$1" "$2" | tr -d ,); }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 > 0) printf "%.2f", a / b; else print "n/a"}'; }
+
 echo
-echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz, 60 s windows, medians of $RUNS run(s):"
-echo "  resident memory: $(median "${rss_runs[@]}") KiB (VmRSS every 10 s), peak $(median "${peak_runs[@]}") KiB (VmHWM)"
-echo "  CPU: $(median "${cpu_runs[@]}") s per hour"
-echo "  spool disk writes: $per_flush bytes per flush of $SERIES windows = $((per_flush * 60)) bytes per hour"
-echo "  aggregates: $rows_per_hour windows per hour = $((rows_per_hour * 8 * 8)) bytes per hour of raw statistics (8 numbers of 8 bytes)"
+echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz ($([ "$SYSFS" = 1 ] && echo "$attribute" || echo "a fake hwmon tree")), 60 s windows, 5 min partitions, medians of $RUNS run(s) of $MINUTES min:"
+echo "  CPU: $(med edgespool 1) s per hour (runs: $(column edgespool 1))"
+echo "  resident memory after deliveries: $(med edgespool 2) KiB (VmRSS every 10 s; runs: $(column edgespool 2)), peak $(med edgespool 3) KiB (VmHWM)"
+echo "  spool disk writes: $(med edgespool 4) bytes per hour (runs: $(column edgespool 4))"
+echo "  aggregates: $((SERIES * 60)) windows per hour = $((SERIES * 60 * 8 * 8)) bytes per hour of raw statistics (8 numbers of 8 bytes)"
 echo "  fsync calls: $syncs"
+if [ "$COLLECTD" = 1 ]; then
+    echo "collectd $("$collectd_bin" -h 2>&1 | awk '/^collectd [0-9]/ {sub(/,$/, "", $2); print $2; exit}'), the same files every second (table plugin), every value to CSV on disk, medians of $RUNS run(s):"
+    echo "  CPU: $(med collectd 1) s per hour (runs: $(column collectd 1))"
+    echo "  resident memory: $(med collectd 2) KiB (runs: $(column collectd 2)), peak $(med collectd 3) KiB"
+    echo "  disk writes: $(med collectd 4) bytes per hour (runs: $(column collectd 4))"
+    echo "edgespool / collectd: CPU $(ratio "$(med edgespool 1)" "$(med collectd 1)"), resident memory $(ratio "$(med edgespool 2)" "$(med collectd 2)"), disk writes $(ratio "$(med edgespool 4)" "$(med collectd 4)")"
+fi

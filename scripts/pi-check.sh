@@ -3,7 +3,8 @@
 # run under qemu-user-static (--version, check-config, a short run whose files must
 # land), the armv7 binary's size, the systemd unit (verify, security exposure), and the
 # amd64 .deb's contents and maintainer scripts. A missing target or tool it cannot
-# install fails the step, loudly.
+# install fails the step, loudly. Nothing under qemu is timed: emulated CPU, memory and
+# disk figures say nothing about a Pi, so only sizes are measured here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -77,6 +77,10 @@ pub enum RunError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     // rustls needs one process-wide crypto provider; ring builds for every Pi.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Sources keep the files they read every tick open (within a bound): room for them.
+    if let Some(open_files) = source::raise_open_file_limit() {
+        tracing::debug!(open_files, "open-file limit");
+    }
     let device = config.device_id();
     let agent = &config.agent;
     let options = SpoolOptions {

@@ -151,7 +151,8 @@ impl Agent {
         }
     }
 
-    fn pid(&self) -> rustix::process::Pid {
+    /// Its process id (for reading /proc/PID).
+    pub fn pid(&self) -> rustix::process::Pid {
         let id = self.child.as_ref().expect("running").id();
         rustix::process::Pid::from_raw(id as i32).expect("a child has a pid")
     }

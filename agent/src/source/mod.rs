@@ -12,11 +12,13 @@
 //! `nulls` and `not_finite`; neither is an invalid value nor a problem.
 
 pub(crate) mod http;
+mod kept;
 mod line_protocol;
 pub mod listen;
 pub(crate) mod mqtt;
 pub(crate) mod serial;
 mod sysfs;
+pub use kept::raise_open_file_limit;
 pub(crate) use sysfs::parse_file;
 mod report;
 mod system;

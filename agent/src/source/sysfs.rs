@@ -1,20 +1,22 @@
 //! `kind = "sysfs"`: numbers from files, as hwmon, thermal, IIO and 1-wire expose them.
 //!
 //! Each file is one field. A file that vanishes or cannot be read is an error of that
-//! field only; the other files of the source are still read.
+//! field only; the other files of the source are still read. Files stay open between
+//! ticks and are read again from offset 0 ([`super::kept`]).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
+use super::kept::{KeptFile, OpenBudget};
 use super::{Batch, Series, Source, SourceError};
 use crate::config::{self, FileFormat};
 
 pub struct SysfsSource {
-    files: Arc<Vec<File>>,
+    files: Arc<Mutex<Vec<File>>>,
 }
 
 struct File {
-    path: PathBuf,
+    file: KeptFile,
     format: FileFormat,
     scale: f64,
     offset: f64,
@@ -23,6 +25,14 @@ struct File {
 
 impl SysfsSource {
     pub fn new(name: &str, config: &config::SysfsSource) -> SysfsSource {
+        SysfsSource::with_budget(name, config, OpenBudget::shared())
+    }
+
+    fn with_budget(
+        name: &str,
+        config: &config::SysfsSource,
+        budget: Arc<OpenBudget>,
+    ) -> SysfsSource {
         let files = config
             .files
             .iter()
@@ -36,7 +46,7 @@ impl SysfsSource {
                     }
                 });
                 File {
-                    path: config.root.join(relative),
+                    file: KeptFile::new(config.root.join(relative), Arc::clone(&budget)),
                     format,
                     scale: f.scale,
                     offset: f.offset,
@@ -48,7 +58,7 @@ impl SysfsSource {
             })
             .collect();
         SysfsSource {
-            files: Arc::new(files),
+            files: Arc::new(Mutex::new(files)),
         }
     }
 }
@@ -59,9 +69,14 @@ impl Source for SysfsSource {
         // Design: one hand-off to the blocking pool per tick, not one per file; sysfs
         // reads of I2C and 1-wire sensors can block for milliseconds.
         let files = Arc::clone(&self.files);
+        // A tick whose reads outlived its timeout still holds the files: the next one
+        // waits for it in the blocking pool.
         let mut filled = std::mem::take(batch);
         *batch = tokio::task::spawn_blocking(move || {
-            read_all(&files, &mut filled);
+            let mut files = files
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            read_all(&mut files, &mut filled);
             filled
         })
         .await
@@ -73,19 +88,19 @@ impl Source for SysfsSource {
     }
 }
 
-fn read_all(files: &[File], batch: &mut Batch) {
-    let mut text = String::with_capacity(128);
+fn read_all(files: &mut [File], batch: &mut Batch) {
+    let mut bytes = Vec::with_capacity(256);
     for file in files {
-        text.clear();
-        let read = std::fs::File::open(&file.path)
-            .and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut text));
-        if let Err(err) = read {
-            batch
-                .errors
-                .push(format!("cannot read {}: {err}", file.path.display()));
-            continue;
-        }
-        match parse_file(&text, file.format, &file.path) {
+        let text = match file.file.read(&mut bytes) {
+            Ok(text) => text,
+            Err(err) => {
+                batch
+                    .errors
+                    .push(format!("cannot read {}: {err}", file.file.path().display()));
+                continue;
+            }
+        };
+        match parse_file(text, file.format, file.file.path()) {
             Ok(raw) => batch.push_now(&file.series, raw * file.scale + file.offset),
             Err(reason) => batch.invalid.push(reason),
         }
@@ -131,6 +146,7 @@ fn parse_w1_slave(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn w1_slave_with_good_crc_gives_millidegrees() {
@@ -176,11 +192,91 @@ mod tests {
         };
         let source = SysfsSource::new("s", &config);
         let mut batch = Batch::default();
-        read_all(&source.files, &mut batch);
+        read_all(&mut source.files.lock().expect("not poisoned"), &mut batch);
         let values: Vec<f64> = batch.samples.iter().map(|s| s.value).collect();
         assert_eq!(values, [21.5]);
         assert_eq!((batch.not_finite, batch.nulls), (2, 0));
         assert!(batch.invalid.is_empty(), "{:?}", batch.invalid);
+    }
+
+    fn source_of(dir: &Path, names: &[&str], budget: Arc<OpenBudget>) -> SysfsSource {
+        let config = config::SysfsSource {
+            name: "s".into(),
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(1),
+            root: dir.to_owned(),
+            files: names
+                .iter()
+                .map(|f| config::SysfsFile {
+                    field: (*f).into(),
+                    path: PathBuf::from(format!("/{f}")),
+                    format: None,
+                    scale: 1.0,
+                    offset: 0.0,
+                    unit: None,
+                })
+                .collect(),
+        };
+        SysfsSource::with_budget("s", &config, budget)
+    }
+
+    fn values(source: &SysfsSource) -> (Vec<f64>, Vec<String>) {
+        let mut batch = Batch::default();
+        read_all(&mut source.files.lock().expect("not poisoned"), &mut batch);
+        (
+            batch.samples.iter().map(|s| s.value).collect(),
+            batch.errors,
+        )
+    }
+
+    #[test]
+    fn files_replaced_or_removed_and_made_again_are_read_with_their_new_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in [("a", "1\n"), ("b", "2\n"), ("c", "3\n")] {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        let budget = OpenBudget::new(16);
+        let source = source_of(dir.path(), &["a", "b", "c"], Arc::clone(&budget));
+        assert_eq!(values(&source), (vec![1.0, 2.0, 3.0], vec![]));
+        assert_eq!(budget.kept(), 3, "every file is kept open");
+
+        // a: rewritten in place; b: a new file renamed over it; c: removed.
+        std::fs::write(dir.path().join("a"), "10\n").expect("rewrite");
+        std::fs::write(dir.path().join("b.new"), "20\n").expect("write");
+        std::fs::rename(dir.path().join("b.new"), dir.path().join("b")).expect("rename");
+        std::fs::remove_file(dir.path().join("c")).expect("remove");
+        let (read, errors) = values(&source);
+        assert_eq!(read, [10.0, 20.0]);
+        let gone = dir.path().join("c");
+        assert_eq!(
+            errors,
+            [format!(
+                "cannot read {}: No such file or directory (os error 2)",
+                gone.display()
+            )]
+        );
+        assert_eq!(budget.kept(), 2);
+
+        std::fs::write(dir.path().join("c"), "30\n").expect("made again");
+        assert_eq!(values(&source), (vec![10.0, 20.0, 30.0], vec![]));
+        assert_eq!(budget.kept(), 3);
+    }
+
+    #[test]
+    fn files_beyond_the_budget_are_still_read_every_tick() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let names = ["a", "b", "c", "d"];
+        for name in names {
+            std::fs::write(dir.path().join(name), "1\n").expect("write");
+        }
+        let budget = OpenBudget::new(1);
+        let source = source_of(dir.path(), &names, Arc::clone(&budget));
+        assert_eq!(values(&source).0, [1.0; 4]);
+        for (i, name) in names.iter().enumerate() {
+            std::fs::write(dir.path().join(name), format!("{}\n", i + 5)).expect("write");
+        }
+        assert_eq!(values(&source).0, [5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(budget.kept(), 1);
     }
 
     #[test]

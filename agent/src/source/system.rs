@@ -5,19 +5,29 @@
 //! (bytes free on the spool's filesystem). All paths are taken under `root`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use super::kept::{KeptFile, OpenBudget};
 use super::{Batch, Series, Source, SourceError};
 use crate::config;
 
 pub struct SystemSource {
-    root: PathBuf,
+    /// /proc/loadavg, /proc/meminfo and the first thermal zone, kept open between ticks.
+    files: Arc<Mutex<[KeptFile; 3]>>,
     spool_dir: PathBuf,
     cpu_temp: Arc<Series>,
     load: [Arc<Series>; 3],
     mem_available: Arc<Series>,
     mem_used: Arc<Series>,
     spool_free: Arc<Series>,
+}
+
+/// What one tick read from the files, parsed.
+struct Readings {
+    loads: Result<[f64; 3], SourceError>,
+    memory: Result<Option<(f64, f64)>, SourceError>,
+    /// `None`: there is no thermal zone.
+    cpu_temp: Option<Result<f64, String>>,
 }
 
 impl SystemSource {
@@ -29,8 +39,14 @@ impl SystemSource {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
             _ => PathBuf::from("."),
         };
+        let budget = OpenBudget::shared();
+        let file = |path: &str| KeptFile::new(config.root.join(path), Arc::clone(&budget));
         SystemSource {
-            root: config.root.clone(),
+            files: Arc::new(Mutex::new([
+                file("proc/loadavg"),
+                file("proc/meminfo"),
+                file("sys/class/thermal/thermal_zone0/temp"),
+            ])),
             spool_dir,
             cpu_temp: series("cpu_temp", Some("celsius")),
             load: [
@@ -43,25 +59,52 @@ impl SystemSource {
             spool_free: series("spool_free", Some("bytes")),
         }
     }
+}
 
-    fn under_root(&self, path: &str) -> PathBuf {
-        self.root.join(path)
+fn read_files(files: &mut [KeptFile; 3]) -> Readings {
+    let [loadavg, meminfo, thermal] = files;
+    let mut bytes = Vec::with_capacity(2048);
+    let loads = read(loadavg, &mut bytes).and_then(|text| {
+        parse_loadavg(text).ok_or_else(|| SourceError::Parse {
+            reason: format!("unexpected /proc/loadavg content {:?}", text.trim()),
+        })
+    });
+    let memory = read(meminfo, &mut bytes).map(parse_meminfo);
+    // Many virtual machines have no thermal zone: then the field is simply absent.
+    let cpu_temp = thermal.read(&mut bytes).ok().map(|text| {
+        text.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("thermal_zone0/temp holds {:?}, not a number", text.trim()))
+    });
+    Readings {
+        loads,
+        memory,
+        cpu_temp,
     }
 }
 
 #[async_trait::async_trait]
 impl Source for SystemSource {
     async fn sample(&mut self, batch: &mut Batch) -> Result<(), SourceError> {
-        let loadavg = read(&self.under_root("proc/loadavg")).await?;
-        let loads = parse_loadavg(&loadavg).ok_or_else(|| SourceError::Parse {
-            reason: format!("unexpected /proc/loadavg content {:?}", loadavg.trim()),
+        let files = Arc::clone(&self.files);
+        let readings = tokio::task::spawn_blocking(move || {
+            read_files(
+                &mut files
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            )
+        })
+        .await
+        .map_err(|err| SourceError::Read {
+            path: "/proc files".to_owned(),
+            reason: err.to_string(),
         })?;
-        for (series, value) in self.load.iter().zip(loads) {
+
+        for (series, value) in self.load.iter().zip(readings.loads?) {
             batch.push_now(series, value);
         }
 
-        let meminfo = read(&self.under_root("proc/meminfo")).await?;
-        match parse_meminfo(&meminfo) {
+        match readings.memory? {
             Some((total, available)) => {
                 batch.push_now(&self.mem_available, available);
                 if total > 0.0 {
@@ -73,15 +116,10 @@ impl Source for SystemSource {
                 .push("/proc/meminfo lacks MemTotal or MemAvailable".to_owned()),
         }
 
-        // Many virtual machines have no thermal zone: then the field is simply absent.
-        if let Ok(text) = read(&self.under_root("sys/class/thermal/thermal_zone0/temp")).await {
-            match text.trim().parse::<f64>() {
-                Ok(milli) => batch.push_now(&self.cpu_temp, milli / 1000.0),
-                Err(_) => batch.invalid.push(format!(
-                    "thermal_zone0/temp holds {:?}, not a number",
-                    text.trim()
-                )),
-            }
+        match readings.cpu_temp {
+            Some(Ok(milli)) => batch.push_now(&self.cpu_temp, milli / 1000.0),
+            Some(Err(reason)) => batch.invalid.push(reason),
+            None => {}
         }
 
         match rustix::fs::statvfs(&self.spool_dir) {
@@ -98,13 +136,14 @@ impl Source for SystemSource {
     }
 }
 
-async fn read(path: &Path) -> Result<String, SourceError> {
-    tokio::fs::read_to_string(path)
-        .await
-        .map_err(|err| SourceError::Read {
-            path: path.display().to_string(),
+fn read<'b>(file: &mut KeptFile, bytes: &'b mut Vec<u8>) -> Result<&'b str, SourceError> {
+    match file.read(bytes) {
+        Ok(text) => Ok(text),
+        Err(err) => Err(SourceError::Read {
+            path: file.path().display().to_string(),
             reason: err.to_string(),
-        })
+        }),
+    }
 }
 
 /// The three load averages of `/proc/loadavg`.

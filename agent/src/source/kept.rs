@@ -1,0 +1,356 @@
+//! Files read every tick, kept open and read again from offset 0.
+//!
+//! A sysfs attribute or a /proc file gives its current value to every read from offset 0
+//! (`pread`), so the agent opens each one once instead of opening, reading and closing it
+//! every second: one system call per file and tick instead of five.
+//!
+//! - **Reopened when it has to be.** A read that fails on the kept descriptor (a hwmon
+//!   device unplugged: the old attribute answers `ENODEV`) drops it and opens the path
+//!   again at once, so a device that came back is read in the same tick. A file on any
+//!   other file system than sysfs or /proc can be replaced under its name (renamed over,
+//!   removed and made again): its link count is checked before each read (one `fstat`),
+//!   and a file no longer linked is reopened by name.
+//! - **Bounded.** At most [`KEEP_AT_MOST`] files are kept open in the whole process (and
+//!   never more than half the soft `RLIMIT_NOFILE`, which [`raise_open_file_limit`]
+//!   raises to the hard limit at start): beyond that a file is opened, read and closed
+//!   each time, as before. The kernel keeps a page-sized buffer for each open sysfs
+//!   attribute once read, so 4,096 files cost it up to 16 MiB.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// The most files kept open at a time across the agent.
+pub const KEEP_AT_MOST: usize = 4096;
+
+/// `statfs` magic numbers of the file systems whose files cannot be replaced by name.
+const SYSFS_MAGIC: u64 = 0x6265_6572;
+const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+
+/// Raises the soft limit on open files to the hard limit; returns the soft limit now in
+/// force (`None` when it cannot be read). Called once at start, before the sources open
+/// their files.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        // Refused (a container's policy): the agent keeps fewer files open.
+        let _ = setrlimit(Resource::Nofile, raised);
+    }
+    // `None` is "unlimited".
+    Some(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
+}
+
+/// How many files may be kept open, shared by every [`KeptFile`] made with it.
+#[derive(Debug)]
+pub struct OpenBudget {
+    limit: usize,
+    kept: AtomicUsize,
+}
+
+impl OpenBudget {
+    /// A budget of `limit` kept files.
+    pub fn new(limit: usize) -> Arc<OpenBudget> {
+        Arc::new(OpenBudget {
+            limit,
+            kept: AtomicUsize::new(0),
+        })
+    }
+
+    /// The process's budget: [`KEEP_AT_MOST`], or half the soft open-file limit if that
+    /// is lower (the rest is for the spool, sockets and files read once).
+    pub fn shared() -> Arc<OpenBudget> {
+        static SHARED: OnceLock<Arc<OpenBudget>> = OnceLock::new();
+        Arc::clone(SHARED.get_or_init(|| {
+            let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(u64::MAX);
+            let half = usize::try_from(soft / 2).unwrap_or(usize::MAX);
+            OpenBudget::new(KEEP_AT_MOST.min(half))
+        }))
+    }
+
+    /// How many files are kept open now.
+    #[cfg(test)]
+    pub fn kept(&self) -> usize {
+        self.kept.load(Ordering::Relaxed)
+    }
+
+    fn take(self: &Arc<Self>) -> Option<Slot> {
+        self.kept
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(Arc::clone(self)))
+    }
+}
+
+/// One file of the budget; given back on drop.
+#[derive(Debug)]
+struct Slot(Arc<OpenBudget>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.kept.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug)]
+struct Open {
+    file: File,
+    /// Whether the file may be replaced by name (it is on neither sysfs nor /proc).
+    check_links: bool,
+    _slot: Slot,
+}
+
+/// A file read whole, again and again. It holds no buffer of its own: the reader passes
+/// one, shared by all the files it reads (10,000 files, one buffer).
+#[derive(Debug)]
+pub struct KeptFile {
+    path: PathBuf,
+    budget: Arc<OpenBudget>,
+    open: Option<Open>,
+}
+
+impl KeptFile {
+    /// The file at `path`, opened at its first read.
+    pub fn new(path: PathBuf, budget: Arc<OpenBudget>) -> KeptFile {
+        KeptFile {
+            path,
+            budget,
+            open: None,
+        }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole file as it is now, read into `bytes`.
+    pub fn read<'b>(&mut self, bytes: &'b mut Vec<u8>) -> io::Result<&'b str> {
+        let kept_read = match &self.open {
+            Some(open) => still_linked(open)
+                .and_then(|linked| linked.then(|| read_whole(&open.file, bytes)).transpose()),
+            None => Ok(None),
+        };
+        match kept_read {
+            Ok(Some(())) => {}
+            // Not kept, replaced, or the kept descriptor failed: open the path again.
+            Ok(None) | Err(_) => {
+                self.open = None;
+                let file = File::open(&self.path)?;
+                read_whole(&file, bytes)?;
+                if let Some(slot) = self.budget.take() {
+                    let check_links = !on_kernel_fs(&file);
+                    self.open = Some(Open {
+                        file,
+                        check_links,
+                        _slot: slot,
+                    });
+                }
+            }
+        }
+        std::str::from_utf8(bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not valid UTF-8"))
+    }
+
+    /// Whether a descriptor is kept open now.
+    #[cfg(test)]
+    fn is_kept(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// The kept descriptor's number.
+    #[cfg(test)]
+    fn kept_fd(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        self.open.as_ref().map(|o| o.file.as_raw_fd())
+    }
+}
+
+/// Whether the kept file is still the one its path names (always, on sysfs and /proc).
+fn still_linked(open: &Open) -> io::Result<bool> {
+    if !open.check_links {
+        return Ok(true);
+    }
+    Ok(open.file.metadata()?.nlink() > 0)
+}
+
+fn on_kernel_fs(file: &File) -> bool {
+    rustix::fs::fstatfs(file).is_ok_and(|fs| {
+        // f_type's integer type differs between targets.
+        #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+        let magic = fs.f_type as u64;
+        magic == SYSFS_MAGIC || magic == PROC_SUPER_MAGIC
+    })
+}
+
+/// Reads `file` from offset 0 into `bytes`. A read that returns less than it was given
+/// room for has reached the end: sysfs returns an attribute (at most a page) in one read,
+/// and a regular file is short only at its end.
+fn read_whole(file: &File, bytes: &mut Vec<u8>) -> io::Result<()> {
+    bytes.clear();
+    loop {
+        if bytes.capacity() - bytes.len() < 64 {
+            bytes.reserve(bytes.capacity().max(256));
+        }
+        let filled = bytes.len();
+        bytes.resize(bytes.capacity(), 0);
+        let read = file.read_at(&mut bytes[filled..], filled as u64);
+        let room = bytes.len() - filled;
+        match read {
+            Ok(n) => {
+                bytes.truncate(filled + n);
+                if n < room {
+                    return Ok(());
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => bytes.truncate(filled),
+            Err(err) => {
+                bytes.truncate(filled);
+                return Err(err);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target_of(fd: i32) -> PathBuf {
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).expect("the kept descriptor is open")
+    }
+
+    #[test]
+    fn a_file_is_opened_once_and_read_again_from_the_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("temp1_input");
+        std::fs::write(&path, "41000\n").expect("write");
+        let mut file = KeptFile::new(path.clone(), OpenBudget::new(8));
+        assert_eq!(file.read(&mut Vec::new()).expect("first read"), "41000\n");
+        let fd = file.kept_fd().expect("kept after the first read");
+        // Rewritten in place (the same inode, as sysfs does): the same descriptor reads
+        // the new value, a shorter one too.
+        std::fs::write(&path, "9\n").expect("rewrite");
+        assert_eq!(file.read(&mut Vec::new()).expect("second read"), "9\n");
+        assert_eq!(file.kept_fd(), Some(fd), "not reopened");
+        assert_eq!(target_of(fd), path);
+        let long = "7".repeat(10_000);
+        std::fs::write(&path, &long).expect("rewrite longer than the buffer");
+        assert_eq!(file.read(&mut Vec::new()).expect("third read"), long);
+        assert_eq!(file.kept_fd(), Some(fd), "not reopened");
+    }
+
+    #[test]
+    fn a_file_renamed_over_is_read_anew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w1_slave");
+        std::fs::write(&path, "1\n").expect("write");
+        let mut file = KeptFile::new(path.clone(), OpenBudget::new(8));
+        assert_eq!(file.read(&mut Vec::new()).expect("read"), "1\n");
+        let old = file.kept_fd().expect("kept");
+        let staged = dir.path().join("w1_slave.new");
+        std::fs::write(&staged, "2\n").expect("write the new one");
+        std::fs::rename(&staged, &path).expect("rename over");
+        assert_eq!(
+            file.read(&mut Vec::new()).expect("read after the rename"),
+            "2\n"
+        );
+        let new = file.kept_fd().expect("kept again");
+        assert_eq!(target_of(new), path);
+        // The old descriptor was closed, not leaked: the number may be reused, but then
+        // it names the new file.
+        assert!(old == new || std::fs::read_link(format!("/proc/self/fd/{old}")).is_err());
+    }
+
+    #[test]
+    fn a_file_removed_is_an_error_and_read_again_once_it_is_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("in0_input");
+        std::fs::write(&path, "5\n").expect("write");
+        let budget = OpenBudget::new(8);
+        let mut file = KeptFile::new(path.clone(), Arc::clone(&budget));
+        assert_eq!(file.read(&mut Vec::new()).expect("read"), "5\n");
+        assert_eq!(budget.kept(), 1);
+        std::fs::remove_file(&path).expect("unplugged");
+        let err = file
+            .read(&mut Vec::new())
+            .expect_err("a removed file cannot be read");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(!file.is_kept());
+        assert_eq!(budget.kept(), 0, "the slot is given back");
+        std::fs::write(&path, "6\n").expect("plugged back");
+        assert_eq!(
+            file.read(&mut Vec::new()).expect("read once it is back"),
+            "6\n"
+        );
+        assert!(file.is_kept());
+    }
+
+    #[test]
+    fn beyond_the_budget_files_are_opened_read_and_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = OpenBudget::new(2);
+        let mut files: Vec<KeptFile> = (0..3)
+            .map(|i| {
+                let path = dir.path().join(format!("f{i}"));
+                std::fs::write(&path, format!("{i}\n")).expect("write");
+                KeptFile::new(path, Arc::clone(&budget))
+            })
+            .collect();
+        for round in 0..2 {
+            for (i, file) in files.iter_mut().enumerate() {
+                std::fs::write(file.path(), format!("{}\n", i + 10 * round)).expect("write");
+                assert_eq!(
+                    file.read(&mut Vec::new()).expect("read"),
+                    format!("{}\n", i + 10 * round)
+                );
+            }
+        }
+        let kept: Vec<bool> = files.iter().map(KeptFile::is_kept).collect();
+        assert_eq!(kept, [true, true, false]);
+        assert_eq!(budget.kept(), 2);
+        drop(files);
+        assert_eq!(budget.kept(), 0);
+    }
+
+    #[test]
+    fn proc_files_are_kept_without_a_link_check() {
+        let mut file = KeptFile::new(PathBuf::from("/proc/loadavg"), OpenBudget::new(1));
+        let first = file
+            .read(&mut Vec::new())
+            .expect("/proc/loadavg reads")
+            .to_owned();
+        assert_eq!(first.split_ascii_whitespace().count(), 5, "{first:?}");
+        assert!(file.read(&mut Vec::new()).expect("again").ends_with('\n'));
+        let open = file.open.as_ref().expect("kept");
+        assert!(!open.check_links);
+    }
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        // Lowered first, so that the raise is seen (other tests need few files).
+        let lowered = Rlimit {
+            current: Some(hard.map_or(4096, |hard| hard.min(4096)) - 1),
+            maximum: hard,
+        };
+        setrlimit(Resource::Nofile, lowered).expect("a soft limit can be lowered");
+        assert_ne!(getrlimit(Resource::Nofile).current, hard);
+        let soft = raise_open_file_limit().expect("the limit reads");
+        let limit = getrlimit(Resource::Nofile);
+        assert_eq!(Some(soft), limit.current.or(Some(u64::MAX)));
+        assert_eq!(limit.current, limit.maximum);
+    }
+}
