@@ -28,10 +28,11 @@
 //!                                                seen (v2; NULL for series older than v2)
 //! batches(id INTEGER PK, partition, rows,        the windows one flush closed in one
 //!         record BLOB, committed_ms)             partition: `rows` windows with ids
-//!                                                id-rows+1 ..= id; record = 0x00 0x02 and
-//!                                                postcard of [StoredWindow] (`record.rs`:
-//!                                                the versions; an older edgespool's unversioned
-//!                                                record still reads). Window ids are issued by the
+//!                                                id-rows+1 ..= id; record = 0x00 0x03 and
+//!                                                the windows, each statistic written short
+//!                                                (`record.rs`: the versions; an older
+//!                                                edgespool's version 2 and unversioned
+//!                                                records still read). Window ids are issued by the
 //!                                                spool, only grow and are never reused.
 //!                                                committed_ms (v5): the flush's time
 //! partitions(partition PK, seconds, max_id, rows) what each partition holds now
