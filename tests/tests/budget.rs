@@ -24,7 +24,9 @@ fn stated_bound(budget: u64, flush_windows: u64) -> u64 {
 }
 
 /// A fake sysfs tree of `SERIES` number files under `dir/device`, and the source `probe`
-/// (series `probe.f0` …) reading them twice a window, so that no window goes empty.
+/// (series `probe.f0` …) reading them twice a window, so that no window goes empty. The
+/// scale makes every reading a number of many decimals: with [`Wobble`] changing them,
+/// no statistic of a window is written shorter than its 8 bytes.
 fn probe_source(dir: &Path) -> String {
     let root = dir.join("device");
     let mut text = format!(
@@ -32,12 +34,63 @@ fn probe_source(dir: &Path) -> String {
         root.display()
     );
     for i in 0..SERIES {
-        write_file(&root, &format!("sys/probe/f{i}"), &format!("{i}\n"));
+        write_file(&root, &format!("sys/probe/f{i}"), &probe_value(i, 0));
         text.push_str(&format!(
-            "[[sources.files]]\nfield = \"f{i}\"\npath = \"/sys/probe/f{i}\"\n"
+            "[[sources.files]]\nfield = \"f{i}\"\npath = \"/sys/probe/f{i}\"\nscale = 0.000123456789\n"
         ));
     }
     text
+}
+
+/// What probe file `i` holds at tick `tick`: always 10 bytes, so that it is rewritten in
+/// place (a reader sees an old or a new number, never an empty file).
+fn probe_value(i: usize, tick: u64) -> String {
+    format!(
+        "{:09}\n",
+        (i as u64 * 7919 + tick * 104_729) % 1_000_000_000
+    )
+}
+
+/// Rewrites the probe files every 300 ms while it lives, so that the two readings of a
+/// window differ: windows about 75 bytes each in the spool, as a varying sensor's take.
+struct Wobble {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Wobble {
+    fn start(dir: &Path) -> Wobble {
+        let root = dir.join("device/sys/probe");
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let mut tick = 0;
+            while !s.load(Ordering::Relaxed) {
+                tick += 1;
+                for i in 0..SERIES {
+                    let path = root.join(format!("f{i}"));
+                    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) {
+                        let _ = file.write_at(probe_value(i, tick).as_bytes(), 0);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        Wobble {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Wobble {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// One quiet series for the second run, so that the spool empties once delivered.
@@ -120,6 +173,7 @@ fn a_sink_down_past_the_budget_keeps_the_newest_windows_and_the_files_bounded() 
     std::fs::write(&out, "not a folder").expect("block the sink");
     let outage = config(dir.path(), "outage.toml", &probe_source(dir.path()));
     let watch = SizeWatch::start(dir.path().join("spool.db"));
+    let wobble = Wobble::start(dir.path());
     let started = Instant::now();
     let agent = Agent::start(&outage, &dir.path().join("agent.log"));
     let mut last_look = Instant::now();
@@ -140,6 +194,7 @@ fn a_sink_down_past_the_budget_keeps_the_newest_windows_and_the_files_bounded() 
         },
     );
     let stopped = agent.terminate();
+    drop(wobble);
     assert!(stopped.success(), "{stopped:?}");
     let outage_seconds = started.elapsed().as_secs();
 

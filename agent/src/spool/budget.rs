@@ -37,7 +37,7 @@ const FRAME_HEADER: u64 = 24;
 const WAL_HEADER: u64 = 32;
 
 /// The most bytes one window takes in a batch, its share of the batch's row and page
-/// rounding included (a window's record is at most 87 bytes of postcard, `record.rs`).
+/// rounding included (a window's record is at most 88 bytes (version 3), `record.rs`).
 pub const WINDOW_BYTES: u64 = 100;
 
 /// Pages the WAL gathers before a checkpoint: an eighth of the budget, between 64 and

@@ -28,6 +28,24 @@ fn row(series: &str, start: i64, value: f64) -> WindowRow {
     }
 }
 
+/// A window of readings that no record version writes shorter than about 80 bytes
+/// (none equal to another, none with few decimals), its mean `value`: for the tests
+/// that fill a budget.
+fn wide_row(series: &str, start: i64, value: f64) -> WindowRow {
+    let third = 1.0 / 3.0;
+    let mut stats = Stats::single(value);
+    stats.count = 3;
+    (stats.min, stats.max, stats.median) =
+        (value - third, value + 2.0 * third, value - 0.1 * third);
+    (stats.first, stats.last) = (value + 0.3 * third, value - 0.7 * third);
+    stats.stdev = Some(third);
+    stats.mean_rest = 1e-17;
+    WindowRow {
+        stats,
+        ..row(series, start, value)
+    }
+}
+
 fn flush(rows: Vec<WindowRow>) -> Flush {
     Flush {
         rows,
@@ -352,7 +370,7 @@ fn drop_oldest_keeps_the_spool_under_its_budget_and_counts() {
     let mut spool = Spool::open(&path, opts).expect("open");
     for hour in 0..100 {
         let rows = (0..60)
-            .map(|m| row(&format!("s.{}", m % 10), hour * 3600 + m * 60, m as f64))
+            .map(|m| wide_row(&format!("s.{}", m % 10), hour * 3600 + m * 60, m as f64))
             .collect();
         spool.commit(&flush(rows)).expect("commit");
     }
@@ -410,7 +428,7 @@ proptest::proptest! {
                     let rows: Vec<WindowRow> = rows.into_iter().map(|(s, minute)| {
                         next_value += 1.0;
                         model.push(next_value);
-                        row(&format!("s.{s}"), i64::from(minute) * 60, next_value)
+                        wide_row(&format!("s.{s}"), i64::from(minute) * 60, next_value)
                     }).collect();
                     spool.commit(&flush(rows)).expect("commit");
                 }
@@ -595,7 +613,7 @@ fn a_long_outage_drops_the_oldest_windows_in_small_steps_and_the_rest_goes_once(
     for minute in 0..MINUTES {
         // One flush: the minute's window of every series, all in one partition.
         let rows = (0..SERIES)
-            .map(|s| row(&format!("s.{s}"), minute * 60, value(minute, s)))
+            .map(|s| wide_row(&format!("s.{s}"), minute * 60, value(minute, s)))
             .collect();
         spool.commit(&flush(rows)).expect("commit");
         let held_before = reader.totals().expect("totals").0 as u64 + SERIES as u64;
@@ -900,7 +918,7 @@ fn the_rest_of_a_partition_cut_by_the_part_size_is_no_late_row_and_goes_at_once(
     for flush_no in 0..10 {
         let rows = (0..60)
             .map(|m| {
-                row(
+                wide_row(
                     &format!("s.{m}"),
                     60 * flush_no,
                     (flush_no * 100 + m) as f64,
@@ -933,17 +951,17 @@ fn the_budget_drops_waiting_late_rows_oldest_first_and_they_never_go_out() {
     let mut spool = Spool::open(&path, opts).expect("open");
     let mut reader = SpoolReader::open(&path).expect("reader");
     spool
-        .commit(&flush_at(vec![row("s.t", 0, -1.0)], 60_000))
+        .commit(&flush_at(vec![wide_row("s.t", 0, -1.0)], 60_000))
         .expect("commit");
     assert_eq!(drain(&mut spool, &mut reader, "a", HOUR_MS).len(), 1);
     spool
-        .commit(&flush_at(vec![row("s.t", 60, -2.0)], HOUR_MS + 1000))
+        .commit(&flush_at(vec![wide_row("s.t", 60, -2.0)], HOUR_MS + 1000))
         .expect("a late row");
     assert_eq!(late_waiting(&reader).0, 1);
     // The sink goes down for a long outage: nothing more is planned.
     for hour in 1..100 {
         let rows = (0..60)
-            .map(|m| row(&format!("s.{}", m % 10), hour * 3600 + m * 60, m as f64))
+            .map(|m| wide_row(&format!("s.{}", m % 10), hour * 3600 + m * 60, m as f64))
             .collect();
         spool
             .commit(&flush_at(rows, hour * HOUR_MS + 1000))
@@ -1262,5 +1280,87 @@ fn a_part_whose_rows_go_while_it_is_read_in_chunks_fails_rather_than_comes_short
             "is unreadable: deleted while its part was read (the disk budget dropped it)"
         ),
         "{err}"
+/// A minute of 60 readings of series `i`: steady for even `i` (a fan, a voltage), varying
+/// in the third decimal for odd `i` (a temperature), as the aggregator gives them.
+fn minute_of(i: i64, minute: i64) -> Stats {
+    let values: Vec<f64> = (0..60)
+        .map(|s| {
+            let wobble = if i % 2 == 0 {
+                0
+            } else {
+                (minute * 61 + s * 7919 + i) % 97 - 48
+            };
+            (20_000 + i * 37 + wobble) as f64 * 0.001
+        })
+        .collect();
+    let n = values.len() as f64;
+    let steady = values.iter().all(|v| *v == values[0]);
+    let mean = if steady {
+        values[0]
+    } else {
+        values.iter().sum::<f64>() / n
+    };
+    let m2: f64 = values.iter().map(|v| (v - mean) * (v - mean)).sum();
+    let mut sorted = values.clone();
+    sorted.sort_by(f64::total_cmp);
+    let start_ms = minute * 60_000;
+    Stats {
+        count: 60,
+        min: sorted[0],
+        max: sorted[59],
+        mean,
+        mean_rest: 0.0,
+        stdev: Some(if steady { 0.0 } else { (m2 / (n - 1.0)).sqrt() }),
+        median: (sorted[29] + sorted[30]) / 2.0,
+        first: values[0],
+        first_ms: start_ms + 120,
+        last: values[59],
+        last_ms: start_ms + 59_120,
+    }
+}
+
+#[test]
+fn a_flush_of_100_windows_appends_about_8_pages_to_the_wal() {
+    // The spool's disk writes per flush (docs/benchmarks.md): each WAL frame is a page
+    // of the database that the flush's transaction touched. Version 2 records of these
+    // windows took 13 frames a flush (7 KB of record); version 3 records take 8 (3 KB).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    let wal = dir.path().join("spool.db-wal");
+    let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let series: Vec<Arc<Series>> = (0..100)
+        .map(|i| Arc::new(Series::new(format!("hw.t{i}"), Some("celsius"))))
+        .collect();
+    let mut frames = Vec::new();
+    for minute in 0..40 {
+        let rows = series
+            .iter()
+            .enumerate()
+            .map(|(i, s)| WindowRow {
+                series: Arc::clone(s),
+                start: minute * 60,
+                seconds: 60,
+                stats: minute_of(i as i64, minute),
+            })
+            .collect();
+        let mut f = flush_at(rows, (minute * 60 + 61) * 1000);
+        f.aggregate.samples = 6000;
+        let before = wal_len();
+        spool.commit(&f).expect("commit");
+        let after = wal_len();
+        assert!(
+            after > before,
+            "no checkpoint in this test (flush {minute})"
+        );
+        frames.push((after - before) / (u64::from(schema::PAGE_SIZE) + 24));
+    }
+    // The first flushes register the series and grow the B-trees.
+    let steady = &frames[5..];
+    let most = steady.iter().max().copied().unwrap_or(0);
+    let total: u64 = steady.iter().sum();
+    assert!(
+        most <= 10 && 2 * total <= 17 * steady.len() as u64,
+        "WAL frames per flush: {steady:?}"
     );
 }
