@@ -1280,6 +1280,9 @@ fn a_part_whose_rows_go_while_it_is_read_in_chunks_fails_rather_than_comes_short
             "is unreadable: deleted while its part was read (the disk budget dropped it)"
         ),
         "{err}"
+    );
+}
+
 /// A minute of 60 readings of series `i`: steady for even `i` (a fan, a voltage), varying
 /// in the third decimal for odd `i` (a temperature), as the aggregator gives them.
 fn minute_of(i: i64, minute: i64) -> Stats {
