@@ -476,7 +476,8 @@ pub fn purpleair_body(rows: &[(u32, i64, f64, f64)]) -> String {
 pub fn duckdb(root: &Path, sql: &str) -> Vec<Vec<Value>> {
     let python = python();
     let sql = sql.replace("{root}", &root.display().to_string());
-    let script = "import duckdb, json, sys\nrows = duckdb.sql(sys.argv[1]).fetchall()\nprint(json.dumps([list(r) for r in rows], default=str))\n";
+    // A query slower than 2 s (a loaded machine) would print a progress bar into the JSON.
+    let script = "import duckdb, json, sys\nduckdb.execute(\"SET enable_progress_bar = false\")\nrows = duckdb.sql(sys.argv[1]).fetchall()\nprint(json.dumps([list(r) for r in rows], default=str))\n";
     let out = Command::new(&python)
         .args(["-c", script, &sql])
         .stdin(Stdio::null())

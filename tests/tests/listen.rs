@@ -274,7 +274,10 @@ fn pushed_line_protocol_and_json_land_as_windows_and_bad_writes_do_not() {
     let expected = 20 + 20 + 2 + 8 + 1;
     wait_for("the samples counted", Duration::from_secs(30), || {
         let status = agent.try_status()?;
-        (find_source(&status, "push")?["samples"].as_u64()? == expected).then_some(())
+        let push = find_source(&status, "push")?;
+        // The error counters are kept apart from the samples': wait for all.
+        let counted = push["errors"].as_u64()? >= 4 && push["invalid"].as_u64()? >= 13;
+        (push["samples"].as_u64()? == expected && counted).then_some(())
     });
     let status = agent.status();
     let push = source_status(&status, "push");
