@@ -44,9 +44,16 @@ use tracing::{info, warn};
 
 use crate::aggregate::AggregateTask;
 use crate::config::Config;
-use crate::config::{SinkKind, SourceKind};
-use crate::flow::{LiveLink, LiveStats, SourceStats};
-use crate::sink::{MqttFeed, Uploader};
+#[cfg(feature = "mqtt-sink")]
+use crate::config::SinkKind;
+#[cfg(feature = "listen")]
+use crate::config::SourceKind;
+use crate::flow::SourceStats;
+#[cfg(feature = "mqtt-sink")]
+use crate::flow::{LiveLink, LiveStats};
+#[cfg(feature = "mqtt-sink")]
+use crate::sink::MqttFeed;
+use crate::sink::Uploader;
 use crate::source::SourceTask;
 use crate::spool::{Spool, SpoolHandle, SpoolOptions};
 
@@ -133,6 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut tasks = JoinSet::new();
     let mut stats = Vec::new();
     for source_config in &config.sources {
+        #[cfg(feature = "listen")]
         if let SourceKind::Listen(listen) = &source_config.kind {
             let source_stats = Arc::new(SourceStats::new(&source_config.name, "listen"));
             stats.push(Arc::clone(&source_stats));
@@ -170,6 +178,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.spawn(task.run());
     }
     drop(samples_tx);
+    #[cfg_attr(not(feature = "mqtt-sink"), allow(unused_mut))]
     let mut live = Vec::new();
     for sink_config in &config.sinks {
         let name = &sink_config.name;
@@ -179,6 +188,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     Uploader::new(sink_config, &device, built, spool.clone(), stopping.clone());
                 tasks.spawn(uploader.run());
             }
+            #[cfg(feature = "mqtt-sink")]
             (None, SinkKind::Mqtt(mqtt)) => {
                 let stats = Arc::new(LiveStats::new(name, sink_config.kind.word()));
                 let (link, rows) = LiveLink::new(Arc::clone(&stats));
@@ -186,7 +196,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 tasks.spawn(feed.run());
                 live.push(link);
             }
-            (None, _) => unreachable!("only live feeds are built elsewhere"),
+            // Only a live feed is built here; a kind this build lacks was refused by
+            // the configuration already.
+            (None, kind) => {
+                return Err(RunError::Sink(sink::SinkError::Setup {
+                    sink: name.clone(),
+                    reason: format!("kind {:?} is not in this build of edgespool", kind.word()),
+                }));
+            }
         }
     }
     let aggregator = AggregateTask::new(

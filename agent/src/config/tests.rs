@@ -840,3 +840,52 @@ fn repeats_are_dropped_unless_a_source_keeps_them() {
         "{err}"
     );
 }
+
+/// What a lean build (`--no-default-features --features pi`, as `deploy/build-pi.sh`
+/// makes) lacks is refused where the file names it, with the feature to build with.
+#[cfg(not(any(
+    feature = "s3",
+    feature = "postgres",
+    feature = "serial",
+    feature = "parquet"
+)))]
+#[test]
+fn a_kind_this_build_lacks_is_refused_where_the_file_names_it() {
+    let s3 = with_sink("[[sinks]]\nkind = \"s3\"\nbucket = \"lake\"\n");
+    assert_eq!(
+        error_of(&s3),
+        "edgespool.toml:10:8: sink kind \"s3\" is not in this build of edgespool (built without \
+         the \"s3\" feature); build with `--features s3` or use the full build (the .deb, or \
+         `deploy/build-pi.sh --full`)"
+    );
+    let pg = with_sink("[[sinks]]\nkind = \"postgres\"\nurl = \"postgres://pi@db/lake\"\n");
+    assert!(
+        error_of(&pg).starts_with(
+            "edgespool.toml:10:8: sink kind \"postgres\" is not in this build of edgespool (built without the \"postgres\" feature)"
+        ),
+        "{}",
+        error_of(&pg)
+    );
+    let serial = MINIMAL.replace(
+        "kind = \"system\"",
+        "kind = \"serial\"\nname = \"ox\"\nport = \"/dev/ttyUSB0\"",
+    );
+    assert!(
+        error_of(&serial).starts_with(
+            "edgespool.toml:7:8: source kind \"serial\" is not in this build of edgespool (built without the \"serial\" feature)"
+        ),
+        "{}",
+        error_of(&serial)
+    );
+    let parquet =
+        with_sink("[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\nformat = \"parquet\"\n");
+    assert!(
+        error_of(&parquet).starts_with(
+            "edgespool.toml:12:10: format \"parquet\" is not in this build of edgespool (built without the \"parquet\" feature)"
+        ),
+        "{}",
+        error_of(&parquet)
+    );
+    // What the lean build holds still loads.
+    Config::parse(MINIMAL, Path::new("edgespool.toml")).expect("local sink, system source");
+}

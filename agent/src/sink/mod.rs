@@ -7,8 +7,10 @@
 
 mod encode;
 mod layout;
+#[cfg(feature = "mqtt-sink")]
 mod mqtt;
 mod object;
+#[cfg(feature = "postgres")]
 mod postgres;
 
 use std::sync::Arc;
@@ -24,7 +26,9 @@ use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
 pub use encode::{Encoding, Part, content_encoding, content_type, encode, extension};
 pub use layout::object_key;
+#[cfg(feature = "mqtt-sink")]
 pub use mqtt::MqttFeed;
+#[cfg(feature = "postgres")]
 pub use postgres::location as postgres_location;
 
 /// Why a delivery failed. The message never holds a secret.
@@ -76,7 +80,11 @@ pub trait Sink: Send + Sync {
 pub fn build(config: &SinkConfig) -> Option<Arc<dyn Sink>> {
     match &config.kind {
         SinkKind::Object(object) => Some(Arc::new(object::ObjectSink::new(&config.name, object))),
+        #[cfg(feature = "postgres")]
         SinkKind::Postgres(pg) => Some(Arc::new(postgres::PostgresSink::new(&config.name, pg))),
+        // The configuration refuses a kind this build lacks: such a sink never gets here.
+        #[cfg(not(feature = "postgres"))]
+        SinkKind::Postgres(_) => None,
         SinkKind::Mqtt(_) => None,
     }
 }

@@ -12,9 +12,12 @@
 //! `nulls` and `not_finite`; neither is an invalid value nor a problem.
 
 pub(crate) mod http;
+#[cfg(feature = "listen")]
 mod line_protocol;
+#[cfg(feature = "listen")]
 pub mod listen;
 pub(crate) mod mqtt;
+#[cfg(feature = "serial")]
 pub(crate) mod serial;
 mod sysfs;
 pub(crate) use sysfs::parse_file;
@@ -126,7 +129,15 @@ pub fn build(config: &SourceConfig, spool_path: &Path) -> Result<Box<dyn Source>
                 reason: "a listen source is served by listen::ListenServer, not sampled".into(),
             });
         }
+        #[cfg(feature = "serial")]
         SourceKind::Serial(s) => Box::new(serial::SerialSource::new(&config.name, s)?),
+        // The configuration refuses a kind this build lacks; this is the last guard.
+        #[cfg(not(feature = "serial"))]
+        SourceKind::Serial(_) => {
+            return Err(SourceError::Parse {
+                reason: "this build of edgespool has no serial source".into(),
+            });
+        }
     })
 }
 

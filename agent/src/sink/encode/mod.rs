@@ -32,8 +32,9 @@
 
 mod csv;
 mod json;
+#[cfg(feature = "parquet")]
 mod parquet;
-#[cfg(test)]
+#[cfg(all(test, feature = "parquet"))]
 mod tests;
 
 use std::collections::{BTreeSet, HashMap};
@@ -44,9 +45,12 @@ use crate::flow::{Series, Stats, WindowRow};
 
 use self::csv::{csv_long, csv_wide};
 use self::json::{json_long, json_wide};
+#[cfg(feature = "parquet")]
 use self::parquet::{parquet_long, parquet_wide};
 
+#[cfg(feature = "postgres")]
 pub use self::csv::{LongCsv, long_csv};
+#[cfg(feature = "mqtt-sink")]
 pub use self::json::json_record;
 
 /// How a sink writes its files.
@@ -148,12 +152,19 @@ pub fn encode(encoding: Encoding, part: &Part<'_>) -> Result<Vec<u8>, String> {
         (Format::Ndjson | Format::JsonSeq, Layout::Wide) => json_wide(encoding.format, part),
         (Format::Csv, Layout::Long) => csv_long(part.rows)?,
         (Format::Csv, Layout::Wide) => csv_wide(part)?,
+        #[cfg(feature = "parquet")]
         (Format::Parquet, Layout::Long) => {
             return parquet_long(encoding.compression, part.device, part.rows)
                 .map_err(|e| e.to_string());
         }
+        #[cfg(feature = "parquet")]
         (Format::Parquet, Layout::Wide) => {
             return parquet_wide(encoding.compression, part).map_err(|e| e.to_string());
+        }
+        // The configuration refuses the format in a build without it.
+        #[cfg(not(feature = "parquet"))]
+        (Format::Parquet, _) => {
+            return Err("this build of edgespool has no Parquet encoder".to_owned());
         }
     };
     compress(text_codec(encoding), text).map_err(|e| e.to_string())
