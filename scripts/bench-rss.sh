@@ -58,6 +58,9 @@ for run in $(seq 1 "$RUNS"); do
 done
 
 echo "== $set_name ($BIN, $(stat -c %s "$BIN") bytes): $RUNS run(s) side by side of $MINUTES min" >&2
+sleep 5 # start-up: loading the binary, creating the spool
+c0=(); for pid in "${pids[@]}"; do c0+=("$(cpu_ticks "$pid")"); done
+start=$SECONDS
 end=$((SECONDS + MINUTES * 60))
 while [ $SECONDS -lt $end ]; do
     sleep 10
@@ -70,7 +73,8 @@ while [ $SECONDS -lt $end ]; do
     done
 done
 
-rss_runs=(); anon_runs=(); file_runs=()
+seconds=$((SECONDS - start))
+rss_runs=(); anon_runs=(); file_runs=(); cpu_runs=()
 for run in $(seq 1 "$RUNS"); do
     pid=${pids[$((run - 1))]}
     samples="$work/run$run/samples"
@@ -79,10 +83,12 @@ for run in $(seq 1 "$RUNS"); do
     anon=$(median $(awk '{print $2}' "$samples"))
     file=$(median $(awk '{print $3}' "$samples"))
     read_bytes=$(awk '/^read_bytes/ {print $2}' "/proc/$pid/io")
+    cpu=$(awk -v d=$(($(cpu_ticks "$pid") - c0[run - 1])) -v t="$(getconf CLK_TCK)" -v s="$seconds" 'BEGIN {printf "%.2f", d / t * 3600 / s}')
     threads=$(cat /proc/"$pid"/task/*/comm | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep = ", "}')
-    echo "run $run: VmRSS ${rss} KiB (RssAnon $anon, RssFile $file; $(wc -l < "$samples") samples after the first delivery), peak $(proc_kib "$pid" VmHWM) KiB, read_bytes $read_bytes, threads: $threads" >&2
-    rss_runs+=("$rss"); anon_runs+=("$anon"); file_runs+=("$file")
+    echo "run $run: VmRSS ${rss} KiB (RssAnon $anon, RssFile $file; $(wc -l < "$samples") samples after the first delivery), peak $(proc_kib "$pid" VmHWM) KiB, read_bytes $read_bytes, CPU $cpu s/h, threads: $threads" >&2
+    rss_runs+=("$rss"); anon_runs+=("$anon"); file_runs+=("$file"); cpu_runs+=("$cpu")
 done
 echo
 echo "edgespool $("$BIN" --version | cut -d' ' -f2), $set_name build ($(stat -c %s "$BIN") bytes), $SERIES series, 60 s windows, medians of $RUNS run(s) of $MINUTES min:"
 echo "  resident memory after deliveries: $(median "${rss_runs[@]}") KiB (RssAnon $(median "${anon_runs[@]}"), RssFile $(median "${file_runs[@]}"))"
+echo "  CPU: $(median "${cpu_runs[@]}") s per hour (taken on whatever else the machine runs)"

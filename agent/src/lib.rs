@@ -227,12 +227,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         sinks = config.sinks.len(),
         "edgespool started"
     );
-    // Once start-up is over, give back the code pages only it used (detached: shutdown
-    // does not wait for it).
+    // Once start-up is over, give back the code pages only it used, and again now and
+    // then: those of a delivery or a reconnection, which the sampling loop does not run
+    // (detached: shutdown does not wait for it).
     tokio::spawn(async {
-        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        let mappings = memory::trim_code_pages();
-        tracing::debug!(mappings, "code pages trimmed");
+        tokio::time::sleep(memory::TRIM_FIRST).await;
+        let mut every = tokio::time::interval(memory::TRIM_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let mappings = memory::trim_code_pages();
+            tracing::debug!(mappings, "code pages trimmed");
+        }
     });
 
     systemd::ready(&format!(
