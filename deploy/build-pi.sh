@@ -4,7 +4,12 @@
 #
 #   deploy/build-pi.sh armv7-unknown-linux-gnueabihf   # 32-bit Raspberry Pi OS (Pi 2 and later)
 #   deploy/build-pi.sh aarch64-unknown-linux-gnu       # 64-bit Raspberry Pi OS (Pi 3, 4, 5, Zero 2)
+#   deploy/build-pi.sh aarch64-unknown-linux-gnu --full   # every kind, as the .deb holds
 #
+# By default it builds the lean set (cargo feature `pi`: the local sink; the system,
+# sysfs, http and mqtt sources; NDJSON, JSON-seq and CSV), which keeps less code
+# resident; `--full` (or EDGESPOOL_FULL=1) builds every source, sink and format
+# (docs/raspberry-pi.md, "Lean or full").
 # Needs: rustup target add TARGET; apt install gcc-arm-linux-gnueabihf (armv7) or
 # gcc-aarch64-linux-gnu (aarch64). With Docker, `cross build --release --target TARGET`
 # does the same from cross.toml (and builds aarch64-unknown-linux-musl, a static binary).
@@ -21,10 +26,17 @@ case "$target" in
         echo "use 'cross build --release --target $target -p edgespool' (Docker) instead." >&2
         exit 2 ;;
     *)
-        echo "usage: deploy/build-pi.sh armv7-unknown-linux-gnueabihf|aarch64-unknown-linux-gnu [cargo args...]" >&2
+        echo "usage: deploy/build-pi.sh armv7-unknown-linux-gnueabihf|aarch64-unknown-linux-gnu [--full] [cargo args...]" >&2
         exit 2 ;;
 esac
 shift
+features=(--no-default-features --features pi)
+set_name="lean (features: pi)"
+if [ "${1:-}" = "--full" ] || [ "${EDGESPOOL_FULL:-0}" = 1 ]; then
+    [ "${1:-}" = "--full" ] && shift
+    features=()
+    set_name="full (every feature)"
+fi
 
 if ! command -v "$gcc" >/dev/null; then
     echo "build-pi.sh: $gcc not found: sudo apt install $package" >&2
@@ -41,6 +53,6 @@ export "CARGO_TARGET_${upper}_LINKER=$gcc"
 export "CC_${lower}=$gcc"
 export "AR_${lower}=${gcc%-gcc}-ar"
 
-cargo build --locked --release --target "$target" -p edgespool "$@"
+cargo build --locked --release --target "$target" -p edgespool "${features[@]}" "$@"
 binary="target/$target/release/edgespool"
-echo "built $binary ($(stat -c %s "$binary") bytes)"
+echo "built $binary, $set_name ($(stat -c %s "$binary") bytes)"

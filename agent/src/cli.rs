@@ -306,14 +306,14 @@ pub fn describe(config: &Config, path: &Path) -> String {
         let object = match &s.kind {
             SinkKind::Object(object) => object,
             SinkKind::Postgres(pg) => {
+                #[cfg(feature = "postgres")]
+                let at = crate::sink::postgres_location(pg);
+                #[cfg(not(feature = "postgres"))]
+                let at = "postgres (not in this build)".to_owned();
                 let _ = writeln!(
                     out,
                     "sink       {} (postgres): {}.{} at {}, sslmode {:?}",
-                    s.name,
-                    pg.schema,
-                    pg.table,
-                    crate::sink::postgres_location(pg),
-                    pg.sslmode
+                    s.name, pg.schema, pg.table, at, pg.sslmode
                 );
                 continue;
             }

@@ -154,6 +154,7 @@ pub fn config(data: &[u8]) {
 
 /// A body of InfluxDB line protocol, as the `listen` source reads a request; the first
 /// byte picks the precision.
+#[cfg(feature = "listen")]
 pub fn line_protocol(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
@@ -172,6 +173,7 @@ pub fn line_protocol(data: &[u8]) {
 /// Serial sources, one per line format: the pulse oximeter's regex with its device time,
 /// an Arduino plotter, CSV with a timestamp column, JSON by pointer; short lines, so that
 /// the limit is met.
+#[cfg(feature = "serial")]
 const SERIAL: &str = r#"
 [agent]
 device_id = "fuzz"
@@ -226,6 +228,7 @@ path = "/nonexistent/out"
 
 /// Bytes from a serial port (cut in two at the first NUL, as two reads), through every
 /// line format.
+#[cfg(feature = "serial")]
 pub fn serial_bytes(data: &[u8]) {
     static CONFIG: OnceLock<Config> = OnceLock::new();
     let config =
@@ -244,7 +247,7 @@ pub fn serial_bytes(data: &[u8]) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "serial"))]
 mod serial_tests {
     /// The fuzz entry takes the shapes its corpus starts from without a panic.
     #[test]

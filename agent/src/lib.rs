@@ -44,9 +44,16 @@ use tracing::{info, warn};
 
 use crate::aggregate::AggregateTask;
 use crate::config::Config;
-use crate::config::{SinkKind, SourceKind};
-use crate::flow::{LiveLink, LiveStats, SourceStats};
-use crate::sink::{MqttFeed, Uploader};
+#[cfg(feature = "mqtt-sink")]
+use crate::config::SinkKind;
+#[cfg(feature = "listen")]
+use crate::config::SourceKind;
+use crate::flow::SourceStats;
+#[cfg(feature = "mqtt-sink")]
+use crate::flow::{LiveLink, LiveStats};
+#[cfg(feature = "mqtt-sink")]
+use crate::sink::MqttFeed;
+use crate::sink::Uploader;
 use crate::source::SourceTask;
 use crate::spool::{Spool, SpoolHandle, SpoolOptions};
 
@@ -137,6 +144,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut tasks = JoinSet::new();
     let mut stats = Vec::new();
     for source_config in &config.sources {
+        #[cfg(feature = "listen")]
         if let SourceKind::Listen(listen) = &source_config.kind {
             let source_stats = Arc::new(SourceStats::new(&source_config.name, "listen"));
             stats.push(Arc::clone(&source_stats));
@@ -174,6 +182,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.spawn(task.run());
     }
     drop(samples_tx);
+    #[cfg_attr(not(feature = "mqtt-sink"), allow(unused_mut))]
     let mut live = Vec::new();
     for sink_config in &config.sinks {
         let name = &sink_config.name;
@@ -183,6 +192,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     Uploader::new(sink_config, &device, built, spool.clone(), stopping.clone());
                 tasks.spawn(uploader.run());
             }
+            #[cfg(feature = "mqtt-sink")]
             (None, SinkKind::Mqtt(mqtt)) => {
                 let stats = Arc::new(LiveStats::new(name, sink_config.kind.word()));
                 let (link, rows) = LiveLink::new(Arc::clone(&stats));
@@ -190,7 +200,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 tasks.spawn(feed.run());
                 live.push(link);
             }
-            (None, _) => unreachable!("only live feeds are built elsewhere"),
+            // Only a live feed is built here; a kind this build lacks was refused by
+            // the configuration already.
+            (None, kind) => {
+                return Err(RunError::Sink(sink::SinkError::Setup {
+                    sink: name.clone(),
+                    reason: format!("kind {:?} is not in this build of edgespool", kind.word()),
+                }));
+            }
         }
     }
     let aggregator = AggregateTask::new(
@@ -214,12 +231,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         sinks = config.sinks.len(),
         "edgespool started"
     );
-    // Once start-up is over, give back the code pages only it used (detached: shutdown
-    // does not wait for it).
+    // Once start-up is over, give back the code pages only it used, and again now and
+    // then: those of a delivery or a reconnection, which the sampling loop does not run
+    // (detached: shutdown does not wait for it).
     tokio::spawn(async {
-        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        let mappings = memory::trim_code_pages();
-        tracing::debug!(mappings, "code pages trimmed");
+        tokio::time::sleep(memory::TRIM_FIRST).await;
+        let mut every = tokio::time::interval(memory::TRIM_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let mappings = memory::trim_code_pages();
+            tracing::debug!(mappings, "code pages trimmed");
+        }
     });
 
     systemd::ready(&format!(

@@ -1,12 +1,21 @@
 //! Keeping the resident set small on a Pi.
 //!
-//! Most of the agent's resident memory is code: the kernel maps the binary's pages in
+//! Much of the agent's resident memory is code: the kernel maps the binary's pages in
 //! 64 KiB runs around each page touched ("fault-around"), and start-up (argument and
 //! configuration parsing, schema setup, TLS set-up) touches code that the steady loop
-//! never runs again. Once started, the agent asks the kernel to drop its clean
-//! file-backed pages (they are re-read from the page cache on demand, not from the SD
-//! card) and to fault them back one page at a time (`MADV_RANDOM`), so the resident set
-//! holds what the loop uses.
+//! never runs again. Once started, and every minute after, the agent unmaps the pages
+//! of its clean, read-only, private file mappings from its own page tables
+//! (`MADV_DONTNEED`). They stay in the page cache, so a page the loop needs again is
+//! mapped back from memory, not read from the SD card. (`MADV_PAGEOUT`, used before,
+//! reclaimed them from the page cache as well, and start-up's pages came back from the
+//! card.)
+//!
+//! Design: `MADV_DONTNEED` on a private mapping also throws away the private copies
+//! of its pages; on a read-only mapping those are the relocations the dynamic linker
+//! wrote before making it read-only (RELRO). So a mapping is advised only when
+//! `/proc/self/smaps` counts no `Anonymous:` page in it; the others are left alone.
+//! `MADV_RANDOM` besides: a page the kernel did drop from the cache under memory
+//! pressure is read back alone, without read-ahead.
 //!
 //! The heap is the other part. glibc's allocator gives each thread that allocates its
 //! own arena (up to eight per core on a 64-bit system, two on a 32-bit one, each keeping
@@ -18,23 +27,40 @@
 //! (`malloc_trim`) after a part of at least [`TRIM_AFTER_ROWS`] rows. Other C libraries
 //! (musl) have none of these settings: there the functions do nothing.
 
-/// Drops this process's clean file-backed pages; returns how many mappings it advised.
-pub fn trim_code_pages() -> usize {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
-        return 0;
+/// When the agent first trims, after start-up.
+pub const TRIM_FIRST: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How often it trims again. Design: code that ran since (a delivery, a reconnection)
+/// leaves its pages mapped, in 64 KiB runs, until the next trim; each trim costs a read
+/// of `/proc/self/smaps` and the loop's pages come back as minor faults, from memory,
+/// a few hundred microseconds of CPU in all.
+pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A mapping of `/proc/self/smaps` that may be trimmed: its range.
+fn trimmable(smaps: &str) -> Vec<(usize, usize)> {
+    let mut found = Vec::new();
+    // The mapping whose fields are being read: its range, and whether it qualifies so
+    // far (file-backed, read-only, private).
+    let mut current: Option<(usize, usize, bool)> = None;
+    let mut close = |current: &mut Option<(usize, usize, bool)>, anonymous_kib: Option<u64>| {
+        if let Some((start, end, true)) = current.take()
+            && anonymous_kib == Some(0)
+        {
+            found.push((start, end));
+        }
     };
-    let mut advised = 0;
-    for line in maps.lines() {
-        // start-end perms offset dev inode path
+    for line in smaps.lines() {
+        if let Some(value) = line.strip_prefix("Anonymous:") {
+            let kib = value.trim().trim_end_matches("kB").trim().parse().ok();
+            close(&mut current, kib);
+            continue;
+        }
+        // A mapping's header: start-end perms offset dev inode [path]; field lines
+        // ("Rss:   12 kB") have a key ending in ':' first.
         let mut parts = line.split_whitespace();
         let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
             continue;
         };
-        let path = parts.nth(3);
-        let file_backed = path.is_some_and(|p| p.starts_with('/'));
-        if !file_backed || perms.contains('w') || !perms.ends_with('p') {
-            continue;
-        }
         let Some((start, end)) = range.split_once('-') else {
             continue;
         };
@@ -44,16 +70,33 @@ pub fn trim_code_pages() -> usize {
         ) else {
             continue;
         };
+        close(&mut current, None);
+        let path = parts.nth(3);
+        let file_backed = path.is_some_and(|p| p.starts_with('/'));
+        let ok = file_backed && !perms.contains('w') && perms.ends_with('p');
+        current = Some((start, end, ok));
+    }
+    found
+}
+
+/// Unmaps this process's clean, read-only, private file-backed pages (they stay in the
+/// page cache); returns how many mappings it advised.
+pub fn trim_code_pages() -> usize {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let mappings = trimmable(&smaps);
+    for &(start, end) in &mappings {
         let addr = start as *mut std::ffi::c_void;
-        // SAFETY: the range is a mapping of this process as the kernel lists it;
-        // both advices only change how its clean, read-only pages are kept in memory.
+        // SAFETY: the range is a private, read-only file mapping of this process that
+        // holds no private (anonymous) page, as smaps lists it: dropping its pages
+        // loses nothing, the next access maps the file's page again.
         unsafe {
             let _ = rustix::mm::madvise(addr, end - start, rustix::mm::Advice::Random);
-            let _ = rustix::mm::madvise(addr, end - start, rustix::mm::Advice::LinuxPageOut);
+            let _ = rustix::mm::madvise(addr, end - start, rustix::mm::Advice::LinuxDontNeed);
         }
-        advised += 1;
     }
-    advised
+    mappings.len()
 }
 
 /// Arenas glibc's allocator may make: threads share them beyond this count.
@@ -126,6 +169,7 @@ pub fn trims() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn rss_file_kib() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").expect("status");
@@ -181,6 +225,114 @@ mod tests {
         assert!(
             after + 20_000 < held,
             "RssAnon {held} KiB with 40 MB of blocks, {after} KiB once they were freed and released"
+        );
+    }
+
+    const PAGES: usize = 16;
+
+    fn page_size() -> usize {
+        // SAFETY: sysconf reads a constant of the system.
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("a page size")
+    }
+
+    /// A temporary file of `PAGES` pages of `byte`, mapped private with `prot`.
+    fn mapped(byte: u8, prot: libc::c_int) -> (tempfile::NamedTempFile, *mut u8, usize) {
+        let page = page_size();
+        let len = PAGES * page;
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(&vec![byte; len]).expect("write");
+        file.flush().expect("flush");
+        // Clean pages, as a binary's are: the kernel may evict those, not dirty ones.
+        file.as_file().sync_all().expect("sync");
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh private mapping of a file this test owns.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE,
+                file.as_file().as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap");
+        (file, addr.cast(), len)
+    }
+
+    /// How many of the mapping's pages are in the page cache (mapped here or not).
+    fn cached_pages(addr: *mut u8, len: usize) -> usize {
+        let mut vec = vec![0u8; PAGES];
+        // SAFETY: `addr..addr+len` is a mapping of this test, `vec` holds a byte per page.
+        let rc = unsafe { libc::mincore(addr.cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore");
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    #[test]
+    fn trimmed_code_stays_in_the_page_cache() {
+        let (_file, addr, len) = mapped(7, libc::PROT_READ);
+        let page = page_size();
+        // SAFETY: reads inside the mapping.
+        let sum: u64 = (0..PAGES)
+            .map(|i| u64::from(unsafe { *addr.add(i * page) }))
+            .sum();
+        assert_eq!(sum, 7 * PAGES as u64);
+        assert_eq!(cached_pages(addr, len), PAGES);
+        trim_code_pages();
+        // Evicting them (MADV_PAGEOUT) would make the next access read the disk.
+        assert_eq!(
+            cached_pages(addr, len),
+            PAGES,
+            "trimmed pages must stay in the page cache"
+        );
+        // SAFETY: unmapping what `mapped` mapped.
+        unsafe { libc::munmap(addr.cast(), len) };
+    }
+
+    #[test]
+    fn a_read_only_mapping_with_private_copies_keeps_them() {
+        // As RELRO: written after mapping (private copies), then made read-only.
+        let (_file, addr, len) = mapped(1, libc::PROT_READ | libc::PROT_WRITE);
+        let page = page_size();
+        // SAFETY: writes inside the mapping, then makes it read-only.
+        unsafe {
+            for i in 0..PAGES {
+                *addr.add(i * page) = 2;
+            }
+            assert_eq!(libc::mprotect(addr.cast(), len, libc::PROT_READ), 0);
+        }
+        trim_code_pages();
+        // SAFETY: reads inside the mapping.
+        let kept = (0..PAGES).all(|i| unsafe { *addr.add(i * page) } == 2);
+        assert!(kept, "the private copies were thrown away");
+        // SAFETY: unmapping what `mapped` mapped.
+        unsafe { libc::munmap(addr.cast(), len) };
+    }
+
+    #[test]
+    fn smaps_mappings_qualify_only_when_read_only_private_files_without_copies() {
+        let smaps = "\
+55d0a0000000-55d0a0010000 r--p 00000000 08:01 123 /usr/bin/edgespool
+Rss:                  64 kB
+Anonymous:             0 kB
+55d0a0010000-55d0a0020000 r--p 00010000 08:01 123 /usr/bin/edgespool
+Anonymous:             4 kB
+55d0a0020000-55d0a0030000 rw-p 00020000 08:01 123 /usr/bin/edgespool
+Anonymous:             0 kB
+55d0a0030000-55d0a0040000 r--s 00000000 08:01 124 /var/lib/x.shm
+Anonymous:             0 kB
+55d0a0040000-55d0a0050000 r--p 00000000 00:00 0
+Anonymous:             0 kB
+55d0a0050000-55d0a0060000 r-xp 00000000 08:01 125 /usr/lib/libc.so.6
+Anonymous:             0 kB
+";
+        assert_eq!(
+            trimmable(smaps),
+            [
+                (0x55d0a0000000, 0x55d0a0010000),
+                (0x55d0a0050000, 0x55d0a0060000)
+            ]
         );
     }
 }

@@ -13,6 +13,7 @@
 mod agent;
 mod broker;
 mod durations;
+mod features;
 mod listen;
 mod located;
 mod secret;

@@ -444,6 +444,7 @@ mod tests {
 
     const PORT: &str = "port = \"/dev/serial/by-id/usb-x\"\n";
 
+    #[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
     #[test]
     fn serial_settings_are_checked_at_the_value_at_fault() {
         let cases = [
@@ -529,6 +530,7 @@ mod tests {
         }
     }
 
+    #[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
     #[test]
     fn a_serial_source_defaults_to_9600_8n1_without_flow_control() {
         let text = "[agent]\nspool = \"/x.db\"\n[[sources]]\nkind = \"serial\"\nname = \"oxi\"\nport = \"/dev/serial0\"\nformat = \"plotter\"\n[[sinks]]\nkind = \"local\"\npath = \"/x\"\n";

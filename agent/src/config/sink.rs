@@ -537,6 +537,13 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
     let kinds = "\"local\", \"s3\", \"gcs\", \"azure\", \"postgres\", \"mqtt\"";
     let kind = kind_of(&table, "sinks", kinds)?;
     let kind_span = value_span(&table, "kind").unwrap_or(span.clone());
+    if let Some(feature) = super::features::missing_sink(&kind) {
+        return Err((
+            Some(kind_span),
+            super::features::not_in_build("sink kind", &kind, feature),
+        ));
+    }
+    let format_at = value_span(&table, "format").unwrap_or(kind_span.clone());
     if kind == "postgres" {
         let pg: PostgresSink = without_kind(table)?;
         return Ok(SinkConfig {
@@ -595,6 +602,12 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SinkConfig, Located> {
     } else {
         Format::Ndjson
     });
+    if let Some(feature) = super::features::missing_format(format) {
+        return Err((
+            Some(format_at),
+            super::features::not_in_build("format", format.word(), feature),
+        ));
+    }
     let compression = match common.compression {
         Some(codec) if !codec.fits(format) => {
             let takes = if format == Format::Parquet {

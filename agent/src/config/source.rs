@@ -522,6 +522,12 @@ fn parse_kind(table: Spanned<DeValue<'_>>) -> Result<SourceConfig, Located> {
         "\"system\", \"sysfs\", \"http\", \"mqtt\", \"serial\", \"listen\"",
     )?;
     let kind_span = value_span(&table, "kind").unwrap_or(span.clone());
+    if let Some(feature) = super::features::missing_source(&kind) {
+        return Err((
+            Some(kind_span),
+            super::features::not_in_build("source kind", &kind, feature),
+        ));
+    }
     Ok(match kind.as_str() {
         "system" => {
             let s: SystemSource = without_kind(table)?;

@@ -28,6 +28,7 @@ fn with_sink(sink: &str) -> String {
     MINIMAL.replace("[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\n", sink)
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn an_s3_sink_gets_the_lake_defaults() {
     let text = with_sink("[[sinks]]\nkind = \"s3\"\nbucket = \"lake\"\n");
@@ -50,6 +51,7 @@ fn an_s3_sink_gets_the_lake_defaults() {
     assert!(s3.path_style && s3.endpoint.is_none() && s3.access_key_id.is_none());
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn late_rows_wait_an_hour_by_default_and_late_grace_parses_like_other_durations() {
     let late = |sink: &str| {
@@ -81,6 +83,7 @@ fn late_rows_wait_an_hour_by_default_and_late_grace_parses_like_other_durations(
     );
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn chunk_rows_defaults_to_ten_thousand_and_refuses_zero_at_its_line_and_column() {
     let chunk = |sink: &str| {
@@ -129,6 +132,7 @@ fn a_gcs_sink_takes_an_endpoint_and_no_credentials() {
     );
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn an_unknown_sink_key_lists_what_that_kind_accepts() {
     let text = with_sink("[[sinks]]\nkind = \"gcs\"\nbucket = \"b\"\n  region = \"x\"\n");
@@ -147,6 +151,7 @@ fn an_unknown_sink_key_lists_what_that_kind_accepts() {
     );
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn sink_settings_that_cannot_work_are_refused() {
     let cases = [
@@ -181,6 +186,7 @@ fn sink_settings_that_cannot_work_are_refused() {
     }
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn text_formats_take_gzip_or_zstd_and_parquet_its_own_codecs() {
     let parse = |sink: &str| {
@@ -234,6 +240,7 @@ fn text_formats_take_gzip_or_zstd_and_parquet_its_own_codecs() {
     );
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn an_mqtt_sink_is_a_live_feed_and_is_checked() {
     let local = "[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\n";
@@ -289,6 +296,7 @@ fn an_mqtt_sink_is_a_live_feed_and_is_checked() {
     );
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn a_postgres_sink_is_checked() {
     let ok = with_sink("[[sinks]]\nkind = \"postgres\"\nurl = \"postgres://pi@db/sensors\"\n");
@@ -325,6 +333,7 @@ fn a_postgres_sink_is_checked() {
     );
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn a_postgres_sink_delivers_each_flush_unless_told_hourly_and_object_stores_have_no_such_key() {
     let each = |keys: &str| {
@@ -433,6 +442,7 @@ fn an_mqtt_source_bounds_its_messages_and_series() {
     );
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn a_secret_given_twice_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -777,6 +787,7 @@ fn a_folder_is_not_a_configuration() {
     );
 }
 
+#[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn an_unset_variable_is_located_at_its_name() {
     let text = format!(
@@ -859,4 +870,53 @@ fn repeats_are_dropped_unless_a_source_keeps_them() {
         err.starts_with("edgespool.toml:") && err.contains("unknown field `repeats`"),
         "{err}"
     );
+}
+
+/// What a lean build (`--no-default-features --features pi`, as `deploy/build-pi.sh`
+/// makes) lacks is refused where the file names it, with the feature to build with.
+#[cfg(not(any(
+    feature = "s3",
+    feature = "postgres",
+    feature = "serial",
+    feature = "parquet"
+)))]
+#[test]
+fn a_kind_this_build_lacks_is_refused_where_the_file_names_it() {
+    let s3 = with_sink("[[sinks]]\nkind = \"s3\"\nbucket = \"lake\"\n");
+    assert_eq!(
+        error_of(&s3),
+        "edgespool.toml:10:8: sink kind \"s3\" is not in this build of edgespool (built without \
+         the \"s3\" feature); build with `--features s3` or use the full build (the .deb, or \
+         `deploy/build-pi.sh --full`)"
+    );
+    let pg = with_sink("[[sinks]]\nkind = \"postgres\"\nurl = \"postgres://pi@db/lake\"\n");
+    assert!(
+        error_of(&pg).starts_with(
+            "edgespool.toml:10:8: sink kind \"postgres\" is not in this build of edgespool (built without the \"postgres\" feature)"
+        ),
+        "{}",
+        error_of(&pg)
+    );
+    let serial = MINIMAL.replace(
+        "kind = \"system\"",
+        "kind = \"serial\"\nname = \"ox\"\nport = \"/dev/ttyUSB0\"",
+    );
+    assert!(
+        error_of(&serial).starts_with(
+            "edgespool.toml:7:8: source kind \"serial\" is not in this build of edgespool (built without the \"serial\" feature)"
+        ),
+        "{}",
+        error_of(&serial)
+    );
+    let parquet =
+        with_sink("[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\nformat = \"parquet\"\n");
+    assert!(
+        error_of(&parquet).starts_with(
+            "edgespool.toml:12:10: format \"parquet\" is not in this build of edgespool (built without the \"parquet\" feature)"
+        ),
+        "{}",
+        error_of(&parquet)
+    );
+    // What the lean build holds still loads.
+    Config::parse(MINIMAL, Path::new("edgespool.toml")).expect("local sink, system source");
 }

@@ -9,8 +9,10 @@
 
 mod encode;
 mod layout;
+#[cfg(feature = "mqtt-sink")]
 mod mqtt;
 mod object;
+#[cfg(feature = "postgres")]
 mod postgres;
 
 use std::sync::Arc;
@@ -26,7 +28,9 @@ use crate::spool::{PartPlan, Plan, SpoolHandle, SpoolReader};
 
 pub use encode::{Encoder, Encoding, Part, content_encoding, content_type, encode, extension};
 pub use layout::object_key;
+#[cfg(feature = "mqtt-sink")]
 pub use mqtt::MqttFeed;
+#[cfg(feature = "postgres")]
 pub use postgres::location as postgres_location;
 
 /// Why a delivery failed. The message never holds a secret.
@@ -153,7 +157,11 @@ pub trait Sink: Send + Sync {
 pub fn build(config: &SinkConfig) -> Option<Arc<dyn Sink>> {
     match &config.kind {
         SinkKind::Object(object) => Some(Arc::new(object::ObjectSink::new(&config.name, object))),
+        #[cfg(feature = "postgres")]
         SinkKind::Postgres(pg) => Some(Arc::new(postgres::PostgresSink::new(&config.name, pg))),
+        // The configuration refuses a kind this build lacks: such a sink never gets here.
+        #[cfg(not(feature = "postgres"))]
+        SinkKind::Postgres(_) => None,
         SinkKind::Mqtt(_) => None,
     }
 }

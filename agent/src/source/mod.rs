@@ -13,9 +13,12 @@
 
 pub(crate) mod http;
 mod kept;
+#[cfg(feature = "listen")]
 mod line_protocol;
+#[cfg(feature = "listen")]
 pub mod listen;
 pub(crate) mod mqtt;
+#[cfg(feature = "serial")]
 pub(crate) mod serial;
 mod sysfs;
 pub use kept::raise_open_file_limit;
@@ -128,7 +131,15 @@ pub fn build(config: &SourceConfig, spool_path: &Path) -> Result<Box<dyn Source>
                 reason: "a listen source is served by listen::ListenServer, not sampled".into(),
             });
         }
+        #[cfg(feature = "serial")]
         SourceKind::Serial(s) => Box::new(serial::SerialSource::new(&config.name, s)?),
+        // The configuration refuses a kind this build lacks; this is the last guard.
+        #[cfg(not(feature = "serial"))]
+        SourceKind::Serial(_) => {
+            return Err(SourceError::Parse {
+                reason: "this build of edgespool has no serial source".into(),
+            });
+        }
     })
 }
 

@@ -47,6 +47,7 @@ pub enum LongCsv {
 /// Long-layout rows as CSV; an empty unquoted field is a missing value (NULL for COPY).
 /// Tags and window times are formatted once per series and per window, not per row.
 /// `device` is written by [`LongCsv::Copy`] only.
+#[cfg(feature = "postgres")]
 pub fn long_csv(
     device: &str,
     rows: &[WindowRow],

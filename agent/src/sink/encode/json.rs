@@ -47,6 +47,7 @@ pub(super) fn json_long(format: Format, rows: &[WindowRow]) -> Vec<u8> {
 }
 
 /// One row as a JSON object with its device (the payload of an MQTT message).
+#[cfg(feature = "mqtt-sink")]
 pub fn json_record(out: &mut Vec<u8>, device: &str, row: &WindowRow) {
     write_record(out, Some(device), row);
 }

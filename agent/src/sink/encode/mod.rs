@@ -35,8 +35,9 @@
 
 mod csv;
 mod json;
+#[cfg(feature = "parquet")]
 mod parquet;
-#[cfg(test)]
+#[cfg(all(test, feature = "parquet"))]
 mod tests;
 
 use std::collections::{BTreeSet, HashMap};
@@ -45,10 +46,13 @@ use std::sync::Arc;
 use crate::config::{Compression, Format, Layout};
 use crate::flow::{Series, Stats, WindowRow};
 
+pub use self::csv::LongCsv;
 use self::csv::long_csv_rows;
 use self::json::json_long;
 
-pub use self::csv::{LongCsv, long_csv};
+#[cfg(feature = "postgres")]
+pub use self::csv::long_csv;
+#[cfg(feature = "mqtt-sink")]
 pub use self::json::json_record;
 
 /// How a sink writes its files.
@@ -180,6 +184,7 @@ enum Body {
     JsonWide(Format, json::WideKeys),
     CsvLong,
     CsvWide(WideColumns),
+    #[cfg(feature = "parquet")]
     Parquet(parquet::ParquetFile),
 }
 
@@ -212,11 +217,18 @@ impl Encoder {
                 let head = csv::wide_header(&columns)?;
                 (Body::CsvWide(columns), head)
             }
+            #[cfg(feature = "parquet")]
             (Format::Parquet, layout) => {
                 let columns = (layout == Layout::Wide).then(wide);
                 let file = parquet::ParquetFile::new(encoding.compression, device, columns)
                     .map_err(|e| e.to_string())?;
                 (Body::Parquet(file), Vec::new())
+            }
+            // The configuration refuses the format in a build without it.
+            #[cfg(not(feature = "parquet"))]
+            (Format::Parquet, _) => {
+                let _ = device;
+                return Err("this build of edgespool has no Parquet encoder".to_owned());
             }
         };
         let codec = match text_codec(encoding) {
@@ -248,12 +260,13 @@ impl Encoder {
             Body::JsonWide(format, keys) => keys.rows(*format, rows)?,
             Body::CsvLong => long_csv_rows("", rows, LongCsv::File).map_err(|e| e.to_string())?,
             Body::CsvWide(columns) => csv::wide_rows_csv(columns, rows)?,
-            Body::Parquet(file) => file.push(rows).map_err(|e| e.to_string())?,
+            #[cfg(feature = "parquet")]
+            Body::Parquet(file) => {
+                let bytes = file.push(rows).map_err(|e| e.to_string())?;
+                return Ok(self.with_head(bytes));
+            }
         };
-        let bytes = match self.body {
-            Body::Parquet(_) => text,
-            _ => self.compress(text).map_err(|e| e.to_string())?,
-        };
+        let bytes = self.compress(text).map_err(|e| e.to_string())?;
         Ok(self.with_head(bytes))
     }
 
@@ -270,9 +283,15 @@ impl Encoder {
     /// Ends the file and returns its last bytes (Parquet's footer, the compressor's end).
     pub fn finish(self) -> Result<Vec<u8>, String> {
         let Encoder { body, codec, head } = self;
-        let tail = if let Body::Parquet(file) = body {
-            file.finish().map_err(|e| e.to_string())?
-        } else {
+        #[cfg(feature = "parquet")]
+        if let Body::Parquet(file) = body {
+            let mut out = head;
+            out.extend(file.finish().map_err(|e| e.to_string())?);
+            return Ok(out);
+        }
+        #[cfg(not(feature = "parquet"))]
+        let _ = body;
+        let tail = {
             match codec {
                 None => Vec::new(),
                 Some(Compressor::Gzip(gz)) => gz.finish().map_err(|e| e.to_string())?,
