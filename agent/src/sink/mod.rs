@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::clock;
 use crate::config::{SinkConfig, SinkKind};
 use crate::flow::{Series, WindowRow};
-use crate::spool::{PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
+use crate::spool::{Batch, PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
 pub use encode::{Encoding, Part, content_encoding, content_type, encode, extension};
 pub use layout::object_key;
@@ -68,6 +68,25 @@ pub trait Sink: Send + Sync {
     /// set costs a query per part, so other sinks get it empty.
     fn wants_series(&self) -> bool {
         false
+    }
+
+    /// How many parts (of distinct partitions) one [`deliver_parts`](Sink::deliver_parts)
+    /// takes, and up to how many rows in all (a first part larger than that goes whole):
+    /// `(1, _)`, the default, is a part at a time through [`deliver`](Sink::deliver).
+    fn batch_limit(&self) -> (usize, i64) {
+        (1, crate::spool::MAX_PART_ROWS)
+    }
+
+    /// Writes several parts at once, all or none durable when it returns (PostgreSQL: one
+    /// transaction); each stays idempotent on its own, so a retry of some or all of them
+    /// leaves one copy. Called only when [`batch_limit`](Sink::batch_limit) allows more
+    /// than one part; by default, one [`deliver`](Sink::deliver) after another.
+    async fn deliver_parts(&self, deliveries: Vec<Delivery<'_>>) -> Result<String, SinkError> {
+        let mut location = String::new();
+        for delivery in deliveries {
+            location = self.deliver(delivery).await?;
+        }
+        Ok(location)
     }
 }
 
@@ -146,10 +165,15 @@ impl Uploader {
             if *self.shutdown.borrow() {
                 return;
             }
-            let outcome = match self.spool.plan(&self.name, clock::now_ms()).await {
-                Ok(Plan::Ready(plan)) => self.send(&plan, &mut reader).await.map(|()| None),
-                Ok(Plan::Wait(until)) => Ok(Some(until)),
-                Err(err) => Err(err.to_string()),
+            let (max_parts, max_rows) = self.sink.batch_limit();
+            let outcome = if max_parts > 1 {
+                self.send_batch(max_parts, max_rows, &mut reader).await
+            } else {
+                match self.spool.plan(&self.name, clock::now_ms()).await {
+                    Ok(Plan::Ready(plan)) => self.send(&plan, &mut reader).await.map(|()| None),
+                    Ok(Plan::Wait(until)) => Ok(Some(until)),
+                    Err(err) => Err(err.to_string()),
+                }
             };
             match outcome {
                 Ok(None) => attempt = 0,
@@ -224,6 +248,79 @@ impl Uploader {
         self.spool
             .delivered(plan, clock::now_ms())
             .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Uploader {
+    /// Plans, reads, sends and acknowledges the parts a sink takes at once (see
+    /// [`Sink::batch_limit`]); `Ok(Some(until))` when there is nothing to send.
+    async fn send_batch(
+        &self,
+        max_parts: usize,
+        max_rows: i64,
+        reader: &mut Option<SpoolReader>,
+    ) -> Result<Option<Option<i64>>, String> {
+        let plans = match self
+            .spool
+            .plan_batch(&self.name, clock::now_ms(), max_parts, max_rows)
+            .await
+        {
+            Ok(Batch::Ready(plans)) => plans,
+            Ok(Batch::Wait(until)) => return Ok(Some(until)),
+            Err(err) => return Err(err.to_string()),
+        };
+        let path = self.spool.path().to_owned();
+        // As in `send`: the writer's file, read after the plan came back.
+        let writer_file = self.spool.file();
+        let taken = reader.take().filter(|r| r.file() == Some(writer_file));
+        let query = plans.clone();
+        let with_series = self.sink.wants_series();
+        let (back, parts) = tokio::task::spawn_blocking(move || {
+            let mut reader = match taken {
+                Some(r) => r,
+                None => SpoolReader::open(&path)?,
+            };
+            if reader.file() != Some(writer_file) {
+                return Err(crate::spool::SpoolError::NotTheWriters { path });
+            }
+            let parts: Result<Vec<PartRows>, _> = query
+                .iter()
+                .map(|plan| reader.read_part(plan, with_series))
+                .collect();
+            Ok::<_, crate::spool::SpoolError>((reader, parts))
+        })
+        .await
+        .map_err(|e| format!("spool reader failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        *reader = Some(back);
+        let parts = parts.map_err(|e| e.to_string())?;
+        let deliveries: Vec<Delivery<'_>> = plans
+            .iter()
+            .zip(&parts)
+            .filter(|(_, part)| !part.rows.is_empty())
+            .map(|(plan, part)| Delivery {
+                device: &self.device,
+                plan,
+                rows: &part.rows,
+                series: &part.series,
+            })
+            .collect();
+        if !deliveries.is_empty() {
+            let rows: usize = deliveries.iter().map(|d| d.rows.len()).sum();
+            let count = deliveries.len();
+            let location = self
+                .sink
+                .deliver_parts(deliveries)
+                .await
+                .map_err(|e| e.to_string())?;
+            info!(sink = %self.name, rows, parts = count, to = %location, "delivered");
+            crate::failpoint::point("after-upload", &self.name);
+        }
+        self.spool
+            .delivered_all(&plans, clock::now_ms())
+            .await
+            .map(|()| None)
             .map_err(|e| e.to_string())
     }
 }

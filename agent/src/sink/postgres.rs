@@ -344,7 +344,8 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Loads one part in one transaction; `false` when it had been loaded before.
+    /// Loads parts (of distinct partitions) in one transaction; how many of them had not
+    /// been loaded before (0: all had).
     ///
     /// `direct`: COPY straight into the table, tried first (most parts hold new windows
     /// only); a unique violation (late rows of a window loaded before, a table fed by an
@@ -352,56 +353,65 @@ impl PostgresSink {
     async fn load(
         &self,
         client: &mut Client,
-        delivery: &Delivery<'_>,
+        deliveries: &[Delivery<'_>],
         direct: bool,
-    ) -> Result<bool, LoadError> {
-        let plan = delivery.plan;
+    ) -> Result<usize, LoadError> {
         let tx = client.transaction().await?;
-        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
-            &self.config.table,
-            &delivery.device,
-            &plan.partition,
-            &(plan.part as i32),
-            &(delivery.rows.len() as i32),
-        ];
         // Design: the spool plans part N only once every earlier part of the sink is
         // recorded delivered (durably: the plan's commit syncs what came before), so no
         // earlier part of this partition is ever sent again. Its record moves on to part
         // N (rows adding up) instead of a row per part: one row per partition however
-        // many flushes sent parts of it, and no privilege beyond INSERT and UPDATE.
-        let moved_on = if plan.part > 0 {
-            tx.execute(
-                &format!(
-                    "UPDATE \"{schema}\".{LOADS_TABLE} l
-                     SET part = $4, rows = l.rows + $5, loaded_at = now()
-                     WHERE l.target = $1 AND l.device = $2
-                       AND l.partition_start = to_timestamp($3::bigint)
-                       AND l.part = (SELECT max(m.part) FROM \"{schema}\".{LOADS_TABLE} m
-                                     WHERE m.target = $1 AND m.device = $2
-                                       AND m.partition_start = to_timestamp($3::bigint))
-                       AND l.part < $4",
-                    schema = self.config.schema
-                ),
-                &key,
-            )
-            .await?
-        } else {
-            0
-        };
-        let new = moved_on
-            + tx.execute(
-                &format!(
-                    "INSERT INTO \"{}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
-                     SELECT $1, $2, to_timestamp($3::bigint), $4, $5 WHERE $6
-                     ON CONFLICT DO NOTHING",
-                    self.config.schema
-                ),
-                &[key[0], key[1], key[2], key[3], key[4], &(moved_on == 0)],
-            )
+        // many flushes sent parts of it, and no privilege beyond INSERT and UPDATE. A
+        // batch holds one part per partition, so each part's record is its own row;
+        // the two statements are prepared once per transaction, not once per part.
+        let schema = &self.config.schema;
+        let move_on = tx
+            .prepare(&format!(
+                "UPDATE \"{schema}\".{LOADS_TABLE} l
+                 SET part = $4, rows = l.rows + $5, loaded_at = now()
+                 WHERE l.target = $1 AND l.device = $2
+                   AND l.partition_start = to_timestamp($3::bigint)
+                   AND l.part = (SELECT max(m.part) FROM \"{schema}\".{LOADS_TABLE} m
+                                 WHERE m.target = $1 AND m.device = $2
+                                   AND m.partition_start = to_timestamp($3::bigint))
+                   AND l.part < $4"
+            ))
             .await?;
-        if new == 0 {
+        let insert = tx
+            .prepare(&format!(
+                "INSERT INTO \"{schema}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
+                 SELECT $1, $2, to_timestamp($3::bigint), $4, $5 WHERE $6
+                 ON CONFLICT DO NOTHING"
+            ))
+            .await?;
+        let mut new = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            let plan = delivery.plan;
+            let key: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+                &self.config.table,
+                &delivery.device,
+                &plan.partition,
+                &(plan.part as i32),
+                &(delivery.rows.len() as i32),
+            ];
+            let moved_on = if plan.part > 0 {
+                tx.execute(&move_on, &key).await?
+            } else {
+                0
+            };
+            let recorded = moved_on
+                + tx.execute(
+                    &insert,
+                    &[key[0], key[1], key[2], key[3], key[4], &(moved_on == 0)],
+                )
+                .await?;
+            if recorded > 0 {
+                new.push(delivery);
+            }
+        }
+        if new.is_empty() {
             tx.commit().await?;
-            return Ok(false);
+            return Ok(0);
         }
         let names: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
             .iter()
@@ -418,27 +428,23 @@ impl PostgresSink {
             .await?;
             "edgespool_staging".to_owned()
         };
+        // One COPY for every new part of the transaction.
         let copy = tx
             .copy_in(&format!(
                 "COPY {into} ({columns}) FROM STDIN WITH (FORMAT csv)"
             ))
             .await?;
         futures_util::pin_mut!(copy);
-        let twice = delivery
-            .rows
-            .windows(2)
-            .any(|w| w[0].start == w[1].start && w[0].series == w[1].series);
-        let merged_rows;
-        let rows = if twice {
-            merged_rows = merged(delivery.rows);
-            &merged_rows[..]
-        } else {
-            delivery.rows
-        };
-        for chunk in rows.chunks(4096) {
-            let body = long_csv(delivery.device, chunk, LongCsv::Copy)
-                .map_err(|e| LoadError::Other(format!("cannot encode: {e}")))?;
-            copy.send(Bytes::from(body)).await?;
+        for delivery in &new {
+            let mut text = CopyText::new(delivery.device);
+            for row in delivery.rows {
+                if let Some(body) = text.push(row)? {
+                    copy.send(body).await?;
+                }
+            }
+            if let Some(body) = text.finish()? {
+                copy.send(body).await?;
+            }
         }
         copy.finish().await?;
         if !direct {
@@ -467,7 +473,86 @@ impl PostgresSink {
             .await?;
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(new.len())
+    }
+}
+
+/// How much COPY text is encoded before it is sent: what the load holds of it at once.
+const COPY_BUFFER: usize = 128 * 1024;
+
+/// How many rows are formatted together (a window's times and a series' tags are
+/// formatted once per group).
+const COPY_ROWS: usize = 256;
+
+/// A part's rows as COPY text, made as they come: a window that appears twice in a row
+/// (a window and its late rows, both spooled before the part was planned) is merged
+/// into one row, and the text goes out in pieces of about [`COPY_BUFFER`] bytes.
+struct CopyText<'a> {
+    device: &'a str,
+    /// The row being merged with those that follow for the same window.
+    pending: Option<WindowRow>,
+    /// Rows ready to format.
+    rows: Vec<WindowRow>,
+    /// Formatted text not sent yet.
+    text: Vec<u8>,
+}
+
+impl<'a> CopyText<'a> {
+    fn new(device: &'a str) -> CopyText<'a> {
+        CopyText {
+            device,
+            pending: None,
+            rows: Vec::with_capacity(COPY_ROWS),
+            text: Vec::new(),
+        }
+    }
+
+    /// Takes the next row (rows come ordered by window start and series); returns text
+    /// to send once a buffer's worth is ready.
+    fn push(&mut self, row: &WindowRow) -> Result<Option<Bytes>, LoadError> {
+        match &mut self.pending {
+            Some(last) if last.start == row.start && last.series == row.series => {
+                last.stats = last.stats.merge(&row.stats);
+                return Ok(None);
+            }
+            pending => {
+                if let Some(done) = pending.replace(row.clone()) {
+                    self.rows.push(done);
+                }
+            }
+        }
+        if self.rows.len() >= COPY_ROWS {
+            self.format()?;
+        }
+        Ok((self.text.len() >= COPY_BUFFER).then(|| self.take()))
+    }
+
+    /// The rest of the text, if any.
+    fn finish(mut self) -> Result<Option<Bytes>, LoadError> {
+        if let Some(done) = self.pending.take() {
+            self.rows.push(done);
+        }
+        self.format()?;
+        Ok((!self.text.is_empty()).then(|| self.take()))
+    }
+
+    fn format(&mut self) -> Result<(), LoadError> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let body = long_csv(self.device, &self.rows, LongCsv::Copy)
+            .map_err(|e| LoadError::Other(format!("cannot encode: {e}")))?;
+        self.rows.clear();
+        if self.text.is_empty() {
+            self.text = body;
+        } else {
+            self.text.extend_from_slice(&body);
+        }
+        Ok(())
+    }
+
+    fn take(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.text))
     }
 }
 
@@ -502,6 +587,7 @@ fn setup_lock_key(schema: &str) -> i64 {
 }
 
 /// Why a load failed.
+#[derive(Debug)]
 enum LoadError {
     /// A direct COPY met rows that are there already.
     Conflict,
@@ -519,41 +605,43 @@ impl From<tokio_postgres::Error> for LoadError {
     }
 }
 
-/// The rows with windows that appear twice in one part (a window and its late rows,
-/// both spooled before the part was planned) merged into one.
-fn merged(rows: &[WindowRow]) -> Vec<WindowRow> {
-    let mut out: Vec<WindowRow> = Vec::with_capacity(rows.len());
-    for row in rows {
-        match out.last_mut() {
-            Some(last) if last.start == row.start && last.series == row.series => {
-                last.stats = last.stats.merge(&row.stats);
-            }
-            _ => out.push(row.clone()),
-        }
-    }
-    out
-}
-
 #[async_trait::async_trait]
 impl Sink for PostgresSink {
     async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError> {
+        self.deliver_parts(vec![delivery]).await
+    }
+
+    fn batch_limit(&self) -> (usize, i64) {
+        (usize::MAX, i64::from(self.config.transaction_rows.get()))
+    }
+
+    async fn deliver_parts(&self, deliveries: Vec<Delivery<'_>>) -> Result<String, SinkError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
             *guard = Some(self.connect().await?);
         }
         let client = guard.as_mut().expect("connected above");
-        let plan = delivery.plan;
-        let what = format!(
-            "{} part {} of {}",
-            self.table(),
-            plan.part,
-            clock::rfc3339(plan.partition)
-        );
+        let what = match deliveries.as_slice() {
+            [one] => format!(
+                "{} part {} of {}",
+                self.table(),
+                one.plan.part,
+                clock::rfc3339(one.plan.partition)
+            ),
+            [first, .., last] => format!(
+                "{} {} parts of {} to {}",
+                self.table(),
+                deliveries.len(),
+                clock::rfc3339(first.plan.partition),
+                clock::rfc3339(last.plan.partition)
+            ),
+            [] => return Ok(format!("{} nothing", self.location)),
+        };
         let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
         let attempt = async {
-            match self.load(client, &delivery, true).await {
-                Err(LoadError::Conflict) => self.load(client, &delivery, false).await,
+            match self.load(client, &deliveries, true).await {
+                Err(LoadError::Conflict) => self.load(client, &deliveries, false).await,
                 other => other,
             }
         };
@@ -564,8 +652,13 @@ impl Sink for PostgresSink {
             Err(_) => Err(format!("no answer within {limit:?}")),
         };
         match result {
-            Ok(true) => Ok(format!("{} {what}", self.location)),
-            Ok(false) => Ok(format!("{} {what} (loaded before)", self.location)),
+            Ok(0) => Ok(format!("{} {what} (loaded before)", self.location)),
+            Ok(n) if n < deliveries.len() => Ok(format!(
+                "{} {what} ({} loaded before)",
+                self.location,
+                deliveries.len() - n
+            )),
+            Ok(_) => Ok(format!("{} {what}", self.location)),
             Err(reason) => {
                 // Start over on a fresh connection: this one may be mid-transaction.
                 *guard = None;
@@ -661,17 +754,61 @@ mod tests {
             row(&s, 0, 3.0, 10_000),
             row(&s, 60, 5.0, 60_000),
         ];
-        let out = merged(&rows);
-        assert_eq!(out.len(), 2);
-        assert_eq!((out[0].stats.count, out[0].stats.mean), (2, 2.0));
-        assert_eq!((out[0].stats.first, out[0].stats.last), (3.0, 1.0));
-        let text =
-            String::from_utf8(long_csv("pi", &out, LongCsv::Copy).expect("csv")).expect("utf-8");
+        let text = String::from_utf8(copy_text("pi", &rows).concat()).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
         assert_eq!(
-            text.lines().next(),
-            Some(
-                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z,0.0"
-            )
+            lines[0],
+            "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z,0.0"
+        );
+        assert!(lines[1].starts_with("pi,hw.t,,{},1970-01-01T00:01:00Z,60,1,5.0,5.0,5.0,"));
+    }
+
+    /// The pieces of COPY text a part's rows make.
+    fn copy_text(device: &str, rows: &[WindowRow]) -> Vec<Vec<u8>> {
+        let mut text = CopyText::new(device);
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        for row in rows {
+            if let Some(piece) = text.push(row).expect("encodes") {
+                pieces.push(piece.to_vec());
+            }
+        }
+        if let Some(piece) = text.finish().expect("encodes") {
+            pieces.push(piece.to_vec());
+        }
+        pieces
+    }
+
+    #[test]
+    fn a_large_part_goes_out_in_bounded_pieces_of_copy_text() {
+        let series: Vec<Arc<Series>> = (0..100)
+            .map(|i| Arc::new(Series::new(&format!("hw.sensor_{i}"), None)))
+            .collect();
+        // A day of 100 series: 144,000 rows, some 20 MB of text.
+        let rows: Vec<WindowRow> = (0..1440)
+            .flat_map(|w| {
+                series
+                    .iter()
+                    .map(move |s| row(s, w * 60, w as f64, w * 60_000 + 1))
+            })
+            .collect();
+        let pieces = copy_text("pi", &rows);
+        let lines: usize = pieces
+            .iter()
+            .map(|p| p.iter().filter(|&&b| b == b'\n').count())
+            .sum();
+        assert_eq!(lines, rows.len(), "each row once");
+        let largest = pieces.iter().map(Vec::len).max().expect("some text");
+        // A piece is sent once it reaches the buffer's size: at most one group of rows over.
+        assert!(
+            largest < COPY_BUFFER + COPY_ROWS * 200,
+            "a piece of {largest} bytes"
+        );
+        assert!(pieces.len() > 100, "{} pieces", pieces.len());
+        assert_eq!(
+            pieces.concat(),
+            long_csv("pi", &rows, LongCsv::Copy).expect("csv"),
+            "the same text as one encoding of the whole part"
         );
     }
 

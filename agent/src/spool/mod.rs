@@ -177,7 +177,7 @@ mod thread;
 mod writer;
 
 pub use budget::{LOW_WATER_PERCENT, WINDOW_BYTES, files_bound};
-pub use delivery::{LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
+pub use delivery::{Batch, LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use follow::Restored;
 pub use lock::{AtPath, FileId, SpoolLock, lock_path};
 pub use reader::{AgentState, SinkRecord, SourceState, SpoolReader};
