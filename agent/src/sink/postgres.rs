@@ -782,7 +782,7 @@ mod tests {
     #[test]
     fn a_large_part_goes_out_in_bounded_pieces_of_copy_text() {
         let series: Vec<Arc<Series>> = (0..100)
-            .map(|i| Arc::new(Series::new(&format!("hw.sensor_{i}"), None)))
+            .map(|i| Arc::new(Series::new(format!("hw.sensor_{i}"), None)))
             .collect();
         // A day of 100 series: 144,000 rows, some 20 MB of text.
         let rows: Vec<WindowRow> = (0..1440)
