@@ -77,16 +77,72 @@ pub trait Sink: Send + Sync {
         (1, crate::spool::MAX_PART_ROWS)
     }
 
-    /// Writes several parts at once, all or none durable when it returns (PostgreSQL: one
-    /// transaction); each stays idempotent on its own, so a retry of some or all of them
-    /// leaves one copy. Called only when [`batch_limit`](Sink::batch_limit) allows more
-    /// than one part; by default, one [`deliver`](Sink::deliver) after another.
-    async fn deliver_parts(&self, deliveries: Vec<Delivery<'_>>) -> Result<String, SinkError> {
+    /// Writes the parts `parts` reads, all or none durable when it returns (PostgreSQL:
+    /// one transaction); each stays idempotent on its own, so a retry of some or all of
+    /// them leaves one copy. Called only when [`batch_limit`](Sink::batch_limit) allows
+    /// more than one part; by default, one [`deliver`](Sink::deliver) after another.
+    async fn deliver_parts(&self, parts: &mut PartReader<'_>) -> Result<String, SinkError> {
         let mut location = String::new();
-        for delivery in deliveries {
-            location = self.deliver(delivery).await?;
+        while let Some((plan, part)) = parts.next().await.map_err(|reason| SinkError::Write {
+            sink: parts.sink().to_owned(),
+            key: "the spool".to_owned(),
+            reason,
+        })? {
+            location = self
+                .deliver(Delivery {
+                    device: parts.device(),
+                    plan: &plan,
+                    rows: &part.rows,
+                    series: &part.series,
+                })
+                .await?;
         }
         Ok(location)
+    }
+}
+
+/// The parts of a batch, read from the spool one after another as a sink asks for them:
+/// one part's rows in memory at a time, however many parts the batch holds.
+pub struct PartReader<'a> {
+    uploader: &'a Uploader,
+    plans: &'a [PartPlan],
+    next: usize,
+    reader: &'a mut Option<SpoolReader>,
+    rows: usize,
+}
+
+impl PartReader<'_> {
+    /// The device id.
+    pub fn device(&self) -> &str {
+        &self.uploader.device
+    }
+
+    /// The sink's name.
+    pub fn sink(&self) -> &str {
+        &self.uploader.name
+    }
+
+    /// Every part of the batch, oldest first.
+    pub fn plans(&self) -> &[PartPlan] {
+        self.plans
+    }
+
+    /// The next part and its rows (a part the budget dropped meanwhile comes empty);
+    /// `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<(PartPlan, PartRows)>, String> {
+        let Some(plan) = self.plans.get(self.next) else {
+            return Ok(None);
+        };
+        self.next += 1;
+        let part = self.uploader.read(plan, self.reader).await?;
+        self.rows += part.rows.len();
+        Ok(Some((plan.clone(), part)))
+    }
+
+    /// Back to the first part (a sink that loads the batch again another way).
+    pub fn rewind(&mut self) {
+        self.next = 0;
+        self.rows = 0;
     }
 }
 
@@ -270,51 +326,20 @@ impl Uploader {
             Ok(Batch::Wait(until)) => return Ok(Some(until)),
             Err(err) => return Err(err.to_string()),
         };
-        let path = self.spool.path().to_owned();
-        // As in `send`: the writer's file, read after the plan came back.
-        let writer_file = self.spool.file();
-        let taken = reader.take().filter(|r| r.file() == Some(writer_file));
-        let query = plans.clone();
-        let with_series = self.sink.wants_series();
-        let (back, parts) = tokio::task::spawn_blocking(move || {
-            let mut reader = match taken {
-                Some(r) => r,
-                None => SpoolReader::open(&path)?,
-            };
-            if reader.file() != Some(writer_file) {
-                return Err(crate::spool::SpoolError::NotTheWriters { path });
-            }
-            let parts: Result<Vec<PartRows>, _> = query
-                .iter()
-                .map(|plan| reader.read_part(plan, with_series))
-                .collect();
-            Ok::<_, crate::spool::SpoolError>((reader, parts))
-        })
-        .await
-        .map_err(|e| format!("spool reader failed: {e}"))?
-        .map_err(|e| e.to_string())?;
-        *reader = Some(back);
-        let parts = parts.map_err(|e| e.to_string())?;
-        let deliveries: Vec<Delivery<'_>> = plans
-            .iter()
-            .zip(&parts)
-            .filter(|(_, part)| !part.rows.is_empty())
-            .map(|(plan, part)| Delivery {
-                device: &self.device,
-                plan,
-                rows: &part.rows,
-                series: &part.series,
-            })
-            .collect();
-        if !deliveries.is_empty() {
-            let rows: usize = deliveries.iter().map(|d| d.rows.len()).sum();
-            let count = deliveries.len();
-            let location = self
-                .sink
-                .deliver_parts(deliveries)
-                .await
-                .map_err(|e| e.to_string())?;
-            info!(sink = %self.name, rows, parts = count, to = %location, "delivered");
+        let mut parts = PartReader {
+            uploader: self,
+            plans: &plans,
+            next: 0,
+            reader,
+            rows: 0,
+        };
+        let location = self
+            .sink
+            .deliver_parts(&mut parts)
+            .await
+            .map_err(|e| e.to_string())?;
+        if parts.rows > 0 {
+            info!(sink = %self.name, rows = parts.rows, parts = plans.len(), to = %location, "delivered");
             crate::failpoint::point("after-upload", &self.name);
         }
         self.spool
@@ -322,6 +347,37 @@ impl Uploader {
             .await
             .map(|()| None)
             .map_err(|e| e.to_string())
+    }
+
+    /// Reads one part from the spool (off the runtime), reusing `reader` while it reads
+    /// the writer's file.
+    async fn read(
+        &self,
+        plan: &PartPlan,
+        reader: &mut Option<SpoolReader>,
+    ) -> Result<PartRows, String> {
+        let path = self.spool.path().to_owned();
+        // As in `send`: the writer's file, read after the plan came back.
+        let writer_file = self.spool.file();
+        let taken = reader.take().filter(|r| r.file() == Some(writer_file));
+        let query = plan.clone();
+        let with_series = self.sink.wants_series();
+        let (back, part) = tokio::task::spawn_blocking(move || {
+            let mut reader = match taken {
+                Some(r) => r,
+                None => SpoolReader::open(&path)?,
+            };
+            if reader.file() != Some(writer_file) {
+                return Err(crate::spool::SpoolError::NotTheWriters { path });
+            }
+            let part = reader.read_part(&query, with_series);
+            Ok::<_, crate::spool::SpoolError>((reader, part))
+        })
+        .await
+        .map_err(|e| format!("spool reader failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        *reader = Some(back);
+        part.map_err(|e| e.to_string())
     }
 }
 

@@ -27,6 +27,7 @@
 
 mod plaintext;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,10 +37,11 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, Config as PgConfig};
 
 use super::encode::{LongCsv, long_csv};
-use super::{Delivery, Sink, SinkError};
+use super::{Delivery, PartReader, Sink, SinkError};
 use crate::clock;
 use crate::config::{PostgresSink as PgSinkConfig, SslMode};
 use crate::flow::WindowRow;
+use crate::spool::PartPlan;
 
 /// The table's columns, in order, with their SQL types as `information_schema` names them.
 const COLUMNS: [(&str, &str); 18] = [
@@ -344,8 +346,8 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Loads parts (of distinct partitions) in one transaction; how many of them had not
-    /// been loaded before (0: all had).
+    /// Loads the parts `source` gives (of distinct partitions, read one at a time) in one
+    /// transaction; returns how many had not been loaded before, and how many had rows.
     ///
     /// `direct`: COPY straight into the table, tried first (most parts hold new windows
     /// only); a unique violation (late rows of a window loaded before, a table fed by an
@@ -353,17 +355,17 @@ impl PostgresSink {
     async fn load(
         &self,
         client: &mut Client,
-        deliveries: &[Delivery<'_>],
+        source: &mut Source<'_, '_>,
         direct: bool,
-    ) -> Result<usize, LoadError> {
+    ) -> Result<(usize, usize), LoadError> {
         let tx = client.transaction().await?;
         // Design: the spool plans part N only once every earlier part of the sink is
         // recorded delivered (durably: the plan's commit syncs what came before), so no
         // earlier part of this partition is ever sent again. Its record moves on to part
         // N (rows adding up) instead of a row per part: one row per partition however
         // many flushes sent parts of it, and no privilege beyond INSERT and UPDATE. A
-        // batch holds one part per partition, so each part's record is its own row;
-        // the two statements are prepared once per transaction, not once per part.
+        // batch holds one part per partition, so each part's record is its own row.
+        // The statements are prepared once per transaction, not once per part.
         let schema = &self.config.schema;
         let move_on = tx
             .prepare(&format!(
@@ -384,15 +386,30 @@ impl PostgresSink {
                  ON CONFLICT DO NOTHING"
             ))
             .await?;
-        let mut new = Vec::with_capacity(deliveries.len());
-        for delivery in deliveries {
-            let plan = delivery.plan;
+        let names: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
+            .iter()
+            .map(|(n, _)| format!("\"{n}\""))
+            .collect();
+        let columns = names.join(", ");
+        let into = if direct {
+            self.table()
+        } else {
+            "edgespool_staging".to_owned()
+        };
+        let mut copy_in = None;
+        let (mut loaded, mut with_rows) = (0, 0);
+        let device = source.device().to_owned();
+        while let Some((plan, rows)) = source.next().await.map_err(LoadError::Other)? {
+            if rows.is_empty() {
+                continue;
+            }
+            with_rows += 1;
             let key: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
                 &self.config.table,
-                &delivery.device,
+                &device,
                 &plan.partition,
                 &(plan.part as i32),
-                &(delivery.rows.len() as i32),
+                &(rows.len() as i32),
             ];
             let moved_on = if plan.part > 0 {
                 tx.execute(&move_on, &key).await?
@@ -405,39 +422,33 @@ impl PostgresSink {
                     &[key[0], key[1], key[2], key[3], key[4], &(moved_on == 0)],
                 )
                 .await?;
-            if recorded > 0 {
-                new.push(delivery);
+            if recorded == 0 {
+                continue;
             }
-        }
-        if new.is_empty() {
-            tx.commit().await?;
-            return Ok(0);
-        }
-        let names: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
-            .iter()
-            .map(|(n, _)| format!("\"{n}\""))
-            .collect();
-        let columns = names.join(", ");
-        let into = if direct {
-            self.table()
-        } else {
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
-                self.table()
-            ))
-            .await?;
-            "edgespool_staging".to_owned()
-        };
-        // One COPY for every new part of the transaction.
-        let copy = tx
-            .copy_in(&format!(
-                "COPY {into} ({columns}) FROM STDIN WITH (FORMAT csv)"
-            ))
-            .await?;
-        futures_util::pin_mut!(copy);
-        for delivery in &new {
-            let mut text = CopyText::new(delivery.device);
-            for row in delivery.rows {
+            loaded += 1;
+            let statement = match &copy_in {
+                Some(statement) => statement,
+                None => {
+                    if !direct {
+                        tx.batch_execute(&format!(
+                            "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+                            self.table()
+                        ))
+                        .await?;
+                    }
+                    copy_in.insert(
+                        tx.prepare(&format!(
+                            "COPY {into} ({columns}) FROM STDIN WITH (FORMAT csv)"
+                        ))
+                        .await?,
+                    )
+                }
+            };
+            // A COPY per part: the loads record of the next goes between them.
+            let copy = tx.copy_in(statement).await?;
+            futures_util::pin_mut!(copy);
+            let mut text = CopyText::new(&device);
+            for row in rows.iter() {
                 if let Some(body) = text.push(row)? {
                     copy.send(body).await?;
                 }
@@ -445,8 +456,12 @@ impl PostgresSink {
             if let Some(body) = text.finish()? {
                 copy.send(body).await?;
             }
+            copy.finish().await?;
         }
-        copy.finish().await?;
+        if loaded == 0 {
+            tx.commit().await?;
+            return Ok((0, with_rows));
+        }
         if !direct {
             let (mean, mean_rest, delta) = merge_sql();
             tx.batch_execute(&format!(
@@ -473,7 +488,53 @@ impl PostgresSink {
             .await?;
         }
         tx.commit().await?;
-        Ok(new.len())
+        Ok((loaded, with_rows))
+    }
+}
+
+/// Where a load's parts come from: the spool, one at a time (a batch), or one part at
+/// hand.
+enum Source<'p, 'd> {
+    Spool(&'p mut PartReader<'d>),
+    One(&'p Delivery<'d>, bool),
+}
+
+impl Source<'_, '_> {
+    fn device(&self) -> &str {
+        match self {
+            Source::Spool(parts) => parts.device(),
+            Source::One(delivery, _) => delivery.device,
+        }
+    }
+
+    fn plans(&self) -> &[PartPlan] {
+        match self {
+            Source::Spool(parts) => parts.plans(),
+            Source::One(delivery, _) => std::slice::from_ref(delivery.plan),
+        }
+    }
+
+    /// The next part and its rows.
+    async fn next(&mut self) -> Result<Option<(PartPlan, Cow<'_, [WindowRow]>)>, String> {
+        match self {
+            Source::Spool(parts) => Ok(parts
+                .next()
+                .await?
+                .map(|(plan, part)| (plan, Cow::Owned(part.rows)))),
+            Source::One(delivery, taken) => {
+                if std::mem::replace(taken, true) {
+                    return Ok(None);
+                }
+                Ok(Some((delivery.plan.clone(), Cow::Borrowed(delivery.rows))))
+            }
+        }
+    }
+
+    fn rewind(&mut self) {
+        match self {
+            Source::Spool(parts) => parts.rewind(),
+            Source::One(_, taken) => *taken = false,
+        }
     }
 }
 
@@ -605,43 +666,41 @@ impl From<tokio_postgres::Error> for LoadError {
     }
 }
 
-#[async_trait::async_trait]
-impl Sink for PostgresSink {
-    async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError> {
-        self.deliver_parts(vec![delivery]).await
-    }
-
-    fn batch_limit(&self) -> (usize, i64) {
-        (usize::MAX, i64::from(self.config.transaction_rows.get()))
-    }
-
-    async fn deliver_parts(&self, deliveries: Vec<Delivery<'_>>) -> Result<String, SinkError> {
+impl PostgresSink {
+    /// Loads what `source` gives in one transaction, through staging if it must.
+    async fn load_all(&self, mut source: Source<'_, '_>) -> Result<String, SinkError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
             *guard = Some(self.connect().await?);
         }
         let client = guard.as_mut().expect("connected above");
-        let what = match deliveries.as_slice() {
+        let what = match source.plans() {
             [one] => format!(
                 "{} part {} of {}",
                 self.table(),
-                one.plan.part,
-                clock::rfc3339(one.plan.partition)
+                one.part,
+                clock::rfc3339(one.partition)
             ),
-            [first, .., last] => format!(
+            plans => format!(
                 "{} {} parts of {} to {}",
                 self.table(),
-                deliveries.len(),
-                clock::rfc3339(first.plan.partition),
-                clock::rfc3339(last.plan.partition)
+                plans.len(),
+                plans
+                    .first()
+                    .map_or_else(String::new, |p| clock::rfc3339(p.partition)),
+                plans
+                    .last()
+                    .map_or_else(String::new, |p| clock::rfc3339(p.partition))
             ),
-            [] => return Ok(format!("{} nothing", self.location)),
         };
         let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
         let attempt = async {
-            match self.load(client, &deliveries, true).await {
-                Err(LoadError::Conflict) => self.load(client, &deliveries, false).await,
+            match self.load(client, &mut source, true).await {
+                Err(LoadError::Conflict) => {
+                    source.rewind();
+                    self.load(client, &mut source, false).await
+                }
                 other => other,
             }
         };
@@ -652,13 +711,15 @@ impl Sink for PostgresSink {
             Err(_) => Err(format!("no answer within {limit:?}")),
         };
         match result {
-            Ok(0) => Ok(format!("{} {what} (loaded before)", self.location)),
-            Ok(n) if n < deliveries.len() => Ok(format!(
+            Ok((loaded, with_rows)) if loaded == with_rows => {
+                Ok(format!("{} {what}", self.location))
+            }
+            Ok((0, _)) => Ok(format!("{} {what} (loaded before)", self.location)),
+            Ok((loaded, with_rows)) => Ok(format!(
                 "{} {what} ({} loaded before)",
                 self.location,
-                deliveries.len() - n
+                with_rows - loaded
             )),
-            Ok(_) => Ok(format!("{} {what}", self.location)),
             Err(reason) => {
                 // Start over on a fresh connection: this one may be mid-transaction.
                 *guard = None;
@@ -669,6 +730,21 @@ impl Sink for PostgresSink {
                 })
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for PostgresSink {
+    async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError> {
+        self.load_all(Source::One(&delivery, false)).await
+    }
+
+    fn batch_limit(&self) -> (usize, i64) {
+        (usize::MAX, i64::from(self.config.transaction_rows.get()))
+    }
+
+    async fn deliver_parts(&self, parts: &mut PartReader<'_>) -> Result<String, SinkError> {
+        self.load_all(Source::Spool(parts)).await
     }
 }
 
