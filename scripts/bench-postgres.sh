@@ -7,7 +7,7 @@
 # the same rows, exported as CSV with every column the agent copies, loaded with
 # `psql \copy` into the same (emptied) table on the same server: the ceiling. Each
 # figure comes with the CPU seconds of the agent and of the server (every PostgreSQL
-# process, those that exited included) and the server's transactions.
+# backend that loaded the rows) and the server's transactions.
 #
 #   scripts/bench-postgres.sh            # 3 runs, medians printed
 #   BENCH_RUNS=1 BENCH_DAYS=1 scripts/bench-postgres.sh
@@ -41,27 +41,17 @@ as_pg "$pgbin/pg_ctl" -D "$work/data" -l "$work/pg.log" -w \
 export PGPASSWORD=bench
 sql() { psql -h 127.0.0.1 -p "$port" -U edgespool -d postgres -X -A -t -v ON_ERROR_STOP=1 "$@"; }
 
-# server_cpu: CPU seconds of the whole server so far: the postmaster and its children
-# alive (utime + stime), and those it has reaped (cutime + cstime).
 tick=$(getconf CLK_TCK)
-server_cpu() {
-    local main
-    main=$(head -1 "$work/data/postmaster.pid")
-    {
-        awk '{print $14 + $15 + $16 + $17}' "/proc/$main/stat"
-        for child in $(pgrep -P "$main"); do
-            awk '{print $14 + $15}' "/proc/$child/stat" 2>/dev/null || true
-        done
-    } | awk -v t="$tick" '{s += $1} END {printf "%.2f", s / t}'
-}
-# process_cpu PID: its CPU seconds (utime + stime).
-process_cpu() { awk -v t="$tick" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat"; }
+# stat_cpu: CPU seconds (utime + stime) of the /proc/PID/stat line on stdin.
+stat_cpu() { awk -v t="$tick" '{sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / t}'; }
+# process_cpu PID: its CPU seconds.
+process_cpu() { stat_cpu < "/proc/$1/stat"; }
 # commits: transactions committed in the database so far.
 commits() { sql -c "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'"; }
-minus() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a - b}'; }
 
 # drain SPOOL TRANSACTION_ROWS: loads the backlog in SPOOL with the agent into an empty
-# table; sets rate, acpu (agent CPU s), scpu (server CPU s), xacts, peak.
+# table; sets rate, acpu (agent CPU s), scpu (CPU s of the server process that loaded
+# the rows: the agent's backend), xacts, peak.
 drain() {
     sql -c "DROP TABLE IF EXISTS edgespool_windows, edgespool_loads" >/dev/null
     cat > "$work/drain.toml" <<TOML
@@ -85,18 +75,19 @@ sslmode = "disable"
 transaction_rows = $2
 TOML
     : > "$work/agent.log"
-    local start s0 x0 end
-    s0=$(server_cpu); x0=$(commits)
+    local start x0 end backend
+    x0=$(commits)
     start=$(now)
     start_agent "$work/drain.toml" "$work/agent.log"
     peak=0
-    wait_until --every 0.5 --alive "$agent" 3600 "the backlog loaded" \
+    wait_until --every 1 --alive "$agent" 3600 "the backlog loaded" \
         backlog_drained "$work/drain.toml" db
     # The end is the agent's own log line for the last part of the backlog, so that the
     # polling above neither counts nor slows the figure.
     end=$(utc_seconds "$(grep ' delivered' "$work/agent.log" | tail -1 | cut -d' ' -f1)")
     acpu=$(process_cpu "$agent")
-    scpu=$(minus "$(server_cpu)" "$s0")
+    backend=$(sql -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'edgespool'")
+    scpu=$(process_cpu "$backend")
     xacts=$(( $(commits) - x0 ))
     stop_agent
     rate=$(awk -v r="$rows" -v a="$start" -v b="$end" 'BEGIN {printf "%d", r / (b - a)}')
@@ -113,26 +104,26 @@ for run in $(seq 1 "$RUNS"); do
 
     drain "$work/one.db" 1
     one=$rate; one_x=$xacts
-    echo "run $run: a part per transaction: $rate rows/s, agent CPU $acpu s, server CPU $scpu s, $xacts transactions" >&2
+    echo "run $run: a part per transaction: $rate rows/s, agent CPU $acpu s, server backend CPU $scpu s, $xacts transactions" >&2
     drain "$work/spool.db" 100000
     loaded=$(sql -c "SELECT count(*) FROM edgespool_windows WHERE device = 'bench' AND window_seconds = 60")
-    echo "run $run: default batches: $rate rows/s ($loaded rows in the table), agent CPU $acpu s, server CPU $scpu s, $xacts transactions, peak RSS $peak KiB" >&2
+    echo "run $run: default batches: $rate rows/s ($loaded rows in the table), agent CPU $acpu s, server backend CPU $scpu s, $xacts transactions, peak RSS $peak KiB" >&2
 
     # The ceiling: the same rows through psql \copy into the same table, emptied.
     sql -c "\\copy (SELECT $cols FROM edgespool_windows WHERE window_seconds = 60) TO '$work/rows.csv' CSV"
     sql -c "TRUNCATE edgespool_windows" >/dev/null
-    s0=$(server_cpu)
     c0=$(now)
-    sql -c "\\copy edgespool_windows ($cols) FROM '$work/rows.csv' CSV" >/dev/null
+    # The backend reads its own CPU time once the COPY is done, in the same session.
+    cs=$(sql -c "\\copy edgespool_windows ($cols) FROM '$work/rows.csv' CSV" \
+        -c "SELECT pg_read_file('/proc/self/stat')" | tail -1 | stat_cpu)
     c1=$(now)
-    cs=$(minus "$(server_cpu)" "$s0")
     copied=$(sql -c "SELECT count(*) FROM edgespool_windows")
     [ "$copied" = "$loaded" ] || { echo "psql \\copy loaded $copied rows, the agent $loaded" >&2; exit 1; }
 
     c=$(awk -v r="$loaded" -v a="$c0" -v b="$c1" 'BEGIN {printf "%d", r / (b - a)}')
     r=$(awk -v a="$rate" -v c="$c" 'BEGIN {printf "%.2f", a / c}')
     r1=$(awk -v a="$one" -v c="$c" 'BEGIN {printf "%.2f", a / c}')
-    echo "run $run: psql \\copy $c rows/s, server CPU $cs s; ratio $r (a part per transaction: $r1)" >&2
+    echo "run $run: psql \\copy $c rows/s, server backend CPU $cs s; ratio $r (a part per transaction: $r1)" >&2
     agent_rates+=("$rate"); one_rates+=("$one"); copy_rates+=("$c"); ratios+=("$r"); one_ratios+=("$r1")
     peaks+=("$peak"); agent_cpu+=("$acpu"); agent_server+=("$scpu"); copy_server+=("$cs")
     agent_xacts+=("$xacts"); one_xacts+=("$one_x")
@@ -141,9 +132,9 @@ done
 echo
 echo "drain of $DAYS days x $SERIES series (60 s windows, $rows rows) to PostgreSQL, medians of $RUNS run(s):"
 echo "  edgespool: $(median "${agent_rates[@]}") rows/s (from start to an empty backlog; $(median "${agent_xacts[@]}") transactions)"
-echo "    agent CPU $(median "${agent_cpu[@]}") s, server CPU $(median "${agent_server[@]}") s"
+echo "    agent CPU $(median "${agent_cpu[@]}") s, its server backend's CPU $(median "${agent_server[@]}") s"
 echo "  edgespool, a part per transaction: $(median "${one_rates[@]}") rows/s ($(median "${one_xacts[@]}") transactions)"
-echo "  psql \\copy of the same rows into the same table: $(median "${copy_rates[@]}") rows/s, server CPU $(median "${copy_server[@]}") s"
+echo "  psql \\copy of the same rows into the same table: $(median "${copy_rates[@]}") rows/s, its backend's CPU $(median "${copy_server[@]}") s"
 echo "  ratio to psql \\copy, per run: ${ratios[*]}; median $(median "${ratios[@]}")"
 echo "  a part per transaction, per run: ${one_ratios[*]}; median $(median "${one_ratios[@]}")"
 echo "  peak resident memory: $(median "${peaks[@]}") KiB"
