@@ -307,6 +307,11 @@ pub struct PostgresSink {
     /// flush soon after they are committed) or "hourly" (a partition once it closed).
     #[serde(default)]
     pub deliver: Deliver,
+    /// While a backlog drains, parts (each of its own partition) are loaded together in
+    /// one transaction up to this many rows (default 100000; 1: a part per transaction).
+    /// A part larger than this still goes whole.
+    #[serde(default = "default_pg_transaction_rows")]
+    pub transaction_rows: NonZeroU32,
 }
 
 /// When a PostgreSQL sink gets its windows.
@@ -322,6 +327,9 @@ pub enum Deliver {
 
 fn default_pg_schema() -> String {
     "public".to_owned()
+}
+fn default_pg_transaction_rows() -> NonZeroU32 {
+    NonZeroU32::new(100_000).expect("not zero")
 }
 fn default_pg_table() -> String {
     "edgespool_windows".to_owned()

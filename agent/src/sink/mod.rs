@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::clock;
 use crate::config::{SinkConfig, SinkKind};
 use crate::flow::{Series, WindowRow};
-use crate::spool::{PartPlan, Plan, SpoolHandle, SpoolReader};
+use crate::spool::{Batch, PartPlan, PartRows, Plan, SpoolHandle, SpoolReader};
 
 pub use encode::{Encoder, Encoding, Part, content_encoding, content_type, encode, extension};
 pub use layout::object_key;
@@ -150,6 +150,86 @@ pub trait Sink: Send + Sync {
     fn wants_series(&self) -> bool {
         false
     }
+
+    /// How many parts (of distinct partitions) one [`deliver_parts`](Sink::deliver_parts)
+    /// takes, and up to how many rows in all (a first part larger than that goes whole):
+    /// `(1, _)`, the default, is a part at a time through [`deliver`](Sink::deliver).
+    fn batch_limit(&self) -> (usize, i64) {
+        (1, crate::spool::MAX_PART_ROWS)
+    }
+
+    /// Writes the parts `parts` reads, all or none durable when it returns (PostgreSQL:
+    /// one transaction); each stays idempotent on its own, so a retry of some or all of
+    /// them leaves one copy. Called only when [`batch_limit`](Sink::batch_limit) allows
+    /// more than one part; by default, one [`deliver`](Sink::deliver) after another.
+    async fn deliver_parts(&self, parts: &mut PartReader<'_>) -> Result<String, SinkError> {
+        let mut location = String::new();
+        while let Some((plan, part)) = parts.next().await.map_err(|reason| SinkError::Write {
+            sink: parts.sink().to_owned(),
+            key: "the spool".to_owned(),
+            reason,
+        })? {
+            location = self
+                .deliver(Delivery {
+                    device: parts.device(),
+                    plan: &plan,
+                    rows: Chunks::of(part.rows, parts.chunk_rows()),
+                    series: &part.series,
+                })
+                .await?;
+        }
+        Ok(location)
+    }
+}
+
+/// The parts of a batch, read from the spool one after another as a sink asks for them:
+/// one part's rows in memory at a time, however many parts the batch holds.
+pub struct PartReader<'a> {
+    uploader: &'a Uploader,
+    plans: &'a [PartPlan],
+    next: usize,
+    reader: &'a mut Option<SpoolReader>,
+    rows: usize,
+}
+
+impl PartReader<'_> {
+    /// The device id.
+    pub fn device(&self) -> &str {
+        &self.uploader.device
+    }
+
+    /// The sink's name.
+    pub fn sink(&self) -> &str {
+        &self.uploader.name
+    }
+
+    /// The rows of a chunk the sink's configuration asks for.
+    pub fn chunk_rows(&self) -> usize {
+        self.uploader.chunk_rows
+    }
+
+    /// Every part of the batch, oldest first.
+    pub fn plans(&self) -> &[PartPlan] {
+        self.plans
+    }
+
+    /// The next part and its rows (a part the budget dropped meanwhile comes empty);
+    /// `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<(PartPlan, PartRows)>, String> {
+        let Some(plan) = self.plans.get(self.next) else {
+            return Ok(None);
+        };
+        self.next += 1;
+        let part = self.uploader.read(plan, self.reader).await?;
+        self.rows += part.rows.len();
+        Ok(Some((plan.clone(), part)))
+    }
+
+    /// Back to the first part (a sink that loads the batch again another way).
+    pub fn rewind(&mut self) {
+        self.next = 0;
+        self.rows = 0;
+    }
 }
 
 /// Builds the sink a configuration entry describes; `None` for a live feed (see
@@ -234,10 +314,15 @@ impl Uploader {
             if *self.shutdown.borrow() {
                 return;
             }
-            let outcome = match self.spool.plan(&self.name, clock::now_ms()).await {
-                Ok(Plan::Ready(plan)) => self.send(&plan, &mut reader).await.map(|()| None),
-                Ok(Plan::Wait(until)) => Ok(Some(until)),
-                Err(err) => Err(err.to_string()),
+            let (max_parts, max_rows) = self.sink.batch_limit();
+            let outcome = if max_parts > 1 {
+                self.send_batch(max_parts, max_rows, &mut reader).await
+            } else {
+                match self.spool.plan(&self.name, clock::now_ms()).await {
+                    Ok(Plan::Ready(plan)) => self.send(&plan, &mut reader).await.map(|()| None),
+                    Ok(Plan::Wait(until)) => Ok(Some(until)),
+                    Err(err) => Err(err.to_string()),
+                }
             };
             match outcome {
                 Ok(None) => attempt = 0,
@@ -348,6 +433,79 @@ impl Uploader {
             .delivered(plan, clock::now_ms())
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+impl Uploader {
+    /// Plans, reads, sends and acknowledges the parts a sink takes at once (see
+    /// [`Sink::batch_limit`]); `Ok(Some(until))` when there is nothing to send.
+    async fn send_batch(
+        &self,
+        max_parts: usize,
+        max_rows: i64,
+        reader: &mut Option<SpoolReader>,
+    ) -> Result<Option<Option<i64>>, String> {
+        let plans = match self
+            .spool
+            .plan_batch(&self.name, clock::now_ms(), max_parts, max_rows)
+            .await
+        {
+            Ok(Batch::Ready(plans)) => plans,
+            Ok(Batch::Wait(until)) => return Ok(Some(until)),
+            Err(err) => return Err(err.to_string()),
+        };
+        let mut parts = PartReader {
+            uploader: self,
+            plans: &plans,
+            next: 0,
+            reader,
+            rows: 0,
+        };
+        let location = self
+            .sink
+            .deliver_parts(&mut parts)
+            .await
+            .map_err(|e| e.to_string())?;
+        if parts.rows > 0 {
+            info!(sink = %self.name, rows = parts.rows, parts = plans.len(), to = %location, "delivered");
+            crate::failpoint::point("after-upload", &self.name);
+        }
+        self.spool
+            .delivered_all(&plans, clock::now_ms())
+            .await
+            .map(|()| None)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads one part from the spool (off the runtime), reusing `reader` while it reads
+    /// the writer's file.
+    async fn read(
+        &self,
+        plan: &PartPlan,
+        reader: &mut Option<SpoolReader>,
+    ) -> Result<PartRows, String> {
+        let path = self.spool.path().to_owned();
+        // As in `send`: the writer's file, read after the plan came back.
+        let writer_file = self.spool.file();
+        let taken = reader.take().filter(|r| r.file() == Some(writer_file));
+        let query = plan.clone();
+        let with_series = self.sink.wants_series();
+        let (back, part) = tokio::task::spawn_blocking(move || {
+            let mut reader = match taken {
+                Some(r) => r,
+                None => SpoolReader::open(&path)?,
+            };
+            if reader.file() != Some(writer_file) {
+                return Err(crate::spool::SpoolError::NotTheWriters { path });
+            }
+            let part = reader.read_part(&query, with_series);
+            Ok::<_, crate::spool::SpoolError>((reader, part))
+        })
+        .await
+        .map_err(|e| format!("spool reader failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        *reader = Some(back);
+        part.map_err(|e| e.to_string())
     }
 }
 

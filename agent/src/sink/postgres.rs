@@ -27,6 +27,7 @@
 
 mod plaintext;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,10 +37,11 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, Config as PgConfig};
 
 use super::encode::{LongCsv, long_csv};
-use super::{Delivery, Sink, SinkError};
+use super::{Delivery, PartReader, Sink, SinkError};
 use crate::clock;
 use crate::config::{PostgresSink as PgSinkConfig, SslMode};
 use crate::flow::WindowRow;
+use crate::spool::PartPlan;
 
 /// The table's columns, in order, with their SQL types as `information_schema` names them.
 const COLUMNS: [(&str, &str); 18] = [
@@ -344,7 +346,8 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Loads one part in one transaction; `false` when it had been loaded before.
+    /// Loads the parts `source` gives (of distinct partitions, read one at a time) in one
+    /// transaction; returns how many had not been loaded before, and how many had rows.
     ///
     /// `direct`: COPY straight into the table, tried first (most parts hold new windows
     /// only); a unique violation (late rows of a window loaded before, a table fed by an
@@ -352,58 +355,37 @@ impl PostgresSink {
     async fn load(
         &self,
         client: &mut Client,
-        delivery: &Delivery<'_>,
-        rows: &[WindowRow],
+        source: &mut Source<'_, '_>,
         direct: bool,
-    ) -> Result<bool, LoadError> {
-        let plan = delivery.plan;
+    ) -> Result<(usize, usize), LoadError> {
         let tx = client.transaction().await?;
-        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
-            &self.config.table,
-            &delivery.device,
-            &plan.partition,
-            &(plan.part as i32),
-            &(rows.len() as i32),
-        ];
         // Design: the spool plans part N only once every earlier part of the sink is
         // recorded delivered (durably: the plan's commit syncs what came before), so no
         // earlier part of this partition is ever sent again. Its record moves on to part
         // N (rows adding up) instead of a row per part: one row per partition however
-        // many flushes sent parts of it, and no privilege beyond INSERT and UPDATE.
-        let moved_on = if plan.part > 0 {
-            tx.execute(
-                &format!(
-                    "UPDATE \"{schema}\".{LOADS_TABLE} l
-                     SET part = $4, rows = l.rows + $5, loaded_at = now()
-                     WHERE l.target = $1 AND l.device = $2
-                       AND l.partition_start = to_timestamp($3::bigint)
-                       AND l.part = (SELECT max(m.part) FROM \"{schema}\".{LOADS_TABLE} m
-                                     WHERE m.target = $1 AND m.device = $2
-                                       AND m.partition_start = to_timestamp($3::bigint))
-                       AND l.part < $4",
-                    schema = self.config.schema
-                ),
-                &key,
-            )
-            .await?
-        } else {
-            0
-        };
-        let new = moved_on
-            + tx.execute(
-                &format!(
-                    "INSERT INTO \"{}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
-                     SELECT $1, $2, to_timestamp($3::bigint), $4, $5 WHERE $6
-                     ON CONFLICT DO NOTHING",
-                    self.config.schema
-                ),
-                &[key[0], key[1], key[2], key[3], key[4], &(moved_on == 0)],
-            )
+        // many flushes sent parts of it, and no privilege beyond INSERT and UPDATE. A
+        // batch holds one part per partition, so each part's record is its own row.
+        // The statements are prepared once per transaction, not once per part.
+        let schema = &self.config.schema;
+        let move_on = tx
+            .prepare(&format!(
+                "UPDATE \"{schema}\".{LOADS_TABLE} l
+                 SET part = $4, rows = l.rows + $5, loaded_at = now()
+                 WHERE l.target = $1 AND l.device = $2
+                   AND l.partition_start = to_timestamp($3::bigint)
+                   AND l.part = (SELECT max(m.part) FROM \"{schema}\".{LOADS_TABLE} m
+                                 WHERE m.target = $1 AND m.device = $2
+                                   AND m.partition_start = to_timestamp($3::bigint))
+                   AND l.part < $4"
+            ))
             .await?;
-        if new == 0 {
-            tx.commit().await?;
-            return Ok(false);
-        }
+        let insert = tx
+            .prepare(&format!(
+                "INSERT INTO \"{schema}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
+                 SELECT $1, $2, to_timestamp($3::bigint), $4, $5 WHERE $6
+                 ON CONFLICT DO NOTHING"
+            ))
+            .await?;
         let names: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
             .iter()
             .map(|(n, _)| format!("\"{n}\""))
@@ -412,35 +394,74 @@ impl PostgresSink {
         let into = if direct {
             self.table()
         } else {
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
-                self.table()
-            ))
-            .await?;
             "edgespool_staging".to_owned()
         };
-        let copy = tx
-            .copy_in(&format!(
-                "COPY {into} ({columns}) FROM STDIN WITH (FORMAT csv)"
-            ))
-            .await?;
-        futures_util::pin_mut!(copy);
-        let twice = rows
-            .windows(2)
-            .any(|w| w[0].start == w[1].start && w[0].series == w[1].series);
-        let merged_rows;
-        let rows = if twice {
-            merged_rows = merged(rows);
-            &merged_rows[..]
-        } else {
-            rows
-        };
-        for chunk in rows.chunks(4096) {
-            let body = long_csv(delivery.device, chunk, LongCsv::Copy)
-                .map_err(|e| LoadError::Other(format!("cannot encode: {e}")))?;
-            copy.send(Bytes::from(body)).await?;
+        let mut copy_in = None;
+        let (mut loaded, mut with_rows) = (0, 0);
+        let device = source.device().to_owned();
+        while let Some((plan, rows)) = source.next().await.map_err(LoadError::Other)? {
+            if rows.is_empty() {
+                continue;
+            }
+            with_rows += 1;
+            let key: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+                &self.config.table,
+                &device,
+                &plan.partition,
+                &(plan.part as i32),
+                &(rows.len() as i32),
+            ];
+            let moved_on = if plan.part > 0 {
+                tx.execute(&move_on, &key).await?
+            } else {
+                0
+            };
+            let recorded = moved_on
+                + tx.execute(
+                    &insert,
+                    &[key[0], key[1], key[2], key[3], key[4], &(moved_on == 0)],
+                )
+                .await?;
+            if recorded == 0 {
+                continue;
+            }
+            loaded += 1;
+            let statement = match &copy_in {
+                Some(statement) => statement,
+                None => {
+                    if !direct {
+                        tx.batch_execute(&format!(
+                            "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+                            self.table()
+                        ))
+                        .await?;
+                    }
+                    copy_in.insert(
+                        tx.prepare(&format!(
+                            "COPY {into} ({columns}) FROM STDIN WITH (FORMAT csv)"
+                        ))
+                        .await?,
+                    )
+                }
+            };
+            // A COPY per part: the loads record of the next goes between them.
+            let copy = tx.copy_in(statement).await?;
+            futures_util::pin_mut!(copy);
+            let mut text = CopyText::new(&device);
+            for row in rows.iter() {
+                if let Some(body) = text.push(row)? {
+                    copy.send(body).await?;
+                }
+            }
+            if let Some(body) = text.finish()? {
+                copy.send(body).await?;
+            }
+            copy.finish().await?;
         }
-        copy.finish().await?;
+        if loaded == 0 {
+            tx.commit().await?;
+            return Ok((0, with_rows));
+        }
         if !direct {
             let (mean, mean_rest, delta) = merge_sql();
             tx.batch_execute(&format!(
@@ -467,7 +488,132 @@ impl PostgresSink {
             .await?;
         }
         tx.commit().await?;
-        Ok(true)
+        Ok((loaded, with_rows))
+    }
+}
+
+/// Where a load's parts come from: the spool, one at a time (a batch), or one part at
+/// hand.
+enum Source<'p, 'd> {
+    Spool(&'p mut PartReader<'d>),
+    One(&'p Delivery<'d>, &'p [WindowRow], bool),
+}
+
+impl Source<'_, '_> {
+    fn device(&self) -> &str {
+        match self {
+            Source::Spool(parts) => parts.device(),
+            Source::One(delivery, _, _) => delivery.device,
+        }
+    }
+
+    fn plans(&self) -> &[PartPlan] {
+        match self {
+            Source::Spool(parts) => parts.plans(),
+            Source::One(delivery, _, _) => std::slice::from_ref(delivery.plan),
+        }
+    }
+
+    /// The next part and its rows.
+    async fn next(&mut self) -> Result<Option<(PartPlan, Cow<'_, [WindowRow]>)>, String> {
+        match self {
+            Source::Spool(parts) => Ok(parts
+                .next()
+                .await?
+                .map(|(plan, part)| (plan, Cow::Owned(part.rows)))),
+            Source::One(delivery, rows, taken) => {
+                if std::mem::replace(taken, true) {
+                    return Ok(None);
+                }
+                Ok(Some((delivery.plan.clone(), Cow::Borrowed(*rows))))
+            }
+        }
+    }
+
+    fn rewind(&mut self) {
+        match self {
+            Source::Spool(parts) => parts.rewind(),
+            Source::One(_, _, taken) => *taken = false,
+        }
+    }
+}
+
+/// How much COPY text is encoded before it is sent: what the load holds of it at once.
+const COPY_BUFFER: usize = 128 * 1024;
+
+/// How many rows are formatted together (a window's times and a series' tags are
+/// formatted once per group).
+const COPY_ROWS: usize = 256;
+
+/// A part's rows as COPY text, made as they come: a window that appears twice in a row
+/// (a window and its late rows, both spooled before the part was planned) is merged
+/// into one row, and the text goes out in pieces of about [`COPY_BUFFER`] bytes.
+struct CopyText<'a> {
+    device: &'a str,
+    /// The row being merged with those that follow for the same window.
+    pending: Option<WindowRow>,
+    /// Rows ready to format.
+    rows: Vec<WindowRow>,
+    /// Formatted text not sent yet.
+    text: Vec<u8>,
+}
+
+impl<'a> CopyText<'a> {
+    fn new(device: &'a str) -> CopyText<'a> {
+        CopyText {
+            device,
+            pending: None,
+            rows: Vec::with_capacity(COPY_ROWS),
+            text: Vec::new(),
+        }
+    }
+
+    /// Takes the next row (rows come ordered by window start and series); returns text
+    /// to send once a buffer's worth is ready.
+    fn push(&mut self, row: &WindowRow) -> Result<Option<Bytes>, LoadError> {
+        match &mut self.pending {
+            Some(last) if last.start == row.start && last.series == row.series => {
+                last.stats = last.stats.merge(&row.stats);
+                return Ok(None);
+            }
+            pending => {
+                if let Some(done) = pending.replace(row.clone()) {
+                    self.rows.push(done);
+                }
+            }
+        }
+        if self.rows.len() >= COPY_ROWS {
+            self.format()?;
+        }
+        Ok((self.text.len() >= COPY_BUFFER).then(|| self.take()))
+    }
+
+    /// The rest of the text, if any.
+    fn finish(mut self) -> Result<Option<Bytes>, LoadError> {
+        if let Some(done) = self.pending.take() {
+            self.rows.push(done);
+        }
+        self.format()?;
+        Ok((!self.text.is_empty()).then(|| self.take()))
+    }
+
+    fn format(&mut self) -> Result<(), LoadError> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let body = long_csv(self.device, &self.rows, LongCsv::Copy)
+            .map_err(|e| LoadError::Other(format!("cannot encode: {e}")))?;
+        self.rows.clear();
+        if self.text.is_empty() {
+            self.text = body;
+        } else {
+            self.text.extend_from_slice(&body);
+        }
+        Ok(())
+    }
+
+    fn take(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.text))
     }
 }
 
@@ -502,6 +648,7 @@ fn setup_lock_key(schema: &str) -> i64 {
 }
 
 /// Why a load failed.
+#[derive(Debug)]
 enum LoadError {
     /// A direct COPY met rows that are there already.
     Conflict,
@@ -519,53 +666,41 @@ impl From<tokio_postgres::Error> for LoadError {
     }
 }
 
-/// The rows with windows that appear twice in one part (a window and its late rows,
-/// both spooled before the part was planned) merged into one.
-fn merged(rows: &[WindowRow]) -> Vec<WindowRow> {
-    let mut out: Vec<WindowRow> = Vec::with_capacity(rows.len());
-    for row in rows {
-        match out.last_mut() {
-            Some(last) if last.start == row.start && last.series == row.series => {
-                last.stats = last.stats.merge(&row.stats);
-            }
-            _ => out.push(row.clone()),
-        }
-    }
-    out
-}
-
-#[async_trait::async_trait]
-impl Sink for PostgresSink {
-    async fn deliver(&self, mut delivery: Delivery<'_>) -> Result<String, SinkError> {
-        // Design: COPY takes the part whole, in one transaction; the rows are gathered
-        // from the reader's chunks first.
-        let chunks = std::mem::replace(&mut delivery.rows, super::Chunks::of(Vec::new(), 1));
-        let rows = chunks.collect().await.map_err(|reason| SinkError::Write {
-            sink: self.name.clone(),
-            key: format!(
-                "part {} of {}",
-                delivery.plan.part,
-                clock::rfc3339(delivery.plan.partition)
-            ),
-            reason,
-        })?;
+impl PostgresSink {
+    /// Loads what `source` gives in one transaction, through staging if it must.
+    async fn load_all(&self, mut source: Source<'_, '_>) -> Result<String, SinkError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
             *guard = Some(self.connect().await?);
         }
         let client = guard.as_mut().expect("connected above");
-        let plan = delivery.plan;
-        let what = format!(
-            "{} part {} of {}",
-            self.table(),
-            plan.part,
-            clock::rfc3339(plan.partition)
-        );
+        let what = match source.plans() {
+            [one] => format!(
+                "{} part {} of {}",
+                self.table(),
+                one.part,
+                clock::rfc3339(one.partition)
+            ),
+            plans => format!(
+                "{} {} parts of {} to {}",
+                self.table(),
+                plans.len(),
+                plans
+                    .first()
+                    .map_or_else(String::new, |p| clock::rfc3339(p.partition)),
+                plans
+                    .last()
+                    .map_or_else(String::new, |p| clock::rfc3339(p.partition))
+            ),
+        };
         let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
         let attempt = async {
-            match self.load(client, &delivery, &rows, true).await {
-                Err(LoadError::Conflict) => self.load(client, &delivery, &rows, false).await,
+            match self.load(client, &mut source, true).await {
+                Err(LoadError::Conflict) => {
+                    source.rewind();
+                    self.load(client, &mut source, false).await
+                }
                 other => other,
             }
         };
@@ -576,8 +711,15 @@ impl Sink for PostgresSink {
             Err(_) => Err(format!("no answer within {limit:?}")),
         };
         match result {
-            Ok(true) => Ok(format!("{} {what}", self.location)),
-            Ok(false) => Ok(format!("{} {what} (loaded before)", self.location)),
+            Ok((loaded, with_rows)) if loaded == with_rows => {
+                Ok(format!("{} {what}", self.location))
+            }
+            Ok((0, _)) => Ok(format!("{} {what} (loaded before)", self.location)),
+            Ok((loaded, with_rows)) => Ok(format!(
+                "{} {what} ({} loaded before)",
+                self.location,
+                with_rows - loaded
+            )),
             Err(reason) => {
                 // Start over on a fresh connection: this one may be mid-transaction.
                 *guard = None;
@@ -588,6 +730,34 @@ impl Sink for PostgresSink {
                 })
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for PostgresSink {
+    async fn deliver(&self, mut delivery: Delivery<'_>) -> Result<String, SinkError> {
+        // Design: a part delivered alone (the live mode's parts of the open partition)
+        // is gathered from the reader's chunks first; a backlog goes through
+        // `deliver_parts`, a part at a time.
+        let chunks = std::mem::replace(&mut delivery.rows, super::Chunks::of(Vec::new(), 1));
+        let rows = chunks.collect().await.map_err(|reason| SinkError::Write {
+            sink: self.name.clone(),
+            key: format!(
+                "part {} of {}",
+                delivery.plan.part,
+                clock::rfc3339(delivery.plan.partition)
+            ),
+            reason,
+        })?;
+        self.load_all(Source::One(&delivery, &rows, false)).await
+    }
+
+    fn batch_limit(&self) -> (usize, i64) {
+        (usize::MAX, i64::from(self.config.transaction_rows.get()))
+    }
+
+    async fn deliver_parts(&self, parts: &mut PartReader<'_>) -> Result<String, SinkError> {
+        self.load_all(Source::Spool(parts)).await
     }
 }
 
@@ -673,17 +843,61 @@ mod tests {
             row(&s, 0, 3.0, 10_000),
             row(&s, 60, 5.0, 60_000),
         ];
-        let out = merged(&rows);
-        assert_eq!(out.len(), 2);
-        assert_eq!((out[0].stats.count, out[0].stats.mean), (2, 2.0));
-        assert_eq!((out[0].stats.first, out[0].stats.last), (3.0, 1.0));
-        let text =
-            String::from_utf8(long_csv("pi", &out, LongCsv::Copy).expect("csv")).expect("utf-8");
+        let text = String::from_utf8(copy_text("pi", &rows).concat()).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
         assert_eq!(
-            text.lines().next(),
-            Some(
-                "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z,0.0"
-            )
+            lines[0],
+            "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z,0.0"
+        );
+        assert!(lines[1].starts_with("pi,hw.t,,{},1970-01-01T00:01:00Z,60,1,5.0,5.0,5.0,"));
+    }
+
+    /// The pieces of COPY text a part's rows make.
+    fn copy_text(device: &str, rows: &[WindowRow]) -> Vec<Vec<u8>> {
+        let mut text = CopyText::new(device);
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        for row in rows {
+            if let Some(piece) = text.push(row).expect("encodes") {
+                pieces.push(piece.to_vec());
+            }
+        }
+        if let Some(piece) = text.finish().expect("encodes") {
+            pieces.push(piece.to_vec());
+        }
+        pieces
+    }
+
+    #[test]
+    fn a_large_part_goes_out_in_bounded_pieces_of_copy_text() {
+        let series: Vec<Arc<Series>> = (0..100)
+            .map(|i| Arc::new(Series::new(format!("hw.sensor_{i}"), None)))
+            .collect();
+        // A day of 100 series: 144,000 rows, some 20 MB of text.
+        let rows: Vec<WindowRow> = (0..1440)
+            .flat_map(|w| {
+                series
+                    .iter()
+                    .map(move |s| row(s, w * 60, w as f64, w * 60_000 + 1))
+            })
+            .collect();
+        let pieces = copy_text("pi", &rows);
+        let lines: usize = pieces
+            .iter()
+            .map(|p| p.iter().filter(|&&b| b == b'\n').count())
+            .sum();
+        assert_eq!(lines, rows.len(), "each row once");
+        let largest = pieces.iter().map(Vec::len).max().expect("some text");
+        // A piece is sent once it reaches the buffer's size: at most one group of rows over.
+        assert!(
+            largest < COPY_BUFFER + COPY_ROWS * 200,
+            "a piece of {largest} bytes"
+        );
+        assert!(pieces.len() > 100, "{} pieces", pieces.len());
+        assert_eq!(
+            pieces.concat(),
+            long_csv("pi", &rows, LongCsv::Copy).expect("csv"),
+            "the same text as one encoding of the whole part"
         );
     }
 

@@ -164,6 +164,15 @@ pub struct PartRows {
     pub series: Vec<Arc<Series>>,
 }
 
+/// What a sink that loads several parts at once should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Batch {
+    /// Send these parts, oldest first, together.
+    Ready(Vec<PartPlan>),
+    /// Nothing to send before this instant (Unix ms), or before new data if `None`.
+    Wait(Option<i64>),
+}
+
 /// What a sink should do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
@@ -345,8 +354,69 @@ impl Spool {
         Ok(first.map_or(Plan::Wait(wait_until), Plan::Ready))
     }
 
+    /// Plans like [`Spool::plan`], then adds the parts planned (by the same plan or an
+    /// earlier one) and not yet delivered that follow the first, oldest first, while
+    /// they fit in `max_rows` (the first goes however large) and `max_parts`: a batch a
+    /// sink loads in one transaction. Its parts are of distinct partitions (a partition
+    /// has one pending part at a time), so each is recorded at the sink on its own.
+    pub fn plan_batch(
+        &mut self,
+        sink: &str,
+        now_ms: i64,
+        max_parts: usize,
+        max_rows: i64,
+    ) -> Result<Batch, SpoolError> {
+        let first = match self.plan(sink, now_ms)? {
+            Plan::Ready(first) => first,
+            Plan::Wait(until) => return Ok(Batch::Wait(until)),
+        };
+        let err = sqlite(&self.path);
+        let mut rows = first.rows;
+        let mut parts = vec![first];
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT p.partition, p.seconds, t.part, t.after_id, t.last_id, t.rows
+                 FROM parts t JOIN partitions p ON p.partition = t.partition
+                 WHERE t.sink = ?1 AND t.delivered_ms IS NULL AND t.dropped_ms IS NULL
+                 ORDER BY t.partition, t.part LIMIT ?2",
+            )
+            .map_err(&err)?;
+        let pending = stmt
+            .query_map(params![sink, max_parts as i64], |r| {
+                Ok(PartPlan {
+                    sink: sink.to_owned(),
+                    partition: r.get(0)?,
+                    seconds: r.get(1)?,
+                    part: r.get(2)?,
+                    after_id: r.get(3)?,
+                    last_id: r.get(4)?,
+                    rows: r.get(5)?,
+                })
+            })
+            .map_err(&err)?;
+        for plan in pending {
+            let plan = plan.map_err(&err)?;
+            if parts.iter().any(|p| p.partition == plan.partition) {
+                continue;
+            }
+            if parts.len() >= max_parts || rows + plan.rows > max_rows {
+                break;
+            }
+            rows += plan.rows;
+            parts.push(plan);
+        }
+        Ok(Batch::Ready(parts))
+    }
+
     /// Records that a part was delivered, and deletes rows every active sink now has.
     pub fn delivered(&mut self, plan: &PartPlan, now_ms: i64) -> Result<(), SpoolError> {
+        self.delivered_all(std::slice::from_ref(plan), now_ms)
+    }
+
+    /// Records that parts were delivered (in one transaction: all or none of them), and
+    /// deletes rows every active sink now has.
+    pub fn delivered_all(&mut self, plans: &[PartPlan], now_ms: i64) -> Result<(), SpoolError> {
         // Without an fsync of its own: a delivery record lost to a power cut only makes
         // the (durably planned) part go again, which every sink takes as a no-op; the
         // next synced commit makes it durable with everything before it in the WAL.
@@ -355,68 +425,22 @@ impl Spool {
         self.conn
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(&err)?;
-        let result = self.record_delivery(plan, now_ms);
+        let result = self.record_deliveries(plans, now_ms);
         self.conn
             .pragma_update(None, "synchronous", "FULL")
             .map_err(&err)?;
         result
     }
 
-    fn record_delivery(&mut self, plan: &PartPlan, now_ms: i64) -> Result<(), SpoolError> {
+    fn record_deliveries(&mut self, plans: &[PartPlan], now_ms: i64) -> Result<(), SpoolError> {
         let err = sqlite(&self.path);
         let tx = self.conn.transaction().map_err(&err)?;
-        tx.execute(
-            "UPDATE parts SET delivered_ms = ?4
-             WHERE sink = ?1 AND partition = ?2 AND part = ?3 AND dropped_ms IS NULL",
-            params![plan.sink, plan.partition, plan.part, now_ms],
-        )
-        .map_err(&err)?;
-        tx.execute(
-            "UPDATE sinks SET last_success_ms = ?2, retrying_since_ms = NULL, next_attempt_ms = NULL
-             WHERE name = ?1",
-            params![plan.sink, now_ms],
-        )
-        .map_err(&err)?;
-        prune_parts(&tx, &plan.sink, plan.partition).map_err(&err)?;
-        // The id up to which every active sink has this partition.
-        let everyone_has: Option<i64> = tx
-            .query_row(
-                "SELECT MIN(COALESCE((SELECT MAX(last_id) FROM parts t
-                                      WHERE t.sink = s.name AND t.partition = ?1
-                                        AND t.delivered_ms IS NOT NULL), 0))
-                 FROM sinks s WHERE s.active = 1",
-                [plan.partition],
-                |r| r.get(0),
-            )
-            .map_err(&err)?;
-        if let Some(upto) = everyone_has.filter(|&id| id > 0) {
-            let deleted: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(SUM(rows), 0) FROM batches WHERE partition = ?1 AND id <= ?2",
-                    params![plan.partition, upto],
-                    |r| r.get(0),
-                )
-                .map_err(&err)?;
-            tx.execute(
-                "DELETE FROM batches WHERE partition = ?1 AND id <= ?2",
-                params![plan.partition, upto],
-            )
-            .map_err(&err)?;
-            tx.execute(
-                "UPDATE partitions SET rows = rows - ?2 WHERE partition = ?1",
-                params![plan.partition, deleted],
-            )
-            .map_err(&err)?;
-            tx.execute(
-                "DELETE FROM partitions WHERE partition = ?1 AND rows <= 0",
-                [plan.partition],
-            )
-            .map_err(&err)?;
+        for plan in plans {
+            record_delivery(&tx, plan, now_ms).map_err(&err)?;
         }
         tx.commit().map_err(&err)?;
         Ok(())
     }
-
     /// Records a failed attempt of a sink, for `status`.
     pub fn failed(
         &mut self,
@@ -435,4 +459,53 @@ impl Spool {
             .map_err(self.err())?;
         Ok(())
     }
+}
+
+/// Records one delivered part inside `tx`, and deletes its partition's rows that every
+/// active sink now has.
+fn record_delivery(
+    tx: &rusqlite::Transaction<'_>,
+    plan: &PartPlan,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE parts SET delivered_ms = ?4
+         WHERE sink = ?1 AND partition = ?2 AND part = ?3 AND dropped_ms IS NULL",
+        params![plan.sink, plan.partition, plan.part, now_ms],
+    )?;
+    tx.execute(
+        "UPDATE sinks SET last_success_ms = ?2, retrying_since_ms = NULL, next_attempt_ms = NULL
+         WHERE name = ?1",
+        params![plan.sink, now_ms],
+    )?;
+    prune_parts(tx, &plan.sink, plan.partition)?;
+    // The id up to which every active sink has this partition.
+    let everyone_has: Option<i64> = tx.query_row(
+        "SELECT MIN(COALESCE((SELECT MAX(last_id) FROM parts t
+                                  WHERE t.sink = s.name AND t.partition = ?1
+                                    AND t.delivered_ms IS NOT NULL), 0))
+             FROM sinks s WHERE s.active = 1",
+        [plan.partition],
+        |r| r.get(0),
+    )?;
+    if let Some(upto) = everyone_has.filter(|&id| id > 0) {
+        let deleted: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(rows), 0) FROM batches WHERE partition = ?1 AND id <= ?2",
+            params![plan.partition, upto],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "DELETE FROM batches WHERE partition = ?1 AND id <= ?2",
+            params![plan.partition, upto],
+        )?;
+        tx.execute(
+            "UPDATE partitions SET rows = rows - ?2 WHERE partition = ?1",
+            params![plan.partition, deleted],
+        )?;
+        tx.execute(
+            "DELETE FROM partitions WHERE partition = ?1 AND rows <= 0",
+            [plan.partition],
+        )?;
+    }
+    Ok(())
 }

@@ -76,7 +76,10 @@
 //!    the budget drops them oldest first). What was there at the last plan but did not
 //!    fit in its part goes at once.
 //! 2. *Send*: the uploader reads exactly the rows of the part and writes them under a key
-//!    made from the partition and part number.
+//!    made from the partition and part number. A sink that takes several parts at once
+//!    (PostgreSQL, [`Spool::plan_batch`]) gets the pending parts that follow the first
+//!    (one per partition, up to a number of rows) and writes them all or none; their
+//!    deliveries are then recorded in one transaction (`delivered_all`).
 //! 3. *Acknowledge*: once the sink says the part is durable at the destination (a file
 //!    fsynced with its folders, a store's success answer, a COMMIT), `delivered_ms` is
 //!    set (without an fsync: if a power cut loses it, and the deletion below with it, the
@@ -180,7 +183,7 @@ mod thread;
 mod writer;
 
 pub use budget::{LOW_WATER_PERCENT, WINDOW_BYTES, files_bound};
-pub use delivery::{LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
+pub use delivery::{Batch, LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use follow::Restored;
 pub use lock::{AtPath, FileId, SpoolLock, lock_path};
 pub use reader::{AgentState, PartReading, SinkRecord, SourceState, SpoolReader};

@@ -1367,3 +1367,75 @@ fn a_flush_of_100_windows_appends_about_8_pages_to_the_wal() {
         "WAL frames per flush: {steady:?}"
     );
 }
+
+/// The (partition, part, rows) of a batch.
+fn batch_parts(batch: &Batch) -> Vec<(i64, u32, i64)> {
+    match batch {
+        Batch::Ready(plans) => plans
+            .iter()
+            .map(|p| (p.partition, p.part, p.rows))
+            .collect(),
+        Batch::Wait(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn a_backlog_is_planned_in_batches_of_whole_parts_bounded_by_rows_and_sent_again_after_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let now = i64::MAX / 4;
+    let first = {
+        let mut spool = Spool::open(&path, options(&["pg"])).expect("open");
+        // Five hourly partitions of two windows each, in one flush.
+        let rows = (0..5)
+            .flat_map(|h| {
+                [
+                    row("s.t", h * 3600, h as f64),
+                    row("s.t", h * 3600 + 60, 0.5),
+                ]
+            })
+            .collect();
+        spool.commit(&flush(rows)).expect("commit");
+        let first = spool.plan_batch("pg", now, 16, 5).expect("plan");
+        assert_eq!(batch_parts(&first), [(0, 0, 2), (3600, 0, 2)]);
+        first
+    }; // dropped without `delivered_all`: the crash
+    let mut spool = Spool::open(&path, options(&["pg"])).expect("reopen");
+    let reader = SpoolReader::open(&path).expect("reader");
+    let again = spool.plan_batch("pg", now, 16, 5).expect("plan");
+    assert_eq!(again, first, "the same parts, the same rows");
+    let Batch::Ready(plans) = again else {
+        panic!("ready");
+    };
+    spool.delivered_all(&plans, now).expect("delivered");
+    assert_eq!(reader.totals().expect("totals").0, 6, "their rows deleted");
+    // A part larger than the bound still goes, alone; at most `max_parts` parts.
+    let one = spool.plan_batch("pg", now, 16, 1).expect("plan");
+    assert_eq!(batch_parts(&one), [(7200, 0, 2)]);
+    let Batch::Ready(plans) = one else {
+        panic!("ready");
+    };
+    spool.delivered_all(&plans, now).expect("delivered");
+    let two = spool.plan_batch("pg", now, 2, 100).expect("plan");
+    assert_eq!(batch_parts(&two), [(10800, 0, 2), (14400, 0, 2)]);
+    let Batch::Ready(plans) = two else {
+        panic!("ready");
+    };
+    spool.delivered_all(&plans, now).expect("delivered");
+    assert_eq!(
+        spool.plan_batch("pg", now, 16, 100).expect("plan"),
+        Batch::Wait(None)
+    );
+    assert_eq!(reader.totals().expect("totals").0, 0);
+    // A late row of a partition delivered: its part 1 goes, one part per partition.
+    spool
+        .commit(&flush(vec![
+            row("s.t", 120, 9.0),
+            row("s.t", 3600 + 120, 9.0),
+        ]))
+        .expect("late rows");
+    assert_eq!(
+        batch_parts(&spool.plan_batch("pg", now, 16, 100).expect("plan")),
+        [(0, 1, 1), (3600, 1, 1)]
+    );
+}

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::flow::{Commit, CommitFailed, Flush, LiveReport};
 
-use super::{FileId, PartPlan, Plan, Spool, SpoolError};
+use super::{Batch, FileId, PartPlan, Plan, Spool, SpoolError};
 
 enum Command {
     Commit(
@@ -18,6 +18,14 @@ enum Command {
     ),
     Plan(String, i64, oneshot::Sender<Result<Plan, SpoolError>>),
     Delivered(PartPlan, i64, oneshot::Sender<Result<(), SpoolError>>),
+    PlanBatch(
+        String,
+        i64,
+        usize,
+        i64,
+        oneshot::Sender<Result<Batch, SpoolError>>,
+    ),
+    DeliveredAll(Vec<PartPlan>, i64, oneshot::Sender<Result<(), SpoolError>>),
     Failed(String, String, i64, i64),
     Report(Vec<LiveReport>),
 }
@@ -78,6 +86,12 @@ impl SpoolHandle {
                         }
                         Command::Plan(sink, now, reply) => {
                             let _ = reply.send(spool.plan(&sink, now));
+                        }
+                        Command::PlanBatch(sink, now, parts, rows, reply) => {
+                            let _ = reply.send(spool.plan_batch(&sink, now, parts, rows));
+                        }
+                        Command::DeliveredAll(plans, now, reply) => {
+                            let _ = reply.send(spool.delivered_all(&plans, now));
                         }
                         Command::Delivered(plan, now, reply) => {
                             let _ = reply.send(spool.delivered(&plan, now));
@@ -155,6 +169,25 @@ impl SpoolHandle {
     /// Records a delivery.
     pub async fn delivered(&self, plan: &PartPlan, now_ms: i64) -> Result<(), SpoolError> {
         self.ask(|tx| Command::Delivered(plan.clone(), now_ms, tx))
+            .await
+    }
+
+    /// Plans the next parts of a sink that loads several at once (see
+    /// [`Spool::plan_batch`]).
+    pub async fn plan_batch(
+        &self,
+        sink: &str,
+        now_ms: i64,
+        max_parts: usize,
+        max_rows: i64,
+    ) -> Result<Batch, SpoolError> {
+        self.ask(|tx| Command::PlanBatch(sink.to_owned(), now_ms, max_parts, max_rows, tx))
+            .await
+    }
+
+    /// Records the delivery of several parts, in one transaction.
+    pub async fn delivered_all(&self, plans: &[PartPlan], now_ms: i64) -> Result<(), SpoolError> {
+        self.ask(|tx| Command::DeliveredAll(plans.to_vec(), now_ms, tx))
             .await
     }
 
