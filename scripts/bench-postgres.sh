@@ -98,7 +98,7 @@ agent_cpu=(); agent_server=(); copy_server=(); agent_xacts=(); one_xacts=()
 cols="device, series, unit, tags, window_start, window_seconds, count, min, max, mean, stdev, median, first, last, first_time, last_time, mean_rest"
 for run in $(seq 1 "$RUNS"); do
     rm -f "$work"/spool.db* "$work"/one.db*
-    rows=$("$BACKLOG" "$work/spool.db" "$DAYS" "$SERIES" | awk '{print $1}')
+    rows=$("$BACKLOG" "$work/spool.db" "$((DAYS * 24))" "$SERIES" | awk '{print $1}')
     # The same spool twice: the same rows for both drains.
     for f in "$work"/spool.db*; do cp "$f" "$work/one.db${f#"$work"/spool.db}"; done
 

@@ -23,9 +23,10 @@
 //! gives freed memory back only from the top of an arena. The agent has few threads
 //! (the runtime's, the spool writer, a blocking pool for reads of the spool), so
 //! [`tune_allocator`] keeps them to [`ARENAS`] arenas with fixed thresholds, and an
-//! uploader calls [`after_delivery`], which gives free pages back to the system
-//! (`malloc_trim`) after a part of at least [`TRIM_AFTER_ROWS`] rows. Other C libraries
-//! (musl) have none of these settings: there the functions do nothing.
+//! uploader calls [`after_delivery`] once its sink has nothing left to send (a part,
+//! or a whole backlog, delivered), which gives free pages back to the system
+//! (`malloc_trim`) when at least [`TRIM_AFTER_ROWS`] rows went since the last call.
+//! Other C libraries (musl) have none of these settings: there the functions do nothing.
 
 /// When the agent first trims, after start-up.
 pub const TRIM_FIRST: std::time::Duration = std::time::Duration::from_secs(3);
@@ -106,7 +107,7 @@ pub const ARENAS: i32 = 2;
 /// blocks at least this large are mapped on their own, and unmapped when freed).
 pub const TRIM_THRESHOLD_BYTES: i32 = 256 * 1024;
 
-/// Rows of a delivered part from which [`after_delivery`] gives free memory back.
+/// Rows delivered since the last call from which [`after_delivery`] gives free memory back.
 pub const TRIM_AFTER_ROWS: usize = 1_000;
 
 /// How many times [`after_delivery`] has given memory back in this process.
@@ -148,8 +149,9 @@ pub fn release_free_memory() -> bool {
     }
 }
 
-/// Called by an uploader once a part of `rows` rows is delivered: after a large one
-/// (at least [`TRIM_AFTER_ROWS`]), whose rows, encoding and buffers were just freed,
+/// Called by an uploader once its sink has nothing left to send, with the rows it
+/// delivered since the last call: after many (at least [`TRIM_AFTER_ROWS`]), whose
+/// rows, encodings and buffers were freed,
 /// gives the free memory back ([`release_free_memory`]) and counts it ([`trims`]).
 /// Returns whether it did.
 pub fn after_delivery(rows: usize) -> bool {

@@ -16,6 +16,7 @@ mod object;
 mod postgres;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -278,6 +279,10 @@ pub struct Uploader {
     backoff: Backoff,
     /// Rows read from the spool at a time.
     chunk_rows: usize,
+    /// Rows delivered since the allocator was last asked to give memory back: it is
+    /// asked once the sink has nothing left to send (a backlog drained), not after each
+    /// of a backlog's parts.
+    unreleased: std::sync::atomic::AtomicUsize,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -301,6 +306,7 @@ impl Uploader {
                 cap,
             },
             chunk_rows: usize::try_from(config.kind.chunk_rows().get()).unwrap_or(usize::MAX),
+            unreleased: Default::default(),
             shutdown,
         }
     }
@@ -328,6 +334,7 @@ impl Uploader {
                 Ok(None) => attempt = 0,
                 Ok(Some(until)) => {
                     attempt = 0;
+                    crate::memory::after_delivery(self.unreleased.swap(0, Relaxed));
                     let wait = until.map_or(Duration::from_secs(3600), |t| {
                         Duration::from_millis((t - clock::now_ms()).clamp(0, 3_600_000) as u64)
                     });
@@ -423,8 +430,7 @@ impl Uploader {
             let location = delivered.map_err(|e| e.to_string())?;
             info!(sink = %self.name, rows = total, to = %location, "delivered");
             crate::failpoint::point("after-upload", &self.name);
-            drop(series);
-            crate::memory::after_delivery(total);
+            self.unreleased.fetch_add(total, Relaxed);
         } else {
             back.end_part();
             *reader = Some(back);
@@ -469,6 +475,7 @@ impl Uploader {
         if parts.rows > 0 {
             info!(sink = %self.name, rows = parts.rows, parts = plans.len(), to = %location, "delivered");
             crate::failpoint::point("after-upload", &self.name);
+            self.unreleased.fetch_add(parts.rows, Relaxed);
         }
         self.spool
             .delivered_all(&plans, clock::now_ms())
