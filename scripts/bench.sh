@@ -73,13 +73,16 @@ if [ "$SYSFS" = 1 ]; then
     [ -r "$attribute" ] || { echo "$attribute cannot be read: no BENCH_SYSFS here" >&2; exit 1; }
     tree=/
     file_of() { echo "$attribute"; }
+    abs_of() { echo "$attribute"; }
 else
     for i in $(seq 1 "$SERIES"); do
         mkdir -p "$work/sys/class/hwmon/hwmon$i"
         echo $((40000 + i % 1000)) > "$work/sys/class/hwmon/hwmon$i/temp1_input"
     done
     tree=$work
-    file_of() { echo "$work/sys/class/hwmon/hwmon$1/temp1_input"; }
+    # Relative to the source's root (an absolute path is taken under the root too).
+    file_of() { echo "sys/class/hwmon/hwmon$1/temp1_input"; }
+    abs_of() { echo "$work/sys/class/hwmon/hwmon$1/temp1_input"; }
 fi
 
 # agent_config FILE WINDOW SPOOL OUT: the agent's config.
@@ -102,7 +105,7 @@ collectd_config() {
         printf 'PluginDir "/usr/lib/collectd"\nTypesDB "/usr/share/collectd/types.db"\n'
         printf 'LoadPlugin table\nLoadPlugin csv\n<Plugin csv>\n  DataDir "%s/csv"\n  StoreRates false\n</Plugin>\n<Plugin table>\n' "$2"
         for i in $(seq 1 "$SERIES"); do
-            printf '  <Table "%s">\n    Instance "hwmon%d"\n    Separator " \\n"\n    <Result>\n      Type temperature\n      InstancePrefix "temp1"\n      ValuesFrom 0\n    </Result>\n  </Table>\n' "$(file_of "$i")" "$i"
+            printf '  <Table "%s">\n    Instance "hwmon%d"\n    Separator " \\n"\n    <Result>\n      Type temperature\n      InstancePrefix "temp1"\n      ValuesFrom 0\n    </Result>\n  </Table>\n' "$(abs_of "$i")" "$i"
         done
         printf '</Plugin>\n'
     } > "$1"
@@ -182,6 +185,11 @@ if [ "$CONCURRENT" = 1 ]; then
     measure_group $(seq 1 "$RUNS")
 else
     for run in $(seq 1 "$RUNS"); do measure_group "$run"; done
+fi
+# Figures of an agent that could not read its files would be figures of nothing.
+if grep -l "read failed" "$work"/run*/agent.log >/dev/null 2>&1; then
+    echo "bench.sh: an agent could not read its files: $(grep -m1 -h "read failed" "$work"/run*/agent.log)" >&2
+    exit 1
 fi
 
 syncs="(strace not installed)"

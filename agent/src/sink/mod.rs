@@ -191,7 +191,15 @@ pub struct PartReader<'a> {
     next: usize,
     reader: &'a mut Option<SpoolReader>,
     rows: usize,
+    /// The next part, read ahead on a blocking thread while the sink sends this one
+    /// (only a part of at most `chunk_rows` rows, so that two parts in memory stay small).
+    ahead: Option<(usize, ReadAhead)>,
 }
+
+/// A part being read from the spool on a blocking thread, with the reader it uses.
+type ReadAhead = tokio::task::JoinHandle<
+    Result<(SpoolReader, Result<PartRows, crate::spool::SpoolError>), crate::spool::SpoolError>,
+>;
 
 impl PartReader<'_> {
     /// The device id.
@@ -220,16 +228,30 @@ impl PartReader<'_> {
         let Some(plan) = self.plans.get(self.next) else {
             return Ok(None);
         };
+        let index = self.next;
         self.next += 1;
-        let part = self.uploader.read(plan, self.reader).await?;
+        let reading = match self.ahead.take() {
+            Some((ahead, reading)) if ahead == index => reading,
+            _ => self.uploader.start_read(plan, self.reader),
+        };
+        let part = self.uploader.finish_read(reading, self.reader).await?;
+        // Design: a batch of many small parts (a backlog of few series) would otherwise
+        // leave the server idle while each part is read; a large part is not read ahead.
+        if let Some(next) = self.plans.get(self.next)
+            && usize::try_from(next.rows).is_ok_and(|rows| rows <= self.uploader.chunk_rows)
+        {
+            self.ahead = Some((self.next, self.uploader.start_read(next, self.reader)));
+        }
         self.rows += part.rows.len();
         Ok(Some((plan.clone(), part)))
     }
 
-    /// Back to the first part (a sink that loads the batch again another way).
+    /// Back to the first part (a sink that loads the batch again another way). A part
+    /// read ahead is let go (with its reader: the next read opens one).
     pub fn rewind(&mut self) {
         self.next = 0;
         self.rows = 0;
+        self.ahead = None;
     }
 }
 
@@ -466,6 +488,7 @@ impl Uploader {
             next: 0,
             reader,
             rows: 0,
+            ahead: None,
         };
         let location = self
             .sink
@@ -486,18 +509,16 @@ impl Uploader {
 
     /// Reads one part from the spool (off the runtime), reusing `reader` while it reads
     /// the writer's file.
-    async fn read(
-        &self,
-        plan: &PartPlan,
-        reader: &mut Option<SpoolReader>,
-    ) -> Result<PartRows, String> {
+    /// Starts reading one part from the spool (off the runtime), with `reader` if it
+    /// reads the writer's file; [`Uploader::finish_read`] gives the reader back.
+    fn start_read(&self, plan: &PartPlan, reader: &mut Option<SpoolReader>) -> ReadAhead {
         let path = self.spool.path().to_owned();
         // As in `send`: the writer's file, read after the plan came back.
         let writer_file = self.spool.file();
         let taken = reader.take().filter(|r| r.file() == Some(writer_file));
         let query = plan.clone();
         let with_series = self.sink.wants_series();
-        let (back, part) = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut reader = match taken {
                 Some(r) => r,
                 None => SpoolReader::open(&path)?,
@@ -508,9 +529,18 @@ impl Uploader {
             let part = reader.read_part(&query, with_series);
             Ok::<_, crate::spool::SpoolError>((reader, part))
         })
-        .await
-        .map_err(|e| format!("spool reader failed: {e}"))?
-        .map_err(|e| e.to_string())?;
+    }
+
+    /// Waits for a read [`Uploader::start_read`] began and puts its reader back.
+    async fn finish_read(
+        &self,
+        reading: ReadAhead,
+        reader: &mut Option<SpoolReader>,
+    ) -> Result<PartRows, String> {
+        let (back, part) = reading
+            .await
+            .map_err(|e| format!("spool reader failed: {e}"))?
+            .map_err(|e| e.to_string())?;
         *reader = Some(back);
         part.map_err(|e| e.to_string())
     }
