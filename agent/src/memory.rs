@@ -38,22 +38,42 @@ pub const TRIM_FIRST: std::time::Duration = std::time::Duration::from_secs(3);
 pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A mapping of `/proc/self/smaps` that may be trimmed: its range.
-fn trimmable(smaps: &str) -> Vec<(usize, usize)> {
+fn trimmable(smaps: &str, maps: &str) -> Vec<(usize, usize)> {
+    // Design: only ranges that /proc/self/maps lists too, with resident pages. Under an
+    // emulator (qemu-user) smaps can be the emulator's own (host addresses, not the
+    // guest's) or a stand-in with every count 0; advising what it names would drop
+    // pages the program wrote, RELRO's among them. A real kernel lists the same ranges
+    // in both, and a range with nothing resident has nothing to trim.
+    let listed: std::collections::HashSet<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     let mut found = Vec::new();
-    // The mapping whose fields are being read: its range, and whether it qualifies so
-    // far (file-backed, read-only, private).
-    let mut current: Option<(usize, usize, bool)> = None;
-    let mut close = |current: &mut Option<(usize, usize, bool)>, anonymous_kib: Option<u64>| {
-        if let Some((start, end, true)) = current.take()
-            && anonymous_kib == Some(0)
-        {
-            found.push((start, end));
-        }
+    // The mapping whose fields are being read: its range, whether it qualifies so far
+    // (file-backed, read-only, private, listed in maps), and its resident KiB.
+    let mut current: Option<(usize, usize, bool, u64)> = None;
+    let kib = |value: &str| {
+        value
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()
     };
     for line in smaps.lines() {
+        if let Some(value) = line.strip_prefix("Rss:") {
+            if let (Some(mapping), Some(rss)) = (current.as_mut(), kib(value)) {
+                mapping.3 = rss;
+            }
+            continue;
+        }
         if let Some(value) = line.strip_prefix("Anonymous:") {
-            let kib = value.trim().trim_end_matches("kB").trim().parse().ok();
-            close(&mut current, kib);
+            if let Some((start, end, true, rss)) = current.take()
+                && rss > 0
+                && kib(value) == Some(0)
+            {
+                found.push((start, end));
+            }
             continue;
         }
         // A mapping's header: start-end perms offset dev inode [path]; field lines
@@ -71,11 +91,11 @@ fn trimmable(smaps: &str) -> Vec<(usize, usize)> {
         ) else {
             continue;
         };
-        close(&mut current, None);
         let path = parts.nth(3);
         let file_backed = path.is_some_and(|p| p.starts_with('/'));
-        let ok = file_backed && !perms.contains('w') && perms.ends_with('p');
-        current = Some((start, end, ok));
+        let ok =
+            file_backed && !perms.contains('w') && perms.ends_with('p') && listed.contains(range);
+        current = Some((start, end, ok, 0));
     }
     found
 }
@@ -83,10 +103,13 @@ fn trimmable(smaps: &str) -> Vec<(usize, usize)> {
 /// Unmaps this process's clean, read-only, private file-backed pages (they stay in the
 /// page cache); returns how many mappings it advised.
 pub fn trim_code_pages() -> usize {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+    let (Ok(smaps), Ok(maps)) = (
+        std::fs::read_to_string("/proc/self/smaps"),
+        std::fs::read_to_string("/proc/self/maps"),
+    ) else {
         return 0;
     };
-    let mappings = trimmable(&smaps);
+    let mappings = trimmable(&smaps, &maps);
     for &(start, end) in &mappings {
         let addr = start as *mut std::ffi::c_void;
         // SAFETY: the range is a private, read-only file mapping of this process that
@@ -319,22 +342,43 @@ mod tests {
 Rss:                  64 kB
 Anonymous:             0 kB
 55d0a0010000-55d0a0020000 r--p 00010000 08:01 123 /usr/bin/edgespool
+Rss:                  64 kB
 Anonymous:             4 kB
 55d0a0020000-55d0a0030000 rw-p 00020000 08:01 123 /usr/bin/edgespool
+Rss:                  64 kB
 Anonymous:             0 kB
 55d0a0030000-55d0a0040000 r--s 00000000 08:01 124 /var/lib/x.shm
+Rss:                  64 kB
 Anonymous:             0 kB
 55d0a0040000-55d0a0050000 r--p 00000000 00:00 0
+Rss:                  64 kB
 Anonymous:             0 kB
 55d0a0050000-55d0a0060000 r-xp 00000000 08:01 125 /usr/lib/libc.so.6
+Rss:                  16 kB
+Anonymous:             0 kB
+55d0a0060000-55d0a0070000 r-xp 00010000 08:01 125 /usr/lib/libc.so.6
+Rss:                   0 kB
+Anonymous:             0 kB
+55d0a0070000-55d0a0080000 r-xp 00020000 08:01 125 /usr/lib/libc.so.6
+Rss:                  16 kB
 Anonymous:             0 kB
 ";
+        // maps as the kernel gives it lists every range of smaps; the last one is left
+        // out, as when smaps is not this program's own (an emulator's).
+        let maps: String = smaps
+            .lines()
+            .filter(|l| l.contains(" /") || l.ends_with(" 0"))
+            .filter(|l| !l.starts_with("55d0a0070000"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         assert_eq!(
-            trimmable(smaps),
+            trimmable(smaps, &maps),
             [
                 (0x55d0a0000000, 0x55d0a0010000),
                 (0x55d0a0050000, 0x55d0a0060000)
-            ]
+            ],
+            "not a private copy, a writable or shared mapping, an anonymous one, nothing \
+             resident, or a range maps does not list"
         );
     }
 }
