@@ -105,6 +105,7 @@ fn chunk_rows_defaults_to_ten_thousand_and_refuses_zero_at_its_line_and_column()
 }
 
 #[test]
+#[cfg_attr(not(feature = "gcs"), ignore = "names kinds the lean set lacks")]
 fn a_gcs_sink_takes_an_endpoint_and_no_credentials() {
     let text = with_sink(
         "[[sinks]]\nkind = \"gcs\"\nbucket = \"lake\"\nendpoint = \"http://127.0.0.1:4443\"\nanonymous = true\n",
