@@ -143,10 +143,15 @@ fn kill_9_at_random_instants_loses_and_duplicates_nothing() {
     settle(agent, Duration::from_secs(180), || server.exhausted());
     let totals = assert_exactly_once(dir.path(), &config, &s3, &pg);
     assert!(totals.contains("pa.1.pm|"), "{totals}");
+    // A kill in the first instants can come before start-up is done (more often on a
+    // busy machine), so not every run logs its start; most must, or the kills proved
+    // nothing.
     let log = std::fs::read_to_string(&log).expect("log");
+    let started = log.matches("edgespool started").count();
     assert!(
-        log.matches("edgespool started").count() == kills + 1,
-        "every run started"
+        started > kills / 2 && started <= kills + 1,
+        "most runs started: {started} of {}",
+        kills + 1
     );
 }
 
