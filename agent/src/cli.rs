@@ -371,19 +371,20 @@ mod tests {
 
     #[test]
     fn check_config_names_a_text_codec_and_padded_keys() {
-        let text = "[agent]\ndevice_id = \"pi-1\"\nspool = \"/tmp/x/spool.db\"\n\n\
+        let text = "[agent]\ndevice_id = \"pi-1\"\nspool = \"/nonexistent/edgespool/spool.db\"\n\n\
                     [[sources]]\nkind = \"system\"\n\n\
-                    [[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\ncompression = \"gzip\"\nkeys = \"padded\"\n\n\
-                    [[sinks]]\nkind = \"local\"\nname = \"plain\"\npath = \"/tmp/x/plain\"\n";
+                    [[sinks]]\nkind = \"local\"\npath = \"/nonexistent/edgespool/out\"\ncompression = \"gzip\"\nkeys = \"padded\"\n\n\
+                    [[sinks]]\nkind = \"local\"\nname = \"plain\"\npath = \"/nonexistent/edgespool/plain\"\n";
         let path = Path::new("x.toml");
         let config = Config::parse(text, path).expect("valid");
         let described = describe(&config, path);
         assert!(
-            described.contains("/tmp/x/out as ndjson (long layout, gzip, padded keys)"),
+            described
+                .contains("/nonexistent/edgespool/out as ndjson (long layout, gzip, padded keys)"),
             "{described}"
         );
         assert!(
-            described.contains("/tmp/x/plain as ndjson (long layout)"),
+            described.contains("/nonexistent/edgespool/plain as ndjson (long layout)"),
             "{described}"
         );
     }

@@ -8,14 +8,14 @@ use super::*;
 const MINIMAL: &str = r#"
 [agent]
 device_id = "pi-1"
-spool = "/tmp/x/spool.db"
+spool = "/nonexistent/edgespool/spool.db"
 
 [[sources]]
 kind = "system"
 
 [[sinks]]
 kind = "local"
-path = "/tmp/x/out"
+path = "/nonexistent/edgespool/out"
 "#;
 
 fn error_of(text: &str) -> String {
@@ -25,7 +25,10 @@ fn error_of(text: &str) -> String {
 }
 
 fn with_sink(sink: &str) -> String {
-    MINIMAL.replace("[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\n", sink)
+    MINIMAL.replace(
+        "[[sinks]]\nkind = \"local\"\npath = \"/nonexistent/edgespool/out\"\n",
+        sink,
+    )
 }
 
 #[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
@@ -244,7 +247,7 @@ fn text_formats_take_gzip_or_zstd_and_parquet_its_own_codecs() {
 #[cfg_attr(not(feature = "full"), ignore = "names kinds the lean set lacks")]
 #[test]
 fn an_mqtt_sink_is_a_live_feed_and_is_checked() {
-    let local = "[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\n";
+    let local = "[[sinks]]\nkind = \"local\"\npath = \"/nonexistent/edgespool/out\"\n";
     let feed = "[[sinks]]\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"\n";
     let config =
         Config::parse(&with_sink(&format!("{local}{feed}")), Path::new("x.toml")).expect("valid");
@@ -598,7 +601,7 @@ fn two_sources_may_not_share_a_name() {
 }
 
 fn with_agent(keys: &str) -> String {
-    MINIMAL.replace("spool = \"/tmp/x/spool.db\"\n", keys)
+    MINIMAL.replace("spool = \"/nonexistent/edgespool/spool.db\"\n", keys)
 }
 
 #[test]
@@ -715,17 +718,19 @@ fn a_host_name_that_is_no_device_id_is_explained() {
 fn a_disk_budget_is_within_what_the_spool_can_hold() {
     let bounds = "must be at least 1 MiB and at most 4 TiB (the most an SQLite spool of 1 KiB \
                   pages can hold)";
-    let text = with_agent("spool = \"/tmp/x/spool.db\"\ndisk_budget = \"16 EiB\"\n");
+    let text =
+        with_agent("spool = \"/nonexistent/edgespool/spool.db\"\ndisk_budget = \"16 EiB\"\n");
     assert_eq!(
         error_of(&text),
         format!("edgespool.toml:5:15: agent.disk_budget (16.0 EiB) {bounds}")
     );
-    let text = with_agent("spool = \"/tmp/x/spool.db\"\ndisk_budget = \"512 KiB\"\n");
+    let text =
+        with_agent("spool = \"/nonexistent/edgespool/spool.db\"\ndisk_budget = \"512 KiB\"\n");
     assert_eq!(
         error_of(&text),
         format!("edgespool.toml:5:15: agent.disk_budget (512.0 KiB) {bounds}")
     );
-    let text = with_agent("spool = \"/tmp/x/spool.db\"\ndisk_budget = \"4 TiB\"\n");
+    let text = with_agent("spool = \"/nonexistent/edgespool/spool.db\"\ndisk_budget = \"4 TiB\"\n");
     Config::parse(&text, Path::new("x.toml")).expect("the largest budget");
 }
 
@@ -909,8 +914,9 @@ fn a_kind_this_build_lacks_is_refused_where_the_file_names_it() {
         "{}",
         error_of(&serial)
     );
-    let parquet =
-        with_sink("[[sinks]]\nkind = \"local\"\npath = \"/tmp/x/out\"\nformat = \"parquet\"\n");
+    let parquet = with_sink(
+        "[[sinks]]\nkind = \"local\"\npath = \"/nonexistent/edgespool/out\"\nformat = \"parquet\"\n",
+    );
     assert!(
         error_of(&parquet).starts_with(
             "edgespool.toml:12:10: format \"parquet\" is not in this build of edgespool (built without the \"parquet\" feature)"
