@@ -265,21 +265,25 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
     .concat();
     let config = write_config(dir.path(), &server.url, &sinks);
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
-    let status = wait_for("four sinks failing", Duration::from_secs(60), || {
-        let status = agent.try_status()?;
-        [
-            "wrong_password",
-            "no_such_host",
-            "tls_required",
-            "other_table",
-        ]
-        .iter()
-        .all(|name| {
-            find_sink(&status, name)
-                .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 1)
-        })
-        .then_some(status)
-    });
+    let status = wait_for(
+        "four sinks failing, the archive delivered",
+        Duration::from_secs(60),
+        || {
+            let status = agent.try_status()?;
+            let failing = [
+                "wrong_password",
+                "no_such_host",
+                "tls_required",
+                "other_table",
+            ]
+            .iter()
+            .all(|name| {
+                find_sink(&status, name)
+                    .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 1)
+            });
+            (failing && find_sink(&status, "archive")?["state"] == "ok").then_some(status)
+        },
+    );
     let error = |name: &str| {
         sink_status(&status, name)["last_error"]
             .as_str()

@@ -46,12 +46,9 @@ use std::sync::Arc;
 use crate::config::{Compression, Format, Layout};
 use crate::flow::{Series, Stats, WindowRow};
 
-pub use self::csv::LongCsv;
 use self::csv::long_csv_rows;
 use self::json::json_long;
 
-#[cfg(feature = "postgres")]
-pub use self::csv::long_csv;
 #[cfg(feature = "mqtt-sink")]
 pub use self::json::json_record;
 
@@ -258,7 +255,7 @@ impl Encoder {
         let text = match &mut self.body {
             Body::JsonLong(format) => json_long(*format, rows),
             Body::JsonWide(format, keys) => keys.rows(*format, rows)?,
-            Body::CsvLong => long_csv_rows("", rows, LongCsv::File).map_err(|e| e.to_string())?,
+            Body::CsvLong => long_csv_rows(rows).map_err(|e| e.to_string())?,
             Body::CsvWide(columns) => csv::wide_rows_csv(columns, rows)?,
             #[cfg(feature = "parquet")]
             Body::Parquet(file) => {
