@@ -1221,6 +1221,24 @@ retry_max = "1s"
     )
 }
 
+/// Writes `dir/credentials/pg`, holding [`PG_PASSWORD`]: the file a [`pg_sink`]'s
+/// `{password_file}` names.
+pub fn write_pg_password(dir: &Path) -> PathBuf {
+    write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"))
+}
+
+/// Writes a configuration for the PostgreSQL tests: the HTTP table source polling `url`
+/// (columns `pm` and `Temperature`, see [`table_source`]), then `sinks`, whose
+/// `{password_file}` becomes [`write_pg_password`]'s file.
+pub fn pg_table_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
+    let password = write_pg_password(dir);
+    let sinks = sinks.replace("{password_file}", &password.display().to_string());
+    write_agent_config(
+        dir,
+        &format!("{}\n{sinks}", table_source(url, &["pm", "Temperature"])),
+    )
+}
+
 /// A `local` sink named `archive` under `dir/archive`.
 pub fn archive_sink(dir: &Path) -> String {
     format!(

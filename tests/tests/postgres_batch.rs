@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use edgespool_tests::{
     Agent, JsonServer, PG_PASSWORD, PG_TOTALS_SQL, PgServer, T0, archive_sink, find_sink,
-    ndjson_totals, pg_sink, purpleair_body, sink_status, status_json, table_source, wait_for,
-    write_agent_config, write_file,
+    ndjson_totals, pg_sink, pg_table_config, purpleair_body, sink_status, status_json, wait_for,
 };
 use serde_json::Value;
 
@@ -32,14 +31,10 @@ fn backlog(first: i64) -> String {
     purpleair_body(&rows)
 }
 
+/// The table source polling `url`, a `postgres` sink `db` on `pg` and the archive.
 fn write_config(dir: &Path, url: &str, pg: &PgServer) -> PathBuf {
-    let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
-    let sinks = format!("{}{}", pg_sink(pg, "db", ""), archive_sink(dir))
-        .replace("{password_file}", &password.display().to_string());
-    write_agent_config(
-        dir,
-        &format!("{}\n{sinks}", table_source(url, &["pm", "Temperature"])),
-    )
+    let sinks = format!("{}{}", pg_sink(pg, "db", ""), archive_sink(dir));
+    pg_table_config(dir, url, &sinks)
 }
 
 /// `SELECT count(*), count(DISTINCT xmin)` of a table: its rows, and the transactions

@@ -13,7 +13,7 @@
 //! key (`device=…/`), as the time is: a column both in the files and in the path makes
 //! readers that merge the two (pandas, pyarrow) fail, and Glue repeat it. A Parquet file
 //! still names its device in its key-value metadata (`edgespool.device`); a text file by
-//! its name (`{device}-{time}-part-{n}`). PostgreSQL's COPY text and the MQTT feed, which
+//! its name (`{device}-{time}-part-{n}`). PostgreSQL's rows and the MQTT feed, which
 //! have no path, keep it.
 //!
 //! Text formats can be compressed as a whole (gzip or zstd), deterministically: no time
