@@ -843,6 +843,21 @@ impl PgServer {
         command
     }
 
+    /// Makes the server log every statement from now on, in [`PgServer::log`] (the new
+    /// setting waited for: a session started after this returns has it).
+    pub fn log_statements(&self) {
+        self.psql("postgres", "ALTER SYSTEM SET log_statement = 'all'");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        wait_for("log_statement = all", Duration::from_secs(30), || {
+            (self.try_psql("postgres", "SHOW log_statement")? == "all").then_some(())
+        });
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
     /// Runs SQL with psql (a client we did not write); rows as lines, columns `|`-separated.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = self.psql_command(db, sql).output().expect("psql runs");

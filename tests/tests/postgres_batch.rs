@@ -46,6 +46,14 @@ fn rows_and_transactions(pg: &PgServer, table: &str) -> String {
     )
 }
 
+/// The COPY statements into the table the server logged (see [`PgServer::log_statements`]).
+fn copies(pg: &PgServer) -> usize {
+    pg.log()
+        .lines()
+        .filter(|l| l.contains("COPY \"public\".\"edgespool_windows\""))
+        .count()
+}
+
 fn pending(status: &Value) -> u64 {
     status["sinks"]
         .as_array()
@@ -59,6 +67,7 @@ fn pending(status: &Value) -> u64 {
 fn a_backlog_goes_in_one_transaction_and_a_crash_after_its_commit_loads_it_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pg = PgServer::start();
+    pg.log_statements();
     let server = JsonServer::start(vec![backlog(0)], purpleair_body(&[]));
     let config = write_config(dir.path(), &server.url, &pg);
     let log = dir.path().join("agent.log");
@@ -82,6 +91,7 @@ fn a_backlog_goes_in_one_transaction_and_a_crash_after_its_commit_loads_it_once(
         "6 1",
         "each part recorded, inside that transaction"
     );
+    assert_eq!(copies(&pg), 1, "the six parts in one COPY: {}", pg.log());
     let recorded = pg.psql(
         "postgres",
         "SELECT count(*) FROM edgespool_loads l JOIN edgespool_windows w
@@ -107,6 +117,7 @@ fn a_backlog_goes_in_one_transaction_and_a_crash_after_its_commit_loads_it_once(
     agent.terminate();
     assert_eq!(rows_and_transactions(&pg, "edgespool_windows"), "12 1");
     assert_eq!(rows_and_transactions(&pg, "edgespool_loads"), "6 1");
+    assert_eq!(copies(&pg), 1, "a replay of loaded parts makes no COPY");
     assert_eq!(
         pg.psql(
             "postgres",

@@ -396,19 +396,9 @@ impl PostgresSink {
         let into = if direct {
             self.table()
         } else {
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
-                self.table()
-            ))
-            .await?;
             "edgespool_staging".to_owned()
         };
-        let copy = Box::pin(
-            tx.copy_in(&format!(
-                "COPY {into} ({columns}) FROM STDIN WITH (FORMAT binary)"
-            ))
-            .await?,
-        );
+        let statement = format!("COPY {into} ({columns}) FROM STDIN WITH (FORMAT binary)");
         // Design: the parts are read from the spool (on a blocking thread) and encoded
         // while the pieces before them are sent: a bounded channel between the two, so
         // the server is not left waiting while the next part is read, and memory holds
@@ -440,29 +430,46 @@ impl PostgresSink {
                 loads.push((plan, part.rows.len()));
             }
             let encoded = binary.rows();
-            pieces.send(binary.finish()).await.map_err(|_| stopped())?;
+            if !loads.is_empty() {
+                pieces.send(binary.finish()).await.map_err(|_| stopped())?;
+            }
             Ok::<_, LoadError>((loads, with_rows, encoded))
         };
+        // The COPY starts with the first piece: a batch whose parts were all loaded
+        // before makes none.
         let send = async {
-            let mut copy = copy;
+            let mut copy = None;
             while let Some(piece) = to_send.recv().await {
+                let copy = match &mut copy {
+                    Some(copy) => copy,
+                    None => {
+                        if !direct {
+                            tx.batch_execute(&format!(
+                                "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+                                self.table()
+                            ))
+                            .await?;
+                        }
+                        copy.insert(Box::pin(tx.copy_in(&statement).await?))
+                    }
+                };
                 copy.send(piece).await?;
             }
             Ok::<_, tokio_postgres::Error>(copy)
         };
         let (produced, sent) = futures_util::future::join(produce, send).await;
         // The server's error first: it says why the COPY stopped (a unique violation).
-        let mut copy = sent?;
+        let copy = sent?;
         let (loads, with_rows, encoded) = produced?;
+        let Some(mut copy) = copy else {
+            tx.commit().await?;
+            return Ok((0, with_rows));
+        };
         let copied = copy.as_mut().finish().await?;
         if copied != encoded as u64 {
             return Err(LoadError::Other(format!(
                 "the server copied {copied} rows of {encoded}"
             )));
-        }
-        if loads.is_empty() {
-            tx.commit().await?;
-            return Ok((0, with_rows));
         }
         let move_on = tx
             .prepare(&format!(
