@@ -11,6 +11,8 @@
 #
 #   scripts/bench-postgres.sh            # 3 runs, medians printed
 #   BENCH_RUNS=1 BENCH_DAYS=1 scripts/bench-postgres.sh
+#   BENCH_BIN=/path/to/edgespool scripts/bench-postgres.sh   # another build, not rebuilt
+#   BENCH_PERF=DIR scripts/bench-postgres.sh  # perf record of the agent and its backend
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -22,8 +24,16 @@ SERIES=100
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 [ -x "$pgbin/postgres" ] || { echo "PostgreSQL is missing: run scripts/test.sh once" >&2; exit 1; }
 
-release_build --bin edgespool --example backlog
-BACKLOG="$RELEASE/examples/backlog"
+if [ -n "${BENCH_BIN:-}" ]; then
+    # Another build (an earlier one, to compare): nothing is built; the backlog tool is
+    # the one built last.
+    BIN=$BENCH_BIN
+    BACKLOG="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/backlog"
+else
+    release_build --bin edgespool --example backlog
+    BACKLOG="$RELEASE/examples/backlog"
+fi
+PERF=${BENCH_PERF:-}
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-pg.XXXXXX")
 remove_at_exit "$work"
@@ -75,22 +85,37 @@ sslmode = "disable"
 transaction_rows = $2
 TOML
     : > "$work/agent.log"
-    local start x0 end backend
+    local start x0 end
     x0=$(commits)
     start=$(now)
     start_agent "$work/drain.toml" "$work/agent.log"
     peak=0
+    local perfs=()
+    if [ -n "$PERF" ]; then
+        # The agent from its start, its backend once it has connected.
+        perf record -q -F 499 -g -p "$agent" -o "$PERF/agent-$2.data" 2>/dev/null & perfs+=($!)
+        wait_until 60 "the agent's backend" agent_backend
+        perf record -q -F 499 -g -p "$backend" -o "$PERF/backend-$2.data" 2>/dev/null & perfs+=($!)
+    fi
     wait_until --every 1 --alive "$agent" 3600 "the backlog loaded" \
         backlog_drained "$work/drain.toml" db
+    for p in "${perfs[@]}"; do kill -INT "$p"; wait "$p" || true; done
     # The end is the agent's own log line for the last part of the backlog, so that the
     # polling above neither counts nor slows the figure.
     end=$(utc_seconds "$(grep ' delivered' "$work/agent.log" | tail -1 | cut -d' ' -f1)")
     acpu=$(process_cpu "$agent")
-    backend=$(sql -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'edgespool'")
+    agent_backend
     scpu=$(process_cpu "$backend")
     xacts=$(( $(commits) - x0 ))
     stop_agent
     rate=$(awk -v r="$rows" -v a="$start" -v b="$end" 'BEGIN {printf "%d", r / (b - a)}')
+    wall=$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')
+}
+
+# agent_backend: sets backend to the pid of the agent's server process, if connected.
+agent_backend() {
+    backend=$(sql -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'edgespool'")
+    [ -n "$backend" ]
 }
 
 agent_rates=(); one_rates=(); copy_rates=(); ratios=(); one_ratios=(); peaks=()
@@ -107,12 +132,12 @@ for run in $(seq 1 "$RUNS"); do
     one_drain() {
         drain "$work/one.db" 1
         one=$rate; one_x=$xacts
-        echo "run $run: a part per transaction: $rate rows/s, agent CPU $acpu s, server backend CPU $scpu s, $xacts transactions" >&2
+        echo "run $run: a part per transaction: $rate rows/s ($wall s), agent CPU $acpu s, server backend CPU $scpu s, $xacts transactions" >&2
     }
     [ $((run % 2)) -eq 1 ] && one_drain
     drain "$work/spool.db" 100000
     loaded=$(sql -c "SELECT count(*) FROM edgespool_windows WHERE device = 'bench' AND window_seconds = 60")
-    echo "run $run: default batches: $rate rows/s ($loaded rows in the table), agent CPU $acpu s, server backend CPU $scpu s, $xacts transactions, peak RSS $peak KiB" >&2
+    echo "run $run: default batches: $rate rows/s ($loaded rows in the table, $wall s), agent CPU $acpu s, server backend CPU $scpu s, $xacts transactions, peak RSS $peak KiB" >&2
     batch_rate=$rate; batch_cpu=$acpu; batch_scpu=$scpu; batch_x=$xacts; batch_peak=$peak
     # Either drain leaves the same rows in the table, for psql \copy below.
     [ $((run % 2)) -eq 0 ] && one_drain
@@ -131,7 +156,7 @@ for run in $(seq 1 "$RUNS"); do
     c=$(awk -v r="$loaded" -v a="$c0" -v b="$c1" 'BEGIN {printf "%d", r / (b - a)}')
     r=$(awk -v a="$batch_rate" -v c="$c" 'BEGIN {printf "%.2f", a / c}')
     r1=$(awk -v a="$one" -v c="$c" 'BEGIN {printf "%.2f", a / c}')
-    echo "run $run: psql \\copy $c rows/s, server backend CPU $cs s; ratio $r (a part per transaction: $r1)" >&2
+    echo "run $run: psql \\copy $c rows/s ($(awk -v a="$c0" -v b="$c1" 'BEGIN {printf "%.1f", b - a}') s), server backend CPU $cs s; ratio $r (a part per transaction: $r1)" >&2
     agent_rates+=("$batch_rate"); one_rates+=("$one"); copy_rates+=("$c"); ratios+=("$r"); one_ratios+=("$r1")
     peaks+=("$batch_peak"); agent_cpu+=("$batch_cpu"); agent_server+=("$batch_scpu"); copy_server+=("$cs")
     agent_xacts+=("$batch_x"); one_xacts+=("$one_x")

@@ -843,6 +843,21 @@ impl PgServer {
         command
     }
 
+    /// Makes the server log every statement from now on, in [`PgServer::log`] (the new
+    /// setting waited for: a session started after this returns has it).
+    pub fn log_statements(&self) {
+        self.psql("postgres", "ALTER SYSTEM SET log_statement = 'all'");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        wait_for("log_statement = all", Duration::from_secs(30), || {
+            (self.try_psql("postgres", "SHOW log_statement")? == "all").then_some(())
+        });
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
     /// Runs SQL with psql (a client we did not write); rows as lines, columns `|`-separated.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = self.psql_command(db, sql).output().expect("psql runs");
@@ -1218,6 +1233,24 @@ connect_timeout = "2s"
 retry_max = "1s"
 {extra}
 "#,
+    )
+}
+
+/// Writes `dir/credentials/pg`, holding [`PG_PASSWORD`]: the file a [`pg_sink`]'s
+/// `{password_file}` names.
+pub fn write_pg_password(dir: &Path) -> PathBuf {
+    write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"))
+}
+
+/// Writes a configuration for the PostgreSQL tests: the HTTP table source polling `url`
+/// (columns `pm` and `Temperature`, see [`table_source`]), then `sinks`, whose
+/// `{password_file}` becomes [`write_pg_password`]'s file.
+pub fn pg_table_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
+    let password = write_pg_password(dir);
+    let sinks = sinks.replace("{password_file}", &password.display().to_string());
+    write_agent_config(
+        dir,
+        &format!("{}\n{sinks}", table_source(url, &["pm", "Temperature"])),
     )
 }
 

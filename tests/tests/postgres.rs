@@ -5,25 +5,14 @@
 //! 2026: their partitions close as soon as they are committed.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
     Agent, JsonServer, PG_PASSWORD, PG_TOTALS_SQL, PgServer, T0, archive_sink, find_sink, minute,
-    ndjson_count, ndjson_totals, pg_sink, purpleair_body, read_tree, sink_status, status_json,
-    table_source, wait_for, write_agent_config, write_file,
+    ndjson_count, ndjson_totals, pg_sink, pg_table_config, purpleair_body, read_tree, sink_status,
+    status_json, wait_for, write_file,
 };
 use serde_json::Value;
-
-/// Writes a configuration: the HTTP table source polling `url`, then `sinks`.
-fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
-    let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
-    let sinks = sinks.replace("{password_file}", &password.display().to_string());
-    write_agent_config(
-        dir,
-        &format!("{}\n{sinks}", table_source(url, &["pm", "Temperature"])),
-    )
-}
 
 /// Rows in the table; 0 before it exists.
 fn count(pg: &PgServer) -> usize {
@@ -37,7 +26,7 @@ fn partitions_load_once_through_an_outage_a_restart_mid_load_and_late_rows() {
     let mut pg = PgServer::start();
     let server = JsonServer::start((0..3).map(minute).collect(), purpleair_body(&[]));
     let sinks = format!("{}{}", pg_sink(&pg, "db", ""), archive_sink(dir.path()));
-    let config = write_config(dir.path(), &server.url, &sinks);
+    let config = pg_table_config(dir.path(), &server.url, &sinks);
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
 
     wait_for("minutes 0-2 in PostgreSQL", Duration::from_secs(60), || {
@@ -177,7 +166,7 @@ fn a_crash_after_the_commit_and_kills_at_random_points_never_duplicate_rows() {
     let pg = PgServer::start();
     let server = JsonServer::start(vec![minute(0)], purpleair_body(&[]));
     let sinks = format!("{}{}", pg_sink(&pg, "db", ""), archive_sink(dir.path()));
-    let config = write_config(dir.path(), &server.url, &sinks);
+    let config = pg_table_config(dir.path(), &server.url, &sinks);
     let log = dir.path().join("agent.log");
 
     // Killed after the load committed, before the spool recorded it.
@@ -263,23 +252,27 @@ fn bad_connection_settings_give_clear_errors_and_lose_nothing() {
         archive_sink(dir.path()),
     ]
     .concat();
-    let config = write_config(dir.path(), &server.url, &sinks);
+    let config = pg_table_config(dir.path(), &server.url, &sinks);
     let agent = Agent::start(&config, &dir.path().join("agent.log"));
-    let status = wait_for("four sinks failing", Duration::from_secs(60), || {
-        let status = agent.try_status()?;
-        [
-            "wrong_password",
-            "no_such_host",
-            "tls_required",
-            "other_table",
-        ]
-        .iter()
-        .all(|name| {
-            find_sink(&status, name)
-                .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 1)
-        })
-        .then_some(status)
-    });
+    let status = wait_for(
+        "four sinks failing, the archive delivered",
+        Duration::from_secs(60),
+        || {
+            let status = agent.try_status()?;
+            let failing = [
+                "wrong_password",
+                "no_such_host",
+                "tls_required",
+                "other_table",
+            ]
+            .iter()
+            .all(|name| {
+                find_sink(&status, name)
+                    .is_some_and(|s| s["state"] == "retrying" && s["pending_partitions"] == 1)
+            });
+            (failing && find_sink(&status, "archive")?["state"] == "ok").then_some(status)
+        },
+    );
     let error = |name: &str| {
         sink_status(&status, name)["last_error"]
             .as_str()

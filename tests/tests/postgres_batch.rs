@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use edgespool_tests::{
     Agent, JsonServer, PG_PASSWORD, PG_TOTALS_SQL, PgServer, T0, archive_sink, find_sink,
-    ndjson_totals, pg_sink, purpleair_body, sink_status, status_json, table_source, wait_for,
-    write_agent_config, write_file,
+    ndjson_totals, pg_sink, pg_table_config, purpleair_body, sink_status, status_json, wait_for,
 };
 use serde_json::Value;
 
@@ -32,14 +31,10 @@ fn backlog(first: i64) -> String {
     purpleair_body(&rows)
 }
 
+/// The table source polling `url`, a `postgres` sink `db` on `pg` and the archive.
 fn write_config(dir: &Path, url: &str, pg: &PgServer) -> PathBuf {
-    let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
-    let sinks = format!("{}{}", pg_sink(pg, "db", ""), archive_sink(dir))
-        .replace("{password_file}", &password.display().to_string());
-    write_agent_config(
-        dir,
-        &format!("{}\n{sinks}", table_source(url, &["pm", "Temperature"])),
-    )
+    let sinks = format!("{}{}", pg_sink(pg, "db", ""), archive_sink(dir));
+    pg_table_config(dir, url, &sinks)
 }
 
 /// `SELECT count(*), count(DISTINCT xmin)` of a table: its rows, and the transactions
@@ -49,6 +44,14 @@ fn rows_and_transactions(pg: &PgServer, table: &str) -> String {
         "postgres",
         &format!("SELECT count(*) || ' ' || count(DISTINCT xmin::text) FROM {table}"),
     )
+}
+
+/// The COPY statements into the table the server logged (see [`PgServer::log_statements`]).
+fn copies(pg: &PgServer) -> usize {
+    pg.log()
+        .lines()
+        .filter(|l| l.contains("COPY \"public\".\"edgespool_windows\""))
+        .count()
 }
 
 fn pending(status: &Value) -> u64 {
@@ -64,6 +67,7 @@ fn pending(status: &Value) -> u64 {
 fn a_backlog_goes_in_one_transaction_and_a_crash_after_its_commit_loads_it_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pg = PgServer::start();
+    pg.log_statements();
     let server = JsonServer::start(vec![backlog(0)], purpleair_body(&[]));
     let config = write_config(dir.path(), &server.url, &pg);
     let log = dir.path().join("agent.log");
@@ -87,6 +91,7 @@ fn a_backlog_goes_in_one_transaction_and_a_crash_after_its_commit_loads_it_once(
         "6 1",
         "each part recorded, inside that transaction"
     );
+    assert_eq!(copies(&pg), 1, "the six parts in one COPY: {}", pg.log());
     let recorded = pg.psql(
         "postgres",
         "SELECT count(*) FROM edgespool_loads l JOIN edgespool_windows w
@@ -112,6 +117,7 @@ fn a_backlog_goes_in_one_transaction_and_a_crash_after_its_commit_loads_it_once(
     agent.terminate();
     assert_eq!(rows_and_transactions(&pg, "edgespool_windows"), "12 1");
     assert_eq!(rows_and_transactions(&pg, "edgespool_loads"), "6 1");
+    assert_eq!(copies(&pg), 1, "a replay of loaded parts makes no COPY");
     assert_eq!(
         pg.psql(
             "postgres",

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use edgespool_tests::{
     Agent, PG_PASSWORD, PgServer, archive_sink, find_sink, pg_sink, read_tree, status_json,
-    thermal_source, try_status_json, wait_for, write_file,
+    thermal_source, try_status_json, wait_for, write_pg_password,
 };
 
 const PARTITION_S: i64 = 120;
 
 fn write_config(dir: &Path, pg: &PgServer) -> PathBuf {
-    let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
+    let password = write_pg_password(dir);
     let sinks = format!("{}{}", pg_sink(pg, "db", ""), archive_sink(dir))
         .replace("{password_file}", &password.display().to_string());
     let text = format!(

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgespool_tests::{
-    Agent, JsonServer, PG_PASSWORD, PgServer, T0, pg_sink, table_source, wait_for,
-    write_agent_config, write_file,
+    Agent, JsonServer, PgServer, T0, pg_sink, table_source, wait_for, write_agent_config,
+    write_pg_password,
 };
 
 fn write_config(dir: &Path, url: &str, sinks: &str) -> PathBuf {
-    let password = write_file(dir, "credentials/pg", &format!("{PG_PASSWORD}\n"));
+    let password = write_pg_password(dir);
     let sinks = sinks.replace("{password_file}", &password.display().to_string());
     // Several values of one sensor may share a timestamp here (the tie below): the source
     // keeps repeats, as a device that sends several readings per timestamp needs.

@@ -144,7 +144,21 @@ pub trait Sink: Send + Sync {
     /// part is durable at the destination (a local file fsynced with its folders, an
     /// object store's success answer, PostgreSQL's COMMIT): the uploader then records
     /// the delivery, and the spool deletes rows that every sink has.
-    async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError>;
+    ///
+    /// A sink whose [`batch_limit`](Sink::batch_limit) takes more than one part gets
+    /// every part through [`deliver_parts`](Sink::deliver_parts) instead, and need not
+    /// implement this: by default it refuses.
+    async fn deliver(&self, delivery: Delivery<'_>) -> Result<String, SinkError> {
+        Err(SinkError::Write {
+            sink: delivery.plan.sink.clone(),
+            key: format!(
+                "part {} of {}",
+                delivery.plan.part,
+                clock::rfc3339(delivery.plan.partition)
+            ),
+            reason: "this sink takes parts in batches only".to_owned(),
+        })
+    }
 
     /// Whether a delivery needs [`Delivery::series`] (a wide layout does); reading that
     /// set costs a query per part, so other sinks get it empty.
@@ -191,15 +205,7 @@ pub struct PartReader<'a> {
     next: usize,
     reader: &'a mut Option<SpoolReader>,
     rows: usize,
-    /// The next part, read ahead on a blocking thread while the sink sends this one
-    /// (only a part of at most `chunk_rows` rows, so that two parts in memory stay small).
-    ahead: Option<(usize, ReadAhead)>,
 }
-
-/// A part being read from the spool on a blocking thread, with the reader it uses.
-type ReadAhead = tokio::task::JoinHandle<
-    Result<(SpoolReader, Result<PartRows, crate::spool::SpoolError>), crate::spool::SpoolError>,
->;
 
 impl PartReader<'_> {
     /// The device id.
@@ -228,30 +234,16 @@ impl PartReader<'_> {
         let Some(plan) = self.plans.get(self.next) else {
             return Ok(None);
         };
-        let index = self.next;
         self.next += 1;
-        let reading = match self.ahead.take() {
-            Some((ahead, reading)) if ahead == index => reading,
-            _ => self.uploader.start_read(plan, self.reader),
-        };
-        let part = self.uploader.finish_read(reading, self.reader).await?;
-        // Design: a batch of many small parts (a backlog of few series) would otherwise
-        // leave the server idle while each part is read; a large part is not read ahead.
-        if let Some(next) = self.plans.get(self.next)
-            && usize::try_from(next.rows).is_ok_and(|rows| rows <= self.uploader.chunk_rows)
-        {
-            self.ahead = Some((self.next, self.uploader.start_read(next, self.reader)));
-        }
+        let part = self.uploader.read_part(plan, self.reader).await?;
         self.rows += part.rows.len();
         Ok(Some((plan.clone(), part)))
     }
 
-    /// Back to the first part (a sink that loads the batch again another way). A part
-    /// read ahead is let go (with its reader: the next read opens one).
+    /// Back to the first part (a sink that loads the batch again another way).
     pub fn rewind(&mut self) {
         self.next = 0;
         self.rows = 0;
-        self.ahead = None;
     }
 }
 
@@ -389,22 +381,12 @@ impl Uploader {
     /// blocking thread and handed to the sink through a channel of one chunk: memory
     /// holds about three chunks of rows (one read, one waiting, one encoded), not the part.
     async fn send(&self, plan: &PartPlan, reader: &mut Option<SpoolReader>) -> Result<(), String> {
-        let path = self.spool.path().to_owned();
-        // Design: the writer's file, read after the plan came back, so a plan made in a
-        // spool put back after a deletion (spool/follow.rs) is read from that file.
-        let writer_file = self.spool.file();
-        let taken = reader.take().filter(|r| r.file() == Some(writer_file));
+        let open = self.reader_of_writers_file(reader);
         let query = plan.clone();
         let with_series = self.sink.wants_series();
         let chunk_rows = self.chunk_rows;
         let (mut back, reading) = tokio::task::spawn_blocking(move || {
-            let mut reader = match taken {
-                Some(r) => r,
-                None => SpoolReader::open(&path)?,
-            };
-            if reader.file() != Some(writer_file) {
-                return Err(crate::spool::SpoolError::NotTheWriters { path });
-            }
+            let mut reader = open()?;
             let reading = reader.begin_part(&query, with_series, chunk_rows);
             Ok::<_, crate::spool::SpoolError>((reader, reading))
         })
@@ -488,7 +470,6 @@ impl Uploader {
             next: 0,
             reader,
             rows: 0,
-            ahead: None,
         };
         let location = self
             .sink
@@ -507,40 +488,48 @@ impl Uploader {
             .map_err(|e| e.to_string())
     }
 
-    /// Reads one part from the spool (off the runtime), reusing `reader` while it reads
-    /// the writer's file.
-    /// Starts reading one part from the spool (off the runtime), with `reader` if it
-    /// reads the writer's file; [`Uploader::finish_read`] gives the reader back.
-    fn start_read(&self, plan: &PartPlan, reader: &mut Option<SpoolReader>) -> ReadAhead {
+    /// What opens the spool reader for a read on a blocking thread: `reader`, taken, if
+    /// it reads the writer's file, or a new one, which must.
+    ///
+    /// Design: the writer's file, asked for after the plan came back, so a plan made in a
+    /// spool put back after a deletion (spool/follow.rs) is read from that file.
+    fn reader_of_writers_file(
+        &self,
+        reader: &mut Option<SpoolReader>,
+    ) -> impl FnOnce() -> Result<SpoolReader, crate::spool::SpoolError> + Send + 'static {
         let path = self.spool.path().to_owned();
-        // As in `send`: the writer's file, read after the plan came back.
         let writer_file = self.spool.file();
         let taken = reader.take().filter(|r| r.file() == Some(writer_file));
-        let query = plan.clone();
-        let with_series = self.sink.wants_series();
-        tokio::task::spawn_blocking(move || {
-            let mut reader = match taken {
+        move || {
+            let reader = match taken {
                 Some(r) => r,
                 None => SpoolReader::open(&path)?,
             };
             if reader.file() != Some(writer_file) {
                 return Err(crate::spool::SpoolError::NotTheWriters { path });
             }
+            Ok(reader)
+        }
+    }
+
+    /// Reads one whole part from the spool (off the runtime), with `reader` if it reads
+    /// the writer's file, and puts the reader back.
+    async fn read_part(
+        &self,
+        plan: &PartPlan,
+        reader: &mut Option<SpoolReader>,
+    ) -> Result<PartRows, String> {
+        let open = self.reader_of_writers_file(reader);
+        let query = plan.clone();
+        let with_series = self.sink.wants_series();
+        let (back, part) = tokio::task::spawn_blocking(move || {
+            let mut reader = open()?;
             let part = reader.read_part(&query, with_series);
             Ok::<_, crate::spool::SpoolError>((reader, part))
         })
-    }
-
-    /// Waits for a read [`Uploader::start_read`] began and puts its reader back.
-    async fn finish_read(
-        &self,
-        reading: ReadAhead,
-        reader: &mut Option<SpoolReader>,
-    ) -> Result<PartRows, String> {
-        let (back, part) = reading
-            .await
-            .map_err(|e| format!("spool reader failed: {e}"))?
-            .map_err(|e| e.to_string())?;
+        .await
+        .map_err(|e| format!("spool reader failed: {e}"))?
+        .map_err(|e| e.to_string())?;
         *reader = Some(back);
         part.map_err(|e| e.to_string())
     }

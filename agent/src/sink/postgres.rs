@@ -25,9 +25,10 @@
 //! by an earlier edgespool) takes an advisory lock first, so that agents starting together
 //! against an empty database do not trip over each other's `CREATE … IF NOT EXISTS`.
 
+mod binary;
 mod plaintext;
 
-use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,11 +37,10 @@ use futures_util::SinkExt;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, Config as PgConfig};
 
-use super::encode::{LongCsv, long_csv};
-use super::{Delivery, PartReader, Sink, SinkError};
+use self::binary::CopyBinary;
+use super::{PartReader, Sink, SinkError};
 use crate::clock;
 use crate::config::{PostgresSink as PgSinkConfig, SslMode};
-use crate::flow::WindowRow;
 use crate::spool::PartPlan;
 
 /// The table's columns, in order, with their SQL types as `information_schema` names them.
@@ -346,8 +346,9 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Loads the parts `source` gives (of distinct partitions, read one at a time) in one
-    /// transaction; returns how many had not been loaded before, and how many had rows.
+    /// Loads the parts `parts` reads (of distinct partitions, read one at a time) in one
+    /// transaction with one `COPY`; returns how many had not been loaded before, and how
+    /// many had rows.
     ///
     /// `direct`: COPY straight into the table, tried first (most parts hold new windows
     /// only); a unique violation (late rows of a window loaded before, a table fed by an
@@ -355,37 +356,38 @@ impl PostgresSink {
     async fn load(
         &self,
         client: &mut Client,
-        source: &mut Source<'_, '_>,
+        parts: &mut PartReader<'_>,
         direct: bool,
     ) -> Result<(usize, usize), LoadError> {
         let tx = client.transaction().await?;
+        let schema = &self.config.schema;
+        let device = parts.device().to_owned();
         // Design: the spool plans part N only once every earlier part of the sink is
         // recorded delivered (durably: the plan's commit syncs what came before), so no
-        // earlier part of this partition is ever sent again. Its record moves on to part
-        // N (rows adding up) instead of a row per part: one row per partition however
-        // many flushes sent parts of it, and no privilege beyond INSERT and UPDATE. A
-        // batch holds one part per partition, so each part's record is its own row.
-        // The statements are prepared once per transaction, not once per part.
-        let schema = &self.config.schema;
-        let move_on = tx
-            .prepare(&format!(
-                "UPDATE \"{schema}\".{LOADS_TABLE} l
-                 SET part = $4, rows = l.rows + $5, loaded_at = now()
-                 WHERE l.target = $1 AND l.device = $2
-                   AND l.partition_start = to_timestamp($3::bigint)
-                   AND l.part = (SELECT max(m.part) FROM \"{schema}\".{LOADS_TABLE} m
-                                 WHERE m.target = $1 AND m.device = $2
-                                   AND m.partition_start = to_timestamp($3::bigint))
-                   AND l.part < $4"
-            ))
-            .await?;
-        let insert = tx
-            .prepare(&format!(
-                "INSERT INTO \"{schema}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
-                 SELECT $1, $2, to_timestamp($3::bigint), $4, $5 WHERE $6
-                 ON CONFLICT DO NOTHING"
-            ))
-            .await?;
+        // earlier part of this partition is ever sent again, and a part whose partition
+        // has a record of part N or later went in before (its acknowledgement was lost).
+        // The records are read first, the rows of the parts not loaded before go in one
+        // COPY, and then each part's record is written, in the same transaction: a
+        // partition's record moves on to part N (rows adding up) instead of a row per
+        // part, so one row per partition however many flushes sent parts of it. A
+        // session that recorded one of these parts meanwhile makes the insert a unique
+        // violation: the load starts over through staging, which reads the records again.
+        let partitions: Vec<i64> = parts.plans().iter().map(|p| p.partition).collect();
+        let recorded: HashMap<i64, i32> = tx
+            .query(
+                &format!(
+                    "SELECT extract(epoch FROM partition_start)::bigint, max(part)
+                     FROM \"{schema}\".{LOADS_TABLE}
+                     WHERE target = $1 AND device = $2
+                       AND partition_start IN (SELECT to_timestamp(unnest($3::bigint[])))
+                     GROUP BY partition_start"
+                ),
+                &[&self.config.table, &device, &partitions],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         let names: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
             .iter()
             .map(|(n, _)| format!("\"{n}\""))
@@ -396,71 +398,127 @@ impl PostgresSink {
         } else {
             "edgespool_staging".to_owned()
         };
-        let mut copy_in = None;
-        let (mut loaded, mut with_rows) = (0, 0);
-        let device = source.device().to_owned();
-        while let Some((plan, rows)) = source.next().await.map_err(LoadError::Other)? {
-            if rows.is_empty() {
-                continue;
-            }
-            with_rows += 1;
-            let key: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
-                &self.config.table,
-                &device,
-                &plan.partition,
-                &(plan.part as i32),
-                &(rows.len() as i32),
-            ];
-            let moved_on = if plan.part > 0 {
-                tx.execute(&move_on, &key).await?
-            } else {
-                0
-            };
-            let recorded = moved_on
-                + tx.execute(
-                    &insert,
-                    &[key[0], key[1], key[2], key[3], key[4], &(moved_on == 0)],
-                )
-                .await?;
-            if recorded == 0 {
-                continue;
-            }
-            loaded += 1;
-            let statement = match &copy_in {
-                Some(statement) => statement,
-                None => {
-                    if !direct {
-                        tx.batch_execute(&format!(
-                            "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
-                            self.table()
-                        ))
-                        .await?;
+        let statement = format!("COPY {into} ({columns}) FROM STDIN WITH (FORMAT binary)");
+        // Design: the parts are read from the spool (on a blocking thread) and encoded
+        // while the pieces before them are sent: a bounded channel between the two, so
+        // the server is not left waiting while the next part is read, and memory holds
+        // one part's rows and at most PIECES_AHEAD pieces.
+        let (pieces, mut to_send) = tokio::sync::mpsc::channel::<Bytes>(PIECES_AHEAD);
+        let produce = async {
+            let pieces = pieces;
+            let mut loads: Vec<(PartPlan, usize)> = Vec::new();
+            let mut with_rows = 0;
+            let mut binary = CopyBinary::new(&device);
+            let stopped = || LoadError::Other("the COPY stopped".to_owned());
+            while let Some((plan, part)) = parts.next().await.map_err(LoadError::Other)? {
+                if part.rows.is_empty() {
+                    continue;
+                }
+                with_rows += 1;
+                if recorded
+                    .get(&plan.partition)
+                    .is_some_and(|&done| i64::from(done) >= i64::from(plan.part))
+                {
+                    continue;
+                }
+                for row in &part.rows {
+                    if let Some(piece) = binary.push(row) {
+                        pieces.send(piece).await.map_err(|_| stopped())?;
                     }
-                    copy_in.insert(
-                        tx.prepare(&format!(
-                            "COPY {into} ({columns}) FROM STDIN WITH (FORMAT csv)"
-                        ))
-                        .await?,
-                    )
                 }
-            };
-            // A COPY per part: the loads record of the next goes between them.
-            let copy = tx.copy_in(statement).await?;
-            futures_util::pin_mut!(copy);
-            let mut text = CopyText::new(&device);
-            for row in rows.iter() {
-                if let Some(body) = text.push(row)? {
-                    copy.send(body).await?;
-                }
+                binary.end_part();
+                loads.push((plan, part.rows.len()));
             }
-            if let Some(body) = text.finish()? {
-                copy.send(body).await?;
+            let encoded = binary.rows();
+            if !loads.is_empty() {
+                pieces.send(binary.finish()).await.map_err(|_| stopped())?;
             }
-            copy.finish().await?;
-        }
-        if loaded == 0 {
+            Ok::<_, LoadError>((loads, with_rows, encoded))
+        };
+        // The COPY starts with the first piece: a batch whose parts were all loaded
+        // before makes none.
+        let send = async {
+            let mut copy = None;
+            while let Some(piece) = to_send.recv().await {
+                let copy = match &mut copy {
+                    Some(copy) => copy,
+                    None => {
+                        if !direct {
+                            tx.batch_execute(&format!(
+                                "CREATE TEMP TABLE edgespool_staging (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+                                self.table()
+                            ))
+                            .await?;
+                        }
+                        copy.insert(Box::pin(tx.copy_in(&statement).await?))
+                    }
+                };
+                copy.send(piece).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(copy)
+        };
+        let (produced, sent) = futures_util::future::join(produce, send).await;
+        // The server's error first: it says why the COPY stopped (a unique violation).
+        let copy = sent?;
+        let (loads, with_rows, encoded) = produced?;
+        let Some(mut copy) = copy else {
             tx.commit().await?;
             return Ok((0, with_rows));
+        };
+        let copied = copy.as_mut().finish().await?;
+        if copied != encoded as u64 {
+            return Err(LoadError::Other(format!(
+                "the server copied {copied} rows of {encoded}"
+            )));
+        }
+        let move_on = tx
+            .prepare(&format!(
+                "UPDATE \"{schema}\".{LOADS_TABLE}
+                 SET part = $4, rows = rows + $5, loaded_at = now()
+                 WHERE target = $1 AND device = $2
+                   AND partition_start = to_timestamp($3::bigint) AND part = $6"
+            ))
+            .await?;
+        let insert = tx
+            .prepare(&format!(
+                "INSERT INTO \"{schema}\".{LOADS_TABLE} (target, device, partition_start, part, rows)
+                 VALUES ($1, $2, to_timestamp($3::bigint), $4, $5)"
+            ))
+            .await?;
+        let keys: Vec<(i64, i32, i32, Option<i32>)> = loads
+            .iter()
+            .map(|(plan, rows)| {
+                (
+                    plan.partition,
+                    plan.part as i32,
+                    *rows as i32,
+                    recorded.get(&plan.partition).copied(),
+                )
+            })
+            .collect();
+        // The records go out together (pipelined on the connection), not a round trip each.
+        let table = &self.config.table;
+        let written =
+            futures_util::future::try_join_all(keys.iter().map(|(partition, part, rows, done)| {
+                let (tx, move_on, insert, device) = (&tx, &move_on, &insert, &device);
+                async move {
+                    match done {
+                        Some(done) => {
+                            tx.execute(move_on, &[table, device, partition, part, rows, done])
+                                .await
+                        }
+                        None => {
+                            tx.execute(insert, &[table, device, partition, part, rows])
+                                .await
+                        }
+                    }
+                }
+            }))
+            .await?;
+        if written.iter().any(|&n| n != 1) {
+            return Err(LoadError::Other(
+                "a part's record in the loads table changed during the load".to_owned(),
+            ));
         }
         if !direct {
             let (mean, mean_rest, delta) = merge_sql();
@@ -488,134 +546,12 @@ impl PostgresSink {
             .await?;
         }
         tx.commit().await?;
-        Ok((loaded, with_rows))
+        Ok((loads.len(), with_rows))
     }
 }
 
-/// Where a load's parts come from: the spool, one at a time (a batch), or one part at
-/// hand.
-enum Source<'p, 'd> {
-    Spool(&'p mut PartReader<'d>),
-    One(&'p Delivery<'d>, &'p [WindowRow], bool),
-}
-
-impl Source<'_, '_> {
-    fn device(&self) -> &str {
-        match self {
-            Source::Spool(parts) => parts.device(),
-            Source::One(delivery, _, _) => delivery.device,
-        }
-    }
-
-    fn plans(&self) -> &[PartPlan] {
-        match self {
-            Source::Spool(parts) => parts.plans(),
-            Source::One(delivery, _, _) => std::slice::from_ref(delivery.plan),
-        }
-    }
-
-    /// The next part and its rows.
-    async fn next(&mut self) -> Result<Option<(PartPlan, Cow<'_, [WindowRow]>)>, String> {
-        match self {
-            Source::Spool(parts) => Ok(parts
-                .next()
-                .await?
-                .map(|(plan, part)| (plan, Cow::Owned(part.rows)))),
-            Source::One(delivery, rows, taken) => {
-                if std::mem::replace(taken, true) {
-                    return Ok(None);
-                }
-                Ok(Some((delivery.plan.clone(), Cow::Borrowed(*rows))))
-            }
-        }
-    }
-
-    fn rewind(&mut self) {
-        match self {
-            Source::Spool(parts) => parts.rewind(),
-            Source::One(_, _, taken) => *taken = false,
-        }
-    }
-}
-
-/// How much COPY text is encoded before it is sent: what the load holds of it at once.
-const COPY_BUFFER: usize = 128 * 1024;
-
-/// How many rows are formatted together (a window's times and a series' tags are
-/// formatted once per group).
-const COPY_ROWS: usize = 256;
-
-/// A part's rows as COPY text, made as they come: a window that appears twice in a row
-/// (a window and its late rows, both spooled before the part was planned) is merged
-/// into one row, and the text goes out in pieces of about [`COPY_BUFFER`] bytes.
-struct CopyText<'a> {
-    device: &'a str,
-    /// The row being merged with those that follow for the same window.
-    pending: Option<WindowRow>,
-    /// Rows ready to format.
-    rows: Vec<WindowRow>,
-    /// Formatted text not sent yet.
-    text: Vec<u8>,
-}
-
-impl<'a> CopyText<'a> {
-    fn new(device: &'a str) -> CopyText<'a> {
-        CopyText {
-            device,
-            pending: None,
-            rows: Vec::with_capacity(COPY_ROWS),
-            text: Vec::new(),
-        }
-    }
-
-    /// Takes the next row (rows come ordered by window start and series); returns text
-    /// to send once a buffer's worth is ready.
-    fn push(&mut self, row: &WindowRow) -> Result<Option<Bytes>, LoadError> {
-        match &mut self.pending {
-            Some(last) if last.start == row.start && last.series == row.series => {
-                last.stats = last.stats.merge(&row.stats);
-                return Ok(None);
-            }
-            pending => {
-                if let Some(done) = pending.replace(row.clone()) {
-                    self.rows.push(done);
-                }
-            }
-        }
-        if self.rows.len() >= COPY_ROWS {
-            self.format()?;
-        }
-        Ok((self.text.len() >= COPY_BUFFER).then(|| self.take()))
-    }
-
-    /// The rest of the text, if any.
-    fn finish(mut self) -> Result<Option<Bytes>, LoadError> {
-        if let Some(done) = self.pending.take() {
-            self.rows.push(done);
-        }
-        self.format()?;
-        Ok((!self.text.is_empty()).then(|| self.take()))
-    }
-
-    fn format(&mut self) -> Result<(), LoadError> {
-        if self.rows.is_empty() {
-            return Ok(());
-        }
-        let body = long_csv(self.device, &self.rows, LongCsv::Copy)
-            .map_err(|e| LoadError::Other(format!("cannot encode: {e}")))?;
-        self.rows.clear();
-        if self.text.is_empty() {
-            self.text = body;
-        } else {
-            self.text.extend_from_slice(&body);
-        }
-        Ok(())
-    }
-
-    fn take(&mut self) -> Bytes {
-        Bytes::from(std::mem::take(&mut self.text))
-    }
-}
+/// How many pieces of COPY data wait to be sent, at most: the encoder's lead.
+const PIECES_AHEAD: usize = 8;
 
 /// The merged mean and its rest, and the difference of the two means, in SQL: what
 /// [`Stats::merge`](crate::flow::Stats::merge) computes, step by step (PostgreSQL's
@@ -667,15 +603,15 @@ impl From<tokio_postgres::Error> for LoadError {
 }
 
 impl PostgresSink {
-    /// Loads what `source` gives in one transaction, through staging if it must.
-    async fn load_all(&self, mut source: Source<'_, '_>) -> Result<String, SinkError> {
+    /// Loads the parts `parts` reads in one transaction, through staging if it must.
+    async fn load_all(&self, parts: &mut PartReader<'_>) -> Result<String, SinkError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
             *guard = Some(self.connect().await?);
         }
         let client = guard.as_mut().expect("connected above");
-        let what = match source.plans() {
+        let what = match parts.plans() {
             [one] => format!(
                 "{} part {} of {}",
                 self.table(),
@@ -696,10 +632,10 @@ impl PostgresSink {
         };
         let limit = self.config.connect_timeout.saturating_mul(6) + Duration::from_secs(5);
         let attempt = async {
-            match self.load(client, &mut source, true).await {
+            match self.load(client, parts, true).await {
                 Err(LoadError::Conflict) => {
-                    source.rewind();
-                    self.load(client, &mut source, false).await
+                    parts.rewind();
+                    self.load(client, parts, false).await
                 }
                 other => other,
             }
@@ -733,31 +669,17 @@ impl PostgresSink {
     }
 }
 
+/// Design: the uploader hands a sink whose [`Sink::batch_limit`] takes more than one part
+/// its parts through [`Sink::deliver_parts`] only, one transaction per batch (a live
+/// part of the open partition is a batch of one).
 #[async_trait::async_trait]
 impl Sink for PostgresSink {
-    async fn deliver(&self, mut delivery: Delivery<'_>) -> Result<String, SinkError> {
-        // Design: a part delivered alone (the live mode's parts of the open partition)
-        // is gathered from the reader's chunks first; a backlog goes through
-        // `deliver_parts`, a part at a time.
-        let chunks = std::mem::replace(&mut delivery.rows, super::Chunks::of(Vec::new(), 1));
-        let rows = chunks.collect().await.map_err(|reason| SinkError::Write {
-            sink: self.name.clone(),
-            key: format!(
-                "part {} of {}",
-                delivery.plan.part,
-                clock::rfc3339(delivery.plan.partition)
-            ),
-            reason,
-        })?;
-        self.load_all(Source::One(&delivery, &rows, false)).await
-    }
-
     fn batch_limit(&self) -> (usize, i64) {
         (usize::MAX, i64::from(self.config.transaction_rows.get()))
     }
 
     async fn deliver_parts(&self, parts: &mut PartReader<'_>) -> Result<String, SinkError> {
-        self.load_all(Source::Spool(parts)).await
+        self.load_all(parts).await
     }
 }
 
@@ -823,83 +745,6 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::{Series, Stats};
-
-    fn row(series: &Arc<Series>, start: i64, value: f64, ms: i64) -> WindowRow {
-        WindowRow {
-            series: Arc::clone(series),
-            start,
-            seconds: 60,
-            stats: Stats::single_at(value, ms),
-        }
-    }
-
-    #[test]
-    fn a_window_twice_in_one_part_is_loaded_as_one_row() {
-        let s = Arc::new(Series::new("hw.t", None));
-        // The late row (spooled second) is earlier in time: it holds `first`.
-        let rows = vec![
-            row(&s, 0, 1.0, 30_000),
-            row(&s, 0, 3.0, 10_000),
-            row(&s, 60, 5.0, 60_000),
-        ];
-        let text = String::from_utf8(copy_text("pi", &rows).concat()).expect("utf-8");
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
-        assert_eq!(
-            lines[0],
-            "pi,hw.t,,{},1970-01-01T00:00:00Z,60,2,1.0,3.0,2.0,1.4142135623730951,2.0,3.0,1.0,1970-01-01T00:00:10.000Z,1970-01-01T00:00:30.000Z,0.0"
-        );
-        assert!(lines[1].starts_with("pi,hw.t,,{},1970-01-01T00:01:00Z,60,1,5.0,5.0,5.0,"));
-    }
-
-    /// The pieces of COPY text a part's rows make.
-    fn copy_text(device: &str, rows: &[WindowRow]) -> Vec<Vec<u8>> {
-        let mut text = CopyText::new(device);
-        let mut pieces: Vec<Vec<u8>> = Vec::new();
-        for row in rows {
-            if let Some(piece) = text.push(row).expect("encodes") {
-                pieces.push(piece.to_vec());
-            }
-        }
-        if let Some(piece) = text.finish().expect("encodes") {
-            pieces.push(piece.to_vec());
-        }
-        pieces
-    }
-
-    #[test]
-    fn a_large_part_goes_out_in_bounded_pieces_of_copy_text() {
-        let series: Vec<Arc<Series>> = (0..100)
-            .map(|i| Arc::new(Series::new(format!("hw.sensor_{i}"), None)))
-            .collect();
-        // A day of 100 series: 144,000 rows, some 20 MB of text.
-        let rows: Vec<WindowRow> = (0..1440)
-            .flat_map(|w| {
-                series
-                    .iter()
-                    .map(move |s| row(s, w * 60, w as f64, w * 60_000 + 1))
-            })
-            .collect();
-        let pieces = copy_text("pi", &rows);
-        let lines: usize = pieces
-            .iter()
-            .map(|p| p.iter().filter(|&&b| b == b'\n').count())
-            .sum();
-        assert_eq!(lines, rows.len(), "each row once");
-        let largest = pieces.iter().map(Vec::len).max().expect("some text");
-        // A piece is sent once it reaches the buffer's size: at most one group of rows over.
-        assert!(
-            largest < COPY_BUFFER + COPY_ROWS * 200,
-            "a piece of {largest} bytes"
-        );
-        assert!(pieces.len() > 100, "{} pieces", pieces.len());
-        assert_eq!(
-            pieces.concat(),
-            long_csv("pi", &rows, LongCsv::Copy).expect("csv"),
-            "the same text as one encoding of the whole part"
-        );
-    }
 
     #[test]
     fn the_setup_lock_is_per_schema_and_never_changes() {

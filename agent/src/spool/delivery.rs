@@ -155,6 +155,28 @@ pub struct PartPlan {
     pub rows: i64,
 }
 
+/// A sink's parts planned and not yet delivered (nor dropped), oldest first, as
+/// [`PartPlan::from_row`] reads them; `?1` is the sink.
+const PENDING_PARTS: &str = "SELECT p.partition, p.seconds, t.part, t.after_id, t.last_id, t.rows
+     FROM parts t JOIN partitions p ON p.partition = t.partition
+     WHERE t.sink = ?1 AND t.delivered_ms IS NULL AND t.dropped_ms IS NULL
+     ORDER BY t.partition, t.part";
+
+impl PartPlan {
+    /// A row of [`PENDING_PARTS`]: partition, seconds, part, after_id, last_id, rows.
+    fn from_row(sink: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<PartPlan> {
+        Ok(PartPlan {
+            sink: sink.to_owned(),
+            partition: r.get(0)?,
+            seconds: r.get(1)?,
+            part: r.get(2)?,
+            after_id: r.get(3)?,
+            last_id: r.get(4)?,
+            rows: r.get(5)?,
+        })
+    }
+}
+
 /// What a planned part holds.
 #[derive(Debug)]
 pub struct PartRows {
@@ -188,24 +210,9 @@ impl Spool {
         let err = sqlite(&self.path);
         let pending = self
             .conn
-            .query_row(
-                "SELECT p.partition, p.seconds, t.part, t.after_id, t.last_id, t.rows
-                 FROM parts t JOIN partitions p ON p.partition = t.partition
-                 WHERE t.sink = ?1 AND t.delivered_ms IS NULL AND t.dropped_ms IS NULL
-                 ORDER BY t.partition, t.part LIMIT 1",
-                [sink],
-                |r| {
-                    Ok(PartPlan {
-                        sink: sink.to_owned(),
-                        partition: r.get(0)?,
-                        seconds: r.get(1)?,
-                        part: r.get(2)?,
-                        after_id: r.get(3)?,
-                        last_id: r.get(4)?,
-                        rows: r.get(5)?,
-                    })
-                },
-            )
+            .query_row(&format!("{PENDING_PARTS} LIMIT 1"), [sink], |r| {
+                PartPlan::from_row(sink, r)
+            })
             .optional()
             .map_err(&err)?;
         if let Some(plan) = pending {
@@ -375,24 +382,11 @@ impl Spool {
         let mut parts = vec![first];
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT p.partition, p.seconds, t.part, t.after_id, t.last_id, t.rows
-                 FROM parts t JOIN partitions p ON p.partition = t.partition
-                 WHERE t.sink = ?1 AND t.delivered_ms IS NULL AND t.dropped_ms IS NULL
-                 ORDER BY t.partition, t.part LIMIT ?2",
-            )
+            .prepare_cached(&format!("{PENDING_PARTS} LIMIT ?2"))
             .map_err(&err)?;
         let pending = stmt
             .query_map(params![sink, max_parts as i64], |r| {
-                Ok(PartPlan {
-                    sink: sink.to_owned(),
-                    partition: r.get(0)?,
-                    seconds: r.get(1)?,
-                    part: r.get(2)?,
-                    after_id: r.get(3)?,
-                    last_id: r.get(4)?,
-                    rows: r.get(5)?,
-                })
+                PartPlan::from_row(sink, r)
             })
             .map_err(&err)?;
         for plan in pending {

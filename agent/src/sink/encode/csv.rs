@@ -1,4 +1,4 @@
-//! CSV, in the long and the wide layout, and the long layout as PostgreSQL's COPY reads it.
+//! CSV, in the long and the wide layout.
 //! (The module is named `csv`; the crate is spelled `::csv`.)
 
 use std::collections::HashMap;
@@ -32,59 +32,24 @@ fn number(buffer: &mut ryu::Buffer, value: Option<f64>) -> &str {
     }
 }
 
-/// The two spellings of the long layout as CSV.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LongCsv {
-    /// The `csv` file format: a header, no `device` (it is in the key), `window_end`,
-    /// empty `tags` when there are none.
-    File,
-    /// PostgreSQL's `COPY … (FORMAT csv)` of the table's columns: no header, `device`
-    /// first, `window_seconds` for `window_end`, `{}` for no tags (the column is NOT NULL),
-    /// and `mean_rest` last.
-    Copy,
-}
-
-/// Long-layout rows as CSV; an empty unquoted field is a missing value (NULL for COPY).
-/// Tags and window times are formatted once per series and per window, not per row.
-/// `device` is written by [`LongCsv::Copy`] only.
-#[cfg(feature = "postgres")]
-pub fn long_csv(
-    device: &str,
-    rows: &[WindowRow],
-    flavour: LongCsv,
-) -> Result<Vec<u8>, ::csv::Error> {
-    let mut out = Vec::with_capacity(rows.len() * 160);
-    if flavour == LongCsv::File {
-        let mut w = ::csv::WriterBuilder::new()
-            .terminator(::csv::Terminator::Any(b'\n'))
-            .from_writer(&mut out);
-        w.write_record(LONG_COLUMNS)?;
-        w.flush()?;
-    }
-    out.extend(long_csv_rows(device, rows, flavour)?);
-    Ok(out)
-}
-
-/// [`long_csv`] without the header: the lines of these rows alone.
-pub(super) fn long_csv_rows(
-    device: &str,
-    rows: &[WindowRow],
-    flavour: LongCsv,
-) -> Result<Vec<u8>, ::csv::Error> {
+/// Long-layout rows as CSV lines, without the header; an empty field is a missing value,
+/// and no tags are an empty field. Tags and window times are formatted once per series
+/// and per window, not per row.
+pub(super) fn long_csv_rows(rows: &[WindowRow]) -> Result<Vec<u8>, ::csv::Error> {
     let mut w = ::csv::WriterBuilder::new()
         .terminator(::csv::Terminator::Any(b'\n'))
         .from_writer(Vec::with_capacity(rows.len() * 160));
     let mut tags: HashMap<&Series, String> = HashMap::new();
     let mut window: Option<(i64, String, String)> = None;
     let mut floats: [ryu::Buffer; 7] = std::array::from_fn(|_| ryu::Buffer::new());
-    let mut ints: [itoa::Buffer; 2] = std::array::from_fn(|_| itoa::Buffer::new());
-    let mut rest = ryu::Buffer::new();
+    let mut count = itoa::Buffer::new();
     for row in rows {
         let s = &row.stats;
         let tags = tags.entry(row.series.as_ref()).or_insert_with(|| {
-            match (flavour, row.series.tags.is_empty()) {
-                (LongCsv::File, true) => String::new(),
-                _ => serde_json::to_string(&row.series.tags).unwrap_or_else(|_| "{}".to_owned()),
+            if row.series.tags.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&row.series.tags).unwrap_or_else(|_| "{}".to_owned())
             }
         });
         if window
@@ -99,36 +64,23 @@ pub(super) fn long_csv_rows(
         }
         let (_, start, end) = window.as_ref().expect("set above");
         let [f1, f2, f3, f4, f5, f6, f7] = &mut floats;
-        let [i1, i2] = &mut ints;
-        let end = match flavour {
-            LongCsv::File => end.as_str(),
-            LongCsv::Copy => i1.format(row.seconds),
-        };
-        let lead = match flavour {
-            LongCsv::File => None,
-            LongCsv::Copy => Some(device),
-        };
-        w.write_record(
-            lead.into_iter()
-                .chain([
-                    row.series.name.as_str(),
-                    row.series.unit.as_deref().unwrap_or(""),
-                    tags.as_str(),
-                    start.as_str(),
-                    end,
-                    i2.format(s.count),
-                    f1.format_finite(s.min),
-                    f2.format_finite(s.max),
-                    f3.format_finite(s.mean),
-                    s.stdev.map_or("", |v| f4.format_finite(v)),
-                    f5.format_finite(s.median),
-                    f6.format_finite(s.first),
-                    f7.format_finite(s.last),
-                    &clock::rfc3339_ms(s.first_ms),
-                    &clock::rfc3339_ms(s.last_ms),
-                ])
-                .chain((flavour == LongCsv::Copy).then(|| rest.format_finite(s.mean_rest))),
-        )?;
+        w.write_record([
+            row.series.name.as_str(),
+            row.series.unit.as_deref().unwrap_or(""),
+            tags.as_str(),
+            start.as_str(),
+            end.as_str(),
+            count.format(s.count),
+            f1.format_finite(s.min),
+            f2.format_finite(s.max),
+            f3.format_finite(s.mean),
+            s.stdev.map_or("", |v| f4.format_finite(v)),
+            f5.format_finite(s.median),
+            f6.format_finite(s.first),
+            f7.format_finite(s.last),
+            &clock::rfc3339_ms(s.first_ms),
+            &clock::rfc3339_ms(s.last_ms),
+        ])?;
     }
     w.into_inner().map_err(|e| e.into_error().into())
 }

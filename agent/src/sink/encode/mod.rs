@@ -13,7 +13,7 @@
 //! key (`device=…/`), as the time is: a column both in the files and in the path makes
 //! readers that merge the two (pandas, pyarrow) fail, and Glue repeat it. A Parquet file
 //! still names its device in its key-value metadata (`edgespool.device`); a text file by
-//! its name (`{device}-{time}-part-{n}`). PostgreSQL's COPY text and the MQTT feed, which
+//! its name (`{device}-{time}-part-{n}`). PostgreSQL's rows and the MQTT feed, which
 //! have no path, keep it.
 //!
 //! Text formats can be compressed as a whole (gzip or zstd), deterministically: no time
@@ -46,12 +46,9 @@ use std::sync::Arc;
 use crate::config::{Compression, Format, Layout};
 use crate::flow::{Series, Stats, WindowRow};
 
-pub use self::csv::LongCsv;
 use self::csv::long_csv_rows;
 use self::json::json_long;
 
-#[cfg(feature = "postgres")]
-pub use self::csv::long_csv;
 #[cfg(feature = "mqtt-sink")]
 pub use self::json::json_record;
 
@@ -258,7 +255,7 @@ impl Encoder {
         let text = match &mut self.body {
             Body::JsonLong(format) => json_long(*format, rows),
             Body::JsonWide(format, keys) => keys.rows(*format, rows)?,
-            Body::CsvLong => long_csv_rows("", rows, LongCsv::File).map_err(|e| e.to_string())?,
+            Body::CsvLong => long_csv_rows(rows).map_err(|e| e.to_string())?,
             Body::CsvWide(columns) => csv::wide_rows_csv(columns, rows)?,
             #[cfg(feature = "parquet")]
             Body::Parquet(file) => {
