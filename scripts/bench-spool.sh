@@ -9,6 +9,8 @@
 #   BENCH_BASELINE=/path/to/old/edgespool scripts/bench-spool.sh  # RUNS more agents of
 #                                                       # another build beside: before/after
 #   BENCH_BIN=/path/to/edgespool ...                    # that binary, not a release build
+#   BENCH_PARTITION=1h ...                              # the default partitions (5m: a
+#                                                       # delivery every 5 flushes)
 #
 # write_bytes of /proc/PID/io from the end of the first flush (70 s) to the end of the
 # run counts every 4 KiB page of the page cache the agent dirtied on a block device: the
@@ -27,6 +29,7 @@ RUNS=${BENCH_RUNS:-3}
 MINUTES=${BENCH_MINUTES:-20}
 BUDGET=${BENCH_BUDGET:-}
 BASELINE=${BENCH_BASELINE:-}
+PARTITION=${BENCH_PARTITION:-5m}
 SERIES=100
 
 if [ -n "${BENCH_BIN:-}" ]; then BIN=$BENCH_BIN; else release_build --bin edgespool; fi
@@ -48,7 +51,7 @@ for build in "${builds[@]}"; do
         n=${#pids[@]}
         mkdir -p "$work/$n/spool"
         {
-            printf '[agent]\ndevice_id = "bench"\nspool = "%s/%s/spool/spool.db"\nwindow = "60s"\npartition = "5m"\ngrace = "5s"\n' "$work" "$n"
+            printf '[agent]\ndevice_id = "bench"\nspool = "%s/%s/spool/spool.db"\nwindow = "60s"\npartition = "%s"\ngrace = "5s"\n' "$work" "$n" "$PARTITION"
             if [ -n "$BUDGET" ]; then printf 'disk_budget = "%s"\n' "$BUDGET"; fi
             printf '\n[[sources]]\nkind = "sysfs"\nname = "hw"\nroot = "%s"\ninterval = "1s"\n' "$work"
             for i in $(seq 1 $SERIES); do
@@ -78,7 +81,7 @@ for build in "${builds[@]}"; do
         per_hour+=("$(awk -v b="$bytes" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%d", b * 3600 / (t1 - t0)}')")
         per_flush+=("$(awk -v b="$bytes" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%d", b * 60 / (t1 - t0)}')")
     done
-    echo "$build: edgespool $("$build" --version | cut -d' ' -f2), $SERIES series at 1 Hz, 60 s windows, 5 min partitions, $RUNS run(s) of $MINUTES min:"
+    echo "$build: edgespool $("$build" --version | cut -d' ' -f2), $SERIES series at 1 Hz, 60 s windows, $PARTITION partitions, $RUNS run(s) of $MINUTES min:"
     echo "  spool disk writes per hour: $(median "${per_hour[@]}") bytes (runs: ${per_hour[*]})"
     echo "  per flush of $SERIES windows: $(median "${per_flush[@]}") bytes (runs: ${per_flush[*]})"
 done
