@@ -6,8 +6,8 @@
 //!   postcard blob (no per-window keys or index entries), 1 KiB pages, and state written
 //!   only with a flush; each statistic of a window written short (`record.rs`, version 3:
 //!   17 bytes a steady window, 45 a varying one). A flush of 100 windows 60 s apart appends
-//!   7 pages to the WAL and dirties about 3 to 4 pages of 4 KiB of the WAL (the kernel's
-//!   `write_bytes`, docs/benchmarks.md), where version 2 records took 13 pages. The WAL's
+//!   7 pages to the WAL and dirties 3 pages of 4 KiB of it (the kernel's `write_bytes`,
+//!   docs/benchmarks.md), where version 2 records took 13 pages. The WAL's
 //!   index is in `/dev/shm` (a tmpfs), not beside the spool, where it cost 5 more pages
 //!   of 4 KiB a flush: see `index.rs`.
 //! - Power loss at any instant loses nothing committed: WAL mode with `synchronous=FULL`,
