@@ -57,7 +57,8 @@ pub(super) fn part_bytes_cap(budget_bytes: u64) -> u64 {
     budget_bytes / 16
 }
 
-/// The most bytes the spool's files (database and `-wal`; the `-shm` index adds 32 KiB)
+/// The most bytes the spool's files (database and `-wal`; the WAL index, 32 KiB, is in
+/// /dev/shm, and `-shm` beside the spool stays empty)
 /// take under a budget while flushes hold at most `flush_windows` windows:
 ///
 /// ```text

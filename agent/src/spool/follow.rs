@@ -3,18 +3,20 @@
 //!
 //! Once per flush (one `stat` of the spool and one of its lock file, never per sample)
 //! the writer compares what the path names with the file it has open:
-//! - *gone* (deleted, or renamed away): stray `-wal`/`-shm` files at the path are
-//!   removed (they are the open database's, whose every page the writer still reads
-//!   through its own descriptors, or debris; a new file must not start with them);
-//! - *replaced* (another file is there): that file is moved aside with its `-wal` and
-//!   `-shm` as `NAME.replaced-MILLIS`, kept, like a corrupt one;
+//! - *gone* (deleted, or renamed away): a stray `-wal` file at the path is removed (it
+//!   is the open database's, whose every page the writer still reads through its own
+//!   descriptors, or debris; a new file must not start with it);
+//! - *replaced* (another file is there): that file is moved aside with its `-wal` as
+//!   `NAME.replaced-MILLIS`, kept, like a corrupt one;
 //!
 //! then `VACUUM INTO` the path writes a fresh, consistent copy of the open database
 //! (every undelivered partition, the delivery bookkeeping, counters and series), the
 //! writer opens it, closes the old connection without its checkpoint-on-close (which
-//! would delete `NAME-wal` and `NAME-shm` by name, the new file's by then), and records
-//! the event in `meta('restored')` for `status`, with an error in the log. The lock file
-//! follows the same way ([`super::SpoolLock::follow`]).
+//! would delete `NAME-wal` by name, the new file's by then), and records the event in
+//! `meta('restored')` for `status`, with an error in the log. The lock file and the
+//! guard `NAME-shm` follow the same way ([`super::SpoolLock::follow`],
+//! [`super::IndexGuard::follow`]); the WAL index itself is named by the file's inode
+//! (`index.rs`), so the new file gets a new one.
 
 use std::path::PathBuf;
 
@@ -67,6 +69,13 @@ impl Spool {
                 "the spool file is not the one the agent writes, and it could not be put back: windows are kept in the open file until it can"
             );
         }
+        if let Err(err) = self.guard.follow() {
+            error!(
+                guard = %self.guard.path().display(),
+                error = %err,
+                "cannot guard the spool's index again: other programs' SQLite is not kept out until it can"
+            );
+        }
         Ok(())
     }
 
@@ -83,18 +92,17 @@ impl Spool {
             AtPath::Same => return Ok(()),
             AtPath::Replaced => Some(move_aside(&self.path, "replaced", now)?),
             AtPath::Gone => {
-                for suffix in ["-wal", "-shm"] {
-                    let mut stray = self.path.as_os_str().to_owned();
-                    stray.push(suffix);
-                    match std::fs::remove_file(&stray) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(failed(format!(
-                                "cannot remove {}: {e}",
-                                PathBuf::from(stray).display()
-                            )));
-                        }
-                        _ => {}
+                // `NAME-shm` is the guard (`index.rs`), kept or made again by `follow`.
+                let mut stray = self.path.as_os_str().to_owned();
+                stray.push("-wal");
+                match std::fs::remove_file(&stray) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(failed(format!(
+                            "cannot remove {}: {e}",
+                            PathBuf::from(stray).display()
+                        )));
                     }
+                    _ => {}
                 }
                 None
             }
@@ -112,7 +120,7 @@ impl Spool {
         let conn = open_file(&self.path, &self.options)?;
         let old = std::mem::replace(&mut self.conn, conn);
         // Closing the old connection must not checkpoint: that ends by deleting
-        // `NAME-wal` and `NAME-shm` by name, which are the new connection's now.
+        // `NAME-wal` by name, which is the new connection's now.
         let _ = old.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
         close(old);
         self.file = FileId::of_path(&self.path)

@@ -6,14 +6,20 @@
 //!   postcard blob (no per-window keys or index entries), 1 KiB pages, and state written
 //!   only with a flush; each statistic of a window written short (`record.rs`, version 3:
 //!   17 bytes a steady window, 45 a varying one). A flush of 100 windows 60 s apart appends
-//!   7 pages to the WAL and dirties about 8 pages of 4 KiB (WAL and WAL index: the kernel's
-//!   `write_bytes`, docs/benchmarks.md), where version 2 records took 13 and 11.
+//!   7 pages to the WAL and dirties 3 pages of 4 KiB of it (the kernel's `write_bytes`,
+//!   docs/benchmarks.md), where version 2 records took 13 pages. The WAL's
+//!   index is in `/dev/shm` (a tmpfs), not beside the spool, where it cost 5 more pages
+//!   of 4 KiB a flush: see `index.rs`.
 //! - Power loss at any instant loses nothing committed: WAL mode with `synchronous=FULL`,
 //!   so a commit is one append to the WAL and one fsync.
 //! - One writer: [`Spool`] lives on its own thread behind [`SpoolHandle`]; the uploaders
 //!   and `edgespool status` read through their own connections ([`SpoolReader`]).
 //! - One agent per spool: the writer holds an exclusive `flock` on `NAME.lock`
 //!   ([`SpoolLock`]), taken before anything opens, migrates or moves the spool.
+//! - edgespool alone on a live spool: the writer holds a write lock over `NAME-shm`
+//!   ([`IndexGuard`]), where another build of SQLite would keep its own index of the
+//!   WAL, so that such a program fails (`locking protocol`) instead of reading beside
+//!   an index it cannot see; an agent does not start while one has the spool open.
 //! - Nothing is delivered twice in effect, nothing is overwritten: a part of a partition
 //!   is *planned* (its row range fixed and committed) before it is sent, so a retry after
 //!   a crash sends exactly the same rows under the same key.
@@ -114,7 +120,7 @@
 //! spool's path and the lock file's path name with the files it holds (device and
 //! inode). The lock file is taken again if it went. A spool path naming nothing (deleted)
 //! or another file (replaced: that file is moved aside as `NAME.replaced-MILLIS` with its
-//! `-wal`/`-shm`, kept) gets a fresh copy of the open database (`VACUUM INTO`), which the
+//! `-wal`, kept) gets a fresh copy of the open database (`VACUUM INTO`), which the
 //! writer then opens; the event is logged as an error and kept in `meta('restored')` for
 //! `status` (`spool RESTORED …`). Nothing committed is lost, nothing delivered goes again
 //! (the parts are in the copy). Uploaders' readers check that they read the writer's
@@ -164,6 +170,8 @@
 //! - `budget.rs`: the bytes used, drop steps of the oldest windows at the budget, and
 //!   the bound on the files ([`files_bound`]).
 //! - `lock.rs`: [`SpoolLock`], one agent per spool; [`FileId`], which file a path names.
+//! - `index.rs`: the WAL index in `/dev/shm` ([`index_path`]) and [`IndexGuard`], other
+//!   programs' SQLite kept out of the live spool.
 //! - `follow.rs`: the spool file deleted or replaced under the agent, put back
 //!   ([`Restored`]).
 //! - `thread.rs`: the single writer thread behind [`SpoolHandle`].
@@ -175,6 +183,7 @@
 mod budget;
 mod delivery;
 mod follow;
+mod index;
 mod lock;
 mod reader;
 mod record;
@@ -185,6 +194,7 @@ mod writer;
 pub use budget::{LOW_WATER_PERCENT, WINDOW_BYTES, files_bound};
 pub use delivery::{Batch, LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use follow::Restored;
+pub use index::{DMS_OFFSET, INDEX_DIRECTORY, IndexGuard, guard_path, index_path};
 pub use lock::{AtPath, FileId, SpoolLock, lock_path};
 pub use reader::{AgentState, PartReading, SinkRecord, SourceState, SpoolReader};
 pub use schema::Recovery;
@@ -255,6 +265,25 @@ pub enum SpoolError {
         holder(.pid)
     )]
     InUse { path: PathBuf, pid: Option<u32> },
+    /// Another program's SQLite has the spool open (it holds a lock on `NAME-shm`).
+    #[error(
+        "the spool {spool} is open in another program (it holds a lock on {guard}): close it (an sqlite3 shell, a script) and start the agent again; `edgespool status` reads a spool safely"
+    )]
+    OpenElsewhere { spool: PathBuf, guard: PathBuf },
+    /// `NAME-shm` could not be made or locked.
+    #[error("cannot guard the spool's index with {path}: {source}")]
+    IndexGuard {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The folder of the WAL index cannot take it.
+    #[error(
+        "the spool's WAL index goes in {path}, which this process cannot write: {source}; it must be a tmpfs the agent and `edgespool status` share"
+    )]
+    IndexDirectory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The lock file could not be made, locked or written.
     #[error("cannot lock the spool with {path}: {source}")]
     Lock {
@@ -328,6 +357,8 @@ pub struct Spool {
     file: FileId,
     /// This agent's claim on the spool.
     lock: SpoolLock,
+    /// Other programs' SQLite kept out of the live spool (`index.rs`).
+    guard: IndexGuard,
     options: SpoolOptions,
     series_ids: HashMap<Arc<Series>, i64>,
     /// The id the next window gets (persisted in `meta` with every flush).

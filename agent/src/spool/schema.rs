@@ -12,7 +12,8 @@ use crate::flow::LiveState;
 
 use super::budget::{checkpoint_pages, wal_limit_bytes};
 use super::{
-    AgentState, CACHE_KIB, FileId, SourceState, Spool, SpoolError, SpoolLock, SpoolOptions, sqlite,
+    AgentState, CACHE_KIB, FileId, IndexGuard, SourceState, Spool, SpoolError, SpoolLock,
+    SpoolOptions, sqlite,
 };
 
 /// Identifies our files (`PRAGMA application_id`, "ESP1").
@@ -107,6 +108,7 @@ impl Spool {
     /// ([`SpoolError::InUse`]) before anything is opened, migrated or moved.
     pub fn open(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
         let lock = SpoolLock::take(path)?;
+        let guard = IndexGuard::take(path)?;
         let (conn, recovery) = match open_file(path, &options) {
             Err(SpoolError::Corrupt { reason, .. }) => {
                 let moved_to = move_aside(path, "corrupt", crate::clock::now_ms())?;
@@ -126,7 +128,7 @@ impl Spool {
             }
             other => (other?, None),
         };
-        let mut spool = Spool::new(conn, path, options, lock)?;
+        let mut spool = Spool::new(conn, path, options, lock, guard)?;
         if let Some(recovery) = recovery {
             spool.set_meta("recovered", &recovery)?;
         }
@@ -139,6 +141,7 @@ impl Spool {
         path: &Path,
         options: SpoolOptions,
         lock: SpoolLock,
+        guard: IndexGuard,
     ) -> Result<Spool, SpoolError> {
         let next_id = next_id(&conn).map_err(sqlite(path))?;
         // Unknown (it vanished this instant): the next flush finds the path changed.
@@ -148,6 +151,7 @@ impl Spool {
             path: path.to_owned(),
             file,
             lock,
+            guard,
             state: new_state(&options),
             options,
             series_ids: HashMap::new(),
@@ -327,13 +331,14 @@ fn corrupt_or(path: &Path, source: rusqlite::Error) -> SpoolError {
     }
 }
 
-/// Renames the spool and its WAL and shared-memory files to `NAME.WHY-MILLIS`
-/// (`-wal`, `-shm`); returns the new name of the spool. The lock file stays.
+/// Renames the spool and its WAL to `NAME.WHY-MILLIS` (and `-wal`); returns the new
+/// name of the spool. The lock file and `NAME-shm` (the guard, `index.rs`: edgespool's
+/// index is in /dev/shm) stay.
 pub(super) fn move_aside(path: &Path, why: &str, now_ms: i64) -> Result<PathBuf, SpoolError> {
     let mut moved = path.as_os_str().to_owned();
     moved.push(format!(".{why}-{now_ms}"));
     let moved = PathBuf::from(moved);
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in ["", "-wal"] {
         let with = |p: &Path| {
             let mut name = p.as_os_str().to_owned();
             name.push(suffix);

@@ -1439,3 +1439,57 @@ fn a_backlog_is_planned_in_batches_of_whole_parts_bounded_by_rows_and_sent_again
         [(0, 1, 1), (3600, 1, 1)]
     );
 }
+
+/// Frames in the WAL of `path` (1 KiB pages, a 24-byte header each, after its own 32).
+fn wal_frames(path: &Path) -> u64 {
+    let wal = std::fs::metadata(format!("{}-wal", path.display())).map_or(0, |m| m.len());
+    wal.saturating_sub(32) / (PAGE_BYTES + 24)
+}
+
+const PAGE_BYTES: u64 = 1024;
+
+#[test]
+fn a_flush_writes_the_wal_index_to_dev_shm_and_few_frames_to_the_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path, options(&["a"])).expect("open");
+    let series: Vec<String> = (0..100).map(|i| format!("hw.t{i}")).collect();
+    let minute = |spool: &mut Spool, m: i64| {
+        let rows = series
+            .iter()
+            .map(|s| row(s, m * 60, 40.0 + m as f64))
+            .collect();
+        let mut f = flush(rows);
+        f.aggregate.samples = 6000;
+        f.now_ms = (m + 1) * 60_000;
+        spool.commit(&f).expect("commit");
+    };
+    // The first flush registers the series; then steady flushes of 100 windows.
+    minute(&mut spool, 0);
+    let before = wal_frames(&path);
+    for m in 1..=20 {
+        minute(&mut spool, m);
+    }
+    let per_flush = (wal_frames(&path) - before) as f64 / 20.0;
+    eprintln!("WAL frames per flush of 100 windows: {per_flush}");
+    assert!(
+        per_flush <= 7.0,
+        "WAL frames per flush of 100 windows: {per_flush}"
+    );
+    let index = index_path(spool.file);
+    assert!(
+        std::fs::metadata(&index).is_ok_and(|m| m.len() >= 32 * 1024),
+        "the WAL index is in /dev/shm ({}): this build's SQLite has SQLITE_SHM_DIRECTORY",
+        index.display()
+    );
+    assert_eq!(
+        std::fs::metadata(guard_path(&path)).map(|m| m.len()).ok(),
+        Some(0),
+        "nothing of the index beside the spool, only the empty guard"
+    );
+    drop(spool);
+    assert!(
+        !index.exists(),
+        "a clean close removes the index from /dev/shm"
+    );
+}
