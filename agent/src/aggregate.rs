@@ -203,6 +203,14 @@ impl Stamps {
         }
     }
 
+    /// The oldest.
+    fn first(&self) -> Option<i64> {
+        match self {
+            Stamps::Narrow { base, offsets } => offsets.first().map(|&o| *base + i64::from(o)),
+            Stamps::Wide(all) => all.first().copied(),
+        }
+    }
+
     /// Bytes held on the heap.
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
@@ -224,13 +232,221 @@ impl Stamps {
     }
 }
 
+/// Device timestamps a fixed step apart: `first`, `first + step`, … (`count` of them;
+/// `step` means nothing while `count` is 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    first: i64,
+    step: u32,
+    count: u32,
+}
+
+impl Run {
+    fn last(&self) -> i64 {
+        self.first + i64::from(self.step) * i64::from(self.count - 1)
+    }
+
+    fn has(&self, t: i64) -> bool {
+        t == self.first
+            || (self.count > 1
+                && self.step > 0
+                && t > self.first
+                && t <= self.last()
+                && (t - self.first) % i64::from(self.step) == 0)
+    }
+}
+
+/// Runs a series' remembered readings may take before they are kept one by one: as
+/// many bytes as [`RECENT_READINGS`] offsets of 4 bytes.
+const MAX_RUNS: usize = RECENT_READINGS * size_of::<u32>() / size_of::<Run>();
+
+/// A series' remembered device timestamps (a sorted set): as arithmetic runs while they
+/// fall on few of them, one by one ([`Stamps`]) once they do not.
+///
+/// Design: a device that stamps its readings at a steady rate gives one run (16 bytes
+/// for the newest 128 readings, not 512); one whose stamps jitter takes at most what
+/// the offsets would, then is kept as offsets. Either way the set is exact.
+#[derive(Debug, Clone)]
+enum Recent {
+    Runs { runs: Vec<Run>, len: usize },
+    Each(Stamps),
+}
+
+impl Default for Recent {
+    fn default() -> Recent {
+        Recent::Runs {
+            runs: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl Recent {
+    fn len(&self) -> usize {
+        match self {
+            Recent::Runs { len, .. } => *len,
+            Recent::Each(stamps) => stamps.len(),
+        }
+    }
+
+    fn contains(&self, t: i64) -> bool {
+        match self {
+            Recent::Runs { runs, .. } => {
+                let after = runs.partition_point(|r| r.first <= t);
+                after > 0 && runs[after - 1].has(t)
+            }
+            Recent::Each(stamps) => stamps.search(t).is_ok(),
+        }
+    }
+
+    /// The oldest.
+    fn first(&self) -> Option<i64> {
+        match self {
+            Recent::Runs { runs, .. } => runs.first().map(|r| r.first),
+            Recent::Each(stamps) => stamps.first(),
+        }
+    }
+
+    /// Adds `t`, which is not there yet.
+    fn insert(&mut self, t: i64) {
+        match self {
+            Recent::Each(stamps) => {
+                if let Err(at) = stamps.search(t) {
+                    stamps.insert(at, t);
+                }
+            }
+            Recent::Runs { runs, len } => {
+                *len += 1;
+                add_to_runs(runs, t);
+                if runs.len() > MAX_RUNS {
+                    let mut stamps = Stamps::default();
+                    for run in runs.iter() {
+                        for i in 0..run.count {
+                            let at = stamps.len();
+                            stamps.insert(at, run.first + i64::from(run.step) * i64::from(i));
+                        }
+                    }
+                    *self = Recent::Each(stamps);
+                }
+            }
+        }
+    }
+
+    fn remove_first(&mut self) {
+        match self {
+            Recent::Runs { runs, len } => {
+                let Some(run) = runs.first_mut() else {
+                    return;
+                };
+                *len -= 1;
+                if run.count == 1 {
+                    runs.remove(0);
+                } else {
+                    run.first += i64::from(run.step);
+                    run.count -= 1;
+                }
+            }
+            Recent::Each(stamps) => stamps.remove_first(),
+        }
+    }
+
+    /// Bytes held on the heap.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Recent::Runs { runs, .. } => runs.capacity() * size_of::<Run>(),
+            Recent::Each(stamps) => stamps.heap_bytes(),
+        }
+    }
+}
+
+/// Adds `t` (not in any run) to sorted, disjoint runs: at the end of the run before it
+/// or the start of the one after it when it is a step away, else as a run of its own
+/// (splitting the run it falls inside).
+fn add_to_runs(runs: &mut Vec<Run>, t: i64) {
+    let at = runs.partition_point(|r| r.first < t);
+    if at > 0 {
+        let before = runs[at - 1];
+        if t < before.last() {
+            let step = i64::from(before.step);
+            let low = ((t - before.first) / step) as u32 + 1;
+            runs[at - 1].count = low;
+            let high = Run {
+                first: before.first + step * i64::from(low),
+                step: before.step,
+                count: before.count - low,
+            };
+            let single = Run {
+                first: t,
+                step: 0,
+                count: 1,
+            };
+            reserve_runs(runs, 2);
+            runs.splice(at..at, [single, high]);
+            return;
+        }
+        let run = &mut runs[at - 1];
+        let gap = t - run.last();
+        if run.count == 1 {
+            if let Ok(step) = u32::try_from(gap) {
+                run.step = step;
+                run.count = 2;
+                return;
+            }
+        } else if gap == i64::from(run.step) {
+            run.count += 1;
+            return;
+        }
+    }
+    if let Some(run) = runs.get_mut(at) {
+        let gap = run.first - t;
+        if run.count == 1 {
+            if let Ok(step) = u32::try_from(gap) {
+                *run = Run {
+                    first: t,
+                    step,
+                    count: 2,
+                };
+                return;
+            }
+        } else if gap == i64::from(run.step) {
+            run.first = t;
+            run.count += 1;
+            return;
+        }
+    }
+    reserve_runs(runs, 1);
+    runs.insert(
+        at,
+        Run {
+            first: t,
+            step: 0,
+            count: 1,
+        },
+    );
+}
+
+/// Room for `more` runs: exactly while there are few (a steady series has one), then
+/// doubling.
+fn reserve_runs(runs: &mut Vec<Run>, more: usize) {
+    if runs.capacity() - runs.len() >= more {
+        return;
+    }
+    let want = if runs.len() < 2 {
+        more
+    } else {
+        runs.len().max(more)
+    };
+    runs.reserve_exact(want);
+}
+
 /// The device timestamps taken of one series. Those of its open windows are kept by
 /// their [`Accumulator`]s.
 #[derive(Debug, Default)]
 struct Readings {
     /// The newest device timestamps of flushed windows, at most [`RECENT_READINGS`],
     /// sorted. After a restart, the mark alone.
-    committed: Stamps,
+    committed: Recent,
     /// The newest device timestamp committed: the mark the spool has (or is given with
     /// the next flush).
     mark: Option<i64>,
@@ -239,7 +455,7 @@ struct Readings {
 impl Readings {
     /// Whether `timestamp_ms` was taken in a flushed window.
     fn has(&self, timestamp_ms: i64) -> bool {
-        self.committed.search(timestamp_ms).is_ok()
+        self.committed.contains(timestamp_ms)
     }
 
     /// Moves the timestamps of the window at `start`, flushed, to the committed ones;
@@ -258,18 +474,20 @@ impl Readings {
 
     /// Remembers one committed timestamp, keeping the newest [`RECENT_READINGS`].
     fn remember(&mut self, timestamp_ms: i64) {
-        let Err(at) = self.committed.search(timestamp_ms) else {
+        if self.committed.contains(timestamp_ms) {
             return;
-        };
+        }
         if self.committed.len() >= RECENT_READINGS {
-            if at == 0 {
+            if self
+                .committed
+                .first()
+                .is_some_and(|oldest| timestamp_ms < oldest)
+            {
                 return;
             }
             self.committed.remove_first();
-            self.committed.insert(at - 1, timestamp_ms);
-        } else {
-            self.committed.insert(at, timestamp_ms);
         }
+        self.committed.insert(timestamp_ms);
     }
 }
 
@@ -542,7 +760,7 @@ impl Aggregator {
     /// timestamp): a sample with a series' mark is a repeat after a restart too.
     pub fn restore_marks(&mut self, marks: impl IntoIterator<Item = (Series, i64)>) {
         for (series, mark) in marks {
-            let readings = self.readings.entry(Arc::new(series)).or_default();
+            let readings = self.readings.entry(series.shared()).or_default();
             readings.remember(mark);
             readings.mark = readings.mark.max(Some(mark));
         }
@@ -1128,7 +1346,7 @@ mod tests {
     }
 
     #[test]
-    fn a_steady_series_keeps_twelve_bytes_per_sample_and_four_per_remembered_reading() {
+    fn a_steady_series_keeps_twelve_bytes_per_sample_and_its_remembered_readings_as_one_run() {
         // 100 device-stamped series at 1 Hz in 60 s windows: the second window's values
         // and timestamps have exactly the room the first one needed.
         let series: Vec<_> = (0..100)
@@ -1160,8 +1378,8 @@ mod tests {
             .sum();
         assert_eq!(
             remembered,
-            100 * 64 * size_of::<u32>(),
-            "60 readings of each series, in room for 64"
+            100 * size_of::<Run>(),
+            "60 readings a second apart: one run per series"
         );
         // Repeats are still told in the open window and in the flushed one.
         let t = 1_700_000_040_000 + 61 * 1000;
@@ -1204,6 +1422,92 @@ mod tests {
         near.remove_first();
         assert!(near.search(far).is_err());
         assert_eq!(near.len(), 3);
+    }
+
+    #[test]
+    fn readings_that_jitter_are_kept_one_by_one_in_the_room_of_offsets() {
+        let mut readings = Readings::default();
+        // A reading every second, each a few ms off the second.
+        let stamps: Vec<i64> = (0..200)
+            .map(|i| 1_700_000_000_000 + i * 1000 + (i * i * 7) % 11)
+            .collect();
+        for &t in &stamps {
+            readings.remember(t);
+        }
+        assert!(matches!(readings.committed, Recent::Each(_)));
+        assert_eq!(readings.committed.len(), RECENT_READINGS);
+        assert!(
+            readings.committed.heap_bytes() <= RECENT_READINGS * size_of::<u32>() * 2,
+            "{} bytes",
+            readings.committed.heap_bytes()
+        );
+        let kept = &stamps[stamps.len() - RECENT_READINGS..];
+        for &t in &stamps {
+            assert_eq!(readings.has(t), kept.contains(&t), "{t}");
+            assert!(!readings.has(t + 1));
+        }
+    }
+
+    #[test]
+    fn a_run_split_by_a_reading_between_its_steps_keeps_every_reading() {
+        let mut recent = Recent::default();
+        for t in [0, 10, 20, 30, 40, 15, 45, 5, -5] {
+            recent.insert(t);
+        }
+        let Recent::Runs { runs, len } = &recent else {
+            panic!("few runs");
+        };
+        assert_eq!(*len, 9);
+        assert!(runs.len() < 9, "fewer runs than readings: {runs:?}");
+        for t in -10..=50 {
+            let taken = [0, 10, 20, 30, 40, 15, 45, 5, -5].contains(&t);
+            assert_eq!(recent.contains(t), taken, "{t}");
+        }
+        recent.remove_first();
+        assert!(!recent.contains(-5));
+        assert_eq!(recent.first(), Some(0));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn remembered_readings_are_the_newest_of_a_plain_set(
+            steps in proptest::collection::vec((0i64..4, 0i64..3_000), 1..400),
+            far in proptest::bool::ANY,
+        ) {
+            // Mostly a steady second with gaps, resends, jitter and late readings; now
+            // and then a jump of years.
+            let mut readings = Readings::default();
+            let mut model = std::collections::BTreeSet::new();
+            let mut t = 1_700_000_000_000i64;
+            for (kind, x) in steps {
+                let stamp = match kind {
+                    0 => { t += 1000; t }
+                    1 => { t += x; t }
+                    2 => t - x,
+                    _ if far => { t += x << 34; t }
+                    _ => t - 1000 * (x % 7),
+                };
+                readings.remember(stamp);
+                if !model.contains(&stamp) {
+                    let full = model.len() >= RECENT_READINGS;
+                    let oldest = model.first().copied();
+                    if !(full && oldest.is_some_and(|o| stamp < o)) {
+                        if full {
+                            model.pop_first();
+                        }
+                        model.insert(stamp);
+                    }
+                }
+                proptest::prop_assert_eq!(readings.committed.len(), model.len());
+                proptest::prop_assert_eq!(readings.committed.first(), model.first().copied());
+                for probe in [stamp, stamp - 1, stamp + 1, stamp - 1000, stamp + 1000] {
+                    proptest::prop_assert_eq!(readings.has(probe), model.contains(&probe), "{}", probe);
+                }
+            }
+            for &kept in &model {
+                proptest::prop_assert!(readings.has(kept));
+            }
+        }
     }
 
     #[test]

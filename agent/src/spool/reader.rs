@@ -491,11 +491,12 @@ impl SpoolReader {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(self.err())?;
-        let series = Arc::new(Series {
+        let series = Series {
             name,
             unit,
             tags: serde_json::from_str(&tags).unwrap_or_default(),
-        });
+        }
+        .shared();
         self.series.insert(id, Arc::clone(&series));
         Ok(series)
     }
