@@ -21,9 +21,10 @@
 //! committed timestamps per series beyond, and each series' *mark* (its newest
 //! committed device timestamp), which the spool keeps across restarts.
 //!
-//! Memory: a sample of an open window costs 12 bytes (its value and its timestamp as an
-//! offset from the window's start), in room grown once to the count of the series'
-//! previous window; a remembered reading 4 bytes (see [`Stamps`]).
+//! Memory: a sample of an open window costs 8 bytes (its value), in room grown once to
+//! the count of the series' previous window; the device timestamps, of an open window
+//! and remembered, are runs of a fixed step: 16 bytes a run, one for a device that
+//! stamps at a steady rate, and never more than 4 bytes a timestamp (see [`Recent`]).
 //! Samples on the agent's own clock are never repeats.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -211,6 +212,16 @@ impl Stamps {
         }
     }
 
+    /// Each, oldest first.
+    fn for_each(&self, mut f: impl FnMut(i64)) {
+        match self {
+            Stamps::Narrow { base, offsets } => {
+                offsets.iter().for_each(|&o| f(*base + i64::from(o)));
+            }
+            Stamps::Wide(all) => all.iter().copied().for_each(f),
+        }
+    }
+
     /// Bytes held on the heap.
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
@@ -256,16 +267,20 @@ impl Run {
     }
 }
 
-/// Runs a series' remembered readings may take before they are kept one by one: as
-/// many bytes as [`RECENT_READINGS`] offsets of 4 bytes.
-const MAX_RUNS: usize = RECENT_READINGS * size_of::<u32>() / size_of::<Run>();
+/// Runs a set of `len` timestamps may take before they are kept one by one: no more
+/// bytes than their offsets of 4 bytes would take (two runs at least).
+fn max_runs(len: usize) -> usize {
+    (len * size_of::<u32>() / size_of::<Run>()).max(2)
+}
 
-/// A series' remembered device timestamps (a sorted set): as arithmetic runs while they
-/// fall on few of them, one by one ([`Stamps`]) once they do not.
+/// Device timestamps (a sorted set): as arithmetic runs while they fall on few of them,
+/// one by one ([`Stamps`]) once they do not. A series' remembered readings, and those
+/// taken in an open window (as offsets from its start).
 ///
 /// Design: a device that stamps its readings at a steady rate gives one run (16 bytes
-/// for the newest 128 readings, not 512); one whose stamps jitter takes at most what
-/// the offsets would, then is kept as offsets. Either way the set is exact.
+/// for the newest 128 readings, not 512; for a 60 s window at 1 Hz, not 240); one whose
+/// stamps jitter takes at most what the offsets would, then is kept as offsets. Either
+/// way the set is exact.
 #[derive(Debug, Clone)]
 enum Recent {
     Runs { runs: Vec<Run>, len: usize },
@@ -318,7 +333,7 @@ impl Recent {
             Recent::Runs { runs, len } => {
                 *len += 1;
                 add_to_runs(runs, t);
-                if runs.len() > MAX_RUNS {
+                if runs.len() > max_runs(*len) {
                     let mut stamps = Stamps::default();
                     for run in runs.iter() {
                         for i in 0..run.count {
@@ -328,6 +343,30 @@ impl Recent {
                     }
                     *self = Recent::Each(stamps);
                 }
+            }
+        }
+    }
+
+    /// Each, oldest first.
+    fn for_each(&self, mut f: impl FnMut(i64)) {
+        match self {
+            Recent::Runs { runs, .. } => {
+                for run in runs {
+                    (0..run.count).for_each(|i| f(run.first + i64::from(run.step) * i64::from(i)));
+                }
+            }
+            Recent::Each(stamps) => stamps.for_each(f),
+        }
+    }
+
+    /// The newest.
+    fn last(&self) -> Option<i64> {
+        match self {
+            Recent::Runs { runs, .. } => runs.last().map(Run::last),
+            Recent::Each(stamps) => {
+                let mut last = None;
+                stamps.for_each(|t| last = Some(t));
+                last
             }
         }
     }
@@ -461,12 +500,9 @@ impl Readings {
     /// Moves the timestamps of the window at `start`, flushed, to the committed ones;
     /// returns the series' new mark if the window moved it on (a late row's older
     /// readings do not).
-    fn commit(&mut self, start: i64, offsets: &[u32]) -> Option<i64> {
-        let at = |o: u32| start * 1000 + i64::from(o);
-        let newest = offsets.last().map(|&o| at(o));
-        for &offset in offsets {
-            self.remember(at(offset));
-        }
+    fn commit(&mut self, start: i64, offsets: &Recent) -> Option<i64> {
+        let newest = offsets.last().map(|o| start * 1000 + o);
+        offsets.for_each(|offset| self.remember(start * 1000 + offset));
         let newest = newest.filter(|&n| self.mark.is_none_or(|m| n > m))?;
         self.mark = Some(newest);
         Some(newest)
@@ -546,12 +582,11 @@ struct Accumulator {
     last: (i64, f64),
     values: Vec<f64>,
     /// The device timestamps taken (of sources checked for repeats), as ms from the
-    /// window's start (a window is shorter than a day), sorted; at most
-    /// [`MAX_READINGS_PER_WINDOW`].
-    stamps: Vec<u32>,
+    /// window's start; at most [`MAX_READINGS_PER_WINDOW`].
+    stamps: Recent,
     /// Once the cap is reached: the values beyond it (boxed: few windows reach it).
     tail: Option<Box<Tail>>,
-    /// The values the series' previous window kept: the room `values` and `stamps`
+    /// The values the series' previous window kept: the room `values`
     /// grow to at once (see [`grow`]).
     expect: usize,
 }
@@ -592,7 +627,7 @@ impl Accumulator {
             first: (timestamp_ms, value),
             last: (timestamp_ms, value),
             values,
-            stamps: Vec::new(),
+            stamps: Recent::default(),
             tail: None,
             expect,
         }
@@ -600,7 +635,7 @@ impl Accumulator {
 
     /// Whether the device timestamp `offset` (ms from the window's start) was taken.
     fn has(&self, offset: u32) -> bool {
-        self.stamps.binary_search(&offset).is_ok()
+        self.stamps.contains(i64::from(offset))
     }
 
     /// Notes a device timestamp taken (ms from the window's start), with room for as
@@ -609,9 +644,8 @@ impl Accumulator {
         if self.stamps.len() >= MAX_READINGS_PER_WINDOW {
             return;
         }
-        if let Err(at) = self.stamps.binary_search(&offset) {
-            grow(&mut self.stamps, self.expect);
-            self.stamps.insert(at, offset);
+        if !self.stamps.contains(i64::from(offset)) {
+            self.stamps.insert(i64::from(offset));
         }
     }
 
@@ -619,7 +653,7 @@ impl Accumulator {
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
         self.values.capacity() * size_of::<f64>()
-            + self.stamps.capacity() * size_of::<u32>()
+            + self.stamps.heap_bytes()
             + self.tail.as_ref().map_or(0, |_| size_of::<Tail>())
     }
 
@@ -916,7 +950,7 @@ impl Aggregator {
                 if start >= last.start {
                     *last = Flushed { start, kept };
                 }
-                let newest = (!acc.stamps.is_empty())
+                let newest = (acc.stamps.len() > 0)
                     .then(|| self.readings.entry(Arc::clone(&series)).or_default())
                     .and_then(|r| r.commit(start, &acc.stamps));
                 if let Some(newest) = newest {
@@ -1346,9 +1380,9 @@ mod tests {
     }
 
     #[test]
-    fn a_steady_series_keeps_twelve_bytes_per_sample_and_its_remembered_readings_as_one_run() {
+    fn a_steady_series_keeps_eight_bytes_per_sample_and_its_timestamps_as_one_run() {
         // 100 device-stamped series at 1 Hz in 60 s windows: the second window's values
-        // and timestamps have exactly the room the first one needed.
+        // have exactly the room the first one needed, its timestamps are one run.
         let series: Vec<_> = (0..100)
             .map(|i| Arc::new(Series::new(format!("s.x{i}"), None)))
             .collect();
@@ -1368,8 +1402,8 @@ mod tests {
         assert_eq!(kept, 6_000);
         assert_eq!(
             bytes,
-            kept * (size_of::<f64>() + size_of::<u32>()),
-            "a value and its timestamp offset per sample, no spare room"
+            kept * size_of::<f64>() + 100 * size_of::<Run>(),
+            "a value per sample, no spare room, and a run of timestamps per window"
         );
         let remembered: usize = agg
             .readings
@@ -1450,22 +1484,33 @@ mod tests {
 
     #[test]
     fn a_run_split_by_a_reading_between_its_steps_keeps_every_reading() {
-        let mut recent = Recent::default();
-        for t in [0, 10, 20, 30, 40, 15, 45, 5, -5] {
-            recent.insert(t);
+        let taken = [0, 10, 20, 30, 40, 15, 45, 5, -5];
+        let mut runs = Vec::new();
+        for t in taken {
+            add_to_runs(&mut runs, t);
         }
-        let Recent::Runs { runs, len } = &recent else {
-            panic!("few runs");
+        assert!(
+            runs.len() < taken.len(),
+            "fewer runs than readings: {runs:?}"
+        );
+        assert!(
+            runs.windows(2).all(|w| w[0].last() < w[1].first),
+            "{runs:?}"
+        );
+        let mut recent = Recent::Runs {
+            runs,
+            len: taken.len(),
         };
-        assert_eq!(*len, 9);
-        assert!(runs.len() < 9, "fewer runs than readings: {runs:?}");
         for t in -10..=50 {
-            let taken = [0, 10, 20, 30, 40, 15, 45, 5, -5].contains(&t);
-            assert_eq!(recent.contains(t), taken, "{t}");
+            assert_eq!(recent.contains(t), taken.contains(&t), "{t}");
         }
         recent.remove_first();
         assert!(!recent.contains(-5));
         assert_eq!(recent.first(), Some(0));
+        assert_eq!(recent.last(), Some(45));
+        let mut each = Vec::new();
+        recent.for_each(|t| each.push(t));
+        assert_eq!(each, [0, 5, 10, 15, 20, 30, 40, 45]);
     }
 
     proptest::proptest! {
