@@ -257,6 +257,31 @@ impl Run {
         self.first + i64::from(self.step) * i64::from(self.count - 1)
     }
 
+    /// Takes `t` (not in the run) at its end or its start when it is a step away (any
+    /// step for a run of one); `false` when it does not fit.
+    fn join(&mut self, t: i64) -> bool {
+        let gap = if t > self.last() {
+            t - self.last()
+        } else if t < self.first {
+            self.first - t
+        } else {
+            return false;
+        };
+        let fits = if self.count == 1 {
+            u32::try_from(gap).is_ok_and(|step| {
+                self.step = step;
+                true
+            })
+        } else {
+            gap == i64::from(self.step)
+        };
+        if fits {
+            self.first = self.first.min(t);
+            self.count += 1;
+        }
+        fits
+    }
+
     fn has(&self, t: i64) -> bool {
         t == self.first
             || (self.count > 1
@@ -277,13 +302,19 @@ fn max_runs(len: usize) -> usize {
 /// one by one ([`Stamps`]) once they do not. A series' remembered readings, and those
 /// taken in an open window (as offsets from its start).
 ///
-/// Design: a device that stamps its readings at a steady rate gives one run (16 bytes
-/// for the newest 128 readings, not 512; for a 60 s window at 1 Hz, not 240); one whose
+/// Design: a device that stamps its readings at a steady rate gives one run, held in
+/// place (nothing on the heap for the newest 128 readings, not 512 bytes; for a 60 s
+/// window at 1 Hz, not 240); one whose
 /// stamps jitter takes at most what the offsets would, then is kept as offsets. Either
 /// way the set is exact.
 #[derive(Debug, Clone)]
 enum Recent {
-    Runs { runs: Vec<Run>, len: usize },
+    /// One run, in place (the steady case: nothing on the heap).
+    One(Run),
+    Runs {
+        runs: Vec<Run>,
+        len: usize,
+    },
     Each(Stamps),
 }
 
@@ -299,6 +330,7 @@ impl Default for Recent {
 impl Recent {
     fn len(&self) -> usize {
         match self {
+            Recent::One(run) => run.count as usize,
             Recent::Runs { len, .. } => *len,
             Recent::Each(stamps) => stamps.len(),
         }
@@ -311,12 +343,14 @@ impl Recent {
                 after > 0 && runs[after - 1].has(t)
             }
             Recent::Each(stamps) => stamps.search(t).is_ok(),
+            Recent::One(run) => run.has(t),
         }
     }
 
     /// The oldest.
     fn first(&self) -> Option<i64> {
         match self {
+            Recent::One(run) => Some(run.first),
             Recent::Runs { runs, .. } => runs.first().map(|r| r.first),
             Recent::Each(stamps) => stamps.first(),
         }
@@ -329,6 +363,22 @@ impl Recent {
                 if let Err(at) = stamps.search(t) {
                     stamps.insert(at, t);
                 }
+            }
+            Recent::One(run) => {
+                if !run.join(t) {
+                    let mut runs = vec![*run];
+                    add_to_runs(&mut runs, t);
+                    let len = runs.iter().map(|r| r.count as usize).sum();
+                    *self = Recent::Runs { runs, len };
+                }
+            }
+            Recent::Runs { runs, len: 0 } => {
+                debug_assert!(runs.is_empty());
+                *self = Recent::One(Run {
+                    first: t,
+                    step: 0,
+                    count: 1,
+                });
             }
             Recent::Runs { runs, len } => {
                 *len += 1;
@@ -350,6 +400,9 @@ impl Recent {
     /// Each, oldest first.
     fn for_each(&self, mut f: impl FnMut(i64)) {
         match self {
+            Recent::One(run) => {
+                (0..run.count).for_each(|i| f(run.first + i64::from(run.step) * i64::from(i)));
+            }
             Recent::Runs { runs, .. } => {
                 for run in runs {
                     (0..run.count).for_each(|i| f(run.first + i64::from(run.step) * i64::from(i)));
@@ -362,6 +415,7 @@ impl Recent {
     /// The newest.
     fn last(&self) -> Option<i64> {
         match self {
+            Recent::One(run) => Some(run.last()),
             Recent::Runs { runs, .. } => runs.last().map(Run::last),
             Recent::Each(stamps) => {
                 let mut last = None;
@@ -373,6 +427,11 @@ impl Recent {
 
     fn remove_first(&mut self) {
         match self {
+            Recent::One(run) if run.count == 1 => *self = Recent::default(),
+            Recent::One(run) => {
+                run.first += i64::from(run.step);
+                run.count -= 1;
+            }
             Recent::Runs { runs, len } => {
                 let Some(run) = runs.first_mut() else {
                     return;
@@ -393,6 +452,7 @@ impl Recent {
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
         match self {
+            Recent::One(_) => 0,
             Recent::Runs { runs, .. } => runs.capacity() * size_of::<Run>(),
             Recent::Each(stamps) => stamps.heap_bytes(),
         }
@@ -424,35 +484,12 @@ fn add_to_runs(runs: &mut Vec<Run>, t: i64) {
             runs.splice(at..at, [single, high]);
             return;
         }
-        let run = &mut runs[at - 1];
-        let gap = t - run.last();
-        if run.count == 1 {
-            if let Ok(step) = u32::try_from(gap) {
-                run.step = step;
-                run.count = 2;
-                return;
-            }
-        } else if gap == i64::from(run.step) {
-            run.count += 1;
+        if runs[at - 1].join(t) {
             return;
         }
     }
-    if let Some(run) = runs.get_mut(at) {
-        let gap = run.first - t;
-        if run.count == 1 {
-            if let Ok(step) = u32::try_from(gap) {
-                *run = Run {
-                    first: t,
-                    step,
-                    count: 2,
-                };
-                return;
-            }
-        } else if gap == i64::from(run.step) {
-            run.first = t;
-            run.count += 1;
-            return;
-        }
+    if runs.get_mut(at).is_some_and(|run| run.join(t)) {
+        return;
     }
     reserve_runs(runs, 1);
     runs.insert(
@@ -1404,8 +1441,8 @@ mod tests {
         assert_eq!(kept, 6_000);
         assert_eq!(
             bytes,
-            kept * size_of::<f64>() + 100 * size_of::<Run>(),
-            "a value per sample, no spare room, and a run of timestamps per window"
+            kept * size_of::<f64>(),
+            "a value per sample, no spare room; the timestamps one run in place"
         );
         let remembered: usize = agg
             .readings
@@ -1413,9 +1450,8 @@ mod tests {
             .map(|r| r.committed.heap_bytes())
             .sum();
         assert_eq!(
-            remembered,
-            100 * size_of::<Run>(),
-            "60 readings a second apart: one run per series"
+            remembered, 0,
+            "60 readings a second apart: one run per series, in place"
         );
         assert_eq!(agg.take_marks().len(), 100);
         assert_eq!(agg.marks.capacity(), 0, "no table kept between flushes");
