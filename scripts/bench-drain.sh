@@ -10,7 +10,8 @@
 #   BENCH_RUNS=1 BENCH_SINKS=local scripts/bench-drain.sh
 #
 # Other settings: BENCH_CHUNK_ROWS (the sinks' chunk_rows, default theirs), BENCH_PART_SIZE
-# (the S3 sink's part_size, default "5 MiB").
+# (the S3 sink's part_size, default "5 MiB"); BENCH_BIN and BENCH_BACKLOG: that agent and
+# backlog example, no build (to run two builds side by side).
 #
 # Prints per sink: rows per second (backlog rows / seconds from the start until `status`
 # shows the backlog delivered, polled every 0.1 s), bytes per row landed, peak resident
@@ -35,8 +36,13 @@ CHUNK_ROWS=${BENCH_CHUNK_ROWS:-}
 PY="$PWD/target/test-python/bin/python"
 [ -x "$PY" ] || { echo "run scripts/test.sh once first: it makes $PY with moto" >&2; exit 1; }
 
-release_build --bin edgespool --example backlog
-BACKLOG="$RELEASE/examples/backlog"
+if [ -n "${BENCH_BIN:-}" ]; then
+    BIN=$BENCH_BIN
+    BACKLOG=${BENCH_BACKLOG:?BENCH_BIN needs BENCH_BACKLOG, the backlog example built beside it}
+else
+    release_build --bin edgespool --example backlog
+    BACKLOG="$RELEASE/examples/backlog"
+fi
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-drain.XXXXXX")
 remove_at_exit "$work"

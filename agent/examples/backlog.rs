@@ -7,11 +7,13 @@
 //!
 //!     cargo run --release --example backlog -- SPOOL [HOURS] [SERIES]
 
-use std::sync::Arc;
+mod common;
 
 use edgespool::config::WhenFull;
-use edgespool::flow::{AggregateCounts, Flush, Series, Stats, WindowRow};
+use edgespool::flow::WindowRow;
 use edgespool::spool::{Spool, SpoolOptions};
+
+use common::{Spread, flush};
 
 /// 2026-01-01T00:00:00Z: the backlog's end, in the past, so its partitions are closed.
 const END: i64 = 1_767_225_600;
@@ -36,9 +38,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         each_flush: Default::default(),
     };
     let mut spool = Spool::open(std::path::Path::new(&path), options)?;
-    let series: Vec<Arc<Series>> = (0..series_count)
-        .map(|i| Arc::new(Series::new(format!("hw.t{i}"), Some("celsius"))))
-        .collect();
+    let series = common::series(series_count);
+    let spread = Spread {
+        count: 60,
+        half_range: 0.5,
+        stdev: 0.29,
+        first_ms: 0,
+        last_ms: window * 1000 - 1,
+    };
     let start = END - hours * 3600;
     let mut total = 0usize;
     for window_start in (start..END).step_by(window as usize) {
@@ -47,38 +54,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .enumerate()
             .map(|(i, s)| {
                 let v = 20.0 + i as f64 * 0.1 + ((window_start / window) % 600) as f64 * 0.01;
-                WindowRow {
-                    series: Arc::clone(s),
-                    start: window_start,
-                    seconds: window as u32,
-                    stats: Stats {
-                        count: 60,
-                        min: v - 0.5,
-                        max: v + 0.5,
-                        mean: v,
-                        mean_rest: 0.0,
-                        stdev: Some(0.29),
-                        median: v,
-                        first: v - 0.1,
-                        first_ms: window_start * 1000,
-                        last: v + 0.1,
-                        last_ms: (window_start + window) * 1000 - 1,
-                    },
-                }
+                common::window(s, window_start, window as u32, v, &spread)
             })
             .collect();
         total += rows.len();
         // One flush per window, as the agent commits each window as it closes.
-        spool.commit(&Flush {
-            rows,
-            now_ms: (window_start + window) * 1000,
-            aggregate: AggregateCounts::default(),
-            sources: Vec::new(),
-            open_windows: 0,
-            live: Vec::new(),
-            clock: Default::default(),
-            marks: Vec::new(),
-        })?;
+        spool.commit(&flush(rows, (window_start + window) * 1000))?;
     }
     println!("{total} windows from {start} to {END} in {path}");
     Ok(())

@@ -11,11 +11,11 @@
 //!
 //!     cargo run --example late_files -- SPOOL LATE_GRACE_SECONDS [SERIES] [SEED]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use edgespool::config::{Compression, Format, Layout, WhenFull};
-use edgespool::flow::{AggregateCounts, Flush, Series, Stats, WindowRow};
 use edgespool::sink::{Encoding, Part, encode};
 use edgespool::spool::{LateParts, Plan, Spool, SpoolOptions, SpoolReader};
 
@@ -35,26 +35,14 @@ impl Rng {
     }
 }
 
-fn window(series: &Arc<Series>, start: i64, value: f64) -> WindowRow {
-    WindowRow {
-        series: Arc::clone(series),
-        start,
-        seconds: 60,
-        stats: Stats {
-            count: 12,
-            min: value - 0.4,
-            max: value + 0.4,
-            mean: value,
-            mean_rest: 0.0,
-            stdev: Some(0.21),
-            median: value,
-            first: value - 0.1,
-            last: value + 0.1,
-            first_ms: start * 1000 + 2_000,
-            last_ms: start * 1000 + 57_000,
-        },
-    }
-}
+/// A straggler's window as the day's: 12 samples, between 2 s and 57 s of the minute.
+const SPREAD: common::Spread = common::Spread {
+    count: 12,
+    half_range: 0.4,
+    stdev: 0.21,
+    first_ms: 2_000,
+    last_ms: 57_000,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -89,9 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut spool = Spool::open(std::path::Path::new(&path), options)?;
     let mut reader = SpoolReader::open(std::path::Path::new(&path))?;
-    let series: Vec<Arc<Series>> = (0..series_count)
-        .map(|i| Arc::new(Series::new(format!("hw.t{i}"), Some("celsius"))))
-        .collect();
+    let series = common::series(series_count);
     let encoding = Encoding {
         format: Format::Parquet,
         layout: Layout::Long,
@@ -108,28 +94,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut rows = Vec::new();
         if minute < 24 * 60 {
             for (i, s) in series.iter().enumerate() {
-                rows.push(window(s, start, 20.0 + i as f64 + minute as f64 * 0.01));
+                rows.push(common::window(
+                    s,
+                    start,
+                    60,
+                    20.0 + i as f64 + minute as f64 * 0.01,
+                    &SPREAD,
+                ));
             }
             if minute >= 60 && rng.below(10) < 4 {
                 for _ in 0..=rng.below(3) {
                     let back = 1 + rng.below(180.min(minute as u64)) as i64;
                     let s = &series[rng.below(series_count as u64) as usize];
-                    rows.push(window(s, start - back * 60, -1.0));
+                    rows.push(common::window(s, start - back * 60, 60, -1.0, &SPREAD));
                     stragglers += 1;
                 }
             }
         }
         windows += rows.len();
-        spool.commit(&Flush {
-            rows,
-            now_ms,
-            aggregate: AggregateCounts::default(),
-            sources: Vec::new(),
-            open_windows: 0,
-            live: Vec::new(),
-            clock: Default::default(),
-            marks: Vec::new(),
-        })?;
+        spool.commit(&common::flush(rows, now_ms))?;
         while let Plan::Ready(plan) = spool.plan(&sink, now_ms)? {
             let part = reader.read_part(&plan, false)?;
             let bytes = encode(

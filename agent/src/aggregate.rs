@@ -21,9 +21,10 @@
 //! committed timestamps per series beyond, and each series' *mark* (its newest
 //! committed device timestamp), which the spool keeps across restarts.
 //!
-//! Memory: a sample of an open window costs 12 bytes (its value and its timestamp as an
-//! offset from the window's start), in room grown once to the count of the series'
-//! previous window; a remembered reading 4 bytes (see [`Stamps`]).
+//! Memory: a sample of an open window costs 8 bytes (its value), in room grown once to
+//! the count of the series' previous window; the device timestamps, of an open window
+//! and remembered, are runs of a fixed step: 16 bytes a run, one for a device that
+//! stamps at a steady rate, and never more than 4 bytes a timestamp (see [`Recent`]).
 //! Samples on the agent's own clock are never repeats.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -203,6 +204,24 @@ impl Stamps {
         }
     }
 
+    /// The oldest.
+    fn first(&self) -> Option<i64> {
+        match self {
+            Stamps::Narrow { base, offsets } => offsets.first().map(|&o| *base + i64::from(o)),
+            Stamps::Wide(all) => all.first().copied(),
+        }
+    }
+
+    /// Each, oldest first.
+    fn for_each(&self, mut f: impl FnMut(i64)) {
+        match self {
+            Stamps::Narrow { base, offsets } => {
+                offsets.iter().for_each(|&o| f(*base + i64::from(o)));
+            }
+            Stamps::Wide(all) => all.iter().copied().for_each(f),
+        }
+    }
+
     /// Bytes held on the heap.
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
@@ -224,13 +243,286 @@ impl Stamps {
     }
 }
 
+/// Device timestamps a fixed step apart: `first`, `first + step`, … (`count` of them;
+/// `step` means nothing while `count` is 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    first: i64,
+    step: u32,
+    count: u32,
+}
+
+impl Run {
+    fn last(&self) -> i64 {
+        self.first + i64::from(self.step) * i64::from(self.count - 1)
+    }
+
+    /// Takes `t` (not in the run) at its end or its start when it is a step away (any
+    /// step for a run of one); `false` when it does not fit.
+    fn join(&mut self, t: i64) -> bool {
+        let gap = if t > self.last() {
+            t - self.last()
+        } else if t < self.first {
+            self.first - t
+        } else {
+            return false;
+        };
+        let fits = if self.count == 1 {
+            u32::try_from(gap).is_ok_and(|step| {
+                self.step = step;
+                true
+            })
+        } else {
+            gap == i64::from(self.step)
+        };
+        if fits {
+            self.first = self.first.min(t);
+            self.count += 1;
+        }
+        fits
+    }
+
+    fn has(&self, t: i64) -> bool {
+        t == self.first
+            || (self.count > 1
+                && self.step > 0
+                && t > self.first
+                && t <= self.last()
+                && (t - self.first) % i64::from(self.step) == 0)
+    }
+}
+
+/// Runs a set of `len` timestamps may take before they are kept one by one: no more
+/// bytes than their offsets of 4 bytes would take (two runs at least).
+fn max_runs(len: usize) -> usize {
+    (len * size_of::<u32>() / size_of::<Run>()).max(2)
+}
+
+/// Device timestamps (a sorted set): as arithmetic runs while they fall on few of them,
+/// one by one ([`Stamps`]) once they do not. A series' remembered readings, and those
+/// taken in an open window (as offsets from its start).
+///
+/// Design: a device that stamps its readings at a steady rate gives one run, held in
+/// place (nothing on the heap for the newest 128 readings, not 512 bytes; for a 60 s
+/// window at 1 Hz, not 240); one whose
+/// stamps jitter takes at most what the offsets would, then is kept as offsets. Either
+/// way the set is exact.
+#[derive(Debug, Clone)]
+enum Recent {
+    /// One run, in place (the steady case: nothing on the heap).
+    One(Run),
+    Runs {
+        runs: Vec<Run>,
+        len: usize,
+    },
+    Each(Stamps),
+}
+
+impl Default for Recent {
+    fn default() -> Recent {
+        Recent::Runs {
+            runs: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl Recent {
+    fn len(&self) -> usize {
+        match self {
+            Recent::One(run) => run.count as usize,
+            Recent::Runs { len, .. } => *len,
+            Recent::Each(stamps) => stamps.len(),
+        }
+    }
+
+    fn contains(&self, t: i64) -> bool {
+        match self {
+            Recent::Runs { runs, .. } => {
+                let after = runs.partition_point(|r| r.first <= t);
+                after > 0 && runs[after - 1].has(t)
+            }
+            Recent::Each(stamps) => stamps.search(t).is_ok(),
+            Recent::One(run) => run.has(t),
+        }
+    }
+
+    /// The oldest.
+    fn first(&self) -> Option<i64> {
+        match self {
+            Recent::One(run) => Some(run.first),
+            Recent::Runs { runs, .. } => runs.first().map(|r| r.first),
+            Recent::Each(stamps) => stamps.first(),
+        }
+    }
+
+    /// Adds `t`, which is not there yet.
+    fn insert(&mut self, t: i64) {
+        match self {
+            Recent::Each(stamps) => {
+                if let Err(at) = stamps.search(t) {
+                    stamps.insert(at, t);
+                }
+            }
+            Recent::One(run) => {
+                if !run.join(t) {
+                    let mut runs = vec![*run];
+                    add_to_runs(&mut runs, t);
+                    let len = runs.iter().map(|r| r.count as usize).sum();
+                    *self = Recent::Runs { runs, len };
+                }
+            }
+            Recent::Runs { runs, len: 0 } => {
+                debug_assert!(runs.is_empty());
+                *self = Recent::One(Run {
+                    first: t,
+                    step: 0,
+                    count: 1,
+                });
+            }
+            Recent::Runs { runs, len } => {
+                *len += 1;
+                add_to_runs(runs, t);
+                if runs.len() > max_runs(*len) {
+                    let mut stamps = Stamps::default();
+                    for run in runs.iter() {
+                        for i in 0..run.count {
+                            let at = stamps.len();
+                            stamps.insert(at, run.first + i64::from(run.step) * i64::from(i));
+                        }
+                    }
+                    *self = Recent::Each(stamps);
+                }
+            }
+        }
+    }
+
+    /// Each, oldest first.
+    fn for_each(&self, mut f: impl FnMut(i64)) {
+        match self {
+            Recent::One(run) => {
+                (0..run.count).for_each(|i| f(run.first + i64::from(run.step) * i64::from(i)));
+            }
+            Recent::Runs { runs, .. } => {
+                for run in runs {
+                    (0..run.count).for_each(|i| f(run.first + i64::from(run.step) * i64::from(i)));
+                }
+            }
+            Recent::Each(stamps) => stamps.for_each(f),
+        }
+    }
+
+    /// The newest.
+    fn last(&self) -> Option<i64> {
+        match self {
+            Recent::One(run) => Some(run.last()),
+            Recent::Runs { runs, .. } => runs.last().map(Run::last),
+            Recent::Each(stamps) => {
+                let mut last = None;
+                stamps.for_each(|t| last = Some(t));
+                last
+            }
+        }
+    }
+
+    fn remove_first(&mut self) {
+        match self {
+            Recent::One(run) if run.count == 1 => *self = Recent::default(),
+            Recent::One(run) => {
+                run.first += i64::from(run.step);
+                run.count -= 1;
+            }
+            Recent::Runs { runs, len } => {
+                let Some(run) = runs.first_mut() else {
+                    return;
+                };
+                *len -= 1;
+                if run.count == 1 {
+                    runs.remove(0);
+                } else {
+                    run.first += i64::from(run.step);
+                    run.count -= 1;
+                }
+            }
+            Recent::Each(stamps) => stamps.remove_first(),
+        }
+    }
+
+    /// Bytes held on the heap.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Recent::One(_) => 0,
+            Recent::Runs { runs, .. } => runs.capacity() * size_of::<Run>(),
+            Recent::Each(stamps) => stamps.heap_bytes(),
+        }
+    }
+}
+
+/// Adds `t` (not in any run) to sorted, disjoint runs: at the end of the run before it
+/// or the start of the one after it when it is a step away, else as a run of its own
+/// (splitting the run it falls inside).
+fn add_to_runs(runs: &mut Vec<Run>, t: i64) {
+    let at = runs.partition_point(|r| r.first < t);
+    if at > 0 {
+        let before = runs[at - 1];
+        if t < before.last() {
+            let step = i64::from(before.step);
+            let low = ((t - before.first) / step) as u32 + 1;
+            runs[at - 1].count = low;
+            let high = Run {
+                first: before.first + step * i64::from(low),
+                step: before.step,
+                count: before.count - low,
+            };
+            let single = Run {
+                first: t,
+                step: 0,
+                count: 1,
+            };
+            reserve_runs(runs, 2);
+            runs.splice(at..at, [single, high]);
+            return;
+        }
+        if runs[at - 1].join(t) {
+            return;
+        }
+    }
+    if runs.get_mut(at).is_some_and(|run| run.join(t)) {
+        return;
+    }
+    reserve_runs(runs, 1);
+    runs.insert(
+        at,
+        Run {
+            first: t,
+            step: 0,
+            count: 1,
+        },
+    );
+}
+
+/// Room for `more` runs: exactly while there are few (a steady series has one), then
+/// doubling.
+fn reserve_runs(runs: &mut Vec<Run>, more: usize) {
+    if runs.capacity() - runs.len() >= more {
+        return;
+    }
+    let want = if runs.len() < 2 {
+        more
+    } else {
+        runs.len().max(more)
+    };
+    runs.reserve_exact(want);
+}
+
 /// The device timestamps taken of one series. Those of its open windows are kept by
 /// their [`Accumulator`]s.
 #[derive(Debug, Default)]
 struct Readings {
     /// The newest device timestamps of flushed windows, at most [`RECENT_READINGS`],
     /// sorted. After a restart, the mark alone.
-    committed: Stamps,
+    committed: Recent,
     /// The newest device timestamp committed: the mark the spool has (or is given with
     /// the next flush).
     mark: Option<i64>,
@@ -239,18 +531,15 @@ struct Readings {
 impl Readings {
     /// Whether `timestamp_ms` was taken in a flushed window.
     fn has(&self, timestamp_ms: i64) -> bool {
-        self.committed.search(timestamp_ms).is_ok()
+        self.committed.contains(timestamp_ms)
     }
 
     /// Moves the timestamps of the window at `start`, flushed, to the committed ones;
     /// returns the series' new mark if the window moved it on (a late row's older
     /// readings do not).
-    fn commit(&mut self, start: i64, offsets: &[u32]) -> Option<i64> {
-        let at = |o: u32| start * 1000 + i64::from(o);
-        let newest = offsets.last().map(|&o| at(o));
-        for &offset in offsets {
-            self.remember(at(offset));
-        }
+    fn commit(&mut self, start: i64, offsets: &Recent) -> Option<i64> {
+        let newest = offsets.last().map(|o| start * 1000 + o);
+        offsets.for_each(|offset| self.remember(start * 1000 + offset));
         let newest = newest.filter(|&n| self.mark.is_none_or(|m| n > m))?;
         self.mark = Some(newest);
         Some(newest)
@@ -258,18 +547,20 @@ impl Readings {
 
     /// Remembers one committed timestamp, keeping the newest [`RECENT_READINGS`].
     fn remember(&mut self, timestamp_ms: i64) {
-        let Err(at) = self.committed.search(timestamp_ms) else {
+        if self.committed.contains(timestamp_ms) {
             return;
-        };
+        }
         if self.committed.len() >= RECENT_READINGS {
-            if at == 0 {
+            if self
+                .committed
+                .first()
+                .is_some_and(|oldest| timestamp_ms < oldest)
+            {
                 return;
             }
             self.committed.remove_first();
-            self.committed.insert(at - 1, timestamp_ms);
-        } else {
-            self.committed.insert(at, timestamp_ms);
         }
+        self.committed.insert(timestamp_ms);
     }
 }
 
@@ -328,12 +619,11 @@ struct Accumulator {
     last: (i64, f64),
     values: Vec<f64>,
     /// The device timestamps taken (of sources checked for repeats), as ms from the
-    /// window's start (a window is shorter than a day), sorted; at most
-    /// [`MAX_READINGS_PER_WINDOW`].
-    stamps: Vec<u32>,
+    /// window's start; at most [`MAX_READINGS_PER_WINDOW`].
+    stamps: Recent,
     /// Once the cap is reached: the values beyond it (boxed: few windows reach it).
     tail: Option<Box<Tail>>,
-    /// The values the series' previous window kept: the room `values` and `stamps`
+    /// The values the series' previous window kept: the room `values`
     /// grow to at once (see [`grow`]).
     expect: usize,
 }
@@ -374,7 +664,7 @@ impl Accumulator {
             first: (timestamp_ms, value),
             last: (timestamp_ms, value),
             values,
-            stamps: Vec::new(),
+            stamps: Recent::default(),
             tail: None,
             expect,
         }
@@ -382,7 +672,7 @@ impl Accumulator {
 
     /// Whether the device timestamp `offset` (ms from the window's start) was taken.
     fn has(&self, offset: u32) -> bool {
-        self.stamps.binary_search(&offset).is_ok()
+        self.stamps.contains(i64::from(offset))
     }
 
     /// Notes a device timestamp taken (ms from the window's start), with room for as
@@ -391,9 +681,8 @@ impl Accumulator {
         if self.stamps.len() >= MAX_READINGS_PER_WINDOW {
             return;
         }
-        if let Err(at) = self.stamps.binary_search(&offset) {
-            grow(&mut self.stamps, self.expect);
-            self.stamps.insert(at, offset);
+        if !self.stamps.contains(i64::from(offset)) {
+            self.stamps.insert(i64::from(offset));
         }
     }
 
@@ -401,7 +690,7 @@ impl Accumulator {
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
         self.values.capacity() * size_of::<f64>()
-            + self.stamps.capacity() * size_of::<u32>()
+            + self.stamps.heap_bytes()
             + self.tail.as_ref().map_or(0, |_| size_of::<Tail>())
     }
 
@@ -542,7 +831,7 @@ impl Aggregator {
     /// timestamp): a sample with a series' mark is a repeat after a restart too.
     pub fn restore_marks(&mut self, marks: impl IntoIterator<Item = (Series, i64)>) {
         for (series, mark) in marks {
-            let readings = self.readings.entry(Arc::new(series)).or_default();
+            let readings = self.readings.entry(series.shared()).or_default();
             readings.remember(mark);
             readings.mark = readings.mark.max(Some(mark));
         }
@@ -551,7 +840,9 @@ impl Aggregator {
     /// The marks advanced since the last call (series whose flushed windows held
     /// device-stamped samples, with their newest committed device timestamp).
     pub fn take_marks(&mut self) -> Vec<(Arc<Series>, i64)> {
-        let mut marks: Vec<_> = self.marks.drain().collect();
+        // Taken whole, not drained: a drained table keeps its room (16 bytes a series)
+        // until the next flush refills it.
+        let mut marks: Vec<_> = std::mem::take(&mut self.marks).into_iter().collect();
         marks.sort();
         marks
     }
@@ -698,7 +989,7 @@ impl Aggregator {
                 if start >= last.start {
                     *last = Flushed { start, kept };
                 }
-                let newest = (!acc.stamps.is_empty())
+                let newest = (acc.stamps.len() > 0)
                     .then(|| self.readings.entry(Arc::clone(&series)).or_default())
                     .and_then(|r| r.commit(start, &acc.stamps));
                 if let Some(newest) = newest {
@@ -1128,9 +1419,9 @@ mod tests {
     }
 
     #[test]
-    fn a_steady_series_keeps_twelve_bytes_per_sample_and_four_per_remembered_reading() {
+    fn a_steady_series_keeps_eight_bytes_per_sample_and_its_timestamps_as_one_run() {
         // 100 device-stamped series at 1 Hz in 60 s windows: the second window's values
-        // and timestamps have exactly the room the first one needed.
+        // have exactly the room the first one needed, its timestamps are one run.
         let series: Vec<_> = (0..100)
             .map(|i| Arc::new(Series::new(format!("s.x{i}"), None)))
             .collect();
@@ -1150,8 +1441,8 @@ mod tests {
         assert_eq!(kept, 6_000);
         assert_eq!(
             bytes,
-            kept * (size_of::<f64>() + size_of::<u32>()),
-            "a value and its timestamp offset per sample, no spare room"
+            kept * size_of::<f64>(),
+            "a value per sample, no spare room; the timestamps one run in place"
         );
         let remembered: usize = agg
             .readings
@@ -1159,10 +1450,11 @@ mod tests {
             .map(|r| r.committed.heap_bytes())
             .sum();
         assert_eq!(
-            remembered,
-            100 * 64 * size_of::<u32>(),
-            "60 readings of each series, in room for 64"
+            remembered, 0,
+            "60 readings a second apart: one run per series, in place"
         );
+        assert_eq!(agg.take_marks().len(), 100);
+        assert_eq!(agg.marks.capacity(), 0, "no table kept between flushes");
         // Repeats are still told in the open window and in the flushed one.
         let t = 1_700_000_040_000 + 61 * 1000;
         assert_eq!(agg.push(sample(&series[7], t, 0.0)), Pushed::Repeat);
@@ -1204,6 +1496,103 @@ mod tests {
         near.remove_first();
         assert!(near.search(far).is_err());
         assert_eq!(near.len(), 3);
+    }
+
+    #[test]
+    fn readings_that_jitter_are_kept_one_by_one_in_the_room_of_offsets() {
+        let mut readings = Readings::default();
+        // A reading every second, each a few ms off the second.
+        let stamps: Vec<i64> = (0..200)
+            .map(|i| 1_700_000_000_000 + i * 1000 + (i * i * 7) % 11)
+            .collect();
+        for &t in &stamps {
+            readings.remember(t);
+        }
+        assert!(matches!(readings.committed, Recent::Each(_)));
+        assert_eq!(readings.committed.len(), RECENT_READINGS);
+        assert!(
+            readings.committed.heap_bytes() <= RECENT_READINGS * size_of::<u32>() * 2,
+            "{} bytes",
+            readings.committed.heap_bytes()
+        );
+        let kept = &stamps[stamps.len() - RECENT_READINGS..];
+        for &t in &stamps {
+            assert_eq!(readings.has(t), kept.contains(&t), "{t}");
+            assert!(!readings.has(t + 1));
+        }
+    }
+
+    #[test]
+    fn a_run_split_by_a_reading_between_its_steps_keeps_every_reading() {
+        let taken = [0, 10, 20, 30, 40, 15, 45, 5, -5];
+        let mut runs = Vec::new();
+        for t in taken {
+            add_to_runs(&mut runs, t);
+        }
+        assert!(
+            runs.len() < taken.len(),
+            "fewer runs than readings: {runs:?}"
+        );
+        assert!(
+            runs.windows(2).all(|w| w[0].last() < w[1].first),
+            "{runs:?}"
+        );
+        let mut recent = Recent::Runs {
+            runs,
+            len: taken.len(),
+        };
+        for t in -10..=50 {
+            assert_eq!(recent.contains(t), taken.contains(&t), "{t}");
+        }
+        recent.remove_first();
+        assert!(!recent.contains(-5));
+        assert_eq!(recent.first(), Some(0));
+        assert_eq!(recent.last(), Some(45));
+        let mut each = Vec::new();
+        recent.for_each(|t| each.push(t));
+        assert_eq!(each, [0, 5, 10, 15, 20, 30, 40, 45]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn remembered_readings_are_the_newest_of_a_plain_set(
+            steps in proptest::collection::vec((0i64..4, 0i64..3_000), 1..400),
+            far in proptest::bool::ANY,
+        ) {
+            // Mostly a steady second with gaps, resends, jitter and late readings; now
+            // and then a jump of years.
+            let mut readings = Readings::default();
+            let mut model = std::collections::BTreeSet::new();
+            let mut t = 1_700_000_000_000i64;
+            for (kind, x) in steps {
+                let stamp = match kind {
+                    0 => { t += 1000; t }
+                    1 => { t += x; t }
+                    2 => t - x,
+                    _ if far => { t += x << 34; t }
+                    _ => t - 1000 * (x % 7),
+                };
+                readings.remember(stamp);
+                if !model.contains(&stamp) {
+                    let full = model.len() >= RECENT_READINGS;
+                    let oldest = model.first().copied();
+                    if !(full && oldest.is_some_and(|o| stamp < o)) {
+                        if full {
+                            model.pop_first();
+                        }
+                        model.insert(stamp);
+                    }
+                }
+                proptest::prop_assert_eq!(readings.committed.len(), model.len());
+                proptest::prop_assert_eq!(readings.committed.first(), model.first().copied());
+                for probe in [stamp, stamp - 1, stamp + 1, stamp - 1000, stamp + 1000] {
+                    proptest::prop_assert_eq!(readings.has(probe), model.contains(&probe), "{}", probe);
+                }
+            }
+            for &kept in &model {
+                proptest::prop_assert!(readings.has(kept));
+            }
+        }
     }
 
     #[test]

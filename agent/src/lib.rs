@@ -26,6 +26,8 @@ pub mod failpoint;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(test)]
+mod heap_tests;
 pub mod memory;
 pub mod sensors;
 pub mod sink;

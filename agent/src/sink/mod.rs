@@ -378,8 +378,9 @@ impl Uploader {
     /// Reads, sends and acknowledges one part.
     ///
     /// Design: the part is read in chunks (`chunk_rows`, whole window starts) on a
-    /// blocking thread and handed to the sink through a channel of one chunk: memory
-    /// holds about three chunks of rows (one read, one waiting, one encoded), not the part.
+    /// blocking thread and handed to the sink through a channel of one chunk, a chunk
+    /// read only once the sink took the one before ([`read_ahead`]): memory holds two
+    /// chunks of rows (one encoded, one read), not the part.
     async fn send(&self, plan: &PartPlan, reader: &mut Option<SpoolReader>) -> Result<(), String> {
         let open = self.reader_of_writers_file(reader);
         let query = plan.clone();
@@ -405,13 +406,9 @@ impl Uploader {
             let series = reading.wide_series().to_vec();
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let producer = tokio::task::spawn_blocking(move || {
-                for index in 0..reading.chunks() {
-                    let chunk = back.read_chunk(&reading, index).map_err(|e| e.to_string());
-                    let failed = chunk.is_err();
-                    if tx.blocking_send(chunk).is_err() || failed {
-                        break;
-                    }
-                }
+                read_ahead(&tx, reading.chunks(), |index| {
+                    back.read_chunk(&reading, index).map_err(|e| e.to_string())
+                });
                 back.end_part();
                 back
             });
@@ -535,6 +532,32 @@ impl Uploader {
     }
 }
 
+/// Reads `chunks` chunks with `read` into `tx`, one ahead of the sink, and stops at an
+/// error (sent on) or once the sink is gone.
+///
+/// Design: the channel's room is taken before a chunk is read, not after, so the next
+/// chunk is read only once the sink took the last one: two chunks in memory (the one
+/// the sink encodes and the one read meanwhile), not three (one more waiting in the
+/// channel). At 10,000 series a chunk is 10,000 rows, some 3 MB.
+fn read_ahead(
+    tx: &tokio::sync::mpsc::Sender<Result<Vec<WindowRow>, String>>,
+    chunks: usize,
+    mut read: impl FnMut(usize) -> Result<Vec<WindowRow>, String>,
+) {
+    let runtime = tokio::runtime::Handle::current();
+    for index in 0..chunks {
+        let Ok(room) = runtime.block_on(tx.reserve()) else {
+            break;
+        };
+        let chunk = read(index);
+        let failed = chunk.is_err();
+        room.send(chunk);
+        if failed {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,6 +589,43 @@ mod tests {
             chunks.next().await.err().as_deref(),
             Some("the spool reader stopped after 1 of 3 rows")
         );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_is_read_only_once_the_sink_took_the_one_before() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        const CHUNKS: usize = 5;
+        let reads = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let counted = Arc::clone(&reads);
+        let producer = tokio::task::spawn_blocking(move || {
+            read_ahead(&tx, CHUNKS, |index| {
+                counted.fetch_add(1, SeqCst);
+                Ok(vec![row(60 * index as i64)])
+            })
+        });
+        for taken in 1..=CHUNKS {
+            let chunk = rx.recv().await.expect("a chunk").expect("rows");
+            assert_eq!(chunk[0].start, 60 * (taken as i64 - 1));
+            // While the sink holds this chunk the reader may read the next one, never
+            // the one after it (which would be a third chunk in memory).
+            let ahead = (taken + 1).min(CHUNKS);
+            for _ in 0..50 {
+                let read = reads.load(SeqCst);
+                assert!(
+                    read <= ahead,
+                    "{read} chunks read while the sink holds chunk {taken}"
+                );
+                if read == ahead && taken % 2 == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            drop(chunk);
+        }
+        assert!(rx.recv().await.is_none(), "every chunk came");
+        producer.await.expect("the reader ends");
+        assert_eq!(reads.load(SeqCst), CHUNKS);
     }
 
     #[tokio::test]

@@ -386,7 +386,7 @@ fn read_table(
                     table.units.get(name).map(String::as_str),
                 );
                 series.tags.insert(tag.clone(), key.clone());
-                Arc::new(series)
+                series.shared()
             });
             batch.push(series, stamp, x);
         }

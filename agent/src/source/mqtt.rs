@@ -378,7 +378,7 @@ impl SeriesNames<'_> {
             return None;
         }
         *self.made += 1;
-        let series = Arc::new(Series::new(self.name(topic, field), unit));
+        let series = Series::new(self.name(topic, field), unit).shared();
         self.cache
             .entry(topic.to_owned())
             .or_default()

@@ -50,10 +50,7 @@ impl SysfsSource {
                     format,
                     scale: f.scale,
                     offset: f.offset,
-                    series: Arc::new(Series::new(
-                        format!("{name}.{}", f.field),
-                        f.unit.as_deref(),
-                    )),
+                    series: Series::new(format!("{name}.{}", f.field), f.unit.as_deref()).shared(),
                 }
             })
             .collect();

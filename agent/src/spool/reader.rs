@@ -73,8 +73,9 @@ pub struct SourceState {
 pub struct PartReading {
     plan: PartPlan,
     batches: Vec<BatchIndex>,
-    /// Each chunk's first and last window start, as offsets from the partition's start.
-    chunks: Vec<(u32, u32)>,
+    /// Each chunk's first and last window start, as offsets from the partition's start,
+    /// and its rows.
+    chunks: Vec<(u32, u32, usize)>,
     rows: usize,
     /// The spool's column set for the partition.
     series: Vec<Arc<Series>>,
@@ -86,7 +87,6 @@ pub struct PartReading {
 #[derive(Debug)]
 struct BatchIndex {
     last_id: i64,
-    count: i64,
     /// Window starts minus the partition's start, sorted.
     offsets: Vec<u32>,
 }
@@ -295,7 +295,7 @@ impl SpoolReader {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, rows, record FROM batches
+                "SELECT id, record FROM batches
                  WHERE partition = ?1 AND id > ?2 AND id <= ?3 ORDER BY id",
             )
             .map_err(&err)?;
@@ -304,9 +304,8 @@ impl SpoolReader {
             .map_err(&err)?;
         while let Some(row) = found.next().map_err(&err)? {
             let last_id: i64 = row.get(0).map_err(&err)?;
-            let count: i64 = row.get(1).map_err(&err)?;
             let record =
-                row.get_ref(2)
+                row.get_ref(1)
                     .map_err(&err)?
                     .as_blob()
                     .map_err(|e| SpoolError::Record {
@@ -327,11 +326,7 @@ impl SpoolReader {
             }
             offsets.sort_unstable();
             reading.rows += windows.len();
-            reading.batches.push(BatchIndex {
-                last_id,
-                count,
-                offsets,
-            });
+            reading.batches.push(BatchIndex { last_id, offsets });
         }
         drop(found);
         drop(stmt);
@@ -352,16 +347,12 @@ impl SpoolReader {
                     *held += rows;
                 }
                 _ => {
-                    reading
-                        .chunks
-                        .extend(chunk.map(|(first, last, _)| (first, last)));
+                    reading.chunks.extend(chunk);
                     chunk = Some((offset, offset, rows));
                 }
             }
         }
-        reading
-            .chunks
-            .extend(chunk.map(|(first, last, _)| (first, last)));
+        reading.chunks.extend(chunk);
         if with_series {
             let ids = self.column_series(plan)?;
             let mut series = Vec::with_capacity(ids.len());
@@ -436,13 +427,16 @@ impl SpoolReader {
         reading: &PartReading,
         index: usize,
     ) -> Result<Vec<WindowRow>, SpoolError> {
-        let Some(&(first, last)) = reading.chunks.get(index) else {
+        let Some(&(first, last, held)) = reading.chunks.get(index) else {
             return Ok(Vec::new());
         };
         let path = self.path.clone();
         let err = sqlite(&path);
         let partition = reading.plan.partition;
-        let mut rows = Vec::new();
+        // Design: room for exactly the chunk's rows (counted by the index), pushed in id
+        // order (the batches are, and a batch's windows), so a stable sort by start and
+        // series is the order by start, series and id with no id kept beside each row.
+        let mut rows = Vec::with_capacity(held);
         for batch in &reading.batches {
             if !batch.offsets.iter().any(|o| (first..=last).contains(o)) {
                 continue;
@@ -460,8 +454,7 @@ impl SpoolReader {
                 })?;
             let windows = decode(&path, batch.last_id, &record)?;
             drop(record);
-            let first_id = batch.last_id - batch.count + 1;
-            for (id, window) in (first_id..).zip(windows) {
+            for window in windows {
                 if !(first..=last).contains(&window.offset) {
                     continue;
                 }
@@ -472,11 +465,11 @@ impl SpoolReader {
                     seconds: window.seconds,
                     stats: window.stats(partition),
                 };
-                rows.push((id, row));
+                rows.push(row);
             }
         }
-        rows.sort_by(|(ia, a), (ib, b)| (a.start, &a.series, ia).cmp(&(b.start, &b.series, ib)));
-        Ok(rows.into_iter().map(|(_, row)| row).collect())
+        rows.sort_by(|a, b| (a.start, &a.series).cmp(&(b.start, &b.series)));
+        Ok(rows)
     }
 
     fn series(&mut self, id: i64) -> Result<Arc<Series>, SpoolError> {
@@ -491,11 +484,12 @@ impl SpoolReader {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(self.err())?;
-        let series = Arc::new(Series {
+        let series = Series {
             name,
             unit,
             tags: serde_json::from_str(&tags).unwrap_or_default(),
-        });
+        }
+        .shared();
         self.series.insert(id, Arc::clone(&series));
         Ok(series)
     }

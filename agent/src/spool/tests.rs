@@ -1197,6 +1197,12 @@ fn a_part_read_in_chunks_keeps_each_window_start_whole_with_its_late_rows_in_ord
         let chunks: Vec<Vec<_>> = (0..reading.chunks())
             .map(|i| {
                 let rows = reader.read_chunk(&reading, i).expect("chunk");
+                assert_eq!(rows.capacity(), rows.len(), "room for its rows alone");
+                let a = rows.iter().find(|r| r.series.name == "s.a").expect("s.a");
+                assert!(Arc::ptr_eq(
+                    &a.series,
+                    &Series::new("s.a", Some("celsius")).shared()
+                ));
                 rows.iter().map(key).collect()
             })
             .collect();

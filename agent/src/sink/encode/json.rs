@@ -1,13 +1,12 @@
 //! NDJSON and JSON Text Sequences (RFC 7464), in the long and the wide layout.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 
 use serde::Serialize;
 
 use crate::clock;
 use crate::config::Format;
-use crate::flow::WindowRow;
+use crate::flow::{Tags, WindowRow};
 
 use super::{STATS, WideColumns, stat, wide_rows};
 
@@ -18,7 +17,7 @@ struct Record<'a> {
     device: Option<&'a str>,
     series: &'a str,
     unit: Option<&'a str>,
-    tags: &'a BTreeMap<String, String>,
+    tags: &'a Tags,
     window_start: String,
     window_end: String,
     count: u64,

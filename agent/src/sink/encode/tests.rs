@@ -20,7 +20,7 @@ fn stats(count: u64, value: f64) -> Stats {
 fn series(name: &str, unit: Option<&str>, tags: &[(&str, &str)]) -> Arc<Series> {
     let mut s = Series::new(name, unit);
     for (k, v) in tags {
-        s.tags.insert((*k).into(), (*v).into());
+        s.tags.insert(*k, *v);
     }
     Arc::new(s)
 }
