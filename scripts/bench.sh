@@ -9,6 +9,7 @@
 #   BENCH_SYSFS=1 scripts/bench.sh                    # a real sysfs attribute for every series
 #   BENCH_PARTITION=1h BENCH_MINUTES=60 scripts/bench.sh   # the default hourly partitions
 #   BENCH_BASE=/path/to/edgespool scripts/bench.sh    # another build beside each run
+#   EDGESPOOL_BIN=/path/to/edgespool scripts/bench.sh     # that binary instead of a release build
 #
 # BENCH_RUNS runs (3) of BENCH_MINUTES (20) each; BENCH_CONCURRENT=1 (the default) starts
 # every run, and collectd's runs, at the same time (each its own spool, output and
@@ -73,7 +74,11 @@ if [ "$COLLECTD" = 1 ]; then
     fi
 fi
 
-release_build --bin edgespool
+if [ -n "${EDGESPOOL_BIN:-}" ]; then
+    BIN=$EDGESPOOL_BIN # a binary built before (the runs take longer than a build stays put)
+else
+    release_build --bin edgespool
+fi
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-bench.XXXXXX")
 shm=$(mktemp -d /dev/shm/edgespool-bench.XXXXXX)
