@@ -116,11 +116,14 @@ impl Drop for Slot {
 /// before each round of reads sees every replacement done before it, as a link check
 /// before each read would, for one `read` of the descriptor per round instead of one
 /// `fstat` per file. `IN_ATTRIB` also comes with other changes of the file's metadata
-/// (`chmod`, `touch`): those only cost the file one link check.
+/// (`chmod`, `touch`): those only cost the file one link check. The descriptor is made
+/// with the first watch: a reader of sysfs and /proc files alone has none, and its
+/// polls make no system call.
 #[derive(Debug)]
 pub struct LinkWatch {
-    /// `None` when inotify could not be set up: every file is checked at each read.
-    inotify: Option<OwnedFd>,
+    /// Unset until the first watch; `None` when inotify could not be set up: every
+    /// file is then checked at each read.
+    inotify: std::cell::OnceCell<Option<OwnedFd>>,
     /// Watches with an event since the last poll.
     touched: HashSet<i32>,
     /// Events were lost (the queue overflowed, or it could not be read): check all.
@@ -129,12 +132,11 @@ pub struct LinkWatch {
 }
 
 impl LinkWatch {
-    /// A watch of its own (inotify instance); without inotify, one that checks every
-    /// file at each read.
+    /// A watch with an inotify instance of its own once it watches a file; without
+    /// inotify, one that checks every file at each read.
     pub fn new() -> LinkWatch {
-        use rustix::fs::inotify::{CreateFlags, init};
         LinkWatch {
-            inotify: init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok(),
+            inotify: std::cell::OnceCell::new(),
             touched: HashSet::new(),
             all: false,
             buf: Vec::new(),
@@ -147,7 +149,7 @@ impl LinkWatch {
         use rustix::fs::inotify::{ReadFlags, Reader};
         self.touched.clear();
         self.all = false;
-        let Some(inotify) = &self.inotify else {
+        let Some(Some(inotify)) = self.inotify.get() else {
             return;
         };
         if self.buf.is_empty() {
@@ -174,8 +176,11 @@ impl LinkWatch {
     /// Watches the file `path` names now for changes of its links; `None` when it
     /// cannot (no inotify, the user's watches used up).
     fn add(&self, path: &Path) -> Option<i32> {
-        use rustix::fs::inotify::{WatchFlags, add_watch};
-        let inotify = self.inotify.as_ref()?;
+        use rustix::fs::inotify::{CreateFlags, WatchFlags, add_watch, init};
+        let inotify = self
+            .inotify
+            .get_or_init(|| init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok())
+            .as_ref()?;
         add_watch(inotify, path, WatchFlags::ATTRIB).ok()
     }
 
@@ -433,7 +438,6 @@ mod tests {
         let path = dir.path().join("temp1_input");
         std::fs::write(&path, "1\n").expect("write");
         let mut watch = LinkWatch::new();
-        assert!(watch.inotify.is_some(), "inotify is available");
         let mut file = KeptFile::new(path.clone(), OpenBudget::new(8));
         let mut read = |file: &mut KeptFile| {
             watch.poll();
@@ -469,6 +473,10 @@ mod tests {
         assert_eq!(read(&mut file).expect("read once it is back"), "5\n");
         assert_eq!(read(&mut file).expect("and again"), "5\n");
         assert_eq!(file.link_checks, 3);
+        assert!(
+            watch.inotify.get().is_some_and(Option::is_some),
+            "inotify is available, made with the first watch"
+        );
     }
 
     #[test]
@@ -546,6 +554,11 @@ mod tests {
         assert!(file.read(&mut Vec::new()).expect("again").ends_with('\n'));
         let open = file.open.as_ref().expect("kept");
         assert_eq!(open.check, LinkCheck::Never);
+        let mut watch = LinkWatch::new();
+        let mut watched = KeptFile::new(PathBuf::from("/proc/loadavg"), OpenBudget::new(1));
+        watch.poll();
+        assert!(watched.read_watched(&mut Vec::new(), &watch).is_ok());
+        assert!(watch.inotify.get().is_none(), "no inotify for /proc files");
     }
 
     #[test]
