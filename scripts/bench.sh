@@ -7,6 +7,9 @@
 #   BENCH_SERIES=10000 BENCH_COLLECTD=0 scripts/bench.sh   # a row of the scale table
 #   BENCH_RUNS=1 BENCH_MINUTES=3 scripts/bench.sh     # a quick look (no spool figure)
 #   BENCH_SYSFS=1 scripts/bench.sh                    # a real sysfs attribute for every series
+#   BENCH_PARTITION=1h BENCH_MINUTES=60 scripts/bench.sh   # the default hourly partitions
+#   BENCH_BASE=/path/to/edgespool scripts/bench.sh    # another build beside each run
+#   EDGESPOOL_BIN=/path/to/edgespool scripts/bench.sh     # that binary instead of a release build
 #
 # BENCH_RUNS runs (3) of BENCH_MINUTES (20) each; BENCH_CONCURRENT=1 (the default) starts
 # every run, and collectd's runs, at the same time (each its own spool, output and
@@ -14,6 +17,10 @@
 # BENCH_SYSFS=1 points every series at the same real sysfs attribute (/sys/class/net/lo/mtu,
 # each series its own open file) instead of the fake tree: files as a Pi's hwmon files
 # are, which the agent reads with no link check (docs/configuration.md, `kind = "sysfs"`).
+# BENCH_PARTITION (5m) is the agents' partition length: 5m so that RSS after deliveries
+# shows within 20 minutes, 1h for the deliveries a user's default gives. BENCH_BASE, the
+# path of another edgespool binary (an earlier build), runs it beside each run on its own
+# spool and files, and prints its figures and this build's ratio to them.
 #
 # Figures come from the kernel, not from the processes: VmRSS/VmHWM of /proc/PID/status,
 # utime+stime of /proc/PID/stat, write_bytes of /proc/PID/io, each per process.
@@ -39,6 +46,12 @@ SERIES=${BENCH_SERIES:-100}
 CONCURRENT=${BENCH_CONCURRENT:-1}
 COLLECTD=${BENCH_COLLECTD:-1}
 SYSFS=${BENCH_SYSFS:-0}
+PARTITION=${BENCH_PARTITION:-5m}
+BASE=${BENCH_BASE:-}
+if [ -n "$BASE" ] && [ ! -x "$BASE" ]; then
+    echo "BENCH_BASE=$BASE is not an executable" >&2
+    exit 1
+fi
 
 if [ "$MINUTES" -lt 20 ]; then
     echo "note: BENCH_MINUTES=$MINUTES: the spool figure needs at least 20 minutes of 60 s windows" >&2
@@ -61,7 +74,11 @@ if [ "$COLLECTD" = 1 ]; then
     fi
 fi
 
-release_build --bin edgespool
+if [ -n "${EDGESPOOL_BIN:-}" ]; then
+    BIN=$EDGESPOOL_BIN # a binary built before (the runs take longer than a build stays put)
+else
+    release_build --bin edgespool
+fi
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/edgespool-bench.XXXXXX")
 shm=$(mktemp -d /dev/shm/edgespool-bench.XXXXXX)
@@ -88,7 +105,7 @@ fi
 # agent_config FILE WINDOW SPOOL OUT: the agent's config.
 agent_config() {
     {
-        printf '[agent]\ndevice_id = "bench"\nspool = "%s/spool.db"\nwindow = "%s"\npartition = "5m"\ngrace = "5s"\n\n' "$3" "$2"
+        printf '[agent]\ndevice_id = "bench"\nspool = "%s/spool.db"\nwindow = "%s"\npartition = "%s"\ngrace = "5s"\n\n' "$3" "$2" "$PARTITION"
         printf '[[sources]]\nkind = "sysfs"\nname = "hw"\nroot = "%s"\ninterval = "1s"\n' "$tree"
         for i in $(seq 1 "$SERIES"); do
             printf '[[sources.files]]\nfield = "t%d"\npath = "%s"\nscale = 0.001\nunit = "celsius"\n' "$i" "$(file_of "$i")"
@@ -137,6 +154,12 @@ measure_group() {
         agent_config "$work/run$run/bench.toml" 60s "$work/run$run/spool" "$shm/run$run/out"
         "$BIN" run --config "$work/run$run/bench.toml" 2>> "$work/run$run/agent.log" &
         kinds+=(edgespool); pids+=("$!"); outs+=("$shm/run$run/out")
+        if [ -n "$BASE" ]; then
+            mkdir -p "$work/base$run/spool"
+            agent_config "$work/base$run/bench.toml" 60s "$work/base$run/spool" "$shm/base$run/out"
+            "$BASE" run --config "$work/base$run/bench.toml" 2>> "$work/base$run/agent.log" &
+            kinds+=(base); pids+=("$!"); outs+=("$shm/base$run/out")
+        fi
         if [ "$COLLECTD" = 1 ]; then
             mkdir -p "$work/collectd$run"
             collectd_config "$work/collectd$run/collectd.conf" "$work/collectd$run"
@@ -146,6 +169,12 @@ measure_group() {
     done
     sleep 5 # start-up left out: loading the binary, creating the spool
     local n=${#pids[@]} t0 c0=() w0=() after=() samples=()
+    # first_of I: the index of the agent of process I's run (the group's first of it).
+    first_of() {
+        local j=$1
+        while [ "$j" -gt 0 ] && [ "${kinds[$j]}" != edgespool ]; do j=$((j - 1)); done
+        echo "$j"
+    }
     t0=$(now)
     for i in $(seq 0 $((n - 1))); do
         kill -0 "${pids[$i]}" 2>/dev/null || { echo "${kinds[$i]} exited at start (logs under $work)" >&2; exit 1; }
@@ -157,8 +186,8 @@ measure_group() {
         for i in $(seq 0 $((n - 1))); do
             if [ "${after[$i]}" = 0 ]; then
                 if [ "${kinds[$i]}" = collectd ]; then
-                    # collectd has no deliveries: from the instant the first agent had one.
-                    [ "${after[$((i - 1))]}" = 1 ] && after[i]=1
+                    # collectd has no deliveries: from the instant this run's agent had one.
+                    [ "${after[$(first_of "$i")]}" = 1 ] && after[i]=1
                 elif [ -n "$(find "${outs[$i]}" -name '*.ndjson' -print -quit 2>/dev/null)" ]; then
                     after[i]=1
                 fi
@@ -187,8 +216,8 @@ else
     for run in $(seq 1 "$RUNS"); do measure_group "$run"; done
 fi
 # Figures of an agent that could not read its files would be figures of nothing.
-if grep -l "read failed" "$work"/run*/agent.log >/dev/null 2>&1; then
-    echo "bench.sh: an agent could not read its files: $(grep -m1 -h "read failed" "$work"/run*/agent.log)" >&2
+if grep -l "read failed" "$work"/run*/agent.log "$work"/base*/agent.log >/dev/null 2>&1; then
+    echo "bench.sh: an agent could not read its files: $(grep -m1 -h "read failed" "$work"/run*/agent.log "$work"/base*/agent.log 2>/dev/null)" >&2
     exit 1
 fi
 
@@ -212,12 +241,19 @@ med() { median $(column "$1" "$2" | tr -d ,); }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 > 0) printf "%.2f", a / b; else print "n/a"}'; }
 
 echo
-echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz ($([ "$SYSFS" = 1 ] && echo "$attribute" || echo "a fake hwmon tree")), 60 s windows, 5 min partitions, medians of $RUNS run(s) of $MINUTES min:"
+echo "edgespool $("$BIN" --version | cut -d' ' -f2), $SERIES series at 1 Hz ($([ "$SYSFS" = 1 ] && echo "$attribute" || echo "a fake hwmon tree")), 60 s windows, $PARTITION partitions, medians of $RUNS run(s) of $MINUTES min:"
 echo "  CPU: $(med edgespool 1) s per hour (runs: $(column edgespool 1))"
 echo "  resident memory after deliveries: $(med edgespool 2) KiB (VmRSS every 10 s; runs: $(column edgespool 2)), peak $(med edgespool 3) KiB (VmHWM)"
 echo "  spool disk writes: $(med edgespool 4) bytes per hour (runs: $(column edgespool 4))"
 echo "  aggregates: $((SERIES * 60)) windows per hour = $((SERIES * 60 * 8 * 8)) bytes per hour of raw statistics (8 numbers of 8 bytes)"
 echo "  fsync calls: $syncs"
+if [ -n "$BASE" ]; then
+    echo "beside each run, edgespool $("$BASE" --version | cut -d' ' -f2) at $BASE, the same job on its own spool and files:"
+    echo "  CPU: $(med base 1) s per hour (runs: $(column base 1))"
+    echo "  resident memory after deliveries: $(med base 2) KiB (runs: $(column base 2)), peak $(med base 3) KiB"
+    echo "  spool disk writes: $(med base 4) bytes per hour (runs: $(column base 4))"
+    echo "this build / that one: CPU $(ratio "$(med edgespool 1)" "$(med base 1)"), resident memory $(ratio "$(med edgespool 2)" "$(med base 2)"), spool writes $(ratio "$(med edgespool 4)" "$(med base 4)")"
+fi
 if [ "$COLLECTD" = 1 ]; then
     echo "collectd $("$collectd_bin" -h 2>&1 | awk '/^collectd [0-9]/ {sub(/,$/, "", $2); print $2; exit}'), the same files every second (table plugin), every value to CSV on disk, medians of $RUNS run(s):"
     echo "  CPU: $(med collectd 1) s per hour (runs: $(column collectd 1))"

@@ -240,10 +240,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tokio::time::sleep(memory::TRIM_FIRST).await;
         let mut every = tokio::time::interval(memory::TRIM_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut trimmer = memory::CodeTrimmer::default();
         loop {
             every.tick().await;
-            let mappings = memory::trim_code_pages();
-            tracing::debug!(mappings, "code pages trimmed");
+            let mappings = trimmer.trim();
+            let smaps_reads = trimmer.smaps_reads();
+            tracing::debug!(mappings, smaps_reads, "code pages trimmed");
         }
     });
 

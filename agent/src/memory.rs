@@ -33,9 +33,28 @@ pub const TRIM_FIRST: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How often it trims again. Design: code that ran since (a delivery, a reconnection)
 /// leaves its pages mapped, in 64 KiB runs, until the next trim; each trim costs a read
-/// of `/proc/self/smaps` and the loop's pages come back as minor faults, from memory,
-/// a few hundred microseconds of CPU in all.
+/// of `/proc/self/maps` (and of `/proc/self/smaps` when the mappings changed, see
+/// [`CodeTrimmer`]) and the loop's pages come back as minor faults, from memory.
 pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The lines of `/proc/self/maps` that may name a trimmable mapping: file-backed,
+/// read-only, private. What the last smaps read found stays true while these are the
+/// same lines.
+fn candidate_lines(maps: &str) -> String {
+    let mut lines = String::new();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(_range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let file_backed = parts.nth(3).is_some_and(|p| p.starts_with('/'));
+        if file_backed && !perms.contains('w') && perms.ends_with('p') {
+            lines.push_str(line);
+            lines.push('\n');
+        }
+    }
+    lines
+}
 
 /// A mapping of `/proc/self/smaps` that may be trimmed: its range.
 fn trimmable(smaps: &str, maps: &str) -> Vec<(usize, usize)> {
@@ -100,27 +119,80 @@ fn trimmable(smaps: &str, maps: &str) -> Vec<(usize, usize)> {
     found
 }
 
-/// Unmaps this process's clean, read-only, private file-backed pages (they stay in the
-/// page cache); returns how many mappings it advised.
-pub fn trim_code_pages() -> usize {
-    let (Ok(smaps), Ok(maps)) = (
-        std::fs::read_to_string("/proc/self/smaps"),
-        std::fs::read_to_string("/proc/self/maps"),
-    ) else {
-        return 0;
-    };
-    let mappings = trimmable(&smaps, &maps);
-    for &(start, end) in &mappings {
-        let addr = start as *mut std::ffi::c_void;
-        // SAFETY: the range is a private, read-only file mapping of this process that
-        // holds no private (anonymous) page, as smaps lists it: dropping its pages
-        // loses nothing, the next access maps the file's page again.
-        unsafe {
-            let _ = rustix::mm::madvise(addr, end - start, rustix::mm::Advice::Random);
-            let _ = rustix::mm::madvise(addr, end - start, rustix::mm::Advice::LinuxDontNeed);
+/// Trims this process's code pages again and again, reading `/proc/self/smaps` only
+/// when the mappings changed.
+///
+/// Design: smaps costs the kernel a walk of every page table of the process (about ten
+/// times a read of maps) and the agent a parse of some 40 kB; what it tells (which
+/// read-only private file mappings hold no private copy) changes only when those
+/// mappings do. A private copy is made by a write, so only while a mapping is writable:
+/// made read-only again (RELRO, by the dynamic linker) it is a new line of maps, as a
+/// mapping loaded later (`dlopen`) or made anew is. So each trim reads maps, and smaps
+/// only when maps' read-only private file lines differ from those of the last smaps
+/// read; otherwise it advises the ranges that read found. A mapping read from smaps with
+/// nothing resident is left out until the lines change. What this does not see is a
+/// mapping made writable, written and made read-only again between two trims (the same
+/// line before and after): nothing in the agent changes a file mapping's protection
+/// after start-up, and the dynamic linker's RELRO is done before the first trim.
+#[derive(Debug, Default)]
+pub struct CodeTrimmer {
+    /// The candidate lines of maps when smaps was last read, and the ranges it gave.
+    known: Option<(String, Vec<(usize, usize)>)>,
+    smaps_reads: u64,
+}
+
+impl CodeTrimmer {
+    /// Unmaps this process's clean, read-only, private file-backed pages (they stay in
+    /// the page cache); returns how many mappings it advised.
+    pub fn trim(&mut self) -> usize {
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return 0;
+        };
+        let mappings = self.ranges(&maps, || std::fs::read_to_string("/proc/self/smaps").ok());
+        for &(start, end) in mappings {
+            let addr = start as *mut std::ffi::c_void;
+            // SAFETY: the range is a private, read-only file mapping of this process that
+            // held no private (anonymous) page when smaps was read, and its line in maps
+            // is unchanged since, so it was not made writable in between (see above):
+            // dropping its pages loses nothing, the next access maps the file's page again.
+            unsafe {
+                let _ = rustix::mm::madvise(addr, end - start, rustix::mm::Advice::Random);
+                let _ = rustix::mm::madvise(addr, end - start, rustix::mm::Advice::LinuxDontNeed);
+            }
         }
+        mappings.len()
     }
-    mappings.len()
+
+    /// The ranges to advise, given maps as read now: those found in the last smaps read
+    /// while maps' candidate lines are the same, otherwise those of `smaps()` read now
+    /// (none if it cannot be read).
+    fn ranges(&mut self, maps: &str, smaps: impl FnOnce() -> Option<String>) -> &[(usize, usize)] {
+        let lines = candidate_lines(maps);
+        if self.known.as_ref().is_none_or(|(known, _)| *known != lines) {
+            self.known = None;
+            let Some(smaps) = smaps() else {
+                return &[];
+            };
+            self.smaps_reads += 1;
+            // Design: the lines of the maps read before smaps: a mapping made between
+            // the two reads differs from them, and the next trim reads smaps again.
+            let found = trimmable(&smaps, maps);
+            self.known = Some((lines, found));
+        }
+        self.known
+            .as_ref()
+            .map_or(&[], |(_, found)| found.as_slice())
+    }
+
+    /// How many times it has read `/proc/self/smaps`.
+    pub fn smaps_reads(&self) -> u64 {
+        self.smaps_reads
+    }
+}
+
+/// Trims once, reading smaps: [`CodeTrimmer::trim`] without what an earlier trim knew.
+pub fn trim_code_pages() -> usize {
+    CodeTrimmer::default().trim()
 }
 
 /// Arenas glibc's allocator may make: threads share them beyond this count.
@@ -255,6 +327,16 @@ mod tests {
 
     const PAGES: usize = 16;
 
+    /// Held by the tests that map files, so that one's mapping does not appear in the
+    /// middle of another's trims.
+    static MAPPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn mapping_lock() -> std::sync::MutexGuard<'static, ()> {
+        MAPPING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn page_size() -> usize {
         // SAFETY: sysconf reads a constant of the system.
         usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("a page size")
@@ -296,6 +378,7 @@ mod tests {
 
     #[test]
     fn trimmed_code_stays_in_the_page_cache() {
+        let _lock = mapping_lock();
         let (_file, addr, len) = mapped(7, libc::PROT_READ);
         let page = page_size();
         // SAFETY: reads inside the mapping.
@@ -317,7 +400,11 @@ mod tests {
 
     #[test]
     fn a_read_only_mapping_with_private_copies_keeps_them() {
-        // As RELRO: written after mapping (private copies), then made read-only.
+        let _lock = mapping_lock();
+        let mut trimmer = CodeTrimmer::default();
+        trimmer.trim();
+        // As RELRO: written after mapping (private copies), then made read-only, after a
+        // trim that read smaps: the next trim must read it again and leave them.
         let (_file, addr, len) = mapped(1, libc::PROT_READ | libc::PROT_WRITE);
         let page = page_size();
         // SAFETY: writes inside the mapping, then makes it read-only.
@@ -327,7 +414,7 @@ mod tests {
             }
             assert_eq!(libc::mprotect(addr.cast(), len, libc::PROT_READ), 0);
         }
-        trim_code_pages();
+        trimmer.trim();
         // SAFETY: reads inside the mapping.
         let kept = (0..PAGES).all(|i| unsafe { *addr.add(i * page) } == 2);
         assert!(kept, "the private copies were thrown away");
@@ -380,5 +467,108 @@ Anonymous:             0 kB
             "not a private copy, a writable or shared mapping, an anonymous one, nothing \
              resident, or a range maps does not list"
         );
+    }
+
+    /// The resident KiB smaps gives the mapping that starts at `addr`.
+    fn resident_kib(addr: *mut u8) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let start = format!("{:x}-", addr as usize);
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        assert!(lines.next().is_some(), "smaps lists the mapping");
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("its Rss")
+    }
+
+    #[test]
+    fn a_mapping_made_after_a_trim_is_trimmed_by_the_next() {
+        let _lock = mapping_lock();
+        let mut trimmer = CodeTrimmer::default();
+        assert!(trimmer.trim() > 0, "the binary itself is a file mapping");
+        let (_file, addr, len) = mapped(3, libc::PROT_READ);
+        let page = page_size();
+        // SAFETY: reads inside the mapping.
+        let sum: u64 = (0..PAGES)
+            .map(|i| u64::from(unsafe { *addr.add(i * page) }))
+            .sum();
+        assert_eq!(sum, 3 * PAGES as u64);
+        assert!(resident_kib(addr) > 0, "its pages were read");
+        let reads = trimmer.smaps_reads();
+        trimmer.trim();
+        assert!(
+            trimmer.smaps_reads() > reads,
+            "a new mapping makes the trim read smaps again"
+        );
+        assert_eq!(
+            resident_kib(addr),
+            0,
+            "the new mapping's pages are unmapped by the trim after it appeared"
+        );
+        // SAFETY: unmapping what `mapped` mapped.
+        unsafe { libc::munmap(addr.cast(), len) };
+    }
+
+    #[test]
+    fn smaps_is_read_again_only_when_the_read_only_file_mappings_change() {
+        let smaps = "\
+55d0a0000000-55d0a0010000 r--p 00000000 08:01 123 /usr/bin/edgespool
+Rss:                  64 kB
+Anonymous:             0 kB
+55d0a0010000-55d0a0020000 rw-p 00010000 08:01 123 /usr/bin/edgespool
+Rss:                  64 kB
+Anonymous:             4 kB
+55d0a0020000-55d0a0040000 rw-p 00000000 00:00 0 [heap]
+Rss:                 128 kB
+Anonymous:           128 kB
+";
+        let maps = "\
+55d0a0000000-55d0a0010000 r--p 00000000 08:01 123 /usr/bin/edgespool
+55d0a0010000-55d0a0020000 rw-p 00010000 08:01 123 /usr/bin/edgespool
+55d0a0020000-55d0a0040000 rw-p 00000000 00:00 0 [heap]
+";
+        let binary = [(0x55d0a0000000, 0x55d0a0010000)];
+        let mut trimmer = CodeTrimmer::default();
+        assert_eq!(
+            trimmer.ranges(maps, || None),
+            [],
+            "smaps cannot be read: nothing"
+        );
+        assert_eq!(trimmer.smaps_reads(), 0);
+        assert_eq!(trimmer.ranges(maps, || Some(smaps.to_owned())), binary);
+        assert_eq!(trimmer.smaps_reads(), 1);
+        // The heap grown, an anonymous mapping made, a writable file one: not candidates.
+        let grown = maps.replace("55d0a0020000-55d0a0040000", "55d0a0020000-55d0a0080000")
+            + "7f0000000000-7f0000100000 rw-p 00000000 00:00 0\n"
+            + "7f0000100000-7f0000110000 rw-s 00000000 08:01 9 /var/lib/edgespool/spool.db-shm\n";
+        let unread = || -> Option<String> { panic!("smaps read though no candidate changed") };
+        assert_eq!(trimmer.ranges(&grown, unread), binary);
+        assert_eq!(trimmer.smaps_reads(), 1);
+        // The writable part made read-only (RELRO): a new candidate line, smaps again,
+        // and its private copies keep it out.
+        let relro = grown.replace(
+            "55d0a0010000-55d0a0020000 rw-p",
+            "55d0a0010000-55d0a0020000 r--p",
+        );
+        let relro_smaps = smaps.replace(
+            "55d0a0010000-55d0a0020000 rw-p",
+            "55d0a0010000-55d0a0020000 r--p",
+        );
+        assert_eq!(trimmer.ranges(&relro, || Some(relro_smaps.clone())), binary);
+        assert_eq!(trimmer.smaps_reads(), 2);
+        // A library mapped (dlopen): read again, and its range is trimmed from now on.
+        let lib = "7f0000200000-7f0000210000 r-xp 00000000 08:01 77 /usr/lib/libnss_files.so.2";
+        let loaded = format!("{relro}{lib}\n");
+        let loaded_smaps = format!("{relro_smaps}{lib}\nRss: 8 kB\nAnonymous: 0 kB\n");
+        let both = [
+            (0x55d0a0000000, 0x55d0a0010000),
+            (0x7f0000200000, 0x7f0000210000),
+        ];
+        assert_eq!(trimmer.ranges(&loaded, || Some(loaded_smaps.clone())), both);
+        assert_eq!(trimmer.ranges(&loaded, unread), both);
+        assert_eq!(trimmer.smaps_reads(), 3);
+        // Unmapped again: read again.
+        assert_eq!(trimmer.ranges(&relro, || Some(relro_smaps.clone())), binary);
+        assert_eq!(trimmer.smaps_reads(), 4);
     }
 }

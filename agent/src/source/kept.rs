@@ -8,16 +8,22 @@
 //!   device unplugged: the old attribute answers `ENODEV`) drops it and opens the path
 //!   again at once, so a device that came back is read in the same tick. A file on any
 //!   other file system than sysfs or /proc can be replaced under its name (renamed over,
-//!   removed and made again): its link count is checked before each read (one `fstat`),
-//!   and a file no longer linked is reopened by name.
+//!   removed and made again): a file no longer linked is reopened by name. A reader that
+//!   has a [`LinkWatch`] asks the kernel to tell it (inotify, `IN_ATTRIB`, which an
+//!   unlink or a rename over the file raises) and checks the link count (one `fstat`)
+//!   only of a file it was told of; without one (no inotify, no watch left) the link
+//!   count is checked before each read.
 //! - **Bounded.** At most [`KEEP_AT_MOST`] files are kept open in the whole process (and
 //!   never more than half the soft `RLIMIT_NOFILE`, which [`raise_open_file_limit`]
 //!   raises to the hard limit at start): beyond that a file is opened, read and closed
 //!   each time, as before. The kernel keeps a page-sized buffer for each open sysfs
 //!   attribute once read, so 4,096 files cost it up to 16 MiB.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -103,11 +109,109 @@ impl Drop for Slot {
     }
 }
 
+/// What the kernel told of the kept files' links since the last round of reads: one
+/// inotify descriptor for the files of a reader.
+///
+/// Design: an event is queued by the unlink or rename itself, so a [`LinkWatch::poll`]
+/// before each round of reads sees every replacement done before it, as a link check
+/// before each read would, for one `read` of the descriptor per round instead of one
+/// `fstat` per file. `IN_ATTRIB` also comes with other changes of the file's metadata
+/// (`chmod`, `touch`): those only cost the file one link check. The descriptor is made
+/// with the first watch: a reader of sysfs and /proc files alone has none, and its
+/// polls make no system call.
+#[derive(Debug)]
+pub struct LinkWatch {
+    /// Unset until the first watch; `None` when inotify could not be set up: every
+    /// file is then checked at each read.
+    inotify: std::cell::OnceCell<Option<OwnedFd>>,
+    /// Watches with an event since the last poll.
+    touched: HashSet<i32>,
+    /// Events were lost (the queue overflowed, or it could not be read): check all.
+    all: bool,
+    buf: Vec<MaybeUninit<u8>>,
+}
+
+impl LinkWatch {
+    /// A watch with an inotify instance of its own once it watches a file; without
+    /// inotify, one that checks every file at each read.
+    pub fn new() -> LinkWatch {
+        LinkWatch {
+            inotify: std::cell::OnceCell::new(),
+            touched: HashSet::new(),
+            all: false,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Takes in what the kernel told since the last call; call before each round of
+    /// reads.
+    pub fn poll(&mut self) {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        self.touched.clear();
+        self.all = false;
+        let Some(Some(inotify)) = self.inotify.get() else {
+            return;
+        };
+        if self.buf.is_empty() {
+            self.buf = vec![MaybeUninit::uninit(); 4096];
+        }
+        let mut reader = Reader::new(inotify, &mut self.buf);
+        // Bounded: the queue holds at most max_queued_events; past it, check all.
+        for _ in 0..65_536 {
+            match reader.next() {
+                Ok(event) => {
+                    if event.events().contains(ReadFlags::QUEUE_OVERFLOW) {
+                        self.all = true;
+                    }
+                    self.touched.insert(event.wd());
+                }
+                Err(rustix::io::Errno::AGAIN) => return,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => break,
+            }
+        }
+        self.all = true;
+    }
+
+    /// Watches the file `path` names now for changes of its links; `None` when it
+    /// cannot (no inotify, the user's watches used up).
+    fn add(&self, path: &Path) -> Option<i32> {
+        use rustix::fs::inotify::{CreateFlags, WatchFlags, add_watch, init};
+        let inotify = self
+            .inotify
+            .get_or_init(|| init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok())
+            .as_ref()?;
+        add_watch(inotify, path, WatchFlags::ATTRIB).ok()
+    }
+
+    /// Whether the kernel told of a change of watch `wd` since the last round.
+    fn told(&self, wd: i32) -> bool {
+        self.all || self.touched.contains(&wd)
+    }
+}
+
+impl Default for LinkWatch {
+    fn default() -> Self {
+        LinkWatch::new()
+    }
+}
+
+/// How a kept file is known to be still the one its path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkCheck {
+    /// On sysfs or /proc: always.
+    Never,
+    /// Its link count is checked before each read.
+    EachRead,
+    /// Its link count is checked when the [`LinkWatch`] was told of this watch.
+    Told(i32),
+}
+
 #[derive(Debug)]
 struct Open {
     file: File,
-    /// Whether the file may be replaced by name (it is on neither sysfs nor /proc).
-    check_links: bool,
+    /// Whether and how to check that the file was not replaced by name.
+    check: LinkCheck,
     _slot: Slot,
 }
 
@@ -118,6 +222,8 @@ pub struct KeptFile {
     path: PathBuf,
     budget: Arc<OpenBudget>,
     open: Option<Open>,
+    /// Link counts checked (`fstat`s), for the tests.
+    link_checks: u64,
 }
 
 impl KeptFile {
@@ -127,6 +233,7 @@ impl KeptFile {
             path,
             budget,
             open: None,
+            link_checks: 0,
         }
     }
 
@@ -135,11 +242,40 @@ impl KeptFile {
         &self.path
     }
 
-    /// The whole file as it is now, read into `bytes`.
+    /// The whole file as it is now, read into `bytes`; its link count checked before
+    /// each read if it is on another file system than sysfs or /proc.
     pub fn read<'b>(&mut self, bytes: &'b mut Vec<u8>) -> io::Result<&'b str> {
+        self.read_told(bytes, None)
+    }
+
+    /// [`KeptFile::read`], its link count checked only when `watch` was told of a change
+    /// (call [`LinkWatch::poll`] before each round of reads).
+    pub fn read_watched<'b>(
+        &mut self,
+        bytes: &'b mut Vec<u8>,
+        watch: &LinkWatch,
+    ) -> io::Result<&'b str> {
+        self.read_told(bytes, Some(watch))
+    }
+
+    fn read_told<'b>(
+        &mut self,
+        bytes: &'b mut Vec<u8>,
+        watch: Option<&LinkWatch>,
+    ) -> io::Result<&'b str> {
         let kept_read = match &self.open {
-            Some(open) => still_linked(open)
-                .and_then(|linked| linked.then(|| read_whole(&open.file, bytes)).transpose()),
+            Some(open) => {
+                let check = match open.check {
+                    LinkCheck::Never => false,
+                    LinkCheck::EachRead => true,
+                    LinkCheck::Told(wd) => watch.is_none_or(|w| w.told(wd)),
+                };
+                if check {
+                    self.link_checks += 1;
+                }
+                still_linked(open, check)
+                    .and_then(|linked| linked.then(|| read_whole(&open.file, bytes)).transpose())
+            }
             None => Ok(None),
         };
         match kept_read {
@@ -150,10 +286,17 @@ impl KeptFile {
                 let file = File::open(&self.path)?;
                 read_whole(&file, bytes)?;
                 if let Some(slot) = self.budget.take() {
-                    let check_links = !on_kernel_fs(&file);
+                    let check = if on_kernel_fs(&file) {
+                        LinkCheck::Never
+                    } else {
+                        watch
+                            .and_then(|w| w.add(&self.path))
+                            .filter(|_| names(&self.path, &file))
+                            .map_or(LinkCheck::EachRead, LinkCheck::Told)
+                    };
                     self.open = Some(Open {
                         file,
-                        check_links,
+                        check,
                         _slot: slot,
                     });
                 }
@@ -161,6 +304,12 @@ impl KeptFile {
         }
         std::str::from_utf8(bytes)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not valid UTF-8"))
+    }
+
+    /// How many times its link count was checked.
+    #[cfg(test)]
+    pub fn link_checks(&self) -> u64 {
+        self.link_checks
     }
 
     /// Whether a descriptor is kept open now.
@@ -177,12 +326,21 @@ impl KeptFile {
     }
 }
 
-/// Whether the kept file is still the one its path names (always, on sysfs and /proc).
-fn still_linked(open: &Open) -> io::Result<bool> {
-    if !open.check_links {
+/// Whether the kept file is still linked (taken as so without `check`).
+fn still_linked(open: &Open, check: bool) -> io::Result<bool> {
+    if !check {
         return Ok(true);
     }
     Ok(open.file.metadata()?.nlink() > 0)
+}
+
+/// Whether `path` names `file` (after a watch was added by the path: the watch is then
+/// on the file read, not on one put in its place in between).
+fn names(path: &Path, file: &File) -> bool {
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+        _ => false,
+    }
 }
 
 fn on_kernel_fs(file: &File) -> bool {
@@ -226,6 +384,7 @@ fn read_whole(file: &File, bytes: &mut Vec<u8>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn target_of(fd: i32) -> PathBuf {
         std::fs::read_link(format!("/proc/self/fd/{fd}")).expect("the kept descriptor is open")
@@ -271,6 +430,66 @@ mod tests {
         // The old descriptor was closed, not leaked: the number may be reused, but then
         // it names the new file.
         assert!(old == new || std::fs::read_link(format!("/proc/self/fd/{old}")).is_err());
+    }
+
+    #[test]
+    fn a_watched_file_is_checked_only_when_the_kernel_tells_of_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("temp1_input");
+        std::fs::write(&path, "1\n").expect("write");
+        let mut watch = LinkWatch::new();
+        let mut file = KeptFile::new(path.clone(), OpenBudget::new(8));
+        let mut read = |file: &mut KeptFile| {
+            watch.poll();
+            file.read_watched(&mut Vec::new(), &watch)
+                .map(str::to_owned)
+        };
+        for value in ["1", "22", "3"] {
+            // Rewritten in place: no event, no check, the new value.
+            std::fs::write(&path, format!("{value}\n")).expect("rewrite");
+            assert_eq!(read(&mut file).expect("read"), format!("{value}\n"));
+        }
+        assert_eq!(file.link_checks, 0, "no fstat while nothing was told");
+        // Renamed over: told, checked once, read anew.
+        let staged = dir.path().join("temp1_input.new");
+        std::fs::write(&staged, "4\n").expect("write the new one");
+        std::fs::rename(&staged, &path).expect("rename over");
+        assert_eq!(read(&mut file).expect("read after the rename"), "4\n");
+        assert_eq!(file.link_checks, 1);
+        assert_eq!(target_of(file.kept_fd().expect("kept again")), path);
+        assert_eq!(read(&mut file).expect("read again"), "4\n");
+        assert_eq!(file.link_checks, 1, "the new file is watched");
+        // Its mode changed: told, checked, still the same file.
+        let kept = file.kept_fd();
+        let mode = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(&path, mode).expect("chmod");
+        assert_eq!(read(&mut file).expect("read after chmod"), "4\n");
+        assert_eq!((file.link_checks, file.kept_fd()), (2, kept));
+        // Removed: an error; made again: read.
+        std::fs::remove_file(&path).expect("unplugged");
+        let err = read(&mut file).expect_err("a removed file cannot be read");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        std::fs::write(&path, "5\n").expect("plugged back");
+        assert_eq!(read(&mut file).expect("read once it is back"), "5\n");
+        assert_eq!(read(&mut file).expect("and again"), "5\n");
+        assert_eq!(file.link_checks, 3);
+        assert!(
+            watch.inotify.get().is_some_and(Option::is_some),
+            "inotify is available, made with the first watch"
+        );
+    }
+
+    #[test]
+    fn without_a_watch_a_file_is_checked_at_each_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("temp1_input");
+        std::fs::write(&path, "1\n").expect("write");
+        let mut file = KeptFile::new(path, OpenBudget::new(8));
+        for _ in 0..3 {
+            assert_eq!(file.read(&mut Vec::new()).expect("read"), "1\n");
+        }
+        // The first read opened it: the two after were checked.
+        assert_eq!(file.link_checks, 2);
     }
 
     #[test]
@@ -334,7 +553,12 @@ mod tests {
         assert_eq!(first.split_ascii_whitespace().count(), 5, "{first:?}");
         assert!(file.read(&mut Vec::new()).expect("again").ends_with('\n'));
         let open = file.open.as_ref().expect("kept");
-        assert!(!open.check_links);
+        assert_eq!(open.check, LinkCheck::Never);
+        let mut watch = LinkWatch::new();
+        let mut watched = KeptFile::new(PathBuf::from("/proc/loadavg"), OpenBudget::new(1));
+        watch.poll();
+        assert!(watched.read_watched(&mut Vec::new(), &watch).is_ok());
+        assert!(watch.inotify.get().is_none(), "no inotify for /proc files");
     }
 
     #[test]

@@ -2,17 +2,24 @@
 //!
 //! Each file is one field. A file that vanishes or cannot be read is an error of that
 //! field only; the other files of the source are still read. Files stay open between
-//! ticks and are read again from offset 0 ([`super::kept`]).
+//! ticks and are read again from offset 0 ([`super::kept`]); those on another file
+//! system than sysfs are watched for replacement with one inotify descriptor per source.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::kept::{KeptFile, OpenBudget};
+use super::kept::{KeptFile, LinkWatch, OpenBudget};
 use super::{Batch, Series, Source, SourceError};
 use crate::config::{self, FileFormat};
 
 pub struct SysfsSource {
-    files: Arc<Mutex<Vec<File>>>,
+    files: Arc<Mutex<Files>>,
+}
+
+/// The source's files and what the kernel tells of their links.
+struct Files {
+    files: Vec<File>,
+    watch: LinkWatch,
 }
 
 struct File {
@@ -55,7 +62,10 @@ impl SysfsSource {
             })
             .collect();
         SysfsSource {
-            files: Arc::new(Mutex::new(files)),
+            files: Arc::new(Mutex::new(Files {
+                files,
+                watch: LinkWatch::new(),
+            })),
         }
     }
 }
@@ -85,10 +95,11 @@ impl Source for SysfsSource {
     }
 }
 
-fn read_all(files: &mut [File], batch: &mut Batch) {
+fn read_all(files: &mut Files, batch: &mut Batch) {
     let mut bytes = Vec::with_capacity(256);
-    for file in files {
-        let text = match file.file.read(&mut bytes) {
+    files.watch.poll();
+    for file in &mut files.files {
+        let text = match file.file.read_watched(&mut bytes, &files.watch) {
             Ok(text) => text,
             Err(err) => {
                 batch
@@ -236,6 +247,12 @@ mod tests {
         let source = source_of(dir.path(), &["a", "b", "c"], Arc::clone(&budget));
         assert_eq!(values(&source), (vec![1.0, 2.0, 3.0], vec![]));
         assert_eq!(budget.kept(), 3, "every file is kept open");
+        assert_eq!(values(&source), (vec![1.0, 2.0, 3.0], vec![]));
+        let checks = |source: &SysfsSource| -> u64 {
+            let files = source.files.lock().expect("not poisoned");
+            files.files.iter().map(|f| f.file.link_checks()).sum()
+        };
+        assert_eq!(checks(&source), 0, "unchanged files: no link check");
 
         // a: rewritten in place; b: a new file renamed over it; c: removed.
         std::fs::write(dir.path().join("a"), "10\n").expect("rewrite");
@@ -253,6 +270,7 @@ mod tests {
             )]
         );
         assert_eq!(budget.kept(), 2);
+        assert_eq!(checks(&source), 2, "b and c, which the kernel told of");
 
         std::fs::write(dir.path().join("c"), "30\n").expect("made again");
         assert_eq!(values(&source), (vec![10.0, 20.0, 30.0], vec![]));
