@@ -15,7 +15,7 @@
 # write_bytes of /proc/PID/io from the end of the first flush (70 s) to the end of the
 # run counts every 4 KiB page of the page cache the agent dirtied on a block device: the
 # WAL's appends, the database's pages at checkpoints, and, for a build whose WAL index is
-# the -shm file beside the spool (before issue 18), that file's pages (mapped shared: the
+# the -shm file beside the spool (before issue 17's second round), that file's pages (mapped shared: the
 # kernel writes those back after 30 s, so each flush 60 s apart dirties them again,
 # which 2 s windows hide). edgespool's index is now in /dev/shm, a tmpfs, which counts
 # nothing. Side by side because write_bytes is per process, and robust to the load the
