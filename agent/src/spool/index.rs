@@ -19,9 +19,17 @@
 //! agent runs it holds [`IndexGuard`]: it creates `NAME-shm`, keeps it empty, and holds an
 //! open-file-description (`F_OFD_SETLK`) write lock over all of it, dead-man-switch byte
 //! included. A foreign SQLite opening the spool asks (`F_GETLK`) who holds that byte, sees
-//! a write lock, and returns `SQLITE_BUSY`: "database is locked", before it reads a page.
+//! a write lock, takes it for an index being rebuilt and retries for about 10 s, then
+//! fails with `SQLITE_PROTOCOL` ("locking protocol") before it reads a page.
 //! An agent starting while a foreign SQLite has the spool open (it holds a read lock on
 //! that byte) is refused: [`SpoolError::OpenElsewhere`] names the file.
+//!
+//! `/dev/shm` is writable by every user, and the index's name can be guessed, so before
+//! the agent opens its spool it checks what is already there under that name
+//! ([`check_index`]): a symbolic link, a file of several names or one another user owns
+//! is refused ([`SpoolError::IndexNotOurs`]), never opened: SQLite would trust what it
+//! holds. Once SQLite has made the index, it is the agent's (its mode is the spool's) and,
+//! `/dev/shm` being sticky, no other user can remove or replace it.
 //!
 //! Design: an OFD lock rather than a classic POSIX one: a process loses its POSIX locks
 //! on a file when it closes *any* descriptor of it, OFD locks only with their own
@@ -32,6 +40,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rustix::io::Errno;
@@ -92,13 +101,22 @@ impl IndexGuard {
         };
         // As with the lock file: lock, then check that the path still names the file.
         loop {
+            // Not through a symbolic link (SQLite opens `-shm` so too): the file is
+            // truncated below.
             let held = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(io)?;
+            if !rustix::fs::fstat(&held)
+                .map_err(|e| io(e.into()))
+                .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_file())?
+            {
+                return Err(io(std::io::Error::other("not a regular file")));
+            }
             match lock_whole(&held) {
                 Ok(()) => {}
                 Err(Errno::AGAIN | Errno::ACCESS) => {
@@ -143,6 +161,65 @@ impl IndexGuard {
         }
         Ok(())
     }
+}
+
+/// Checks what `/dev/shm` holds under the index name of the spool `spool` (made here,
+/// empty, if it is not there yet: SQLite takes an empty file for an empty database, and
+/// the index's name needs its inode): nothing, or a regular file of one name that this
+/// process's user owns. Anything else another user could have put there first, to feed
+/// SQLite an index of their own or keep the agent from starting; it is refused, not
+/// opened.
+pub fn check_index(spool: &Path) -> Result<(), SpoolError> {
+    let made = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(spool)
+        .map_err(|source| SpoolError::IndexGuard {
+            path: spool.to_owned(),
+            source,
+        })?;
+    let id = FileId::from(
+        &rustix::fs::fstat(&made).map_err(|e| SpoolError::IndexGuard {
+            path: spool.to_owned(),
+            source: e.into(),
+        })?,
+    );
+    drop(made);
+    let path = index_path(id);
+    let refused = |why: &str| SpoolError::IndexNotOurs {
+        path: path.clone(),
+        why: why.to_owned(),
+    };
+    let stat = match rustix::fs::lstat(&path) {
+        Ok(stat) => stat,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(errno) => {
+            return Err(SpoolError::IndexDirectory {
+                path: path.clone(),
+                source: errno.into(),
+            });
+        }
+    };
+    let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+    if kind.is_symlink() {
+        return Err(refused("a symbolic link"));
+    }
+    if !kind.is_file() {
+        return Err(refused("not a regular file"));
+    }
+    if stat.st_nlink != 1 {
+        return Err(refused("a file of several names"));
+    }
+    let user = rustix::process::geteuid().as_raw();
+    if stat.st_uid != user {
+        return Err(refused(&format!(
+            "owned by user {}, not by this agent's {user}",
+            stat.st_uid
+        )));
+    }
+    Ok(())
 }
 
 /// A non-blocking OFD write lock over the whole file (`l_len` 0: to its end, however it
@@ -239,5 +316,82 @@ mod tests {
             IndexGuard::take(&spool),
             Err(SpoolError::OpenElsewhere { .. })
         ));
+    }
+
+    /// Removes a file put in /dev/shm by a test, even when the test fails.
+    struct Planted(PathBuf);
+
+    impl Drop for Planted {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn index_of(spool: &Path) -> PathBuf {
+        std::fs::write(spool, b"").expect("an empty spool");
+        index_path(FileId::of_path(spool).expect("stat").expect("there"))
+    }
+
+    fn refusal(spool: &Path) -> String {
+        check_index(spool).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn an_index_name_another_user_could_have_taken_first_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool.db");
+        let index = index_of(&spool);
+        let text = |why: &str| {
+            format!(
+                "the spool's WAL index {} is not this agent's ({why}): another user may have made it; remove it and start the agent again",
+                index.display()
+            )
+        };
+        check_index(&spool).expect("nothing there yet");
+
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"").expect("target");
+        std::os::unix::fs::symlink(&target, &index).expect("symlink");
+        let planted = Planted(index.clone());
+        assert_eq!(refusal(&spool), text("a symbolic link"));
+        drop(planted);
+
+        std::fs::write(&index, b"").expect("a file");
+        let planted = Planted(index.clone());
+        let second = PathBuf::from(format!("{}-second-name", index.display()));
+        std::fs::hard_link(&index, &second).expect("link");
+        let _second = Planted(second.clone());
+        assert_eq!(refusal(&spool), text("a file of several names"));
+        std::fs::remove_file(&second).expect("rm the second name");
+        check_index(&spool).expect("one name, this user's: SQLite's own, left by a kill");
+
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&index, Some(65534), None).expect("chown");
+            assert_eq!(
+                refusal(&spool),
+                text("owned by user 65534, not by this agent's 0")
+            );
+        }
+        drop(planted);
+    }
+
+    #[test]
+    fn a_spool_that_is_not_there_yet_is_made_empty_to_name_its_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("new.db");
+        check_index(&spool).expect("checked");
+        assert_eq!(std::fs::metadata(&spool).expect("made").len(), 0);
+    }
+
+    #[test]
+    fn the_guard_file_is_not_opened_through_a_symbolic_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool.db");
+        let target = dir.path().join("precious");
+        std::fs::write(&target, b"kept").expect("target");
+        std::os::unix::fs::symlink(&target, guard_path(&spool)).expect("symlink");
+        let err = IndexGuard::take(&spool).expect_err("refused");
+        assert!(matches!(err, SpoolError::IndexGuard { .. }), "{err}");
+        assert_eq!(std::fs::read(&target).expect("read"), b"kept");
     }
 }

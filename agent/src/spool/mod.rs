@@ -194,7 +194,7 @@ mod writer;
 pub use budget::{LOW_WATER_PERCENT, WINDOW_BYTES, files_bound};
 pub use delivery::{Batch, LateParts, MAX_PART_ROWS, PartPlan, PartRows, Plan};
 pub use follow::Restored;
-pub use index::{DMS_OFFSET, INDEX_DIRECTORY, IndexGuard, guard_path, index_path};
+pub use index::{DMS_OFFSET, INDEX_DIRECTORY, IndexGuard, check_index, guard_path, index_path};
 pub use lock::{AtPath, FileId, SpoolLock, lock_path};
 pub use reader::{AgentState, PartReading, SinkRecord, SourceState, SpoolReader};
 pub use schema::Recovery;
@@ -276,6 +276,11 @@ pub enum SpoolError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Something this agent did not make sits where its WAL index goes.
+    #[error(
+        "the spool's WAL index {path} is not this agent's ({why}): another user may have made it; remove it and start the agent again"
+    )]
+    IndexNotOurs { path: PathBuf, why: String },
     /// The folder of the WAL index cannot take it.
     #[error(
         "the spool's WAL index goes in {path}, which this process cannot write: {source}; it must be a tmpfs the agent and `edgespool status` share"

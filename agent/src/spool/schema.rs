@@ -195,6 +195,7 @@ pub(super) fn open_file(path: &Path, options: &SpoolOptions) -> Result<Connectio
             source,
         })?;
     }
+    super::check_index(path)?;
     let err = |source: rusqlite::Error| corrupt_or(path, source);
     let conn = Connection::open(path).map_err(&err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))

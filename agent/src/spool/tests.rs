@@ -1499,3 +1499,18 @@ fn a_flush_writes_the_wal_index_to_dev_shm_and_few_frames_to_the_wal() {
         "a clean close removes the index from /dev/shm"
     );
 }
+
+#[test]
+fn a_spool_whose_index_name_holds_a_link_another_user_could_plant_is_not_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    std::fs::write(&path, b"").expect("an empty spool");
+    let index = index_path(FileId::of_path(&path).expect("stat").expect("there"));
+    std::os::unix::fs::symlink(dir.path().join("theirs"), &index).expect("plant");
+    let opened = Spool::open(&path, options(&["a"]));
+    let _ = std::fs::remove_file(&index);
+    let Err(err) = opened else {
+        panic!("opened through a planted link");
+    };
+    assert!(matches!(err, SpoolError::IndexNotOurs { .. }), "{err}");
+}
