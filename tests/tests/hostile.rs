@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use edgespool_tests::hostile::{Answer, HttpStub, PgTap, pg_sink_via};
 use edgespool_tests::{
-    Agent, JsonServer, PG_PASSWORD, PgServer, minute, out_sink, sink_status, table_source,
-    wait_for, write_agent_config, write_file,
+    Agent, JsonServer, PG_PASSWORD, PgServer, find_source, minute, out_sink, sink_status,
+    table_source, wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
 
@@ -69,10 +69,14 @@ fn a_redirect_to_another_host_is_refused_and_one_at_home_is_followed() {
         "pa failing twice, moved and roaming sampled",
         Duration::from_secs(60),
         || {
+            // No source is listed before the agent has written its state: poll again.
             let status = agent.status();
-            (source(&status, "pa")["errors"].as_u64() >= Some(2)
-                && source(&status, "moved")["samples"].as_u64() > Some(0)
-                && source(&status, "roaming")["samples"].as_u64() > Some(0))
+            let count = |name: &str, counter: &str| {
+                find_source(&status, name).and_then(|s| s[counter].as_u64())
+            };
+            (count("pa", "errors") >= Some(2)
+                && count("moved", "samples") > Some(0)
+                && count("roaming", "samples") > Some(0))
             .then_some(status)
         },
     );
