@@ -347,6 +347,8 @@ mod tests {
                 index.display()
             )
         };
+        // An index left at this name by a killed test whose spool had this inode before.
+        let _ = std::fs::remove_file(&index);
         check_index(&spool).expect("nothing there yet");
 
         let target = dir.path().join("elsewhere");
