@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::aggregate::{Aggregator, Pushed};
-use crate::flow::{AggregateCounts, Flush, Sample, Series, Stats, WindowRow};
+use crate::flow::{Flush, Sample, Series, Stats, WindowRow};
 use crate::source::parse_timestamp;
 use crate::spool::{Plan, Spool, SpoolOptions, SpoolReader};
 
@@ -44,16 +44,7 @@ fn options() -> SpoolOptions {
 }
 
 fn flush(rows: Vec<WindowRow>) -> Flush {
-    Flush {
-        rows,
-        now_ms: 0,
-        aggregate: AggregateCounts::default(),
-        sources: Vec::new(),
-        open_windows: 0,
-        live: Vec::new(),
-        clock: Default::default(),
-        marks: Vec::new(),
-    }
+    Flush::of_rows(rows, 0)
 }
 
 /// Commits each set of rows as its own flush, then reads back every part of sink `a`:

@@ -5,6 +5,7 @@
 
 pub mod cloud;
 pub mod powercut;
+pub mod two_sensors;
 
 use std::collections::VecDeque;
 use std::fs;

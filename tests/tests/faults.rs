@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use edgespool_tests::two_sensors::two_sensors;
 use edgespool_tests::{
     Agent, COUNT_SUBSCRIPTION, Chaos, FaultProxy, JsonServer, MqttBroker, PG_PASSWORD,
     PG_TOTALS_SQL, PgServer, S3Server, T0, archive_sink, duckdb, fault_rounds, find_sink,
@@ -16,13 +17,6 @@ use edgespool_tests::{
     table_source, wait_for, write_agent_config, write_file,
 };
 use serde_json::Value;
-
-/// Minute `i` after [`T0`]: sensor 1 reads `i`, sensor 2 reads `i + 0.25` (sums stay
-/// exact in every reader's floating point).
-fn body(i: i64) -> String {
-    let at = T0 + i * 60 + 10;
-    purpleair_body(&[(1, at, i as f64, 0.5), (2, at, i as f64 + 0.25, 1.5)])
-}
 
 /// The HTTP table source on `url`, `sources` more, and `sinks`; the secrets' files filled in.
 fn write_config(dir: &Path, url: &str, sources: &str, sinks: &str) -> PathBuf {
@@ -124,7 +118,7 @@ fn kill_9_at_random_instants_loses_and_duplicates_nothing() {
     s3.create_bucket("lake");
     let pg = PgServer::start();
     let minutes = (kills as i64 * 8).max(60);
-    let server = JsonServer::start((0..minutes).map(body).collect(), purpleair_body(&[]));
+    let server = JsonServer::start((0..minutes).map(two_sensors).collect(), purpleair_body(&[]));
     let sinks = format!(
         "{}{}{}",
         archive_sink(dir.path()),
@@ -171,7 +165,7 @@ fn faulty_connections_to_every_server_lose_and_duplicate_nothing() {
     let pg_proxy = FaultProxy::start(pg.port, false, chaos.next_u64());
     let mqtt_proxy = FaultProxy::start(broker.port, false, chaos.next_u64());
     let minutes = batches as i64 * 5;
-    let server = JsonServer::start((0..minutes).map(body).collect(), purpleair_body(&[]));
+    let server = JsonServer::start((0..minutes).map(two_sensors).collect(), purpleair_body(&[]));
     let mqtt = format!(
         r#"
 [[sources]]

@@ -12,18 +12,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgespool_tests::powercut::{Luck, PowerCutFs};
+use edgespool_tests::two_sensors::two_sensors;
 use edgespool_tests::{
-    Agent, Chaos, JsonServer, T0, edgespool, fault_rounds, purpleair_body, settle, table_source,
+    Agent, Chaos, JsonServer, edgespool, fault_rounds, purpleair_body, settle, table_source,
     wait_for,
 };
 use serde_json::Value;
-
-/// Minute `i` after [`T0`]: sensor 1 reads `i`, sensor 2 reads `i + 0.25`; four series,
-/// one window each, in partition `i`.
-fn body(i: i64) -> String {
-    let at = T0 + i * 60 + 10;
-    purpleair_body(&[(1, at, i as f64, 0.5), (2, at, i as f64 + 0.25, 1.5)])
-}
 
 /// The samples the spool says it committed (`status --json`), if it can be read.
 fn committed_samples(config: &Path) -> Result<u64, String> {
@@ -159,7 +153,7 @@ fn a_power_cut_at_random_instants_loses_no_committed_window_and_leaves_no_short_
     let (mut dirty_files, mut dirty_folders, mut written_back) = (0, 0, 0);
     for round in 1..=cuts {
         for _ in 0..chaos.between(2, 12) {
-            server.push(body(fed));
+            server.push(two_sensors(fed));
             fed += 1;
         }
         let agent = Agent::start(&config, &log);

@@ -10,30 +10,16 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
-use edgespool_tests::{
-    Agent, JsonServer, T0, binary, purpleair_body, python, read_tree, status_json, table_source,
-    try_status_json, wait_for, write_agent_config,
+use edgespool_tests::two_sensors::{
+    Refused, assert_each_window_once, each_window_once_so_far, two_sensors, two_sensors_config,
+    wait_until_all_delivered,
 };
-use serde_json::Value;
-
-/// Minute `i`: sensors 1 and 2, stamped inside minute `i` after [`T0`].
-fn body(i: i64) -> String {
-    let at = T0 + i * 60 + 10;
-    purpleair_body(&[(1, at, i as f64, 0.5), (2, at, i as f64 + 0.25, 1.5)])
-}
-
-/// The HTTP table source and a `local` sink at `dir/out`.
-fn config(dir: &Path, url: &str) -> PathBuf {
-    let body = format!(
-        "{}\n[[sinks]]\nkind = \"local\"\nname = \"archive\"\npath = \"{}\"\nretry_max = \"2s\"\nlate_grace = \"0s\"\n",
-        table_source(url, &["pm", "Temperature"]),
-        dir.join("out").display()
-    );
-    write_agent_config(dir, &body)
-}
+use edgespool_tests::{
+    Agent, JsonServer, purpleair_body, python, read_tree, status_json, wait_for,
+};
 
 /// Where edgespool's SQLite keeps the WAL index of `spool`: by its inode and device.
 fn index_of(spool: &Path) -> PathBuf {
@@ -126,96 +112,11 @@ impl Drop for Holder {
     }
 }
 
-/// `edgespool run` whose exit status a test reads; killed on drop if still alive.
-struct Run(Child);
-
-impl Run {
-    fn start(config: &Path, stderr: &Path) -> Run {
-        let err = std::fs::File::create(stderr).expect("stderr file");
-        let child = Command::new(binary())
-            .args(["run", "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("the agent starts");
-        Run(child)
-    }
-
-    fn exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_for("the agent to exit", timeout, || {
-            self.0.try_wait().ok().flatten()
-        })
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits until every queued body was served, two more flushes committed it, and every
-/// partition was delivered.
-fn wait_until_all_delivered(server: &JsonServer, config: &Path) {
-    wait_for("every body served", Duration::from_secs(60), || {
-        server.exhausted().then_some(())
-    });
-    let mut heartbeats: Vec<Value> = Vec::new();
-    wait_for(
-        "two more flushes and every partition delivered",
-        Duration::from_secs(60),
-        || {
-            let status = try_status_json(config)?;
-            let heartbeat = status["daemon"]["heartbeat"].clone();
-            if heartbeats.last() != Some(&heartbeat) {
-                heartbeats.push(heartbeat);
-            }
-            let idle = status["sinks"][0]["pending_rows"] == 0 && status["spool"]["rows"] == 0;
-            (heartbeats.len() >= 3 && idle).then_some(())
-        },
-    );
-}
-
-/// Checks that the output holds each window once and every sample the spool counted;
-/// returns the minutes (after [`T0`]) delivered.
-fn assert_each_window_once(out: &Path, config: &Path) -> BTreeSet<i64> {
-    let files = read_tree(out);
-    let status = status_json(config);
-    let mut seen = BTreeSet::new();
-    let mut counted = 0;
-    for row in files.iter().flat_map(|f| &f.rows) {
-        let key = (row["series"].to_string(), row["window_start"].to_string());
-        assert!(seen.insert(key.clone()), "window delivered twice: {key:?}");
-        counted += row["count"].as_u64().expect("count");
-    }
-    assert_eq!(
-        Some(counted),
-        status["counters"]["samples"].as_u64(),
-        "every sample the spool counted is in the output exactly once"
-    );
-    // Two sensors, two columns: four series a minute.
-    assert_eq!(seen.len(), 4 * files.len(), "{seen:?}");
-    files
-        .iter()
-        .flat_map(|f| &f.rows)
-        .map(|r| {
-            let start = chrono::DateTime::parse_from_rfc3339(
-                r["window_start"].as_str().expect("window_start"),
-            )
-            .expect("RFC 3339");
-            (start.timestamp() - T0).div_euclid(60)
-        })
-        .collect()
-}
-
 #[test]
 fn python_is_refused_while_the_agent_runs_and_reads_the_spool_once_it_stopped() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = JsonServer::start((0..10).map(body).collect(), purpleair_body(&[]));
-    let config = config(dir.path(), &server.url);
+    let server = JsonServer::start((0..10).map(two_sensors).collect(), purpleair_body(&[]));
+    let config = two_sensors_config(dir.path(), &server.url);
     let out = dir.path().join("out");
     let spool = dir.path().join("spool.db");
     let mut agent = Agent::start(&config, &dir.path().join("agent.log"));
@@ -238,7 +139,7 @@ fn python_is_refused_while_the_agent_runs_and_reads_the_spool_once_it_stopped() 
     assert_eq!(status_json(&config)["daemon"]["state"], "running");
 
     for i in 10..20 {
-        server.push(body(i));
+        server.push(two_sensors(i));
     }
     wait_until_all_delivered(&server, &config);
     assert_eq!(
@@ -261,8 +162,8 @@ fn python_is_refused_while_the_agent_runs_and_reads_the_spool_once_it_stopped() 
 #[test]
 fn an_agent_does_not_start_on_a_spool_another_program_has_open() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = JsonServer::start((0..3).map(body).collect(), purpleair_body(&[]));
-    let config = config(dir.path(), &server.url);
+    let server = JsonServer::start((0..3).map(two_sensors).collect(), purpleair_body(&[]));
+    let config = two_sensors_config(dir.path(), &server.url);
     let spool = dir.path().join("spool.db");
     let out = dir.path().join("out");
     let agent = Agent::start(&config, &dir.path().join("first.log"));
@@ -273,7 +174,7 @@ fn an_agent_does_not_start_on_a_spool_another_program_has_open() {
 
     let holder = Holder::start(&spool);
     let stderr = dir.path().join("refused.stderr");
-    let mut refused = Run::start(&config, &stderr);
+    let mut refused = Refused::start(&config, &stderr);
     let exit = refused.exit(Duration::from_secs(30));
     let message = std::fs::read_to_string(&stderr).expect("stderr");
     assert!(!exit.success(), "{exit:?}: {message}");
@@ -288,7 +189,7 @@ fn an_agent_does_not_start_on_a_spool_another_program_has_open() {
 
     holder.close();
     for i in 3..6 {
-        server.push(body(i));
+        server.push(two_sensors(i));
     }
     let agent = Agent::start(&config, &dir.path().join("second.log"));
     wait_until_all_delivered(&server, &config);
@@ -300,8 +201,8 @@ fn an_agent_does_not_start_on_a_spool_another_program_has_open() {
 #[test]
 fn with_dev_shm_emptied_the_index_is_rebuilt_from_the_wal_and_every_window_lands_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = JsonServer::start((0..10).map(body).collect(), purpleair_body(&[]));
-    let config = config(dir.path(), &server.url);
+    let server = JsonServer::start((0..10).map(two_sensors).collect(), purpleair_body(&[]));
+    let config = two_sensors_config(dir.path(), &server.url);
     let out = dir.path().join("out");
     let spool = dir.path().join("spool.db");
     let agent = Agent::start(&config, &dir.path().join("first.log"));
@@ -310,7 +211,7 @@ fn with_dev_shm_emptied_the_index_is_rebuilt_from_the_wal_and_every_window_lands
     wait_for("deliveries", Duration::from_secs(60), || {
         (read_tree(&out).len() >= 3).then_some(())
     });
-    let before: BTreeSet<i64> = assert_each_window_once_so_far(&out);
+    let before: BTreeSet<i64> = each_window_once_so_far(&out).minutes;
     // kill -9 keeps the WAL (no checkpoint) and leaves the index behind; a reboot then
     // empties /dev/shm.
     agent.kill9();
@@ -322,7 +223,7 @@ fn with_dev_shm_emptied_the_index_is_rebuilt_from_the_wal_and_every_window_lands
     );
 
     for i in 10..20 {
-        server.push(body(i));
+        server.push(two_sensors(i));
     }
     let agent = Agent::start(&config, &dir.path().join("second.log"));
     wait_until_all_delivered(&server, &config);
@@ -331,19 +232,4 @@ fn with_dev_shm_emptied_the_index_is_rebuilt_from_the_wal_and_every_window_lands
     let minutes = assert_each_window_once(&out, &config);
     let expected: BTreeSet<i64> = before.iter().copied().chain(10..20).collect();
     assert!(minutes.is_superset(&expected), "{minutes:?}");
-}
-
-/// The minutes delivered so far (each window once).
-fn assert_each_window_once_so_far(out: &Path) -> BTreeSet<i64> {
-    let mut seen = BTreeSet::new();
-    let mut minutes = BTreeSet::new();
-    for row in read_tree(out).iter().flat_map(|f| &f.rows) {
-        let key = (row["series"].to_string(), row["window_start"].to_string());
-        assert!(seen.insert(key.clone()), "window delivered twice: {key:?}");
-        let start =
-            chrono::DateTime::parse_from_rfc3339(row["window_start"].as_str().expect("start"))
-                .expect("RFC 3339");
-        minutes.insert((start.timestamp() - T0).div_euclid(60));
-    }
-    minutes
 }

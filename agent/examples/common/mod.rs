@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use edgespool::flow::{AggregateCounts, Flush, Series, Stats, WindowRow};
+use edgespool::flow::{Flush, Series, Stats, WindowRow};
 
 /// `count` series `hw.t0`, `hw.t1`, … in degrees Celsius, as a sysfs source names them.
 pub fn series(count: usize) -> Vec<Arc<Series>> {
@@ -56,14 +56,5 @@ pub fn window(
 
 /// A flush of `rows` at `now_ms` with nothing else in it.
 pub fn flush(rows: Vec<WindowRow>, now_ms: i64) -> Flush {
-    Flush {
-        rows,
-        now_ms,
-        aggregate: AggregateCounts::default(),
-        sources: Vec::new(),
-        open_windows: 0,
-        live: Vec::new(),
-        clock: Default::default(),
-        marks: Vec::new(),
-    }
+    Flush::of_rows(rows, now_ms)
 }

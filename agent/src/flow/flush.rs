@@ -30,6 +30,21 @@ pub struct Flush {
 }
 
 impl Flush {
+    /// A flush of `rows` at `now_ms` with nothing else in it (no counts, no sources, no
+    /// marks): what the tools that fill a spool and the tests commit.
+    pub fn of_rows(rows: Vec<WindowRow>, now_ms: i64) -> Flush {
+        Flush {
+            rows,
+            now_ms,
+            aggregate: AggregateCounts::default(),
+            sources: Vec::new(),
+            open_windows: 0,
+            live: Vec::new(),
+            clock: Default::default(),
+            marks: Vec::new(),
+        }
+    }
+
     /// Takes a newer flush into one that could not be committed: its rows after these,
     /// its counts added, its state.
     pub fn absorb(&mut self, newer: Flush) {

@@ -8,18 +8,20 @@
 //!   device unplugged: the old attribute answers `ENODEV`) drops it and opens the path
 //!   again at once, so a device that came back is read in the same tick. A file on any
 //!   other file system than sysfs or /proc can be replaced under its name (renamed over,
-//!   removed and made again): a file no longer linked is reopened by name. A reader that
-//!   has a [`LinkWatch`] asks the kernel to tell it (inotify, `IN_ATTRIB`, which an
-//!   unlink or a rename over the file raises) and checks the link count (one `fstat`)
-//!   only of a file it was told of; without one (no inotify, no watch left) the link
-//!   count is checked before each read.
+//!   renamed away, removed and made again): a file its path no longer names is reopened
+//!   by name. A reader that has a [`LinkWatch`] asks the kernel to tell it (inotify:
+//!   `IN_ATTRIB`, which an unlink or a rename over the file raises, and `IN_MOVE_SELF`)
+//!   and checks the name (one `stat` of the path, against the kept file's device and
+//!   inode) only of a file it was told of; without one (no inotify, no watch left) and on
+//!   a network or FUSE file system (where inotify sees only this machine's changes) the
+//!   name is checked before each read. A file's watch goes with the file it was put on.
 //! - **Bounded.** At most [`KEEP_AT_MOST`] files are kept open in the whole process (and
 //!   never more than half the soft `RLIMIT_NOFILE`, which [`raise_open_file_limit`]
 //!   raises to the hard limit at start): beyond that a file is opened, read and closed
 //!   each time, as before. The kernel keeps a page-sized buffer for each open sysfs
 //!   attribute once read, so 4,096 files cost it up to 16 MiB.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::mem::MaybeUninit;
@@ -35,6 +37,21 @@ pub const KEEP_AT_MOST: usize = 4096;
 /// `statfs` magic numbers of the file systems whose files cannot be replaced by name.
 const SYSFS_MAGIC: u64 = 0x6265_6572;
 const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+
+/// `statfs` magic numbers of the file systems whose files another machine or a user-space
+/// server can change without inotify hearing of it: NFS, SMB (three), FUSE (sshfs, rclone,
+/// gvfs), 9p, Ceph, AFS, Coda.
+const REMOTE_MAGICS: [u64; 9] = [
+    0x6969,
+    0x517b,
+    0xff53_4d42,
+    0xfe53_4d42,
+    0x6573_5546,
+    0x0102_1997,
+    0x00c3_6400,
+    0x5346_414f,
+    0x7375_7245,
+];
 
 /// Raises the soft limit on open files to the hard limit; returns the soft limit now in
 /// force (`None` when it cannot be read). Called once at start, before the sources open
@@ -124,6 +141,9 @@ pub struct LinkWatch {
     /// Unset until the first watch; `None` when inotify could not be set up: every
     /// file is then checked at each read.
     inotify: std::cell::OnceCell<Option<OwnedFd>>,
+    /// How many kept files use each watch: the kernel gives the same watch to every path
+    /// of one file (the same file read twice, a hard link).
+    users: std::cell::RefCell<HashMap<i32, u32>>,
     /// Watches with an event since the last poll.
     touched: HashSet<i32>,
     /// Events were lost (the queue overflowed, or it could not be read): check all.
@@ -137,6 +157,7 @@ impl LinkWatch {
     pub fn new() -> LinkWatch {
         LinkWatch {
             inotify: std::cell::OnceCell::new(),
+            users: std::cell::RefCell::new(HashMap::new()),
             touched: HashSet::new(),
             all: false,
             buf: Vec::new(),
@@ -181,7 +202,33 @@ impl LinkWatch {
             .inotify
             .get_or_init(|| init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok())
             .as_ref()?;
-        add_watch(inotify, path, WatchFlags::ATTRIB).ok()
+        let wd = add_watch(inotify, path, WatchFlags::ATTRIB | WatchFlags::MOVE_SELF).ok()?;
+        *self.users.borrow_mut().entry(wd).or_default() += 1;
+        Some(wd)
+    }
+
+    /// One kept file no longer uses watch `wd`; the last one drops it, so that files
+    /// renamed away and kept elsewhere (a rotated file) do not use up the user's
+    /// watches. The kernel has already dropped the watch of a file that no longer
+    /// exists: that error is moot.
+    fn remove(&self, wd: i32) {
+        let mut users = self.users.borrow_mut();
+        let Some(count) = users.get_mut(&wd) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            users.remove(&wd);
+            if let Some(Some(inotify)) = self.inotify.get() {
+                let _ = rustix::fs::inotify::remove_watch(inotify, wd);
+            }
+        }
+    }
+
+    /// The watches in use, for the tests.
+    #[cfg(test)]
+    fn watches(&self) -> usize {
+        self.users.borrow().len()
     }
 
     /// Whether the kernel told of a change of watch `wd` since the last round.
@@ -201,15 +248,17 @@ impl Default for LinkWatch {
 enum LinkCheck {
     /// On sysfs or /proc: always.
     Never,
-    /// Its link count is checked before each read.
+    /// Its name is checked before each read.
     EachRead,
-    /// Its link count is checked when the [`LinkWatch`] was told of this watch.
+    /// Its name is checked when the [`LinkWatch`] was told of this watch.
     Told(i32),
 }
 
 #[derive(Debug)]
 struct Open {
     file: File,
+    /// Its device and inode, which its path names while it is the file there.
+    id: (u64, u64),
     /// Whether and how to check that the file was not replaced by name.
     check: LinkCheck,
     _slot: Slot,
@@ -222,7 +271,7 @@ pub struct KeptFile {
     path: PathBuf,
     budget: Arc<OpenBudget>,
     open: Option<Open>,
-    /// Link counts checked (`fstat`s), for the tests.
+    /// Names checked (`stat`s of the path), for the tests.
     link_checks: u64,
 }
 
@@ -242,14 +291,15 @@ impl KeptFile {
         &self.path
     }
 
-    /// The whole file as it is now, read into `bytes`; its link count checked before
-    /// each read if it is on another file system than sysfs or /proc.
+    /// The whole file as it is now, read into `bytes`; its name checked before each read
+    /// if it is on another file system than sysfs or /proc.
     pub fn read<'b>(&mut self, bytes: &'b mut Vec<u8>) -> io::Result<&'b str> {
         self.read_told(bytes, None)
     }
 
-    /// [`KeptFile::read`], its link count checked only when `watch` was told of a change
-    /// (call [`LinkWatch::poll`] before each round of reads).
+    /// [`KeptFile::read`], its name checked only when `watch` was told of a change (call
+    /// [`LinkWatch::poll`] before each round of reads); `watch` must be the same for
+    /// every read of this file.
     pub fn read_watched<'b>(
         &mut self,
         bytes: &'b mut Vec<u8>,
@@ -273,8 +323,8 @@ impl KeptFile {
                 if check {
                     self.link_checks += 1;
                 }
-                still_linked(open, check)
-                    .and_then(|linked| linked.then(|| read_whole(&open.file, bytes)).transpose())
+                let named = !check || names(&self.path, open.id);
+                named.then(|| read_whole(&open.file, bytes)).transpose()
             }
             None => Ok(None),
         };
@@ -282,20 +332,35 @@ impl KeptFile {
             Ok(Some(())) => {}
             // Not kept, replaced, or the kept descriptor failed: open the path again.
             Ok(None) | Err(_) => {
-                self.open = None;
+                if let Some(Open {
+                    check: LinkCheck::Told(wd),
+                    ..
+                }) = self.open.take()
+                {
+                    watch.inspect(|w| w.remove(wd));
+                }
                 let file = File::open(&self.path)?;
                 read_whole(&file, bytes)?;
                 if let Some(slot) = self.budget.take() {
-                    let check = if on_kernel_fs(&file) {
-                        LinkCheck::Never
-                    } else {
-                        watch
-                            .and_then(|w| w.add(&self.path))
-                            .filter(|_| names(&self.path, &file))
-                            .map_or(LinkCheck::EachRead, LinkCheck::Told)
+                    let meta = file.metadata()?;
+                    let id = (meta.dev(), meta.ino());
+                    let check = match file_system(&file) {
+                        FileSystem::Kernel => LinkCheck::Never,
+                        FileSystem::Remote => LinkCheck::EachRead,
+                        FileSystem::Local => match watch.and_then(|w| w.add(&self.path)) {
+                            // The watch is on the file read, not on one put in its place
+                            // in between.
+                            Some(wd) if names(&self.path, id) => LinkCheck::Told(wd),
+                            Some(wd) => {
+                                watch.inspect(|w| w.remove(wd));
+                                LinkCheck::EachRead
+                            }
+                            None => LinkCheck::EachRead,
+                        },
                     };
                     self.open = Some(Open {
                         file,
+                        id,
                         check,
                         _slot: slot,
                     });
@@ -326,30 +391,40 @@ impl KeptFile {
     }
 }
 
-/// Whether the kept file is still linked (taken as so without `check`).
-fn still_linked(open: &Open, check: bool) -> io::Result<bool> {
-    if !check {
-        return Ok(true);
-    }
-    Ok(open.file.metadata()?.nlink() > 0)
+/// Whether `path` names the file of device and inode `id` now: not when the file was
+/// renamed over, renamed away or removed (nor when the path cannot be read: the file is
+/// then opened again, and that open's error is the read's).
+fn names(path: &Path, id: (u64, u64)) -> bool {
+    std::fs::metadata(path).is_ok_and(|named| (named.dev(), named.ino()) == id)
 }
 
-/// Whether `path` names `file` (after a watch was added by the path: the watch is then
-/// on the file read, not on one put in its place in between).
-fn names(path: &Path, file: &File) -> bool {
-    match (std::fs::metadata(path), file.metadata()) {
-        (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
-        _ => false,
-    }
+/// What a file's file system tells of changes to its names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileSystem {
+    /// sysfs or /proc: a file is never replaced by name.
+    Kernel,
+    /// Another machine or a user-space server can replace a file unseen by inotify.
+    Remote,
+    /// Any other: inotify hears of every change.
+    Local,
 }
 
-fn on_kernel_fs(file: &File) -> bool {
-    rustix::fs::fstatfs(file).is_ok_and(|fs| {
+fn file_system(file: &File) -> FileSystem {
+    rustix::fs::fstatfs(file).map_or(FileSystem::Local, |fs| {
         // f_type's integer type differs between targets.
         #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-        let magic = fs.f_type as u64;
-        magic == SYSFS_MAGIC || magic == PROC_SUPER_MAGIC
+        file_system_of(fs.f_type as u64)
     })
+}
+
+fn file_system_of(magic: u64) -> FileSystem {
+    if magic == SYSFS_MAGIC || magic == PROC_SUPER_MAGIC {
+        FileSystem::Kernel
+    } else if REMOTE_MAGICS.contains(&magic) {
+        FileSystem::Remote
+    } else {
+        FileSystem::Local
+    }
 }
 
 /// Reads `file` from offset 0 into `bytes`. A read that returns less than it was given
@@ -476,6 +551,121 @@ mod tests {
         assert!(
             watch.inotify.get().is_some_and(Option::is_some),
             "inotify is available, made with the first watch"
+        );
+    }
+
+    /// The watches listed in `/proc/self/fdinfo` of the inotify descriptor of `watch`.
+    fn kernel_watches(watch: &LinkWatch) -> usize {
+        use std::os::fd::AsRawFd;
+        let fd = watch
+            .inotify
+            .get()
+            .and_then(Option::as_ref)
+            .expect("inotify made")
+            .as_raw_fd();
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .expect("fdinfo")
+            .lines()
+            .filter(|line| line.starts_with("inotify wd:"))
+            .count()
+    }
+
+    #[test]
+    fn a_file_renamed_away_is_read_anew_and_its_watch_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("value");
+        std::fs::write(&path, "0\n").expect("write");
+        let mut watch = LinkWatch::new();
+        let mut watched = KeptFile::new(path.clone(), OpenBudget::new(8));
+        let mut unwatched = KeptFile::new(path.clone(), OpenBudget::new(8));
+        watch.poll();
+        assert_eq!(
+            watched.read_watched(&mut Vec::new(), &watch).expect("read"),
+            "0\n"
+        );
+        assert_eq!(unwatched.read(&mut Vec::new()).expect("read"), "0\n");
+        // Rotated: the file renamed away (still linked, under another name) and a new
+        // one made under the path, three times over.
+        for round in 1..=3 {
+            std::fs::rename(&path, dir.path().join(format!("value.{round}"))).expect("rotate");
+            std::fs::write(&path, format!("{round}\n")).expect("the new file");
+            watch.poll();
+            assert_eq!(
+                watched.read_watched(&mut Vec::new(), &watch).expect("read"),
+                format!("{round}\n"),
+                "the watched file, round {round}"
+            );
+            assert_eq!(
+                unwatched.read(&mut Vec::new()).expect("read"),
+                format!("{round}\n"),
+                "the file checked at each read, round {round}"
+            );
+        }
+        assert_eq!(target_of(watched.kept_fd().expect("kept")), path);
+        assert_eq!(watch.watches(), 1, "one watch: the current file's");
+        assert_eq!(
+            kernel_watches(&watch),
+            1,
+            "the rotated files' watches were dropped"
+        );
+    }
+
+    #[test]
+    fn a_watch_two_kept_files_share_stays_while_one_of_them_uses_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = dir.path().join("first");
+        let second = dir.path().join("second");
+        std::fs::write(&first, "1\n").expect("write");
+        std::fs::hard_link(&first, &second).expect("a second name of the same file");
+        let mut watch = LinkWatch::new();
+        let budget = OpenBudget::new(8);
+        let mut files = [
+            KeptFile::new(first.clone(), Arc::clone(&budget)),
+            KeptFile::new(second.clone(), Arc::clone(&budget)),
+        ];
+        let mut read_all = |files: &mut [KeptFile]| -> Vec<String> {
+            watch.poll();
+            files
+                .iter_mut()
+                .map(|f| {
+                    f.read_watched(&mut Vec::new(), &watch)
+                        .expect("read")
+                        .to_owned()
+                })
+                .collect()
+        };
+        assert_eq!(read_all(&mut files), ["1\n", "1\n"]);
+        // The kernel gives one watch to the file's two names.
+        let staged = dir.path().join("staged");
+        std::fs::write(&staged, "2\n").expect("write");
+        std::fs::rename(&staged, &first).expect("rename over the first name");
+        assert_eq!(read_all(&mut files), ["2\n", "1\n"]);
+        // The second name's file is still watched: replaced, it is read anew.
+        std::fs::write(&staged, "3\n").expect("write");
+        std::fs::rename(&staged, &second).expect("rename over the second name");
+        assert_eq!(read_all(&mut files), ["2\n", "3\n"]);
+    }
+
+    #[test]
+    fn network_and_fuse_files_are_checked_at_each_read() {
+        assert_eq!(file_system_of(SYSFS_MAGIC), FileSystem::Kernel);
+        assert_eq!(file_system_of(PROC_SUPER_MAGIC), FileSystem::Kernel);
+        // NFS, CIFS, FUSE.
+        for magic in [0x6969, 0xff53_4d42, 0x6573_5546] {
+            assert_eq!(file_system_of(magic), FileSystem::Remote, "{magic:#x}");
+        }
+        // ext4, tmpfs, btrfs, f2fs (an SD card's).
+        for magic in [0xef53, 0x0102_1994, 0x9123_683e, 0xf2f5_2010] {
+            assert_eq!(file_system_of(magic), FileSystem::Local, "{magic:#x}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("value");
+        std::fs::write(&path, "1\n").expect("write");
+        let file = File::open(&path).expect("open");
+        assert_eq!(
+            file_system(&file),
+            FileSystem::Local,
+            "the temp dir's file system"
         );
     }
 

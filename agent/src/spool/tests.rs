@@ -1,7 +1,7 @@
 //! The spool's unit tests: delivery, recovery, the budget, and a model-based proptest.
 
 use super::*;
-use crate::flow::{AggregateCounts, Flush, Stats, WindowRow};
+use crate::flow::{Flush, Stats, WindowRow};
 
 fn options(sinks: &[&str]) -> SpoolOptions {
     SpoolOptions {
@@ -47,16 +47,7 @@ fn wide_row(series: &str, start: i64, value: f64) -> WindowRow {
 }
 
 fn flush(rows: Vec<WindowRow>) -> Flush {
-    Flush {
-        rows,
-        now_ms: 0,
-        aggregate: AggregateCounts::default(),
-        sources: Vec::new(),
-        open_windows: 0,
-        live: Vec::new(),
-        clock: Default::default(),
-        marks: Vec::new(),
-    }
+    Flush::of_rows(rows, 0)
 }
 
 /// Delivers every ready part of `sink`, returning (partition, part, values) per part.
@@ -752,9 +743,7 @@ fn late_options(grace_ms: i64, max_rows: i64) -> SpoolOptions {
 }
 
 fn flush_at(rows: Vec<WindowRow>, now_ms: i64) -> Flush {
-    let mut flush = flush(rows);
-    flush.now_ms = now_ms;
-    flush
+    Flush::of_rows(rows, now_ms)
 }
 
 fn late_waiting(reader: &SpoolReader) -> (i64, Option<i64>) {
