@@ -640,6 +640,8 @@ mod tests {
         std::fs::write(&staged, "2\n").expect("write");
         std::fs::rename(&staged, &first).expect("rename over the first name");
         assert_eq!(read_all(&mut files), ["2\n", "1\n"]);
+        // A round with no change, which takes in what the first file's reopening queued.
+        assert_eq!(read_all(&mut files), ["2\n", "1\n"]);
         // The second name's file is still watched: replaced, it is read anew.
         std::fs::write(&staged, "3\n").expect("write");
         std::fs::rename(&staged, &second).expect("rename over the second name");
