@@ -127,11 +127,7 @@ fn prune_parts(tx: &rusqlite::Transaction<'_>, sink: &str, partition: i64) -> ru
         )?
         .execute(params![sink, partition])?;
     if pruned > 0 {
-        tx.prepare_cached(
-            "INSERT INTO counters (name, value) VALUES (?1, ?2)
-             ON CONFLICT (name) DO UPDATE SET value = value + ?2",
-        )?
-        .execute(params![pruned_counter(sink), pruned as i64])?;
+        super::writer::add_counters(tx, &[(pruned_counter(sink), pruned as u64)])?;
     }
     Ok(())
 }

@@ -6,7 +6,9 @@
 //!   postcard blob (no per-window keys or index entries), 1 KiB pages, and state written
 //!   only with a flush; each statistic of a window written short (`record.rs`, version 3:
 //!   17 bytes a steady window, 45 a varying one). A flush of 100 windows 60 s apart appends
-//!   7 pages to the WAL and dirties 3 pages of 4 KiB of it (the kernel's `write_bytes`,
+//!   6 pages to the WAL (page 1, `meta` with the state, `next_id` and the counters, the
+//!   `batches` interior page and its new leaf, the record's overflow page, `partitions`)
+//!   and dirties 2 or 3 pages of 4 KiB of it (the kernel's `write_bytes`,
 //!   docs/benchmarks.md), where version 2 records took 13 pages. The WAL's
 //!   index is in `/dev/shm` (a tmpfs), not beside the spool, where it cost 5 more pages
 //!   of 4 KiB a flush: see `index.rs`.
@@ -24,13 +26,19 @@
 //!   is *planned* (its row range fixed and committed) before it is sent, so a retry after
 //!   a crash sends exactly the same rows under the same key.
 //!
-//! # Schema (version 5)
+//! # Schema (version 6)
 //! ```text
 //! meta(key TEXT PK, value TEXT)                  'agent': state as JSON (heartbeat, pid, config);
 //!                                                'next_id': the next window id;
+//!                                                'counters' (v6): the lifetime counters as
+//!                                                one JSON object, added to at each flush;
 //!                                                'recovered', 'restored': the last corrupt
 //!                                                file moved aside, the last file put back
-//! counters(name TEXT PK, value INTEGER)          lifetime counters, added to at each flush
+//!                                                (a flush rewrites 'agent', 'next_id' and
+//!                                                'counters': one page, small rows side by side)
+//! counters(name, value)                          a view of meta('counters'), a row a counter
+//!                                                (a table of its own before v6: a page more
+//!                                                a commit; the migration moves its rows)
 //! series(id INTEGER PK, name, unit, tags,       tags as canonical JSON; UNIQUE(name, tags);
 //!        first_partition, first_id)              where and in which flush it was first
 //!                                                seen (v2; NULL for series older than v2)

@@ -87,6 +87,16 @@ ALTER TABLE parts ADD COLUMN series_upto INTEGER;
 ALTER TABLE sinks ADD COLUMN late_grace_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sinks ADD COLUMN late_max_rows INTEGER NOT NULL DEFAULT 0;
 "#,
+    // The counters as one JSON row of `meta` beside the agent's state and `next_id`, so
+    // that a flush rewrites one page for the three (a table of their own was a page
+    // more a commit); `counters` stays, as a view, for readers.
+    r#"
+INSERT OR REPLACE INTO meta (key, value)
+    SELECT 'counters', json_group_object(name, value) FROM counters;
+DROP TABLE counters;
+CREATE VIEW counters (name, value) AS
+    SELECT key, value FROM json_each((SELECT value FROM meta WHERE key = 'counters'));
+"#,
 ];
 
 /// A corrupt spool found at start and moved aside, as `status` shows it.

@@ -732,6 +732,79 @@ fn a_spool_of_schema_version_3_opens_and_keeps_marks_from_then_on() {
     assert_eq!(version as usize, schema::MIGRATIONS.len());
 }
 
+#[test]
+fn a_spool_of_schema_version_5_keeps_its_counters_in_the_row_beside_the_agents_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    // The spool of an edgespool whose counters had a table of their own.
+    let before = schema::MIGRATIONS
+        .iter()
+        .position(|sql| sql.contains("DROP TABLE counters"))
+        .expect("the counters migration");
+    let conn = Connection::open(&path).expect("create raw");
+    conn.pragma_update(None, "page_size", schema::PAGE_SIZE)
+        .expect("page size");
+    for sql in &schema::MIGRATIONS[..before] {
+        conn.execute_batch(sql).expect("an old migration");
+    }
+    conn.execute_batch(
+        "INSERT INTO counters (name, value) VALUES ('samples', 6000), ('rows.dropped', 12),
+           ('sink.a.parts_pruned', 3);
+         INSERT INTO meta (key, value) VALUES ('next_id', '41');",
+    )
+    .expect("an old spool's counters");
+    conn.pragma_update(None, "user_version", before as i64)
+        .expect("version");
+    conn.pragma_update(None, "application_id", schema::APPLICATION_ID)
+        .expect("application id");
+    drop(conn);
+    let mut spool = Spool::open(&path, options(&["a"])).expect("an old spool opens");
+    let reader = SpoolReader::open(&path).expect("reader");
+    let carried: Vec<(String, u64)> = reader.counters().expect("counters").into_iter().collect();
+    assert_eq!(
+        carried,
+        [
+            ("rows.dropped".to_owned(), 12),
+            ("samples".to_owned(), 6000),
+            ("sink.a.parts_pruned".to_owned(), 3)
+        ],
+        "the migration carries every counter over"
+    );
+    assert_eq!(spool.next_id, 41, "and leaves next_id as it was");
+    let mut f = flush(vec![row("s.t", 0, 1.0)]);
+    f.aggregate.samples = 60;
+    f.aggregate.non_finite = 2;
+    spool.commit(&f).expect("commit");
+    let counters = reader.counters().expect("counters");
+    assert_eq!(counters["samples"], 6060);
+    assert_eq!(counters["samples.non_finite"], 2);
+    assert_eq!(
+        reader.sinks().expect("sinks")[0].delivered_parts,
+        3,
+        "status still counts the pruned parts"
+    );
+    let tables: i64 = spool
+        .conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'counters' AND type = 'table'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("schema");
+    assert_eq!(tables, 0, "no table of counters left: they live in meta");
+    drop(spool);
+    let spool = Spool::open(&path, options(&["a"])).expect("reopen");
+    drop(spool);
+    assert_eq!(
+        SpoolReader::open(&path)
+            .expect("reader")
+            .counters()
+            .expect("counters")["samples"],
+        6060,
+        "and they survive a reopening"
+    );
+}
+
 const HOUR_MS: i64 = 3_600_000;
 
 /// The test options with late rows of sink "a" waiting `grace_ms`, at most `max_rows`.
@@ -1467,8 +1540,10 @@ fn a_flush_writes_the_wal_index_to_dev_shm_and_few_frames_to_the_wal() {
     }
     let per_flush = (wal_frames(&path) - before) as f64 / 20.0;
     eprintln!("WAL frames per flush of 100 windows: {per_flush}");
+    // Page 1, `meta` (the state, next_id and the counters), the `batches` interior page,
+    // `partitions`, the record's overflow page and its new leaf: 6 (5.65 measured).
     assert!(
-        per_flush <= 7.0,
+        per_flush <= 6.0,
         "WAL frames per flush of 100 windows: {per_flush}"
     );
     let index = index_path(spool.file);

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 use tracing::warn;
 
 use crate::config::WhenFull;
@@ -283,16 +283,37 @@ fn live_counters(reports: &[LiveReport], counters: &mut Vec<(String, u64)>) {
     }
 }
 
+/// Adds to the lifetime counters, inside `tx`: one JSON row, `meta('counters')`, on the
+/// page of the agent's state (rewritten only when a delta is not 0).
 pub(super) fn add_counters(
     tx: &rusqlite::Transaction<'_>,
     counters: &[(String, u64)],
 ) -> rusqlite::Result<()> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO counters (name, value) VALUES (?1, ?2)
-         ON CONFLICT (name) DO UPDATE SET value = value + ?2",
-    )?;
-    for (name, delta) in counters.iter().filter(|(_, d)| *d > 0) {
-        stmt.execute(params![name, *delta as i64])?;
+    if counters.iter().all(|(_, delta)| *delta == 0) {
+        return Ok(());
     }
+    let json: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'counters'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let mut all: BTreeMap<String, u64> = match json.as_deref().map(serde_json::from_str) {
+        None => BTreeMap::new(),
+        Some(Ok(all)) => all,
+        Some(Err(error)) => {
+            warn!(error = %error, "the spool's counters are unreadable: counting again from 0");
+            BTreeMap::new()
+        }
+    };
+    for (name, delta) in counters.iter().filter(|(_, d)| *d > 0) {
+        let value = all.entry(name.clone()).or_default();
+        *value = value.saturating_add(*delta);
+    }
+    let json = serde_json::to_string(&all).unwrap_or_else(|_| "{}".to_owned());
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('counters', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = ?1",
+        [json],
+    )?;
     Ok(())
 }
