@@ -65,7 +65,8 @@ pub fn held_by<T>(make: impl FnOnce() -> T) -> (T, isize) {
 }
 
 /// What `make` returns and the most bytes this thread held beyond what it held before,
-/// at any moment while `make` ran.
+/// at any moment while `make` ran. (Only the Parquet encoder's tests use it so far.)
+#[cfg(feature = "parquet")]
 pub fn peak_of<T>(make: impl FnOnce() -> T) -> (T, isize) {
     let before = HELD.with(Cell::get);
     PEAK.with(|peak| peak.set(before));
