@@ -432,6 +432,9 @@ impl ObjectSink {
             let (working, bytes) = tokio::task::spawn_blocking(move || match chunk {
                 Some(rows) => {
                     let bytes = working.push(&rows).map(|b| (b, false));
+                    let widest = widest_window(&rows);
+                    drop(rows);
+                    crate::memory::after_chunk(widest);
                     (Some(working), bytes)
                 }
                 None => (None, working.finish().map(|b| (b, true))),
@@ -451,6 +454,15 @@ impl ObjectSink {
             encoder = working;
         }
     }
+}
+
+/// The most rows of one window start among these (ordered by window start, as a
+/// delivery's chunks are): how many series a window of them holds.
+fn widest_window(rows: &[crate::flow::WindowRow]) -> usize {
+    rows.chunk_by(|a, b| a.start == b.start)
+        .map(<[_]>::len)
+        .max()
+        .unwrap_or(0)
 }
 
 /// One object being written: held whole while it fits in one upload part (it then goes
@@ -579,6 +591,47 @@ mod tests {
         assert_eq!(
             sink.explain(&other),
             "Generic MicrosoftAzure error: connection refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_of_a_wide_window_gives_free_memory_back_once_encoded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = object_config(&format!(
+            "name = \"lake\"\nkind = \"local\"\npath = \"{}\"\nformat = \"parquet\"",
+            dir.path().display()
+        ));
+        let sink = ObjectSink::new("lake", &config);
+        let rows: Vec<crate::flow::WindowRow> = (0..crate::memory::TRIM_AFTER_ROWS)
+            .map(|i| crate::flow::WindowRow {
+                series: Arc::new(crate::flow::Series::new(format!("s.{i}"), None)),
+                start: 1_767_225_600,
+                seconds: 60,
+                stats: crate::flow::Stats::single(i as f64),
+            })
+            .collect();
+        let plan = crate::spool::PartPlan {
+            sink: "lake".into(),
+            partition: 1_767_225_600,
+            seconds: 3600,
+            part: 0,
+            after_id: 0,
+            last_id: rows.len() as i64,
+            rows: rows.len() as i64,
+        };
+        let before = crate::memory::chunk_trims();
+        let delivery = Delivery {
+            device: "d",
+            plan: &plan,
+            rows: super::super::Chunks::of(rows, 10_000),
+            series: &[],
+        };
+        sink.deliver(delivery).await.expect("delivered");
+        // Other tests may trim at the same time: this one's trims are at least its own.
+        assert!(
+            crate::memory::chunk_trims() > before,
+            "a chunk of one window of {} series was encoded without a trim",
+            crate::memory::TRIM_AFTER_ROWS
         );
     }
 
