@@ -26,11 +26,7 @@
 //! uploader calls [`after_delivery`] once its sink has nothing left to send (a part,
 //! or a whole backlog, delivered), which gives free pages back to the system
 //! (`malloc_trim`) when at least [`TRIM_AFTER_ROWS`] rows went since the last call.
-//! The spool writer calls [`after_flush`] once it committed a flush and freed its rows:
-//! at a window's end the closed window's table and rows are freed whole, and glibc keeps
-//! those pages (below the top of the heap) until told; a flush of fewer than
-//! [`TRIM_AFTER_ROWS`] rows (100 series: 100 rows a minute) is left alone, so the trim's
-//! cost falls only where there is much to give back. A sink encoding a delivery calls
+//! A sink encoding a delivery calls
 //! [`after_chunk`] after each chunk: there only chunks whose windows hold many series.
 //! Other C libraries (musl) have none of these settings: there the functions do nothing.
 
@@ -269,26 +265,6 @@ pub fn trims() -> u64 {
     TRIMS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// How many times [`after_flush`] has given memory back in this process.
-static FLUSH_TRIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Called by the spool writer once it committed a flush of `rows` rows and freed them:
-/// from [`TRIM_AFTER_ROWS`] rows on, gives the free memory back ([`release_free_memory`])
-/// and counts it ([`flush_trims`]). Returns whether it did.
-pub fn after_flush(rows: usize) -> bool {
-    if rows < TRIM_AFTER_ROWS {
-        return false;
-    }
-    release_free_memory();
-    FLUSH_TRIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    true
-}
-
-/// How many times [`after_flush`] gave memory back in this process.
-pub fn flush_trims() -> u64 {
-    FLUSH_TRIMS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// How many times [`after_chunk`] has given memory back in this process.
 static CHUNK_TRIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -358,17 +334,6 @@ mod tests {
         // Other tests may deliver at the same time: this one's trims are at least its own.
         assert!(after_delivery(TRIM_AFTER_ROWS));
         assert!(trims() > before, "a trim after a large delivery is counted");
-    }
-
-    #[test]
-    fn a_small_flush_leaves_the_allocator_alone_and_a_large_one_trims() {
-        let before = flush_trims();
-        assert!(!after_flush(TRIM_AFTER_ROWS - 1));
-        assert!(after_flush(TRIM_AFTER_ROWS));
-        assert!(
-            flush_trims() > before,
-            "a trim after a large flush is counted"
-        );
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

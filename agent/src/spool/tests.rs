@@ -1580,24 +1580,3 @@ fn a_spool_whose_index_name_holds_a_link_another_user_could_plant_is_not_opened(
     };
     assert!(matches!(err, SpoolError::IndexNotOurs { .. }), "{err}");
 }
-
-#[tokio::test]
-async fn the_writer_gives_free_memory_back_after_committing_a_large_flush() {
-    use crate::flow::Commit;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let spool = Spool::open(&dir.path().join("spool.db"), options(&["a"])).expect("open");
-    let (handle, thread) = SpoolHandle::spawn(spool);
-    let rows = (0..crate::memory::TRIM_AFTER_ROWS)
-        .map(|i| row(&format!("s.{i}"), 0, i as f64))
-        .collect();
-    let before = crate::memory::flush_trims();
-    assert!(handle.commit(flush(rows)).await.is_ok(), "committed");
-    // Other tests may trim at the same time: this one's trims are at least its own.
-    assert!(
-        crate::memory::flush_trims() > before,
-        "a commit of {} rows returned without a trim",
-        crate::memory::TRIM_AFTER_ROWS
-    );
-    drop(handle);
-    thread.join();
-}

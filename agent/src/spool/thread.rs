@@ -69,13 +69,6 @@ impl SpoolHandle {
                             let result = match spool.commit(&flush) {
                                 Ok(()) => {
                                     commits_tx.send_modify(|n| *n += 1);
-                                    // Design: on this thread, which frees the rows, and
-                                    // before the reply, so that a commit that returned
-                                    // has given the memory back; the aggregator's
-                                    // samples wait in its channel meanwhile.
-                                    let rows = flush.rows.len();
-                                    drop(flush);
-                                    crate::memory::after_flush(rows);
                                     Ok(())
                                 }
                                 Err(err) => {
