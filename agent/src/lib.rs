@@ -224,6 +224,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .restore_marks(marks);
     tasks.spawn(aggregator.run());
     let commits = spool.commits();
+    let work = spool.work();
     let mut taken_over = spool.taken_over();
     drop(spool);
     info!(
@@ -233,21 +234,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         sinks = config.sinks.len(),
         "edgespool started"
     );
-    // Once start-up is over, give back the code pages only it used, and again now and
-    // then: those of a delivery or a reconnection, which the sampling loop does not run
-    // (detached: shutdown does not wait for it).
-    tokio::spawn(async {
-        tokio::time::sleep(memory::TRIM_FIRST).await;
-        let mut every = tokio::time::interval(memory::TRIM_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Once start-up is over, give back the code pages only it used, and again after each
+    // flush and delivery: their pages and those of a reconnection, which the sampling
+    // loop does not run, and the allocator's free pages (detached: shutdown does not
+    // wait for it).
+    tokio::spawn(memory::trim_after_commits(work, {
         let mut trimmer = memory::CodeTrimmer::default();
-        loop {
-            every.tick().await;
+        move || {
             let mappings = trimmer.trim();
+            // The flush's rows and encodings are freed by now: their pages go back too.
+            let released = memory::release_free_memory();
             let smaps_reads = trimmer.smaps_reads();
-            tracing::debug!(mappings, smaps_reads, "code pages trimmed");
+            tracing::debug!(mappings, smaps_reads, released, "code pages trimmed");
         }
-    });
+    }));
 
     systemd::ready(&format!(
         "sampling: {} sources, {} sinks",

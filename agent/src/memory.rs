@@ -3,9 +3,10 @@
 //! Much of the agent's resident memory is code: the kernel maps the binary's pages in
 //! 64 KiB runs around each page touched ("fault-around"), and start-up (argument and
 //! configuration parsing, schema setup, TLS set-up) touches code that the steady loop
-//! never runs again. Once started, and every minute after, the agent unmaps the pages
-//! of its clean, read-only, private file mappings from its own page tables
-//! (`MADV_DONTNEED`). They stay in the page cache, so a page the loop needs again is
+//! never runs again. Once started, and shortly after each commit of the spool (the end
+//! of a flush, after which a delivery may follow; see [`trim_after_commits`]), the agent
+//! unmaps the pages of its clean, read-only, private file mappings from its own page
+//! tables (`MADV_DONTNEED`). They stay in the page cache, so a page the loop needs again is
 //! mapped back from memory, not read from the SD card. (`MADV_PAGEOUT`, used before,
 //! reclaimed them from the page cache as well, and start-up's pages came back from the
 //! card.)
@@ -13,7 +14,8 @@
 //! Design: `MADV_DONTNEED` on a private mapping also throws away the private copies
 //! of its pages; on a read-only mapping those are the relocations the dynamic linker
 //! wrote before making it read-only (RELRO). So a mapping is advised only when
-//! `/proc/self/smaps` counts no `Anonymous:` page in it; the others are left alone.
+//! `/proc/self/smaps` counts no private copy in it (`Anonymous:`, `Private_Dirty:`,
+//! `Swap:` all 0); the others are left alone.
 //! `MADV_RANDOM` besides: a page the kernel did drop from the cache under memory
 //! pressure is read back alone, without read-ahead.
 //!
@@ -25,19 +27,67 @@
 //! [`tune_allocator`] keeps them to [`ARENAS`] arenas with fixed thresholds, and an
 //! uploader calls [`after_delivery`] once its sink has nothing left to send (a part,
 //! or a whole backlog, delivered), which gives free pages back to the system
-//! (`malloc_trim`) when at least [`TRIM_AFTER_ROWS`] rows went since the last call.
-//! A sink encoding a delivery calls
+//! (`malloc_trim`) when at least [`TRIM_AFTER_ROWS`] rows went since the last call; the
+//! agent's trim after each commit does it too, for what the flush freed (at 100 series
+//! a walk of a heap of about a megabyte). A sink encoding a delivery calls
 //! [`after_chunk`] after each chunk: there only chunks whose windows hold many series.
 //! Other C libraries (musl) have none of these settings: there the functions do nothing.
 
 /// When the agent first trims, after start-up.
 pub const TRIM_FIRST: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// How often it trims again. Design: code that ran since (a delivery, a reconnection)
-/// leaves its pages mapped, in 64 KiB runs, until the next trim; each trim costs a read
-/// of `/proc/self/maps` (and of `/proc/self/smaps` when the mappings changed, see
-/// [`CodeTrimmer`]) and the loop's pages come back as minor faults, from memory.
+/// How long after a spool commit (or a delivery recorded) the agent trims. Design: a
+/// commit ends a flush (the windows encoded and written), a delivery recorded ends an
+/// upload; trimming once that work is done, rather than at a fixed minute, leaves the
+/// loop's pages mapped and the flush's unmapped whatever the phase.
+pub const TRIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The longest the agent goes without trimming (when no commit comes), and twice the
+/// shortest time between two trims. Design: code that ran since (a delivery, a
+/// reconnection) leaves its pages mapped, in 64 KiB runs, until the next trim; each trim
+/// costs a read of `/proc/self/maps` (and of `/proc/self/smaps` when the mappings
+/// changed, see [`CodeTrimmer`]) and the loop's pages come back as minor faults, from
+/// memory. With short windows (a commit every few seconds) the floor of half of it keeps
+/// that cost bounded.
 pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Calls `trim` [`TRIM_FIRST`] after it starts, then [`TRIM_SETTLE`] after the first
+/// change of `commits` since the last trim (the spool's count of commits and deliveries
+/// recorded, [`crate::spool::SpoolHandle::work`]), but not sooner than half of
+/// [`TRIM_EVERY`] after the last trim (start-up's aside), and [`TRIM_EVERY`] after the
+/// last trim when no commit came (or the count's sender is gone). Commits while a trim
+/// is due do not move it. Runs until dropped.
+pub async fn trim_after_commits(
+    mut commits: tokio::sync::watch::Receiver<u64>,
+    mut trim: impl FnMut(),
+) {
+    use tokio::time::{Instant, sleep, sleep_until};
+    sleep(TRIM_FIRST).await;
+    commits.mark_unchanged();
+    trim();
+    let mut last = Instant::now();
+    // Design: start-up's trim sets no floor; the first flush may come any time after it.
+    let mut floor = last;
+    // When the next trim is due, once a commit came since the last one.
+    let mut due: Option<Instant> = None;
+    let mut open = true;
+    loop {
+        let at = due.unwrap_or(last + TRIM_EVERY);
+        tokio::select! {
+            changed = commits.changed(), if open && due.is_none() => match changed {
+                Ok(()) => due = Some((Instant::now() + TRIM_SETTLE).max(floor)),
+                Err(_) => open = false,
+            },
+            () = sleep_until(at) => {
+                commits.mark_unchanged();
+                trim();
+                last = Instant::now();
+                floor = last + TRIM_EVERY / 2;
+                due = None;
+            }
+        }
+    }
+}
 
 /// The lines of `/proc/self/maps` that may name a trimmable mapping: file-backed,
 /// read-only, private. What the last smaps read found stays true while these are the
@@ -58,21 +108,35 @@ fn candidate_lines(maps: &str) -> String {
     lines
 }
 
-/// A mapping of `/proc/self/smaps` that may be trimmed: its range.
+/// One mapping of `/proc/self/smaps` as read so far.
+struct SmapsEntry {
+    start: usize,
+    end: usize,
+    /// File-backed, read-only, private, and listed in maps.
+    candidate: bool,
+    /// Whether its `Anonymous:` field was read.
+    counted: bool,
+    /// `Anonymous:`, `Private_Dirty:` and `Swap:` KiB together: its private copies.
+    private_kib: u64,
+}
+
+/// The mappings of `/proc/self/smaps` that may be trimmed: their ranges.
 fn trimmable(smaps: &str, maps: &str) -> Vec<(usize, usize)> {
-    // Design: only ranges that /proc/self/maps lists too, with resident pages. Under an
-    // emulator (qemu-user) smaps can be the emulator's own (host addresses, not the
-    // guest's) or a stand-in with every count 0; advising what it names would drop
-    // pages the program wrote, RELRO's among them. A real kernel lists the same ranges
-    // in both, and a range with nothing resident has nothing to trim.
+    // Design: only ranges that /proc/self/maps lists too. Under an emulator (qemu-user)
+    // smaps can be the emulator's own (host addresses, not the guest's) or a stand-in
+    // with every count 0; advising what it names would drop pages the program wrote,
+    // RELRO's among them. A real kernel lists the same ranges in both, and some of them
+    // (the code running now, the stack) with resident pages: a smaps with nothing
+    // resident anywhere is a stand-in, and nothing it names is advised. A range with
+    // nothing resident at the read is still advised: its pages may be mapped by the
+    // time of a later trim, which advises what this read found.
     let listed: std::collections::HashSet<&str> = maps
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     let mut found = Vec::new();
-    // The mapping whose fields are being read: its range, whether it qualifies so far
-    // (file-backed, read-only, private, listed in maps), and its resident KiB.
-    let mut current: Option<(usize, usize, bool, u64)> = None;
+    let mut any_resident = false;
+    let mut current: Option<SmapsEntry> = None;
     let kib = |value: &str| {
         value
             .trim()
@@ -81,24 +145,35 @@ fn trimmable(smaps: &str, maps: &str) -> Vec<(usize, usize)> {
             .parse::<u64>()
             .ok()
     };
+    let finish = |entry: Option<SmapsEntry>, found: &mut Vec<(usize, usize)>| {
+        if let Some(e) = entry
+            && e.candidate
+            && e.counted
+            && e.private_kib == 0
+        {
+            found.push((e.start, e.end));
+        }
+    };
     for line in smaps.lines() {
-        if let Some(value) = line.strip_prefix("Rss:") {
-            if let (Some(mapping), Some(rss)) = (current.as_mut(), kib(value)) {
-                mapping.3 = rss;
+        if let Some((key, value)) = line.split_once(':')
+            && !key.contains(' ')
+        {
+            // A field line: "Rss:   12 kB". An unreadable count of private pages
+            // counts as some.
+            let Some(entry) = current.as_mut() else {
+                continue;
+            };
+            match key {
+                "Rss" => any_resident |= kib(value).is_some_and(|v| v > 0),
+                "Anonymous" | "Private_Dirty" | "Swap" => {
+                    entry.private_kib += kib(value).unwrap_or(1);
+                    entry.counted |= key == "Anonymous";
+                }
+                _ => {}
             }
             continue;
         }
-        if let Some(value) = line.strip_prefix("Anonymous:") {
-            if let Some((start, end, true, rss)) = current.take()
-                && rss > 0
-                && kib(value) == Some(0)
-            {
-                found.push((start, end));
-            }
-            continue;
-        }
-        // A mapping's header: start-end perms offset dev inode [path]; field lines
-        // ("Rss:   12 kB") have a key ending in ':' first.
+        // A mapping's header: start-end perms offset dev inode [path].
         let mut parts = line.split_whitespace();
         let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
             continue;
@@ -114,9 +189,22 @@ fn trimmable(smaps: &str, maps: &str) -> Vec<(usize, usize)> {
         };
         let path = parts.nth(3);
         let file_backed = path.is_some_and(|p| p.starts_with('/'));
-        let ok =
+        let candidate =
             file_backed && !perms.contains('w') && perms.ends_with('p') && listed.contains(range);
-        current = Some((start, end, ok, 0));
+        finish(
+            current.replace(SmapsEntry {
+                start,
+                end,
+                candidate,
+                counted: false,
+                private_kib: 0,
+            }),
+            &mut found,
+        );
+    }
+    finish(current, &mut found);
+    if !any_resident {
+        found.clear();
     }
     found
 }
@@ -131,8 +219,8 @@ fn trimmable(smaps: &str, maps: &str) -> Vec<(usize, usize)> {
 /// made read-only again (RELRO, by the dynamic linker) it is a new line of maps, as a
 /// mapping loaded later (`dlopen`) or made anew is. So each trim reads maps, and smaps
 /// only when maps' read-only private file lines differ from those of the last smaps
-/// read; otherwise it advises the ranges that read found. A mapping read from smaps with
-/// nothing resident is left out until the lines change. What this does not see is a
+/// read; otherwise it advises the ranges that read found, those with nothing resident at
+/// that read among them (a page touched since is mapped again). What this does not see is a
 /// mapping made writable, written and made read-only again between two trims (the same
 /// line before and after): nothing in the agent changes a file mapping's protection
 /// after start-up, and the dynamic linker's RELRO is done before the first trim.
@@ -479,6 +567,16 @@ Anonymous:             0 kB
 55d0a0070000-55d0a0080000 r-xp 00020000 08:01 125 /usr/lib/libc.so.6
 Rss:                  16 kB
 Anonymous:             0 kB
+55d0a0080000-55d0a0090000 r--p 00030000 08:01 125 /usr/lib/libc.so.6
+Rss:                  16 kB
+Private_Dirty:         4 kB
+Anonymous:             0 kB
+55d0a0090000-55d0a00a0000 r--p 00040000 08:01 125 /usr/lib/libc.so.6
+Rss:                   0 kB
+Anonymous:             0 kB
+Swap:                  8 kB
+55d0a00a0000-55d0a00b0000 r--p 00050000 08:01 125 /usr/lib/libc.so.6
+Rss:                   4 kB
 ";
         // maps as the kernel gives it lists every range of smaps; the last one is left
         // out, as when smaps is not this program's own (an emulator's).
@@ -492,10 +590,48 @@ Anonymous:             0 kB
             trimmable(smaps, &maps),
             [
                 (0x55d0a0000000, 0x55d0a0010000),
-                (0x55d0a0050000, 0x55d0a0060000)
+                (0x55d0a0050000, 0x55d0a0060000),
+                (0x55d0a0060000, 0x55d0a0070000)
             ],
-            "not a private copy, a writable or shared mapping, an anonymous one, nothing \
-             resident, or a range maps does not list"
+            "nothing resident is no reason to leave a range out; a private copy (anonymous, \
+             dirty or swapped), no count of them, a writable or shared mapping, an \
+             anonymous one, or a range maps does not list are"
+        );
+    }
+
+    #[test]
+    fn a_smaps_with_nothing_resident_anywhere_names_nothing_to_trim() {
+        // qemu-user's stand-in for a guest's smaps: the guest's ranges, every count 0
+        // (RELRO's private copies among them, uncounted).
+        let smaps = "\
+55d0a0000000-55d0a0010000 r--p 00000000 08:01 123 /usr/bin/edgespool
+Size:                 64 kB
+Rss:                   0 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+Swap:                  0 kB
+55d0a0010000-55d0a0020000 r--p 00010000 08:01 123 /usr/bin/edgespool
+Size:                 64 kB
+Rss:                   0 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+Swap:                  0 kB
+";
+        let maps: String = smaps
+            .lines()
+            .filter(|l| l.contains(" /"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(trimmable(smaps, &maps), []);
+        let resident = smaps.replacen(
+            "Rss:                   0 kB",
+            "Rss:                   4 kB",
+            1,
+        );
+        assert_eq!(
+            trimmable(&resident, &maps).len(),
+            2,
+            "one resident range makes it credible"
         );
     }
 
@@ -539,6 +675,92 @@ Anonymous:             0 kB
         unsafe { libc::munmap(addr.cast(), len) };
     }
 
+    #[test]
+    fn a_mapping_untouched_when_smaps_was_read_is_trimmed_once_touched() {
+        let _lock = mapping_lock();
+        let (_file, addr, len) = mapped(5, libc::PROT_READ);
+        let mut trimmer = CodeTrimmer::default();
+        trimmer.trim();
+        assert_eq!(resident_kib(addr), 0, "nothing of it was read yet");
+        let reads = trimmer.smaps_reads();
+        let page = page_size();
+        // SAFETY: reads inside the mapping.
+        let sum: u64 = (0..PAGES)
+            .map(|i| u64::from(unsafe { *addr.add(i * page) }))
+            .sum();
+        assert_eq!(sum, 5 * PAGES as u64);
+        assert!(resident_kib(addr) > 0, "its pages were read");
+        trimmer.trim();
+        assert_eq!(
+            trimmer.smaps_reads(),
+            reads,
+            "the same mappings: smaps is not read again"
+        );
+        assert_eq!(
+            resident_kib(addr),
+            0,
+            "the pages read since the last smaps read are unmapped by the next trim"
+        );
+        // SAFETY: unmapping what `mapped` mapped.
+        unsafe { libc::munmap(addr.cast(), len) };
+    }
+
+    /// The seconds after the start of a paused test at which `trim_after_commits` trims,
+    /// up to `until`, with a commit at each of `commits` (seconds too).
+    async fn trims_for(commits: &[u64], until: u64) -> Vec<u64> {
+        use tokio::time::{Duration, Instant, sleep_until};
+        let start = Instant::now();
+        let (commit, count) = tokio::sync::watch::channel(0u64);
+        let (trimmed, mut trims) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(trim_after_commits(count, move || {
+            let _ = trimmed.send(start.elapsed());
+        }));
+        for &at in commits {
+            sleep_until(start + Duration::from_secs(at)).await;
+            commit.send_modify(|n| *n += 1);
+        }
+        drop(commit);
+        sleep_until(start + Duration::from_secs(until)).await;
+        task.abort();
+        let mut seen = Vec::new();
+        while let Ok(at) = trims.try_recv() {
+            assert_eq!(
+                at.subsec_nanos(),
+                0,
+                "trims fall on whole seconds here: {at:?}"
+            );
+            seen.push(at.as_secs());
+        }
+        seen
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn code_is_trimmed_a_settle_after_each_commit() {
+        assert_eq!(
+            trims_for(&[10, 50, 100], 170).await,
+            [3, 12, 52, 102, 162],
+            "after start-up, a settle after each commit, then a minute after the last trim"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_commits_code_is_trimmed_every_minute() {
+        assert_eq!(trims_for(&[], 200).await, [3, 63, 123, 183]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trims_are_half_a_minute_apart_at_least_and_a_commit_while_one_is_due_waits() {
+        // 15: too soon after the trim at 12, so at 42. 70 and 71 (a flush, then another
+        // within the settle): a settle after the first. 101 to 131 every 2 s (short
+        // windows): a settle after 101, then half a minute later, and a minute after
+        // that when the commits stop.
+        let mut commits = vec![10, 15, 70, 71];
+        commits.extend((101..=131).step_by(2));
+        assert_eq!(
+            trims_for(&commits, 200).await,
+            [3, 12, 42, 72, 103, 133, 193]
+        );
+    }
     #[test]
     fn smaps_is_read_again_only_when_the_read_only_file_mappings_change() {
         let smaps = "\

@@ -1580,3 +1580,27 @@ fn a_spool_whose_index_name_holds_a_link_another_user_could_plant_is_not_opened(
     };
     assert!(matches!(err, SpoolError::IndexNotOurs { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn the_work_count_follows_commits_and_recorded_deliveries() {
+    use crate::flow::Commit;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spool = Spool::open(&dir.path().join("spool.db"), options(&["a"])).expect("a fresh spool");
+    let (handle, thread) = SpoolHandle::spawn(spool);
+    let (commits, work) = (handle.commits(), handle.work());
+    let committed = handle.commit(flush(vec![row("t", 0, 1.0)])).await;
+    assert!(committed.is_ok(), "commit");
+    assert_eq!((*commits.borrow(), *work.borrow()), (1, 1), "a commit");
+    let Plan::Ready(plan) = handle.plan("a", 7_200_000).await.expect("plan") else {
+        panic!("the hour is over: its part is ready");
+    };
+    assert_eq!(*work.borrow(), 1, "planning is no work");
+    handle.delivered(&plan, 7_200_000).await.expect("deliver");
+    assert_eq!(
+        (*commits.borrow(), *work.borrow()),
+        (1, 2),
+        "a delivery recorded is work, not a commit of a flush"
+    );
+    drop(handle);
+    thread.join();
+}

@@ -35,6 +35,7 @@ enum Command {
 pub struct SpoolHandle {
     commands: mpsc::Sender<Command>,
     commits: watch::Receiver<u64>,
+    work: watch::Receiver<u64>,
     file: watch::Receiver<FileId>,
     taken_over: watch::Receiver<Option<String>>,
     path: PathBuf,
@@ -57,18 +58,26 @@ impl SpoolHandle {
     pub fn spawn(mut spool: Spool) -> (SpoolHandle, SpoolThread) {
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         let (commits_tx, commits) = watch::channel(0u64);
+        let (work_tx, work) = watch::channel(0u64);
         let (file_tx, file) = watch::channel(spool.file);
         let (taken_tx, taken_over) = watch::channel(None);
         let path = spool.path.clone();
         let thread = std::thread::Builder::new()
             .name("spool".into())
             .spawn(move || {
+                let worked = |result: Result<(), SpoolError>| {
+                    if result.is_ok() {
+                        work_tx.send_modify(|n| *n += 1);
+                    }
+                    result
+                };
                 while let Some(command) = rx.blocking_recv() {
                     match command {
                         Command::Commit(flush, reply) => {
                             let result = match spool.commit(&flush) {
                                 Ok(()) => {
                                     commits_tx.send_modify(|n| *n += 1);
+                                    work_tx.send_modify(|n| *n += 1);
                                     Ok(())
                                 }
                                 Err(err) => {
@@ -91,10 +100,10 @@ impl SpoolHandle {
                             let _ = reply.send(spool.plan_batch(&sink, now, parts, rows));
                         }
                         Command::DeliveredAll(plans, now, reply) => {
-                            let _ = reply.send(spool.delivered_all(&plans, now));
+                            let _ = reply.send(worked(spool.delivered_all(&plans, now)));
                         }
                         Command::Delivered(plan, now, reply) => {
-                            let _ = reply.send(spool.delivered(&plan, now));
+                            let _ = reply.send(worked(spool.delivered(&plan, now)));
                         }
                         Command::Report(reports) => {
                             if let Err(err) = spool.report(&reports) {
@@ -118,6 +127,7 @@ impl SpoolHandle {
             SpoolHandle {
                 commands: tx,
                 commits,
+                work,
                 file,
                 taken_over,
                 path,
@@ -146,6 +156,13 @@ impl SpoolHandle {
     /// Increments at every successful commit.
     pub fn commits(&self) -> watch::Receiver<u64> {
         self.commits.clone()
+    }
+
+    /// Increments at every successful commit and every delivery recorded: the ends of
+    /// the work that maps code the sampling loop does not run, which the agent's trim
+    /// follows ([`crate::memory::trim_after_commits`]).
+    pub fn work(&self) -> watch::Receiver<u64> {
+        self.work.clone()
     }
 
     async fn ask<T>(
