@@ -14,8 +14,12 @@
 //! Design: `MADV_DONTNEED` on a private mapping also throws away the private copies
 //! of its pages; on a read-only mapping those are the relocations the dynamic linker
 //! wrote before making it read-only (RELRO). So a mapping is advised only when
-//! `/proc/self/smaps` counts no private copy in it (`Anonymous:`, `Private_Dirty:`,
-//! `Swap:` all 0); the others are left alone.
+//! `/proc/self/smaps` counts no private copy in it (`Anonymous:` and `Swap:` both 0: a
+//! page copied on write is an anonymous page); the others are left alone. Not
+//! `Private_Dirty:`, which also counts a file's pages that are dirty in the page cache,
+//! mapped by this process alone: a binary installed or copied less than half a minute
+//! before the agent started (its writeback not yet done), whose code would otherwise
+//! stay resident for the agent's life.
 //! `MADV_RANDOM` besides: a page the kernel did drop from the cache under memory
 //! pressure is read back alone, without read-ahead.
 //!
@@ -116,7 +120,7 @@ struct SmapsEntry {
     candidate: bool,
     /// Whether its `Anonymous:` field was read.
     counted: bool,
-    /// `Anonymous:`, `Private_Dirty:` and `Swap:` KiB together: its private copies.
+    /// `Anonymous:` and `Swap:` KiB together: its private copies.
     private_kib: u64,
 }
 
@@ -165,7 +169,7 @@ fn trimmable(smaps: &str, maps: &str) -> Vec<(usize, usize)> {
             };
             match key {
                 "Rss" => any_resident |= kib(value).is_some_and(|v| v > 0),
-                "Anonymous" | "Private_Dirty" | "Swap" => {
+                "Anonymous" | "Swap" => {
                     entry.private_kib += kib(value).unwrap_or(1);
                     entry.counted |= key == "Anonymous";
                 }
@@ -567,9 +571,13 @@ Anonymous:             0 kB
 55d0a0070000-55d0a0080000 r-xp 00020000 08:01 125 /usr/lib/libc.so.6
 Rss:                  16 kB
 Anonymous:             0 kB
-55d0a0080000-55d0a0090000 r--p 00030000 08:01 125 /usr/lib/libc.so.6
+55d0a0080000-55d0a0088000 r--p 00030000 08:01 125 /usr/lib/libc.so.6
 Rss:                  16 kB
 Private_Dirty:         4 kB
+Anonymous:             4 kB
+55d0a0088000-55d0a0090000 r--p 00038000 08:01 125 /usr/lib/libc.so.6
+Rss:                  16 kB
+Private_Dirty:        16 kB
 Anonymous:             0 kB
 55d0a0090000-55d0a00a0000 r--p 00040000 08:01 125 /usr/lib/libc.so.6
 Rss:                   0 kB
@@ -591,11 +599,13 @@ Rss:                   4 kB
             [
                 (0x55d0a0000000, 0x55d0a0010000),
                 (0x55d0a0050000, 0x55d0a0060000),
-                (0x55d0a0060000, 0x55d0a0070000)
+                (0x55d0a0060000, 0x55d0a0070000),
+                (0x55d0a0088000, 0x55d0a0090000)
             ],
-            "nothing resident is no reason to leave a range out; a private copy (anonymous, \
-             dirty or swapped), no count of them, a writable or shared mapping, an \
-             anonymous one, or a range maps does not list are"
+            "nothing resident is no reason to leave a range out, nor file pages dirty in \
+             the page cache; a private copy (anonymous or swapped), no count of them, a \
+             writable or shared mapping, an anonymous one, or a range maps does not list \
+             are"
         );
     }
 
@@ -637,14 +647,19 @@ Swap:                  0 kB
 
     /// The resident KiB smaps gives the mapping that starts at `addr`.
     fn resident_kib(addr: *mut u8) -> u64 {
+        smaps_kib(addr, "Rss:")
+    }
+
+    /// The KiB of field `name` (`"Rss:"`) smaps gives the mapping that starts at `addr`.
+    fn smaps_kib(addr: *mut u8, name: &str) -> u64 {
         let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
         let start = format!("{:x}-", addr as usize);
         let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
         assert!(lines.next().is_some(), "smaps lists the mapping");
         lines
-            .find_map(|l| l.strip_prefix("Rss:"))
+            .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("its Rss")
+            .unwrap_or_else(|| panic!("its {name}"))
     }
 
     #[test]
@@ -702,6 +717,65 @@ Swap:                  0 kB
             "the pages read since the last smaps read are unmapped by the next trim"
         );
         // SAFETY: unmapping what `mapped` mapped.
+        unsafe { libc::munmap(addr.cast(), len) };
+    }
+
+    #[test]
+    fn a_file_written_just_before_it_was_mapped_is_trimmed_though_its_pages_are_dirty() {
+        use std::os::unix::fs::FileExt;
+        let _lock = mapping_lock();
+        let page = page_size();
+        let len = PAGES * page;
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(&vec![3u8; len]).expect("write");
+        file.flush().expect("flush");
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh private mapping of a file this test owns, not synced: as a
+        // binary is for half a minute after it was installed.
+        let addr: *mut u8 = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_file().as_raw_fd(),
+                0,
+            )
+        }
+        .cast();
+        assert_ne!(addr.cast(), libc::MAP_FAILED, "mmap");
+        // SAFETY: reads inside the mapping.
+        let sum: u64 = (0..PAGES)
+            .map(|i| u64::from(unsafe { *addr.add(i * page) }))
+            .sum();
+        assert_eq!(sum, 3 * PAGES as u64);
+        // Its pages are dirty in the page cache until written back (a `sync` by another
+        // program cleans them: then they are written again, a few times at most).
+        for _ in 0..3 {
+            if smaps_kib(addr, "Private_Dirty:") > 0 {
+                break;
+            }
+            file.as_file()
+                .write_all_at(&vec![3u8; len], 0)
+                .expect("write again");
+        }
+        assert!(
+            smaps_kib(addr, "Private_Dirty:") > 0,
+            "the file's pages are dirty"
+        );
+        assert_eq!(
+            smaps_kib(addr, "Anonymous:"),
+            0,
+            "but none is a private copy"
+        );
+        let mut trimmer = CodeTrimmer::default();
+        trimmer.trim();
+        assert_eq!(
+            resident_kib(addr),
+            0,
+            "a mapping of dirty file pages without private copies is trimmed"
+        );
+        // SAFETY: unmapping what was mapped above.
         unsafe { libc::munmap(addr.cast(), len) };
     }
 
