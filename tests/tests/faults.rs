@@ -193,7 +193,7 @@ keep_alive = "5s"
         || {
             agent
                 .log_text()
-                .contains("connected to the MQTT broker source=mqtt")
+                .contains("subscribed at the MQTT broker source=mqtt")
                 .then_some(())
         },
     );

@@ -71,7 +71,7 @@ fn payload_shapes_restarts_and_garbage() {
     wait_for("the agent connected", Duration::from_secs(30), || {
         agent
             .log_text()
-            .contains("connected to the MQTT broker")
+            .contains("subscribed at the MQTT broker")
             .then_some(())
     });
 

@@ -295,7 +295,7 @@ fn an_mqtt_message_sent_again_counts_once_across_a_restart() {
         wait_for("the agent connected", Duration::from_secs(30), || {
             (agent
                 .log_text()
-                .matches("connected to the MQTT broker")
+                .matches("subscribed at the MQTT broker")
                 .count()
                 >= times)
                 .then_some(())

@@ -159,7 +159,14 @@ async fn connection(
                     let _ = client.subscribe_many(filters.collect::<Vec<_>>()).await;
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => subscribed = true,
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                if !subscribed {
+                    // From here the broker keeps what the topics get for this session,
+                    // through any reconnection: what was published before is not ours.
+                    tracing::info!(source = %reader.source, topics = reader.subscriptions.len(), "subscribed at the MQTT broker");
+                }
+                subscribed = true;
+            }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let Ok(mut parked) = parked.lock() else {
                     return;
