@@ -344,11 +344,16 @@ pub fn release_free_memory() -> bool {
 /// gives the free memory back ([`release_free_memory`]) and counts it ([`trims`]).
 /// Returns whether it did.
 pub fn after_delivery(rows: usize) -> bool {
+    release_counted(rows, &TRIMS)
+}
+
+/// From [`TRIM_AFTER_ROWS`] on, gives the free memory back and counts it in `trims`.
+fn release_counted(rows: usize, trims: &std::sync::atomic::AtomicU64) -> bool {
     if rows < TRIM_AFTER_ROWS {
         return false;
     }
     release_free_memory();
-    TRIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    trims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     true
 }
 
@@ -372,12 +377,7 @@ static CHUNK_TRIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// ones before. A chunk of few series (100 series: 100 windows of 100) is left alone,
 /// as trimming after each part cost that drain about a seventh of its rate.
 pub fn after_chunk(widest_window: usize) -> bool {
-    if widest_window < TRIM_AFTER_ROWS {
-        return false;
-    }
-    release_free_memory();
-    CHUNK_TRIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    true
+    release_counted(widest_window, &CHUNK_TRIMS)
 }
 
 /// How many times [`after_chunk`] gave memory back in this process.
@@ -466,13 +466,26 @@ mod tests {
 
     /// A temporary file of `PAGES` pages of `byte`, mapped private with `prot`.
     fn mapped(byte: u8, prot: libc::c_int) -> (tempfile::NamedTempFile, *mut u8, usize) {
+        mapped_synced(byte, prot, true)
+    }
+
+    /// [`mapped`], its file synced first (`synced`) or its pages left dirty in the page
+    /// cache.
+    fn mapped_synced(
+        byte: u8,
+        prot: libc::c_int,
+        synced: bool,
+    ) -> (tempfile::NamedTempFile, *mut u8, usize) {
         let page = page_size();
         let len = PAGES * page;
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         file.write_all(&vec![byte; len]).expect("write");
         file.flush().expect("flush");
-        // Clean pages, as a binary's are: the kernel may evict those, not dirty ones.
-        file.as_file().sync_all().expect("sync");
+        // Clean pages, as a binary's are once written back: the kernel may evict those,
+        // not dirty ones.
+        if synced {
+            file.as_file().sync_all().expect("sync");
+        }
         use std::os::fd::AsRawFd;
         // SAFETY: a fresh private mapping of a file this test owns.
         let addr = unsafe {
@@ -725,25 +738,8 @@ Swap:                  0 kB
         use std::os::unix::fs::FileExt;
         let _lock = mapping_lock();
         let page = page_size();
-        let len = PAGES * page;
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        file.write_all(&vec![3u8; len]).expect("write");
-        file.flush().expect("flush");
-        use std::os::fd::AsRawFd;
-        // SAFETY: a fresh private mapping of a file this test owns, not synced: as a
-        // binary is for half a minute after it was installed.
-        let addr: *mut u8 = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_file().as_raw_fd(),
-                0,
-            )
-        }
-        .cast();
-        assert_ne!(addr.cast(), libc::MAP_FAILED, "mmap");
+        // Not synced: as a binary is for half a minute after it was installed.
+        let (file, addr, len) = mapped_synced(3, libc::PROT_READ, false);
         // SAFETY: reads inside the mapping.
         let sum: u64 = (0..PAGES)
             .map(|i| u64::from(unsafe { *addr.add(i * page) }))

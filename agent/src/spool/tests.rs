@@ -699,26 +699,32 @@ fn each_series_mark_is_committed_with_its_windows_and_only_grows() {
     );
 }
 
-#[test]
-fn a_spool_of_schema_version_3_opens_and_keeps_marks_from_then_on() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("spool.db");
-    // The spool of an edgespool from before marks: the migrations before theirs.
+/// Makes at `path` the spool of an edgespool from before the migration whose SQL holds
+/// `marker` (the migrations before it), `fill`ed before its version is set.
+fn old_spool(path: &std::path::Path, marker: &str, fill: impl FnOnce(&Connection)) {
     let before = schema::MIGRATIONS
         .iter()
-        .position(|sql| sql.contains("CREATE TABLE marks"))
-        .expect("the marks migration");
-    let conn = Connection::open(&path).expect("create raw");
+        .position(|sql| sql.contains(marker))
+        .unwrap_or_else(|| panic!("a migration with {marker:?}"));
+    let conn = Connection::open(path).expect("create raw");
     conn.pragma_update(None, "page_size", schema::PAGE_SIZE)
         .expect("page size");
     for sql in &schema::MIGRATIONS[..before] {
         conn.execute_batch(sql).expect("an old migration");
     }
+    fill(&conn);
     conn.pragma_update(None, "user_version", before as i64)
         .expect("version");
     conn.pragma_update(None, "application_id", schema::APPLICATION_ID)
         .expect("application id");
-    drop(conn);
+}
+
+#[test]
+fn a_spool_of_schema_version_3_opens_and_keeps_marks_from_then_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool.db");
+    // The spool of an edgespool from before marks: the migrations before theirs.
+    old_spool(&path, "CREATE TABLE marks", |_| {});
     let mut spool = Spool::open(&path, options(&["a"])).expect("an old spool opens");
     assert!(spool.marks().expect("marks").is_empty());
     let mut f = flush(vec![row("s.t", 0, 1.0)]);
@@ -737,27 +743,14 @@ fn a_spool_of_schema_version_5_keeps_its_counters_in_the_row_beside_the_agents_s
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("spool.db");
     // The spool of an edgespool whose counters had a table of their own.
-    let before = schema::MIGRATIONS
-        .iter()
-        .position(|sql| sql.contains("DROP TABLE counters"))
-        .expect("the counters migration");
-    let conn = Connection::open(&path).expect("create raw");
-    conn.pragma_update(None, "page_size", schema::PAGE_SIZE)
-        .expect("page size");
-    for sql in &schema::MIGRATIONS[..before] {
-        conn.execute_batch(sql).expect("an old migration");
-    }
-    conn.execute_batch(
-        "INSERT INTO counters (name, value) VALUES ('samples', 6000), ('rows.dropped', 12),
-           ('sink.a.parts_pruned', 3);
-         INSERT INTO meta (key, value) VALUES ('next_id', '41');",
-    )
-    .expect("an old spool's counters");
-    conn.pragma_update(None, "user_version", before as i64)
-        .expect("version");
-    conn.pragma_update(None, "application_id", schema::APPLICATION_ID)
-        .expect("application id");
-    drop(conn);
+    old_spool(&path, "DROP TABLE counters", |conn| {
+        conn.execute_batch(
+            "INSERT INTO counters (name, value) VALUES ('samples', 6000), ('rows.dropped', 12),
+               ('sink.a.parts_pruned', 3);
+             INSERT INTO meta (key, value) VALUES ('next_id', '41');",
+        )
+        .expect("an old spool's counters");
+    });
     let mut spool = Spool::open(&path, options(&["a"])).expect("an old spool opens");
     let reader = SpoolReader::open(&path).expect("reader");
     let carried: Vec<(String, u64)> = reader.counters().expect("counters").into_iter().collect();
